@@ -1,0 +1,29 @@
+# Every target creates .venv and installs the package with the pinned constraints when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export MUJOCO_GL ?= egl
+
+.PHONY: demo test test-slow bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,reference]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m deqmpc_gym.cli demo --out results/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) benchmarks/envs.py
+	$(PY) benchmarks/solver.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
