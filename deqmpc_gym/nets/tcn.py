@@ -1,0 +1,326 @@
+"""Temporal-convolution networks (feed-forward and DEQ) that map (x0, x_prev) to waypoints theta.
+
+Notation: ``B`` batch, ``nx`` state dim, ``T`` horizon knots (including the current one), ``L = T - 1``
+predicted knots, ``h`` hidden width, ``nq`` number of "position" coordinates, ``dt`` time step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from deqmpc_gym.errors import ConfigError, ShapeError, check_shape
+from deqmpc_gym.nets.fixed_point import AndersonConfig, SolverStats, fixed_point_iter, get_solver
+
+__all__ = [
+    "NetConfig",
+    "NetOutput",
+    "FeedForwardTCN",
+    "DEQTCN",
+    "build_network",
+    "shift_latent",
+]
+
+_KINDS = ("nn", "deq")
+_DEQ_GRADS = ("phantom", "ift")
+
+
+def _as_vector(name: str, value: Sequence[float] | Tensor | None, nx: int, positive: bool) -> tuple[float, ...] | None:
+    """Validate an optional per-state vector and freeze it as a tuple of ``nx`` floats."""
+    if value is None:
+        return None
+    try:
+        vec = tuple(float(v) for v in torch.as_tensor(value, dtype=torch.float64).reshape(-1).tolist())
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"NetConfig.{name} must be a sequence of {nx} floats: {exc}") from exc
+    if len(vec) != nx:
+        raise ConfigError(f"NetConfig.{name} must have nx={nx} entries, got {len(vec)}")
+    bad = [v for v in vec if not (abs(v) < float("inf")) or (positive and v <= 0)]
+    if bad:
+        what = "finite and > 0" if positive else "finite"
+        raise ConfigError(f"NetConfig.{name} entries must be {what}, got {vec}")
+    return vec
+
+
+@dataclass(frozen=True, kw_only=True)
+class NetConfig:
+    """Architecture and solver settings of the TCN networks.
+
+    Attributes:
+        nx: state dimension (>= 1).
+        nq: number of leading "position" coordinates predicted as ``x_prev[:, 0] + dt*o`` (0..nx);
+            the remaining ``nx - nq`` are predicted as absolute values ``o``.
+        dt: time step (> 0) scaling the position deltas.
+        T: horizon knots including the current state (>= 2); the network predicts ``L = T - 1`` knots.
+        hidden: hidden width ``h`` (divisible by ``groups``).
+        kind: ``"nn"`` (:class:`FeedForwardTCN`) or ``"deq"`` (:class:`DEQTCN`).
+        kernel: odd Conv1d kernel width ('same' padding).
+        groups: GroupNorm groups.
+        expansion: channel expansion factor of the residual / fixed-point block.
+        anderson: fixed-point solver settings for the DEQ forward solve.
+        solver: registered solver name (see :func:`deqmpc_gym.nets.get_solver`).
+        deq_grad: ``"phantom"`` (backprop through ``phantom_steps`` extra applications of f) or
+            ``"ift"`` (implicit-function-theorem adjoint solved by ``ift_max_iter`` fixed-point steps).
+        phantom_steps: extra applications of f with grad in training (>= 1).
+        ift_max_iter: maximum adjoint iterations (>= 1); stops early at ``ift_tol`` (relative).
+        ift_tol: relative tolerance of the adjoint iteration (> 0).
+        state_scale: optional ``nx`` positive multipliers of the raw head output ``o``.
+        state_center: optional ``nx`` offsets subtracted from ``x0`` / ``x_prev`` before encoding.
+        input_scale: optional ``nx`` positive divisors of the centred ``x0`` / ``x_prev``.
+    """
+
+    nx: int
+    nq: int
+    dt: float
+    T: int = 5
+    hidden: int = 128
+    kind: str = "deq"
+    kernel: int = 3
+    groups: int = 4
+    expansion: int = 4
+    anderson: AndersonConfig = field(default_factory=AndersonConfig)
+    solver: str = "anderson"
+    deq_grad: str = "phantom"
+    phantom_steps: int = 3
+    ift_max_iter: int = 10
+    ift_tol: float = 1e-4
+    state_scale: tuple[float, ...] | None = None
+    state_center: tuple[float, ...] | None = None
+    input_scale: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self._check_ints()
+        if not (self.dt > 0 and self.dt < float("inf")):
+            raise ConfigError(f"NetConfig.dt must be finite and > 0, got {self.dt!r}")
+        if not 0 <= self.nq <= self.nx:
+            raise ConfigError(f"NetConfig.nq must be in [0, nx={self.nx}], got {self.nq}")
+        if self.hidden % self.groups:
+            raise ConfigError(f"NetConfig.hidden={self.hidden} must be divisible by groups={self.groups}")
+        if self.kernel % 2 == 0:
+            raise ConfigError(f"NetConfig.kernel must be odd for 'same' padding, got {self.kernel}")
+        self._check_choices()
+        for name, positive in (("state_scale", True), ("state_center", False), ("input_scale", True)):
+            object.__setattr__(self, name, _as_vector(name, getattr(self, name), self.nx, positive))
+
+    def _check_ints(self) -> None:
+        minima = {"nx": 1, "T": 2, "hidden": 1, "kernel": 1, "groups": 1, "expansion": 1,
+                  "phantom_steps": 1, "ift_max_iter": 1, "nq": 0}
+        for name, low in minima.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"NetConfig.{name} must be an integer >= {low}, got {value!r}")
+
+    def _check_choices(self) -> None:
+        if self.kind not in _KINDS:
+            raise ConfigError(f"NetConfig.kind must be one of {_KINDS}, got {self.kind!r}")
+        if self.deq_grad not in _DEQ_GRADS:
+            raise ConfigError(f"NetConfig.deq_grad must be one of {_DEQ_GRADS}, got {self.deq_grad!r}")
+        if not isinstance(self.anderson, AndersonConfig):
+            raise ConfigError(f"NetConfig.anderson must be an AndersonConfig, got {type(self.anderson).__name__}")
+        if not self.ift_tol > 0:
+            raise ConfigError(f"NetConfig.ift_tol must be > 0, got {self.ift_tol!r}")
+        get_solver(self.solver)
+
+    @property
+    def L(self) -> int:
+        """Number of predicted knots, ``T - 1``."""
+        return self.T - 1
+
+
+class NetOutput(NamedTuple):
+    """Output of the TCN networks.
+
+    Attributes:
+        theta: ``(B, T, nx)`` waypoints in the parameters' dtype; ``theta[:, 0] == x0``.
+        z: ``(B, h, L)`` detached latent (DEQ: the equilibrium; NN: final hidden), for warm starts.
+        stats: :class:`SolverStats` of the DEQ forward solve (``None`` for the feed-forward net).
+    """
+
+    theta: Tensor
+    z: Tensor
+    stats: SolverStats | None
+
+
+def _conv(c_in: int, c_out: int, kernel: int) -> nn.Conv1d:
+    return nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2)
+
+
+def _encoder(nx: int, h: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(nx, h), nn.LayerNorm(h), nn.ReLU())
+
+
+class _InputBlock(nn.Module):
+    """Node / x0 encoders, learned time embedding and the conv input encoder -> ``(B, h, L)``."""
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        h, k = cfg.hidden, cfg.kernel
+        self.node_encoder = _encoder(cfg.nx, h)
+        self.x0_encoder = _encoder(cfg.nx, h)
+        self.time_embedding = nn.Parameter(torch.randn(cfg.L, h))
+        self.input_encoder = nn.Sequential(
+            _conv(3 * h, cfg.expansion * h, k), nn.ReLU(), _conv(cfg.expansion * h, h, k), nn.GroupNorm(cfg.groups, h)
+        )
+
+    def forward(self, x0: Tensor, x_prev: Tensor) -> Tensor:
+        """``x0: (B, nx)``, ``x_prev: (B, T, nx)`` (normalised) -> ``(B, h, L)``."""
+        nodes = self.node_encoder(x_prev[:, 1:])
+        ctx = self.x0_encoder(x0)[:, None].expand_as(nodes)
+        time = self.time_embedding[None].expand_as(nodes)
+        return self.input_encoder(torch.cat([nodes, ctx, time], dim=-1).transpose(1, 2))
+
+
+class _TCNBase(nn.Module):
+    """Shared input block, output head, (de)normalisation and boundary checks."""
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        h, k, nx = cfg.hidden, cfg.kernel, cfg.nx
+        self.input_block = _InputBlock(cfg)
+        self.head = nn.Sequential(_conv(h, h, k), nn.GroupNorm(cfg.groups, h), nn.ReLU(), nn.Conv1d(h, nx, 1))
+        self.register_buffer("state_scale", self._vec(cfg.state_scale, 1.0), persistent=False)
+        self.register_buffer("state_center", self._vec(cfg.state_center, 0.0), persistent=False)
+        self.register_buffer("input_scale", self._vec(cfg.input_scale, 1.0), persistent=False)
+
+    def _vec(self, values: tuple[float, ...] | None, default: float) -> Tensor:
+        if values is None:
+            return torch.full((self.config.nx,), default)
+        return torch.tensor(values, dtype=torch.get_default_dtype())
+
+    def _prepare(self, x0: Tensor, x_prev: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Check shapes and cast inputs to the parameters' dtype / device."""
+        cfg = self.config
+        ref = self.input_block.time_embedding
+        x0, x_prev = (_tensor(n, v, ref) for n, v in (("x0", x0), ("x_prev", x_prev)))
+        check_shape("x0", x0, (None, cfg.nx))
+        check_shape("x_prev", x_prev, (x0.shape[0], cfg.T, cfg.nx))
+        if z is not None:
+            z = _tensor("z", z, ref)
+            check_shape("z", z, (x0.shape[0], cfg.hidden, cfg.L))
+        return x0, x_prev, z
+
+    def encode(self, x0: Tensor, x_prev: Tensor) -> Tensor:
+        """Normalise and encode the inputs: ``(B, nx), (B, T, nx) -> (B, h, L)``."""
+        x0n = (x0 - self.state_center) / self.input_scale
+        xpn = (x_prev - self.state_center) / self.input_scale
+        return self.input_block(x0n, xpn)
+
+    def waypoints(self, z: Tensor, x0: Tensor, x_prev: Tensor) -> Tensor:
+        """Head + output parameterisation: ``z (B, h, L) -> theta (B, T, nx)`` with ``theta[:, 0] = x0``."""
+        nq, dt = self.config.nq, self.config.dt
+        o = self.head(z).transpose(1, 2) * self.state_scale
+        pos = x_prev[:, :1, :nq] + dt * o[..., :nq]
+        rest = torch.cat([pos, o[..., nq:]], dim=-1)
+        return torch.cat([x0[:, None], rest], dim=1)
+
+
+def _tensor(name: str, value: Tensor, ref: Tensor) -> Tensor:
+    """Convert ``value`` to a tensor with ``ref``'s dtype and device (keeps autograd history)."""
+    try:
+        return torch.as_tensor(value).to(dtype=ref.dtype, device=ref.device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ShapeError(f"{name} must be convertible to a float tensor: {exc}") from exc
+
+
+class FeedForwardTCN(_TCNBase):
+    """Feed-forward TCN ("nn" kind): input block, one residual block, output head.
+
+    ``forward(x0: (B, nx) float, x_prev: (B, T, nx) float, z=None) -> NetOutput``; ``z`` is
+    accepted for interface parity and ignored (shape-checked if given).
+    """
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__(cfg)
+        h, e, k, g = cfg.hidden, cfg.expansion * cfg.hidden, cfg.kernel, cfg.groups
+        self.expand = nn.Sequential(_conv(h, e, k), nn.ReLU(), nn.GroupNorm(g, e))
+        self.contract = nn.Sequential(_conv(e, h, k), nn.GroupNorm(g, h))
+
+    def forward(self, x0: Tensor, x_prev: Tensor, z: Tensor | None = None) -> NetOutput:
+        """``x0: (B, nx)``, ``x_prev: (B, T, nx)``, ``z: (B, h, L) | None`` -> :class:`NetOutput`."""
+        x0, x_prev, _ = self._prepare(x0, x_prev, z)
+        u = self.encode(x0, x_prev)
+        hidden = torch.relu(u + self.contract(self.expand(u)))
+        return NetOutput(self.waypoints(hidden, x0, x_prev), hidden.detach(), None)
+
+
+class DEQTCN(_TCNBase):
+    """Deep-equilibrium TCN ("deq" kind).
+
+    The latent ``z: (B, h, L)`` solves ``z = f(z, u)`` with
+    ``f(z, u) = GN3(ReLU(z + GN2(u + Conv(GN1(ReLU(Conv(z)))))))`` and ``u`` the input block output.
+    Forward solve by the configured solver (no grad) from ``z`` (or zeros). In training mode with
+    grad enabled the gradient is the phantom gradient or the IFT adjoint (``config.deq_grad``).
+    """
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__(cfg)
+        h, e, k, g = cfg.hidden, cfg.expansion * cfg.hidden, cfg.kernel, cfg.groups
+        self.conv1 = _conv(h, e, k)
+        self.conv2 = _conv(e, h, k)
+        self.gn1 = nn.GroupNorm(g, e)
+        self.gn2 = nn.GroupNorm(g, h)
+        self.gn3 = nn.GroupNorm(g, h)
+
+    def f(self, z: Tensor, u: Tensor) -> Tensor:
+        """Fixed-point map: ``z (B, h, L)``, injection ``u (B, h, L)`` -> ``(B, h, L)``."""
+        y = self.gn1(torch.relu(self.conv1(z)))
+        return self.gn3(torch.relu(z + self.gn2(u + self.conv2(y))))
+
+    def forward(self, x0: Tensor, x_prev: Tensor, z: Tensor | None = None) -> NetOutput:
+        """``x0: (B, nx)``, ``x_prev: (B, T, nx)``, warm start ``z: (B, h, L) | None`` -> :class:`NetOutput`."""
+        x0, x_prev, z = self._prepare(x0, x_prev, z)
+        u = self.encode(x0, x_prev)
+        z0 = torch.zeros_like(u) if z is None else z.detach()
+        solve = get_solver(self.config.solver)
+        z_star, stats = solve(lambda v: self.f(v, u), z0, self.config.anderson)
+        if torch.is_grad_enabled() and self.training:
+            z_star = self._grad_path(z_star.detach(), u)
+        return NetOutput(self.waypoints(z_star, x0, x_prev), z_star.detach(), stats)
+
+    def _grad_path(self, z_star: Tensor, u: Tensor) -> Tensor:
+        """Re-attach autograd to the equilibrium ``(B, h, L)`` by the configured gradient."""
+        if self.config.deq_grad == "phantom":
+            z = z_star
+            for _ in range(self.config.phantom_steps):
+                z = self.f(z, u)
+            return z
+        return self._ift(z_star, u)
+
+    def _ift(self, z_star: Tensor, u: Tensor) -> Tensor:
+        """One differentiable step ``f(z*, u)`` whose incoming gradient is replaced by ``(I - J^T)^-1 grad``."""
+        z = self.f(z_star, u)
+        if not z.requires_grad:
+            return z
+        z_leaf = z_star.clone().requires_grad_()
+        f_leaf = self.f(z_leaf, u.detach())
+        cfg = dataclasses.replace(self.config.anderson, max_iter=self.config.ift_max_iter, tol=self.config.ift_tol)
+
+        def hook(grad: Tensor) -> Tensor:
+            def adjoint(g: Tensor) -> Tensor:
+                with torch.enable_grad():
+                    vjp = torch.autograd.grad(f_leaf, z_leaf, g, retain_graph=True)[0]
+                return vjp + grad
+
+            return fixed_point_iter(adjoint, grad, cfg)[0]
+
+        z.register_hook(hook)
+        return z
+
+
+def build_network(config: NetConfig) -> FeedForwardTCN | DEQTCN:
+    """Build the network of ``config.kind`` (float32 parameters on the CPU; move with ``.to``)."""
+    if not isinstance(config, NetConfig):
+        raise ConfigError(f"build_network expects a NetConfig, got {type(config).__name__}")
+    return FeedForwardTCN(config) if config.kind == "nn" else DEQTCN(config)
+
+
+def shift_latent(z: Tensor) -> Tensor:
+    """Shift a latent one knot left, duplicating the last knot: ``(B, h, L) -> (B, h, L)``."""
+    check_shape("z", z, (None, None, None))
+    return torch.cat([z[..., 1:], z[..., -1:]], dim=-1)

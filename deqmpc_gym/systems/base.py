@@ -1,0 +1,237 @@
+"""The :class:`System` base class: one source of truth for a controlled system's physics and task.
+
+A system bundles
+
+* the discrete dynamics ``x_{k+1} = f(x_k, u_k)`` (:meth:`System.step`), batched over leading dimensions,
+  in numpy (used by the single Gymnasium env) or torch (batched envs, MPC, training), float32 or float64;
+* its Jacobians ``A = df/dx`` and ``B = df/du`` of the *discrete* map (:meth:`System.jacobians`),
+  computed by forward-mode autodiff unless a subclass provides them analytically;
+* physical control bounds, default MPC weights ``Q``/``R`` (paper values), the goal, angle coordinates;
+* the task used by the env shell: initial-state distribution, reward weights, success tolerance and an
+  optional flight volume.
+
+Defining a new system
+---------------------
+Subclass :class:`System`, set the class attributes and implement :meth:`System._step` with the ``ops``
+namespace (``ops.sin``, ``ops.cos``, ``ops.sqrt``, ``ops.stack``) so the same code runs on numpy and torch::
+
+    class DoubleIntegrator(System):
+        name = "double_integrator"
+        nx, nu, nq, dt = 2, 1, 1, 0.1
+        state_names = ("p", "v"); control_names = ("a",)
+        u_low, u_high = (-1.0,), (1.0,)
+        Q_diag, R_diag = (10.0, 1.0), (1e-3,)
+        goal = (0.0, 0.0)
+        init_low, init_high = (-2.0, -1.0), (2.0, 1.0)
+        reward_weights, effort_weights = (1.0, 0.1), (0.01,)
+        success_tolerance = (0.05, 0.1)
+
+        def _step(self, x, u, ops):
+            v = x[..., 1] + self.dt * u[..., 0]
+            return ops.stack([x[..., 0] + self.dt * v, v])
+
+Such a system plugs into :class:`deqmpc_gym.envs.SystemEnv`, the MPC solver and the policy unchanged.
+
+Shapes: ``x`` is ``(..., nx)`` and ``u`` is ``(..., nu)`` with the same leading dimensions (``B`` for a batch).
+Units are SI (m, rad, s, N, N m) unless a system documents otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from deqmpc_gym.errors import ShapeError
+from deqmpc_gym.systems.ops import TORCH, ops_for
+
+
+class System:
+    """Base class of a controlled discrete-time system (see the module docstring for how to subclass).
+
+    Class attributes (tuples of python floats so that the class is immutable and device-free):
+
+    * ``nx``, ``nu``: state and control sizes; ``nq``: the number of configuration ("position") coordinates,
+      which come first in the state; ``dt``: the time step [s].
+    * ``u_low``, ``u_high``: ``(nu,)`` physical control bounds.
+    * ``Q_diag``, ``R_diag``: ``(nx,)``, ``(nu,)`` default MPC tracking weights (the paper's values).
+    * ``goal``: ``(nx,)`` goal state.
+    * ``angle_indices``: state indices that are angles; they are wrapped into ``goal +- pi``.
+    * ``mrp_slice``: ``(start, stop)`` of an MRP attitude, switched to the shadow set when ``|sigma| > 1``.
+    * ``position_slice``: ``(start, stop)`` of the 3-D position used for obstacles, or ``None``.
+    * ``init_low``, ``init_high``: ``(nx,)`` box of the default initial-state distribution.
+    * ``reward_weights``, ``effort_weights``: ``(nx,)``, ``(nu,)`` weights of the env reward
+      ``r = exp(-1/2 sum_i w_i (x_i - g_i)^2 - 1/2 sum_j e_j a_j^2)`` with ``a`` the normalized action
+      deviation from ``u_nominal``; ``r`` is in ``(0, 1]`` and equals 1 at the goal with nominal control.
+    * ``success_tolerance``: ``(nx,)`` per-coordinate tolerance of "goal reached" (``inf`` = untracked).
+    * ``flight_bound``: a state is out of the flight volume when ``|position| > flight_bound`` on any axis
+      (``None``: no flight volume).
+    * ``u_nominal``: ``(nu,)`` nominal control (hover for quadrotors; default zeros).
+    """
+
+    name: ClassVar[str] = "system"
+    nx: ClassVar[int]
+    nu: ClassVar[int]
+    nq: ClassVar[int]
+    dt: ClassVar[float]
+    state_names: ClassVar[tuple[str, ...]] = ()
+    control_names: ClassVar[tuple[str, ...]] = ()
+    u_low: ClassVar[tuple[float, ...]]
+    u_high: ClassVar[tuple[float, ...]]
+    u_nominal: ClassVar[tuple[float, ...] | None] = None
+    Q_diag: ClassVar[tuple[float, ...]]
+    R_diag: ClassVar[tuple[float, ...]]
+    goal: ClassVar[tuple[float, ...]]
+    angle_indices: ClassVar[tuple[int, ...]] = ()
+    mrp_slice: ClassVar[tuple[int, int] | None] = None
+    position_slice: ClassVar[tuple[int, int] | None] = None
+    init_low: ClassVar[tuple[float, ...]]
+    init_high: ClassVar[tuple[float, ...]]
+    reward_weights: ClassVar[tuple[float, ...]]
+    effort_weights: ClassVar[tuple[float, ...]]
+    success_tolerance: ClassVar[tuple[float, ...]]
+    flight_bound: ClassVar[float | None] = None
+
+    # ------------------------------------------------------------------ dynamics
+    def _step(self, x: Any, u: Any, ops: Any) -> Any:
+        """Discrete dynamics on ``x: (..., nx)``, ``u: (..., nu)`` with the array namespace ``ops``."""
+        raise NotImplementedError
+
+    def step(self, x: Any, u: Any) -> Any:
+        """One discrete step ``x_next = f(x, u)``.
+
+        Args:
+            x: ``(..., nx)`` state, numpy array or torch tensor (float32 or float64).
+            u: ``(..., nu)`` physical control of the same type and leading shape.
+
+        Returns:
+            ``(..., nx)`` next state, same type and dtype as ``x`` (angles are *not* wrapped; see :meth:`wrap`).
+        """
+        self._check_xu(x, u)
+        return self._step(x, u, ops_for(x))
+
+    def jacobians(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jacobians of the discrete map.
+
+        Args:
+            x: ``(B, nx)`` torch state; u: ``(B, nu)`` torch control.
+
+        Returns:
+            ``A: (B, nx, nx) = df/dx`` and ``B: (B, nx, nu) = df/du`` (differentiable w.r.t. ``x``, ``u``).
+        """
+        _, A, B = self.step_and_jacobians(x, u)
+        return A, B
+
+    def step_and_jacobians(
+        self, x: torch.Tensor, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_next (B, nx), A (B, nx, nx), B (B, nx, nu))`` for torch ``x: (B, nx)``, ``u: (B, nu)``.
+
+        The default uses reverse-mode autodiff on ``nx`` replicas of the batch (:func:`autodiff_jacobians`);
+        subclasses may override it with analytic Jacobians. The result is differentiable w.r.t. ``x`` and ``u``
+        when they require grad.
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ShapeError(f"x must be a torch tensor of shape (B, {self.nx}), got {type(x).__name__} "
+                             f"{tuple(getattr(x, 'shape', ()))}")
+        self._check_xu(x, u)
+        return autodiff_jacobians(self, x, u)
+
+    # ------------------------------------------------------------------ state helpers
+    def wrap(self, x: Any) -> Any:
+        """Wrap angle coordinates into ``goal +- pi`` and MRPs into ``|sigma| <= 1``.
+
+        Args:
+            x: ``(..., nx)`` numpy array or torch tensor. Returns a new array of the same type.
+        """
+        ops = ops_for(x)
+        x = x.clone() if isinstance(x, torch.Tensor) else np.array(x, copy=True)
+        for i in self.angle_indices:
+            g = self.goal[i]
+            x[..., i] = (x[..., i] - g + math.pi) % (2 * math.pi) - math.pi + g
+        if self.mrp_slice is not None:
+            from deqmpc_gym.systems.rotations import mrp_to_shadow_if_needed
+
+            a, b = self.mrp_slice
+            x[..., a:b] = mrp_to_shadow_if_needed(x[..., a:b], ops)
+        return x
+
+    def sample_initial_states(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """Draw ``n`` initial states ``(n, nx)`` float64 from the task's distribution using ``rng``."""
+        low, high = np.asarray(self.init_low), np.asarray(self.init_high)
+        return low + (high - low) * rng.random((n, self.nx))
+
+    def position(self, x: Any) -> Any:
+        """The 3-D position ``(..., 3)`` used for obstacles; raises ``ValueError`` if the system has none."""
+        if self.position_slice is None:
+            raise ValueError(f"system {self.name!r} has no 3-D position (position_slice is None)")
+        a, b = self.position_slice
+        return x[..., a:b]
+
+    # ------------------------------------------------------------------ arrays of the class constants
+    @cached_property
+    def nominal_control(self) -> np.ndarray:
+        """``(nu,)`` float64 nominal control (``u_nominal`` or zeros)."""
+        return np.asarray(self.u_nominal if self.u_nominal is not None else (0.0,) * self.nu, dtype=np.float64)
+
+    def tensor(self, name: str, like: torch.Tensor | None = None, *, dtype: torch.dtype = torch.float64,
+               device: torch.device | str | None = None) -> torch.Tensor:
+        """A class constant (e.g. ``"Q_diag"``, ``"u_low"``, ``"goal"``) as a torch tensor on ``like``'s device/dtype."""
+        value = self.nominal_control if name == "u_nominal" else getattr(self, name)
+        if like is not None:
+            dtype, device = like.dtype, like.device
+        return torch.as_tensor(np.asarray(value, dtype=np.float64), dtype=dtype, device=device)
+
+    def _check_xu(self, x: Any, u: Any) -> None:
+        if x.shape[-1:] != (self.nx,) or u.shape[-1:] != (self.nu,) or x.shape[:-1] != u.shape[:-1]:
+            raise ShapeError(
+                f"{self.name}: expected x (..., {self.nx}) and u (..., {self.nu}) with equal leading shapes, "
+                f"got x {tuple(x.shape)} and u {tuple(u.shape)}"
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(nx={self.nx}, nu={self.nu}, dt={self.dt})"
+
+
+def rk4(f: Any, x: Any, u: Any, dt: float) -> Any:
+    """Classic Runge-Kutta 4 step of ``x_dot = f(x, u)`` with ``u`` held constant over ``dt``."""
+    k1 = f(x, u)
+    k2 = f(x + 0.5 * dt * k1, u)
+    k3 = f(x + 0.5 * dt * k2, u)
+    k4 = f(x + dt * k3, u)
+    return x + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+
+
+def autodiff_jacobians(
+    system: System, x: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference Jacobians of ``system`` by reverse-mode autodiff.
+
+    The batch is replicated ``nx`` times, the replicated outputs are contracted with the identity and one
+    backward pass returns every row of ``[A B]``.
+
+    Args:
+        x: ``(B, nx)``, u: ``(B, nu)`` torch tensors.
+
+    Returns:
+        ``x_next (B, nx)``, ``A (B, nx, nx)``, ``B (B, nx, nu)``.
+    """
+    nb, nx, nu = x.shape[0], system.nx, system.nu
+    create_graph = torch.is_grad_enabled() and (x.requires_grad or u.requires_grad)
+    with torch.enable_grad():
+        xs = x.unsqueeze(0).expand(nx, nb, nx).reshape(nx * nb, nx)
+        us = u.unsqueeze(0).expand(nx, nb, nu).reshape(nx * nb, nu)
+        if not (create_graph and x.requires_grad):
+            xs = xs.detach().requires_grad_(True)
+        if not (create_graph and u.requires_grad):
+            us = us.detach().requires_grad_(True)
+        y = system._step(xs, us, TORCH)
+        seed = torch.eye(nx, dtype=x.dtype, device=x.device)[:, None, :].expand(nx, nb, nx).reshape(nx * nb, nx)
+        gx, gu = torch.autograd.grad(y, (xs, us), seed, create_graph=create_graph)
+    A = gx.reshape(nx, nb, nx).transpose(0, 1)
+    B = gu.reshape(nx, nb, nu).transpose(0, 1)
+    xn = y[:nb] if create_graph else y[:nb].detach()
+    return xn, A, B

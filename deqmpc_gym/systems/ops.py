@@ -1,0 +1,62 @@
+"""Array-namespace shim so each system's dynamics are written once and run on numpy or torch.
+
+The single-state Gymnasium envs step numpy ``float64`` states (a torch call per step costs more than the
+whole Gymnasium ``Pendulum-v1`` step); the batched envs, the MPC solver and training run torch. Both call the
+same dynamics function with the namespace returned by :func:`ops_for`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+class _NumpyOps:
+    """Elementwise math on numpy arrays / numpy scalars."""
+
+    sin = staticmethod(np.sin)
+    cos = staticmethod(np.cos)
+    sqrt = staticmethod(np.sqrt)
+    tanh = staticmethod(np.tanh)
+    abs = staticmethod(np.abs)
+
+    @staticmethod
+    def stack(xs: Sequence[Any]) -> np.ndarray:
+        """Stack components along a new last axis."""
+        return np.stack(np.broadcast_arrays(*xs), axis=-1)
+
+    @staticmethod
+    def where(cond: Any, a: Any, b: Any) -> Any:
+        return np.where(cond, a, b)
+
+
+class _TorchOps:
+    """Elementwise math on torch tensors (differentiable, vmap-compatible)."""
+
+    sin = staticmethod(torch.sin)
+    cos = staticmethod(torch.cos)
+    sqrt = staticmethod(torch.sqrt)
+    tanh = staticmethod(torch.tanh)
+    abs = staticmethod(torch.abs)
+
+    @staticmethod
+    def stack(xs: Sequence[Any]) -> torch.Tensor:
+        """Stack components along a new last axis (python floats are broadcast)."""
+        ref = next(x for x in xs if isinstance(x, torch.Tensor))
+        parts = [x if isinstance(x, torch.Tensor) else torch.full_like(ref, float(x)) for x in xs]
+        return torch.stack(torch.broadcast_tensors(*parts), dim=-1)
+
+    @staticmethod
+    def where(cond: Any, a: Any, b: Any) -> Any:
+        return torch.where(cond, a, b)
+
+
+NUMPY = _NumpyOps()
+TORCH = _TorchOps()
+
+
+def ops_for(x: Any) -> _NumpyOps | _TorchOps:
+    """Return the namespace matching ``x`` (torch tensor -> torch, anything else -> numpy)."""
+    return TORCH if isinstance(x, torch.Tensor) else NUMPY

@@ -1,0 +1,129 @@
+"""Rigid-body quadrotor models: the 12-state "Rex" quadrotor (Jackson et al. 2022) used in the paper."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from deqmpc_gym.systems.base import System, rk4
+from deqmpc_gym.systems.rotations import (
+    cross,
+    euler_xyz_to_mrp,
+    mrp_kinematics,
+    mrp_to_quat,
+    quat_rotate,
+    quat_rotate_inv,
+)
+
+_S2 = 1.0 / math.sqrt(2.0)
+
+
+@dataclass(frozen=True)
+class QuadParams:
+    """Physical constants of a "+"-rotated (x-configuration) quadrotor.
+
+    Motor ``i`` gets the command ``u_c,i = act_scale * (u_i + u_offset)`` and produces the force
+    ``f_i = kf u_c,i + bf`` [N] along body z and the yaw torque ``+-km u_c,i``. Arms point along
+    ``(1,1), (1,-1), (-1,-1), (-1,1) / sqrt(2)`` with length ``arm`` [m].
+    """
+
+    mass: float
+    inertia: tuple[tuple[float, float, float], ...]
+    arm: float
+    kf: float
+    bf: float
+    km: float
+    act_scale: float
+    u_offset: float = 0.0
+    gravity: float = 9.81
+    inertia_inv: tuple[tuple[float, float, float], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        inv = np.linalg.inv(np.asarray(self.inertia, dtype=np.float64))
+        object.__setattr__(self, "inertia_inv", tuple(tuple(float(v) for v in row) for row in inv))
+
+
+def _matvec(m: tuple[tuple[float, float, float], ...], v: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
+    return tuple(m[i][0] * v[0] + m[i][1] * v[1] + m[i][2] * v[2] for i in range(3))  # type: ignore[return-value]
+
+
+def rigid_body_derivative(r: Any, s: Any, v: Any, w: Any, u: Any, p: QuadParams) -> tuple[Any, ...]:
+    """Continuous quadrotor dynamics on component tuples.
+
+    Args:
+        r, s, v, w: world position [m], MRP attitude, body velocity [m/s], body rate [rad/s] (3-tuples).
+        u: ``(..., 4)`` motor inputs (array or tensor).
+
+    Returns:
+        ``(r_dot, s_dot, v_dot, w_dot, a_world)``: 3-tuples, where ``a_world = R(q) F_b / m`` is the world-frame
+        acceleration of the body (gravity included).
+    """
+    q = mrp_to_quat(s)
+    uc = [p.act_scale * (u[..., i] + p.u_offset) for i in range(4)]
+    f = [p.kf * c + p.bf for c in uc]
+    g_body = quat_rotate_inv(q, (0.0, 0.0, -p.gravity * p.mass))
+    fb = (g_body[0], g_body[1], g_body[2] + f[0] + f[1] + f[2] + f[3])
+    la = p.arm * _S2
+    tau = (la * (f[0] - f[1] - f[2] + f[3]), la * (-f[0] - f[1] + f[2] + f[3]), p.km * (uc[0] - uc[1] + uc[2] - uc[3]))
+    r_dot = quat_rotate(q, v)
+    s_dot = mrp_kinematics(s, w)
+    wxv = cross(w, v)
+    v_dot = tuple(fb[i] / p.mass - wxv[i] for i in range(3))
+    jw = _matvec(p.inertia, w)
+    wxjw = cross(w, jw)
+    w_dot = _matvec(p.inertia_inv, tuple(tau[i] - wxjw[i] for i in range(3)))  # type: ignore[arg-type]
+    a_world = quat_rotate(q, tuple(fb[i] / p.mass for i in range(3)))  # type: ignore[arg-type]
+    return r_dot, s_dot, v_dot, w_dot, a_world
+
+
+def _comps(x: Any, a: int, b: int) -> tuple[Any, ...]:
+    return tuple(x[..., i] for i in range(a, b))
+
+
+class Quadrotor(System):
+    """12-state Rex quadrotor, ``x = [r (3) m, sigma (3) MRP, v (3) m/s body, w (3) rad/s body]``.
+
+    ``r_dot = R(q) v``, ``sigma_dot = 1/4[(1 - s.s) I + 2[s]x + 2 s s^T] w``, ``v_dot = F_b/m - w x v``,
+    ``w_dot = J^-1 (tau - w x J w)`` with ``F_b = [0, 0, sum f_i] + R(q)^T m g``; RK4 with ``dt = 0.05``.
+    Controls are the four motor commands in ``[11.5, 18.3]`` (x100 = PWM 1150-1830); hover is 14.498.
+    """
+
+    name = "quadrotor"
+    nx, nu, nq, dt = 12, 4, 7, 0.05
+    state_names = ("x", "y", "z", "s1", "s2", "s3", "vx", "vy", "vz", "wx", "wy", "wz")
+    control_names = ("m1", "m2", "m3", "m4")
+    params = QuadParams(
+        mass=2.0,
+        inertia=((0.01566089, 3.18037e-6, 0.0), (3.18037e-6, 0.01562078, 0.0), (0.0, 0.0, 0.02226868)),
+        arm=0.28, kf=0.0244101, bf=-30.48576, km=0.00029958, act_scale=100.0,
+    )
+    u_low, u_high = (11.5,) * 4, (18.3,) * 4
+    u_nominal = ((2.0 * 9.81 - 4 * -30.48576) / (100.0 * 0.0244101 * 4),) * 4
+    Q_diag, R_diag = (10.0,) * 6 + (1.0,) * 6, (1e-8,) * 4
+    goal = (0.0,) * 12
+    mrp_slice = (3, 6)
+    position_slice = (0, 3)
+    _euler_window = math.radians(70.0)
+    init_low = (-5.0,) * 3 + (-_euler_window,) * 3 + (-0.5,) * 3 + (-0.25,) * 3
+    init_high = (5.0,) * 3 + (_euler_window,) * 3 + (0.5,) * 3 + (0.25,) * 3
+    reward_weights = (0.1,) * 3 + (1.0,) * 3 + (0.01,) * 6
+    effort_weights = (0.01,) * 4
+    success_tolerance = (0.3,) * 3 + (0.1,) * 3 + (0.5,) * 3 + (1.0,) * 3
+    flight_bound = 15.0
+
+    def _step(self, x: Any, u: Any, ops: Any) -> Any:
+        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
+
+    def _deriv(self, x: Any, u: Any, ops: Any) -> Any:
+        r, s, v, w = _comps(x, 0, 3), _comps(x, 3, 6), _comps(x, 6, 9), _comps(x, 9, 12)
+        r_dot, s_dot, v_dot, w_dot, _ = rigid_body_derivative(r, s, v, w, u, self.params)
+        return ops.stack([*r_dot, *s_dot, *v_dot, *w_dot])
+
+    def sample_initial_states(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """Uniform box; the attitude box is in Euler x-y-z angles, converted to canonical MRPs."""
+        x = super().sample_initial_states(rng, n)
+        x[:, 3:6] = euler_xyz_to_mrp(x[:, 3:6])
+        return x
