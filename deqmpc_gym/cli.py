@@ -1,0 +1,207 @@
+"""``deqmpc-gym`` command line: parses arguments and calls the library (no logic of its own).
+
+Subcommands::
+
+    deqmpc-gym expert train   --env ID [--steps N] [--seed S] [--out DIR] [--slices K]
+    deqmpc-gym expert collect --env ID --out FILE [--num-trajectories N] [--seed S] [--expert DIR]
+    deqmpc-gym train    --env ID --variant V --dataset FILE --out DIR [--steps N] [--hidden H] [--resume]
+    deqmpc-gym evaluate --policy DIR [--episodes N] [--stream-iters K] [--json FILE]
+    deqmpc-gym record   --env ID [--policy DIR] [--episodes N] --out DIR [--no-overlay]
+    deqmpc-gym reproduce table1 [--scale cpu|paper] [--seeds ...] [--envs ...] [--out DIR]
+    deqmpc-gym demo     [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def _add_expert(sub: Any) -> None:
+    p = sub.add_parser("expert", help="train PPO experts and collect datasets")
+    esub = p.add_subparsers(dest="expert_cmd", required=True)
+    t = esub.add_parser("train", help="train (or resume) a PPO expert")
+    t.add_argument("--env", required=True)
+    t.add_argument("--steps", type=int, default=None, help="total env steps (default: per-env budget)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--n-envs", type=int, default=None)
+    t.add_argument("--out", default=None, help="output dir (default: runs/experts/<env>)")
+    t.add_argument("--slices", type=int, default=None, help="stop after this many checkpoint slices")
+    t.add_argument("--no-resume", action="store_true")
+    c = esub.add_parser("collect", help="roll out an expert and write a dataset (.npz)")
+    c.add_argument("--env", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--num-trajectories", type=int, default=None)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--expert", default=None, help="expert dir (default: the shipped expert of --env)")
+
+
+def _add_train(sub: Any) -> None:
+    t = sub.add_parser("train", help="imitation-train a DEQ-MPC policy on a dataset")
+    t.add_argument("--env", required=True)
+    t.add_argument("--variant", default="deq-mpc-deq")
+    t.add_argument("--dataset", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--steps", type=int, default=20000)
+    t.add_argument("--hidden", type=int, default=128)
+    t.add_argument("--batch-size", type=int, default=200)
+    t.add_argument("--val-every", type=int, default=100)
+    t.add_argument("--val-batches", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true")
+    e = sub.add_parser("evaluate", help="evaluate a saved policy (normalized score vs the expert card)")
+    e.add_argument("--policy", required=True)
+    e.add_argument("--episodes", type=int, default=200)
+    e.add_argument("--steps", type=int, default=200)
+    e.add_argument("--stream-iters", type=int, default=None)
+    e.add_argument("--seed", type=int, default=10_000)
+    e.add_argument("--json", default=None)
+
+
+def _add_misc(sub: Any) -> None:
+    r = sub.add_parser("record", help="record rollout videos (DEQ-MPC policy or the shipped PPO expert)")
+    r.add_argument("--env", required=True)
+    r.add_argument("--policy", default=None)
+    r.add_argument("--episodes", type=int, default=1)
+    r.add_argument("--out", required=True)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-overlay", action="store_true")
+    rep = sub.add_parser("reproduce", help="reproduce the paper's experiments")
+    rep.add_argument("what", choices=["table1", "warmstart"])
+    rep.add_argument("--scale", choices=["cpu", "paper", "tiny"], default="cpu")
+    rep.add_argument("--seeds", type=int, nargs="+", default=None)
+    rep.add_argument("--envs", nargs="+", default=None)
+    rep.add_argument("--variants", nargs="+", default=None)
+    rep.add_argument("--out", default="results")
+    d = sub.add_parser("demo", help="train a small DEQ-MPC policy on the shipped dataset, evaluate, make a video")
+    d.add_argument("--out", default="results/demo")
+    d.add_argument("--steps", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deqmpc-gym", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_expert(sub)
+    _add_train(sub)
+    _add_misc(sub)
+    return parser
+
+
+def _expert(args: argparse.Namespace) -> int:
+    from deqmpc_gym.experts import collect_dataset, default_expert_config, load_expert, train_expert
+
+    if args.expert_cmd == "train":
+        overrides: dict[str, Any] = {"seed": args.seed}
+        if args.steps:
+            overrides["total_steps"] = args.steps
+        if args.n_envs:
+            overrides["n_envs"] = args.n_envs
+        cfg = default_expert_config(args.env, **overrides)
+        out = Path(args.out or f"runs/experts/{args.env.split('/')[-1]}")
+        card = train_expert(cfg, out, resume=not args.no_resume, max_slices=args.slices)
+        if card is None:
+            print(f"expert training paused at a checkpoint in {out}; run the same command again to continue")
+        else:
+            print(f"expert {args.env}: success {card['success_rate']:.2%}, mean return {card['mean_return']:.1f} "
+                  f"(random {card['random_return']:.1f}), {card['train_steps']} steps in {card['wall_time_s']:.0f} s "
+                  f"-> {out}")
+        return 0
+    from tqdm.auto import tqdm
+
+    expert = load_expert(args.expert or args.env)
+    n = args.num_trajectories
+    bar = tqdm(total=n, desc="collect")
+    last = [0]
+
+    def tick(done: int) -> None:
+        bar.update(done - last[0])
+        last[0] = done
+
+    ds = collect_dataset(expert, args.env, n, seed=args.seed, expert_id=str(args.expert or args.env), progress=tick)
+    bar.close()
+    ds.save(args.out)
+    lengths = [len(t) for t in ds.trajectories]
+    print(f"collected {len(ds)} trajectories ({sum(lengths)} steps, mean length {sum(lengths) / len(ds):.1f}) -> {args.out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from deqmpc_gym.data import ExpertDataset
+    from deqmpc_gym.policies import DEQMPCPolicy
+    from deqmpc_gym.training import ImitationTrainer, TrainConfig
+
+    ds = ExpertDataset.load(args.dataset, env_id=args.env)
+    policy = DEQMPCPolicy.from_env(args.env, args.variant, hidden=args.hidden)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, val_every=args.val_every,
+                      val_batches=args.val_batches, seed=args.seed)
+    res = ImitationTrainer(policy, ds, cfg, args.out, log_formats=("stdout", "csv")).train(resume=args.resume)
+    print(f"trained {args.variant} on {args.env}: best val loss {res.best_val_loss:.4f} at step {res.best_step} "
+          f"({res.wall_time_s:.0f} s) -> {args.out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from deqmpc_gym.evaluation import EvalConfig, rollout_batched
+    from deqmpc_gym.experts import load_expert
+    from deqmpc_gym.io import atomic_write_text
+    from deqmpc_gym.policies import DEQMPCPolicy
+
+    policy = DEQMPCPolicy.load(args.policy)
+    card = load_expert(policy.env_id).card
+    res = rollout_batched(policy, policy.env_id, EvalConfig(args.episodes, args.steps, args.seed, args.stream_iters),
+                          reference=(card["random_return"], card["mean_return"]))
+    print(f"{policy.env_id} {policy.config.variant}: normalized score {res.normalized_score:.3f}, "
+          f"return {res.mean_return:.1f} ± {res.std_return:.1f}, success {res.success_rate:.2%}, "
+          f"collisions {res.collision_rate:.2%}, act latency {res.act_latency_ms:.1f} ms")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(res.to_dict(), indent=2))
+    return 0
+
+
+def _record(args: argparse.Namespace) -> int:
+    from deqmpc_gym.experiments.record import record_rollouts
+
+    paths = record_rollouts(args.env, args.out, policy_path=args.policy, episodes=args.episodes, seed=args.seed,
+                            overlay=not args.no_overlay)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from deqmpc_gym.experiments.reproduce import reproduce
+
+    out = reproduce(args.what, scale=args.scale, seeds=args.seeds, envs=args.envs, variants=args.variants,
+                    out_dir=args.out)
+    print(f"results written to {out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from deqmpc_gym.experiments.demo import run_demo
+
+    run_demo(args.out, steps=args.steps)
+    return 0
+
+
+COMMANDS = {"expert": _expert, "train": _train, "evaluate": _evaluate, "record": _record, "reproduce": _reproduce,
+            "demo": _demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``deqmpc-gym`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    from deqmpc_gym.errors import DeqmpcError
+
+    try:
+        return COMMANDS[args.cmd](args)
+    except DeqmpcError as exc:
+        print(f"deqmpc-gym: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,398 @@
+"""The generic single-environment shell :class:`SystemEnv` over any :class:`~deqmpc_gym.systems.System`.
+
+Everything physical (dynamics, goal, weights, bounds, initial-state distribution) comes from the system; this
+module only adds the Gymnasium plumbing, the normalized action space, the reward, terminations and ``info``.
+The batched torch twin is :class:`deqmpc_gym.envs.vector.BatchedSystemEnv`; both share the helpers below so that
+they produce identical trajectories for the same seeds and actions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from deqmpc_gym.errors import ConfigError, ShapeError
+from deqmpc_gym.systems import OBSTACLE_CENTERS, System, get_system
+
+#: keyword arguments accepted by :class:`SystemEnv` (and ``gym.make`` of every ``DEQMPC/*`` id).
+VALID_KWARGS: tuple[str, ...] = ("system", "obstacles", "obstacle_radius", "render_mode", "width", "height")
+
+#: initial states are resampled while the position is closer than ``obstacle_radius + START_MARGIN`` [m]
+#: to any obstacle centre.
+START_MARGIN: float = 0.1
+
+#: maximum number of rejection-sampling attempts for a collision-free initial state.
+MAX_START_TRIES: int = 10_000
+
+# Loose observation bounds of the built-in systems for the coordinates that are not angles or MRPs
+# (keyed by ``System.name``; ``(position_bound, velocity_bound)``). They were chosen from adversarial probes
+# (uniform, bang-bang and held-bang-bang policies over 200 steps, 3-20k episodes each) with a >= 4x margin:
+#   pendulum  |theta_dot| <= 54;  cartpole |p| <= 490, |p_dot| <= 95, |theta_dot| <= 13;
+#   quadrotor / qpole: inside the flight volume |v| <= 3.4e3 and |w| <= 150, but the RK4 step can diverge at
+#   large body rates, so the *terminal* state that leaves the flight volume reached |r| <= 2e3, |v| <= 1.5e5.
+_LOOSE_BOUNDS: dict[str, tuple[float, float]] = {
+    "pendulum": (50.0, 250.0),
+    "cartpole": (2.0e3, 5.0e2),
+    "quadrotor": (1.0e4, 1.0e6),
+    "qpole": (1.0e4, 1.0e6),
+}
+_DEFAULT_LOOSE = (1.0e3, 1.0e3)
+_EPS_BOUND = 1e-4
+
+
+def resolve_system(system: str | System | type[System]) -> System:
+    """Return a :class:`System` instance from a name, a class or an instance (raises :class:`ConfigError`)."""
+    return get_system(system)
+
+
+def observation_bounds(system: System) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(low, high)`` ``(nx,)`` float32 observation bounds for ``system``.
+
+    A system may define ``observation_low`` / ``observation_high`` (``(nx,)`` tuples) to override the defaults.
+    Defaults: angle coordinates ``goal_i +- pi`` (the wrapped range), MRP components ``+-1`` (shadow set),
+    other configuration coordinates ``+-position_bound`` and velocities ``+-velocity_bound`` from a per-system
+    table (``+-1e3`` for user systems). A small epsilon is added so that float32 rounding stays inside.
+    """
+    nx = system.nx
+    if getattr(system, "observation_high", None) is not None:
+        high = np.asarray(system.observation_high, dtype=np.float64)  # type: ignore[attr-defined]
+        low_attr = getattr(system, "observation_low", None)
+        low = -high if low_attr is None else np.asarray(low_attr, dtype=np.float64)
+        if high.shape != (nx,) or low.shape != (nx,) or not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+            raise ConfigError(f"{system.name}: observation_low/high must be finite with shape ({nx},)")
+        return low.astype(np.float32), high.astype(np.float32)
+    pos_b, vel_b = _LOOSE_BOUNDS.get(system.name, _DEFAULT_LOOSE)
+    if system.flight_bound is not None:
+        pos_b = max(pos_b, 10.0 * float(system.flight_bound))
+    low = np.empty(nx, dtype=np.float64)
+    high = np.empty(nx, dtype=np.float64)
+    for i in range(nx):
+        b = pos_b if i < system.nq else vel_b
+        low[i], high[i] = -b, b
+    for i in system.angle_indices:
+        g = float(system.goal[i])
+        low[i], high[i] = g - math.pi - _EPS_BOUND, g + math.pi + _EPS_BOUND
+    if system.mrp_slice is not None:
+        a, b = system.mrp_slice
+        low[a:b], high[a:b] = -1.0 - _EPS_BOUND, 1.0 + _EPS_BOUND
+    return low.astype(np.float32), high.astype(np.float32)
+
+
+def check_obstacle_config(system: System, obstacles: bool, obstacle_radius: float) -> np.ndarray:
+    """Validate the obstacle options and return the ``(K, 3)`` float64 obstacle centres (``K = 0`` when off)."""
+    if not isinstance(obstacles, (bool, np.bool_)):
+        raise ConfigError(f"obstacles must be a bool, got {obstacles!r}")
+    try:
+        r = float(obstacle_radius)
+    except (TypeError, ValueError):
+        raise ConfigError(f"obstacle_radius must be a positive float [m], got {obstacle_radius!r}") from None
+    if not (math.isfinite(r) and r > 0.0):
+        raise ConfigError(f"obstacle_radius must be a positive finite float [m], got {obstacle_radius!r}")
+    if obstacles:
+        if system.position_slice is None:
+            raise ConfigError(f"system {system.name!r} has no 3-D position (position_slice is None); "
+                              "obstacles=True needs one (use a quadrotor-like system)")
+        return np.array(OBSTACLE_CENTERS, dtype=np.float64)
+    return np.zeros((0, 3), dtype=np.float64)
+
+
+def sample_initial_state(system: System, rng: np.random.Generator, centers: np.ndarray, radius: float) -> np.ndarray:
+    """Draw one wrapped ``(nx,)`` float64 initial state, rejecting starts near obstacles.
+
+    The single env and every sub-env of the batched env call exactly this function with their own generator,
+    so sub-env ``i`` seeded with ``seed + i`` starts where ``SystemEnv.reset(seed=seed + i)`` starts.
+    """
+    for _ in range(MAX_START_TRIES):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            x = system.wrap(system.sample_initial_states(rng, 1)[0])
+        if centers.shape[0] == 0:
+            return x
+        if obstacle_distance_np(system.position(x), centers[:, 0], centers[:, 1], centers[:, 2]) >= radius + START_MARGIN:
+            return x
+    raise RuntimeError(f"could not sample a collision-free initial state in {MAX_START_TRIES} tries "
+                       f"(obstacle_radius={radius} m is too large for the initial-state box)")
+
+
+def obstacle_distance_np(p: np.ndarray, cx: np.ndarray, cy: np.ndarray, cz: np.ndarray) -> float:
+    """Distance [m] from ``p (3,)`` to the nearest of the centres ``(cx, cy, cz)`` (each ``(K,)``).
+
+    Evaluated as ``sqrt(min(dx^2 + dy^2 + dz^2))`` in this exact order; the batched env uses the same
+    expression in torch so both envs agree bit for bit.
+    """
+    dx, dy, dz = p[0] - cx, p[1] - cy, p[2] - cz
+    return math.sqrt(float((dx * dx + dy * dy + dz * dz).min()))
+
+
+def check_kwargs(kwargs: dict[str, Any], valid: tuple[str, ...], where: str) -> None:
+    """Raise :class:`ConfigError` naming the valid keyword arguments if ``kwargs`` is not empty."""
+    if kwargs:
+        raise ConfigError(f"{where}: unknown keyword argument(s) {sorted(kwargs)}; valid keyword arguments are "
+                          f"{list(valid)}")
+
+
+def check_render_size(width: Any, height: Any) -> tuple[int, int]:
+    """Validate the frame size (positive multiples of 16, so that H.264 encoders need no resizing)."""
+    out = []
+    for name, v in (("width", width), ("height", height)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % 16 != 0 or v > 8192:
+            raise ConfigError(f"{name} must be a positive multiple of 16 pixels (<= 8192), got {v!r}")
+        out.append(int(v))
+    return out[0], out[1]
+
+
+class SystemEnv(gym.Env):
+    r"""A Gymnasium environment driving a :class:`~deqmpc_gym.systems.System` (any subclass plugs in).
+
+    ## Description
+    The state ``x`` (float64, SI units, see the system's docstring) evolves by ``x <- wrap(system.step(x, u))``
+    with the system's discrete dynamics (``dt = system.dt``, 0.05 s for the built-in systems). The task is
+    to bring the system to ``system.goal`` (pendulum/cart-pole swing-up, quadrotor stabilisation to the origin,
+    QPole stabilisation with the pole upright) and, for obstacle variants, to avoid the 40 spheres of the
+    paper's QPoleObs task (centres ``deqmpc_gym.systems.OBSTACLE_CENTERS``, radius ``obstacle_radius``).
+
+    ## Action Space
+    ``Box(-1, 1, (nu,), float32)``, a normalized control mapped affinely to the physical control
+    ``u = action_offset + action_scale * a`` in ``[system.u_low, system.u_high]``:
+
+    | System    | nu | physical control                                    | range           |
+    |-----------|----|-----------------------------------------------------|-----------------|
+    | pendulum  | 1  | torque [N m]                                        | [-5, 5]         |
+    | cartpole  | 1  | horizontal force on the cart [N]                    | [-100, 100]     |
+    | quadrotor | 4  | motor commands (x100 = PWM)                         | [11.5, 18.3]    |
+    | qpole     | 4  | motor deltas around hover                           | +-0.3 u_hover   |
+
+    Finite out-of-range actions are clipped to ``[-1, 1]``; a wrong shape or a NaN/inf raises
+    :class:`~deqmpc_gym.errors.ShapeError` (a ``ValueError``).
+
+    ## Observation Space
+    ``Box(low, high, (nx,), float32)``: the full physical state, angles wrapped into ``goal +- pi`` and MRPs
+    into the ``|sigma| <= 1`` set (``system.wrap``). Never clipped; the bounds (:func:`observation_bounds`)
+    are deliberately loose so that honest observations stay inside:
+
+    | System    | nx | state                                                      | loose bound (non-angle) |
+    |-----------|----|------------------------------------------------------------|-------------------------|
+    | pendulum  | 2  | theta [rad] (0 = upright), theta_dot [rad/s]               | 250 rad/s               |
+    | cartpole  | 4  | p [m], theta [rad] (0 = upright), p_dot, theta_dot         | 2000 m, 500 /s          |
+    | quadrotor | 12 | r (3) [m], MRP (3), body v (3) [m/s], body w (3) [rad/s]   | 1e4 m, 1e6 /s           |
+    | qpole     | 14 | r (3), MRP (3), theta [rad] (pi = up), v (3), w (3), theta_dot | 1e4 m, 1e6 /s       |
+
+    ## Reward
+    ``r = exp(-1/2 sum_i w_i (x_i - g_i)^2 - 1/2 sum_j e_j a_j^2)`` in ``(0, 1]`` with ``w =
+    system.reward_weights``, ``e = system.effort_weights``, ``g = system.goal`` (angle errors wrapped to
+    ``[-pi, pi)``) and ``a = action - to_normalized(system.nominal_control)`` the normalized deviation from the
+    nominal control (hover for quadrotors). It is 1 at the goal with nominal control.
+
+    ## Starting State
+    ``system.sample_initial_states(np_random, 1)[0]``, wrapped. With obstacles, states whose position is
+    within ``obstacle_radius + 0.1 m`` of an obstacle centre are resampled. ``reset(options={"state": x})``
+    starts from an explicit ``(nx,)`` finite state instead.
+
+    ## Episode End
+    ``terminated`` when the state becomes non-finite, when a system with a flight volume leaves it
+    (``|r_i| > system.flight_bound``, 15 m for the quadrotors), or on an obstacle collision
+    (``||r - o_k|| < obstacle_radius``). ``truncated`` only from the ``TimeLimit`` wrapper (200 steps for
+    the registered ids).
+
+    ## Info
+    A fresh dict on every ``reset``/``step``: ``cost`` (float, 1.0 on a collision or flight-volume exit, else
+    0.0; Safety-Gymnasium convention), ``is_success`` (bool, ``|x_i - g_i| <= system.success_tolerance_i`` for
+    all ``i``) and, for obstacle variants, ``min_obstacle_distance`` (float [m], signed distance to the nearest
+    sphere surface, < 0 inside). Deterministic (no timings).
+
+    ## Arguments
+    ``SystemEnv(system="pendulum", obstacles=False, obstacle_radius=0.5, render_mode=None, width=480,
+    height=480)``: ``system`` is a name (``"pendulum"``, ``"cartpole"``, ``"quadrotor"``, ``"qpole"``), a
+    :class:`System` subclass or instance; ``render_mode`` is ``None`` or ``"rgb_array"`` (MuJoCo, headless);
+    ``width``/``height`` are multiples of 16 pixels. Unknown keyword arguments raise
+    :class:`~deqmpc_gym.errors.ConfigError`.
+
+    ## Version History
+    * v0: initial release.
+    """
+
+    metadata: dict[str, Any] = {"render_modes": ["rgb_array"], "render_fps": 20}
+
+    def __init__(
+        self,
+        system: str | System | type[System] = "pendulum",
+        obstacles: bool = False,
+        obstacle_radius: float = 0.5,
+        render_mode: str | None = None,
+        width: int = 480,
+        height: int = 480,
+        **kwargs: Any,
+    ) -> None:
+        check_kwargs(kwargs, VALID_KWARGS, "SystemEnv")
+        self.system: System = resolve_system(system)
+        sys_ = self.system
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ConfigError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.render_mode = render_mode
+        self.width, self.height = check_render_size(width, height)
+        self.metadata = {**type(self).metadata, "render_fps": max(1, int(round(1.0 / sys_.dt)))}
+
+        self.obstacle_centers: np.ndarray = check_obstacle_config(sys_, obstacles, obstacle_radius)
+        self.obstacle_centers.setflags(write=False)
+        self.obstacle_radius: float = float(obstacle_radius)
+        self.obstacles: bool = bool(obstacles)
+
+        nx, nu = sys_.nx, sys_.nu
+        u_low = np.asarray(sys_.u_low, dtype=np.float64)
+        u_high = np.asarray(sys_.u_high, dtype=np.float64)
+        if u_low.shape != (nu,) or u_high.shape != (nu,) or not np.all(u_high > u_low):
+            raise ConfigError(f"{sys_.name}: u_low/u_high must be ({nu},) with u_high > u_low")
+        #: ``(nu,)`` float64 scale of the affine action map ``u = action_offset + action_scale * a``.
+        self.action_scale: np.ndarray = 0.5 * (u_high - u_low)
+        #: ``(nu,)`` float64 offset of the affine action map.
+        self.action_offset: np.ndarray = 0.5 * (u_high + u_low)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(nu,), dtype=np.float32)
+        low, high = observation_bounds(sys_)
+        self.observation_space = gym.spaces.Box(low, high, dtype=np.float32)
+
+        # precomputed constants of the step path
+        self._nu = nu
+        self._act_shape = (nu,)
+        self._goal = np.asarray(sys_.goal, dtype=np.float64)
+        self._w = np.asarray(sys_.reward_weights, dtype=np.float64)
+        self._e = np.asarray(sys_.effort_weights, dtype=np.float64)
+        self._tol = np.asarray(sys_.success_tolerance, dtype=np.float64)
+        for name, arr, n in (("goal", self._goal, nx), ("reward_weights", self._w, nx),
+                             ("effort_weights", self._e, nu), ("success_tolerance", self._tol, nx)):
+            if arr.shape != (n,):
+                raise ConfigError(f"{sys_.name}: {name} must have {n} entries, got shape {arr.shape}")
+        self._a_nom = self.to_normalized(sys_.nominal_control)
+        self._flight = None if sys_.flight_bound is None else float(sys_.flight_bound)
+        self._pos = None if sys_.position_slice is None else slice(*sys_.position_slice)
+        self._has_obstacles = self.obstacle_centers.shape[0] > 0
+        self._quiet = sys_.mrp_slice is not None
+        self._cx, self._cy, self._cz = (np.ascontiguousarray(self.obstacle_centers[:, k]) for k in range(3))
+        self._x: np.ndarray = self._goal.copy()
+        self._renderer: Any = None
+        self._overlay: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ action map
+    def to_physical(self, action: Any) -> np.ndarray:
+        """Normalized action ``(..., nu)`` in ``[-1, 1]`` -> physical control ``(..., nu)`` float64 (no clipping)."""
+        return self.action_offset + self.action_scale * np.asarray(action, dtype=np.float64)
+
+    def to_normalized(self, u: Any) -> np.ndarray:
+        """Physical control ``(..., nu)`` -> normalized action ``(..., nu)`` float64 (no clipping)."""
+        return (np.asarray(u, dtype=np.float64) - self.action_offset) / self.action_scale
+
+    @property
+    def state(self) -> np.ndarray:
+        """A copy of the current wrapped physical state ``(nx,)`` float64."""
+        return self._x.copy()
+
+    # ------------------------------------------------------------------ gym API
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        """Reset; ``options={"state": x}`` (``(nx,)`` finite) sets the initial state explicitly.
+
+        Returns ``(obs (nx,) float32, info)``.
+        """
+        super().reset(seed=seed)
+        if options and options.get("state") is not None:
+            x = np.array(options["state"], dtype=np.float64)
+            if x.shape != (self.system.nx,):
+                raise ShapeError(f"options['state'] must have shape ({self.system.nx},), got {x.shape}")
+            if not np.all(np.isfinite(x)):
+                raise ShapeError("options['state'] must be finite")
+            with np.errstate(invalid="ignore", divide="ignore"):
+                x = self.system.wrap(x)
+        else:
+            x = sample_initial_state(self.system, self.np_random, self.obstacle_centers, self.obstacle_radius)
+        self._x = x
+        cost, mind, _ = self._violation(x)
+        info: dict[str, Any] = {"cost": cost, "is_success": bool(np.all(np.abs(x - self._goal) <= self._tol))}
+        if self._has_obstacles:
+            info["min_obstacle_distance"] = mind
+        return x.astype(np.float32), info
+
+    def _violation(self, x: np.ndarray) -> tuple[float, float, bool]:
+        """``(cost, min_obstacle_distance, violated)`` of a finite state (flight volume / obstacles)."""
+        out = False
+        if self._flight is not None:
+            p = x[self._pos]
+            out = float(np.abs(p).max()) > self._flight
+        mind = math.inf
+        if self._has_obstacles:
+            mind = obstacle_distance_np(x[self._pos], self._cx, self._cy, self._cz) - self.obstacle_radius
+            out = out or mind < 0.0
+        return (1.0 if out else 0.0), mind, out
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        """Apply a normalized action ``(nu,)``; returns ``(obs (nx,) float32, reward, terminated, False, info)``."""
+        a = np.array(action, dtype=np.float64)
+        if a.shape != self._act_shape:
+            raise ShapeError(f"action must have shape ({self._nu},) (normalized to [-1, 1]), got {a.shape}")
+        s = float(a.sum())
+        if s - s != 0.0 and not np.all(np.isfinite(a)):
+            raise ShapeError(f"action of shape ({self._nu},) must be finite, got {a}")
+        np.clip(a, -1.0, 1.0, out=a)
+        u = self.action_offset + self.action_scale * a
+        if self._quiet:  # MRP shadow switch divides by |sigma|^2 inside np.where (harmless 0/0 at sigma = 0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                x = self.system.wrap(self.system.step(self._x, u))
+        else:
+            x = self.system.wrap(self.system.step(self._x, u))
+        self._x = x
+        d = x - self._goal
+        da = a - self._a_nom
+        cx = float(np.dot(d * d, self._w))
+        expo = -0.5 * (cx + float(np.dot(da * da, self._e)))
+        if cx - cx == 0.0 or np.all(np.isfinite(x)):
+            cost, mind, terminated = self._violation(x)
+            info: dict[str, Any] = {"cost": cost, "is_success": bool(np.all(np.abs(d) <= self._tol))}
+            reward = math.exp(expo)
+        else:  # non-finite state
+            terminated, mind, reward = True, math.nan, 0.0
+            info = {"cost": 0.0, "is_success": False}
+        if self._has_obstacles:
+            info["min_obstacle_distance"] = mind
+        return x.astype(np.float32), reward, terminated, False, info
+
+    # ------------------------------------------------------------------ rendering
+    def set_plan_overlay(self, plan: Any = None, waypoints: Any = None, highlight_obstacles: Any = None) -> None:
+        """Draw a plan on the next rendered frames (``None`` everywhere clears it).
+
+        Args:
+            plan: ``(T, 3)`` positions [m] or ``(T, nx)`` states (mapped by the renderer's ``state_to_points``),
+                drawn as small blue spheres joined by capsules.
+            waypoints: same format, drawn as small orange spheres.
+            highlight_obstacles: indices of obstacles drawn highlighted (red), or ``None``.
+        """
+        from deqmpc_gym.envs.rendering import to_points
+
+        ov: dict[str, Any] = {}
+        if plan is not None:
+            ov["plan"] = to_points(self.system, plan, "plan")
+        if waypoints is not None:
+            ov["waypoints"] = to_points(self.system, waypoints, "waypoints")
+        if highlight_obstacles is not None:
+            idx = np.asarray(highlight_obstacles, dtype=np.int64).reshape(-1)
+            k = self.obstacle_centers.shape[0]
+            if idx.size and (idx.min() < 0 or idx.max() >= k):
+                raise ConfigError(f"highlight_obstacles indices must be in [0, {k}), got {idx.tolist()}")
+            ov["highlight"] = idx
+        self._overlay = ov
+
+    def render(self) -> np.ndarray | None:
+        """Return an ``(height, width, 3)`` uint8 frame of the current state (``render_mode="rgb_array"``)."""
+        if self.render_mode is None:
+            gym.logger.warn("render() called without render_mode; pass render_mode='rgb_array' to gym.make")
+            return None
+        if self._renderer is None:
+            from deqmpc_gym.envs.rendering import SystemRenderer
+
+            self._renderer = SystemRenderer(self.system, self.width, self.height, self.obstacle_centers,
+                                            self.obstacle_radius)
+        return self._renderer.render(self._x, **self._overlay)
+
+    def close(self) -> None:
+        """Release the renderer (idempotent)."""
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None

@@ -1,0 +1,268 @@
+"""Headless MuJoCo ``rgb_array`` rendering of the analytic system states.
+
+MuJoCo is used only as a renderer: each system gets a small MJCF scene (built as an XML string) whose bodies
+are *mocap* bodies, so every frame is posed directly from the analytic state (no MuJoCo physics). ``MUJOCO_GL``
+defaults to ``egl`` (set before ``mujoco`` is imported, which happens only here, on the first ``render()``).
+
+Scenes: pendulum (pivot, rod, bob), cart-pole (rail, cart, 2 m pole), quadrotor (body box, 4 arms, 4 rotor
+discs), QPole (quadrotor plus a 0.5 m pole in the world x-z plane, ``theta = pi`` upright), optional obstacle
+spheres (translucent) and a green goal marker. Quadrotor scenes use a camera tracking the vehicle, the cart-pole
+camera follows the cart along x and the pendulum camera is fixed.
+
+Overlays (:meth:`SystemRenderer.render` ``plan``/``waypoints``/``highlight``) are appended as extra geoms to
+``renderer.scene`` after ``update_scene``, so frames differ only where the overlay is drawn.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from deqmpc_gym.errors import ConfigError, DependencyNotInstalled, ShapeError
+from deqmpc_gym.systems import System
+
+PLAN_RGBA = (0.15, 0.45, 1.0, 0.9)
+WAYPOINT_RGBA = (1.0, 0.55, 0.0, 0.9)
+HIGHLIGHT_RGBA = (1.0, 0.1, 0.1, 0.55)
+OBSTACLE_RGBA = (0.85, 0.3, 0.3, 0.3)
+GOAL_RGBA = (0.1, 0.9, 0.2, 0.9)
+
+CARTPOLE_POLE_LENGTH = 2.0  # [m] drawn pole (COM at 1 m)
+PENDULUM_LENGTH = 1.0  # [m]
+
+
+def _is_quad(system: System) -> bool:
+    return system.mrp_slice is not None and system.position_slice is not None
+
+
+def state_to_points(system: System, x: Any) -> np.ndarray:
+    """Map states ``(..., nx)`` to one 3-D point ``(..., 3)`` [m] used for goals, plans and overlays.
+
+    pendulum: the bob ``(-sin theta, 0, cos theta)``; cart-pole: the pole tip ``(p - 2 sin theta, 0, 2 cos
+    theta)``; quadrotor / QPole (any system with a ``position_slice``): the 3-D position. Other systems: the
+    first (up to three) configuration coordinates padded with zeros.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.shape[-1] != system.nx:
+        raise ShapeError(f"states must have shape (..., {system.nx}), got {x.shape}")
+    if system.position_slice is not None:
+        a, b = system.position_slice
+        return x[..., a:b].copy()
+    if system.name == "pendulum":
+        th = x[..., 0]
+        return np.stack([-PENDULUM_LENGTH * np.sin(th), np.zeros_like(th), PENDULUM_LENGTH * np.cos(th)], -1)
+    if system.name == "cartpole":
+        p, th = x[..., 0], x[..., 1]
+        L = CARTPOLE_POLE_LENGTH
+        return np.stack([p - L * np.sin(th), np.zeros_like(th), L * np.cos(th)], -1)
+    q = x[..., : min(3, system.nq)]
+    pad = np.zeros(x.shape[:-1] + (3 - q.shape[-1],))
+    return np.concatenate([q, pad], -1)
+
+
+def to_points(system: System, pts: Any, name: str = "points") -> np.ndarray:
+    """``(T, 3)`` positions, or ``(T, nx)`` states mapped by :func:`state_to_points`, as float64 ``(T, 3)``."""
+    a = np.asarray(pts, dtype=np.float64)
+    if a.ndim != 2 or a.shape[-1] not in (3, system.nx):
+        raise ShapeError(f"{name} must have shape (T, 3) positions or (T, {system.nx}) states, got {a.shape}")
+    if a.shape[-1] == system.nx and system.nx != 3:
+        a = state_to_points(system, a)
+    if not np.all(np.isfinite(a)):
+        raise ShapeError(f"{name} must be finite")
+    return a
+
+
+def _f(v: Any) -> str:
+    return " ".join(f"{float(t):.6g}" for t in np.ravel(v))
+
+
+def _quad_body(name: str, arm: float) -> str:
+    la = arm / math.sqrt(2.0)
+    arms, rotors = [], []
+    for k, (sx, sy) in enumerate(((1, 1), (1, -1), (-1, -1), (-1, 1))):
+        ex, ey = sx * la, sy * la
+        arms.append(f'<geom type="capsule" fromto="0 0 0 {ex:.4f} {ey:.4f} 0" size="0.012" rgba="0.2 0.2 0.2 1"/>')
+        col = "0.9 0.2 0.2 0.8" if sx > 0 else "0.2 0.4 0.9 0.8"
+        rotors.append(f'<geom type="cylinder" pos="{ex:.4f} {ey:.4f} 0.02" size="{0.45 * la:.4f} 0.004" rgba="{col}"/>')
+    return (f'<body name="{name}" mocap="true">'
+            f'<geom type="box" size="0.08 0.08 0.03" rgba="0.3 0.3 0.35 1"/>' + "".join(arms) + "".join(rotors)
+            + '<camera name="track" mode="track" pos="-1.7 -1.7 1.0" xyaxes="1 -1 0 0.6 0.6 2.4" fovy="60"/>'
+            + '</body>')
+
+
+def build_scene_xml(system: System, width: int, height: int, centers: np.ndarray, radius: float) -> tuple[str, str]:
+    """``(MJCF XML, camera name)`` of ``system``'s scene (``offwidth``/``offheight`` >= the frame size)."""
+    goal_pt = state_to_points(system, np.asarray(system.goal, dtype=np.float64))
+    parts: list[str] = []
+    cam = "fixed"
+    if _is_quad(system):
+        fb = float(system.flight_bound or 15.0)
+        parts.append(f'<geom type="plane" pos="0 0 {-6.5:.2f}" size="{fb + 5:.1f} {fb + 5:.1f} 0.1" material="grid"/>')
+        parts.append(_quad_body("vehicle", float(getattr(getattr(system, "params", None), "arm", 0.2))))
+        if system.name == "qpole" or getattr(system, "pole_length", None) is not None:
+            L = float(getattr(system, "pole_length", 0.5))
+            parts.append(f'<body name="pole" mocap="true"><geom type="capsule" fromto="0 0 0 0 0 {-L:.4f}" '
+                         f'size="0.015" rgba="0.95 0.75 0.1 1"/>'
+                         f'<geom type="sphere" pos="0 0 {-L:.4f}" size="0.04" rgba="0.95 0.75 0.1 1"/></body>')
+        cam = "track"
+    elif system.name == "pendulum":
+        parts.append('<geom type="plane" pos="0 0 -1.6" size="6 6 0.1" material="grid"/>')
+        parts.append('<geom type="cylinder" pos="0 0 0" euler="90 0 0" size="0.06 0.05" rgba="0.3 0.3 0.3 1"/>')
+        parts.append('<body name="rod" mocap="true">'
+                     f'<geom type="capsule" fromto="0 0 0 0 0 {PENDULUM_LENGTH}" size="0.025" rgba="0.8 0.5 0.2 1"/>'
+                     f'<geom type="sphere" pos="0 0 {PENDULUM_LENGTH}" size="0.1" rgba="0.8 0.2 0.2 1"/></body>')
+        parts.append('<camera name="fixed" pos="0 -3.4 0" xyaxes="1 0 0 0 0 1" fovy="55"/>')
+    elif system.name == "cartpole":
+        L = CARTPOLE_POLE_LENGTH
+        parts.append('<geom type="plane" pos="0 0 -0.35" size="60 10 0.1" material="grid"/>')
+        parts.append('<geom type="box" pos="0 0 -0.12" size="60 0.03 0.02" rgba="0.4 0.4 0.4 1"/>')
+        parts.append('<body name="cart" mocap="true"><geom type="box" size="0.3 0.2 0.1" rgba="0.2 0.4 0.8 1"/>'
+                     '<camera name="fixed" mode="track" pos="0 -7 1" xyaxes="1 0 0 0 0.15 1" fovy="50"/></body>')
+        parts.append(f'<body name="rod" mocap="true"><geom type="capsule" fromto="0 0 0 0 0 {L}" size="0.03" '
+                     'rgba="0.8 0.5 0.2 1"/></body>')
+    else:
+        parts.append('<geom type="plane" pos="0 0 -2" size="20 20 0.1" material="grid"/>')
+        parts.append('<body name="point" mocap="true"><geom type="sphere" size="0.1" rgba="0.8 0.2 0.2 1"/></body>')
+        parts.append('<camera name="fixed" pos="0 -6 1" xyaxes="1 0 0 0 0.2 1" fovy="60"/>')
+    parts.append(f'<site name="goal" pos="{_f(goal_pt)}" size="0.06" rgba="{_f(GOAL_RGBA)}"/>')
+    for k, c in enumerate(centers):
+        parts.append(f'<geom name="obstacle{k}" type="sphere" pos="{_f(c)}" size="{radius:.6g}" '
+                     f'rgba="{_f(OBSTACLE_RGBA)}" contype="0" conaffinity="0"/>')
+    return f"""<mujoco model="deqmpc_{system.name}">
+  <visual><global offwidth="{max(640, width)}" offheight="{max(480, height)}"/><quality shadowsize="2048"/>
+    <headlight ambient="0.4 0.4 0.4" diffuse="0.6 0.6 0.6"/></visual>
+  <asset>
+    <texture name="sky" type="skybox" builtin="gradient" rgb1="0.6 0.75 0.9" rgb2="0.15 0.2 0.3" width="64" height="64"/>
+    <texture name="grid" type="2d" builtin="checker" rgb1="0.35 0.38 0.42" rgb2="0.25 0.27 0.3" width="256" height="256"/>
+    <material name="grid" texture="grid" texrepeat="16 16" reflectance="0.05"/>
+  </asset>
+  <worldbody>
+    <light pos="0 0 12" dir="0 0 -1" directional="true" diffuse="0.6 0.6 0.6"/>
+    {chr(10).join('    ' + p for p in parts)}
+  </worldbody>
+</mujoco>
+""", cam
+
+
+def _quat_y(angle: float) -> np.ndarray:
+    """Quaternion ``(w, x, y, z)`` of a rotation by ``angle`` [rad] about the world y axis."""
+    return np.array([math.cos(0.5 * angle), 0.0, math.sin(0.5 * angle), 0.0])
+
+
+def _mrp_to_quat(s: np.ndarray) -> np.ndarray:
+    n = float(s @ s)
+    return np.concatenate([[1.0 - n], 2.0 * s]) / (1.0 + n)
+
+
+class SystemRenderer:
+    """Lazily created MuJoCo renderer of one system's scene.
+
+    Args:
+        system: the system. width, height: frame size [px]. centers: ``(K, 3)`` obstacle centres [m] (``K`` may
+            be 0). radius: obstacle radius [m].
+    """
+
+    def __init__(self, system: System, width: int, height: int, centers: np.ndarray, radius: float) -> None:
+        os.environ.setdefault("MUJOCO_GL", "egl")
+        try:
+            import mujoco
+        except ImportError as exc:  # pragma: no cover
+            raise DependencyNotInstalled(f"rendering needs mujoco (pip install mujoco): {exc}") from exc
+        self._mj = mujoco
+        self.system = system
+        self.width, self.height = int(width), int(height)
+        self.centers = np.asarray(centers, dtype=np.float64).reshape(-1, 3)
+        self.radius = float(radius)
+        xml, cam = build_scene_xml(system, self.width, self.height, self.centers, self.radius)
+        self.xml = xml
+        self.model = mujoco.MjModel.from_xml_string(xml)
+        self.data = mujoco.MjData(self.model)
+        self.camera = cam
+        self._renderer = mujoco.Renderer(self.model, height=self.height, width=self.width, max_geom=2000)
+        self._mocap = {mujoco.mj_id2name(self.model, mujoco.mjtObj.mjOBJ_BODY, int(b)): int(self.model.body_mocapid[b])
+                       for b in range(self.model.nbody) if self.model.body_mocapid[b] >= 0}
+        self._closed = False
+
+    def _set(self, body: str, pos: Any, quat: Any | None = None) -> None:
+        i = self._mocap.get(body)
+        if i is None:
+            return
+        self.data.mocap_pos[i] = pos
+        if quat is not None:
+            self.data.mocap_quat[i] = quat
+
+    def pose(self, x: np.ndarray) -> None:
+        """Pose the mocap bodies from a state ``(nx,)`` (non-finite entries are drawn at 0)."""
+        s = self.system
+        x = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0, posinf=1e4, neginf=-1e4)
+        if _is_quad(s):
+            p = x[slice(*s.position_slice)]
+            a, b = s.mrp_slice
+            self._set("vehicle", p, _mrp_to_quat(x[a:b]))
+            if s.angle_indices:
+                self._set("pole", p, _quat_y(float(x[s.angle_indices[0]])))
+        elif s.name == "pendulum":
+            self._set("rod", np.zeros(3), _quat_y(-float(x[0])))
+        elif s.name == "cartpole":
+            self._set("cart", np.array([x[0], 0.0, 0.0]))
+            self._set("rod", np.array([x[0], 0.0, 0.0]), _quat_y(-float(x[1])))
+        else:
+            self._set("point", state_to_points(s, x))
+        self._mj.mj_forward(self.model, self.data)
+
+    def _add_geom(self, gtype: Any, size: Any, pos: Any, rgba: Any) -> bool:
+        scn = self._renderer.scene
+        if scn.ngeom >= scn.maxgeom:
+            return False
+        self._mj.mjv_initGeom(scn.geoms[scn.ngeom], gtype, np.asarray(size, dtype=np.float64),
+                              np.asarray(pos, dtype=np.float64), np.eye(3).flatten(),
+                              np.asarray(rgba, dtype=np.float32))
+        scn.ngeom += 1
+        return True
+
+    def _add_path(self, pts: np.ndarray, rgba: Any, r: float) -> None:
+        mj = self._mj
+        scn = self._renderer.scene
+        for k, p in enumerate(pts):
+            if not self._add_geom(mj.mjtGeom.mjGEOM_SPHERE, [r, 0, 0], p, rgba):
+                return
+            if k > 0 and scn.ngeom < scn.maxgeom and np.linalg.norm(p - pts[k - 1]) > 1e-9:
+                g = scn.geoms[scn.ngeom]
+                mj.mjv_initGeom(g, mj.mjtGeom.mjGEOM_CAPSULE, np.zeros(3), np.zeros(3), np.eye(3).flatten(),
+                                np.asarray(rgba, dtype=np.float32))
+                mj.mjv_connector(g, mj.mjtGeom.mjGEOM_CAPSULE, 0.4 * r, pts[k - 1], p)
+                scn.ngeom += 1
+
+    def render(self, x: np.ndarray, plan: np.ndarray | None = None, waypoints: np.ndarray | None = None,
+               highlight: np.ndarray | None = None) -> np.ndarray:
+        """Render state ``x (nx,)`` (plus optional overlays) into a fresh ``(height, width, 3)`` uint8 frame.
+
+        Args:
+            plan, waypoints: ``(T, 3)`` points [m] drawn as spheres (plan: joined by capsules).
+            highlight: obstacle indices drawn in red.
+        """
+        if self._closed:
+            raise RuntimeError("renderer is closed")
+        self.pose(x)
+        self._renderer.update_scene(self.data, camera=self.camera)
+        mj = self._mj
+        if plan is not None:
+            self._add_path(np.asarray(plan, dtype=np.float64), PLAN_RGBA, 0.03)
+        if waypoints is not None:
+            for p in np.asarray(waypoints, dtype=np.float64):
+                self._add_geom(mj.mjtGeom.mjGEOM_SPHERE, [0.045, 0, 0], p, WAYPOINT_RGBA)
+        if highlight is not None and self.centers.shape[0]:
+            for k in np.asarray(highlight, dtype=np.int64).reshape(-1):
+                if not 0 <= k < self.centers.shape[0]:
+                    raise ConfigError(f"obstacle index {k} out of range [0, {self.centers.shape[0]})")
+                self._add_geom(mj.mjtGeom.mjGEOM_SPHERE, [self.radius * 1.03, 0, 0], self.centers[k], HIGHLIGHT_RGBA)
+        return self._renderer.render().copy()
+
+    def close(self) -> None:
+        """Free the GL context (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._renderer.close()

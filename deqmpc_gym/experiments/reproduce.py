@@ -1,0 +1,244 @@
+"""Reproduction of the paper's Table 1 (four variants x five envs x seeds) and the warm-start ablation (Fig. 7).
+
+The sweep is resumable: each finished run writes ``<out>/table1-<scale>/runs/<env>__<variant>__s<seed>.json``
+and is skipped when the command is run again; training itself resumes from its checkpoint. At the end the
+markdown table (mean ± std of normalized scores), a JSON of every run (``<out>/table1-<scale>.json``) and a bar
+plot are written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from deqmpc_gym.errors import ConfigError
+from deqmpc_gym.io import atomic_write, atomic_write_text
+
+TABLE1_ENVS = ("DEQMPC/Pendulum-v0", "DEQMPC/Cartpole-v0", "DEQMPC/Quadrotor-v0", "DEQMPC/QPole-v0",
+               "DEQMPC/QPoleObs-v0")
+TABLE1_VARIANTS = ("diff-mpc-nn", "diff-mpc-deq", "deq-mpc-nn", "deq-mpc-deq")
+
+#: The paper's Table 1 (normalized return, mean and std over 3 seeds).
+PAPER_TABLE1: dict[str, dict[str, tuple[float, float]]] = {
+    "diff-mpc-nn": {"Pendulum": (0.77, 0.04), "Cartpole": (0.93, 0.05), "Quadrotor": (0.96, 0.02),
+                    "QPole": (0.76, 0.05), "QPoleObs": (0.83, 0.02)},
+    "diff-mpc-deq": {"Pendulum": (0.78, 0.04), "Cartpole": (0.97, 0.06), "Quadrotor": (0.88, 0.01),
+                     "QPole": (0.72, 0.03), "QPoleObs": (0.71, 0.05)},
+    "deq-mpc-nn": {"Pendulum": (0.94, 0.02), "Cartpole": (1.00, 0.09), "Quadrotor": (1.00, 0.01),
+                   "QPole": (0.87, 0.02), "QPoleObs": (0.94, 0.03)},
+    "deq-mpc-deq": {"Pendulum": (0.94, 0.04), "Cartpole": (1.13, 0.01), "Quadrotor": (0.98, 0.01),
+                    "QPole": (0.85, 0.03), "QPoleObs": (0.90, 0.03)},
+}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Sizes of one reproduction scale.
+
+    Attributes:
+        hidden: network width per env; steps: training steps; batch_size: windows per step;
+        val_batches / val_every: validation; num_trajectories: dataset size per env;
+        eval_episodes: evaluation rollouts; seeds: default seeds per env.
+    """
+
+    hidden: dict[str, int]
+    steps: int
+    batch_size: int
+    val_batches: int
+    val_every: int
+    num_trajectories: dict[str, int]
+    eval_episodes: int
+    seeds: dict[str, tuple[int, ...]]
+
+
+_PAPER_HIDDEN = {"Pendulum": 256, "Cartpole": 512, "Quadrotor": 512, "QPole": 1024, "QPoleObs": 1024}
+SCALES: dict[str, Scale] = {
+    "paper": Scale(hidden=_PAPER_HIDDEN, steps=20000, batch_size=200, val_batches=100, val_every=100,
+                   num_trajectories={"Pendulum": 300, "Cartpole": 300, "Quadrotor": 2000, "QPole": 2000,
+                                     "QPoleObs": 2000},
+                   eval_episodes=200, seeds={k: (0, 1, 2) for k in _PAPER_HIDDEN}),
+    "cpu": Scale(hidden={k: 64 for k in _PAPER_HIDDEN}, steps=600, batch_size=64, val_batches=10, val_every=100,
+                 num_trajectories={k: 300 for k in _PAPER_HIDDEN}, eval_episodes=100,
+                 seeds={"Pendulum": (0, 1, 2), "Cartpole": (0, 1, 2), "Quadrotor": (0,), "QPole": (0,),
+                        "QPoleObs": (0,)}),
+    "tiny": Scale(hidden={k: 16 for k in _PAPER_HIDDEN}, steps=4, batch_size=8, val_batches=1, val_every=2,
+                  num_trajectories={k: 4 for k in _PAPER_HIDDEN}, eval_episodes=2,
+                  seeds={k: (0,) for k in _PAPER_HIDDEN}),
+}
+
+
+def _short(env_id: str) -> str:
+    return env_id.split("/")[-1].rsplit("-v", 1)[0]
+
+
+def run_name(env_id: str, variant: str, seed: int) -> str:
+    return f"{_short(env_id)}__{variant}__s{seed}"
+
+
+def ensure_dataset(env_id: str, num_trajectories: int, cache_dir: Path) -> Path:
+    """Collect (once, cached) a dataset of ``num_trajectories`` from the shipped expert of ``env_id``."""
+    from deqmpc_gym.experts import collect_dataset, load_expert
+
+    path = cache_dir / f"{_short(env_id)}-{num_trajectories}.npz"
+    if not path.exists():
+        expert = load_expert(env_id)
+        collect_dataset(expert, env_id, num_trajectories, seed=0, expert_id=f"pretrained:{env_id}").save(path)
+    return path
+
+
+def run_one(env_id: str, variant: str, seed: int, scale: Scale, out_dir: Path, data_dir: Path) -> dict[str, Any]:
+    """Train and evaluate one (env, variant, seed); returns the run record."""
+    from deqmpc_gym.data import ExpertDataset
+    from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched
+    from deqmpc_gym.experts import load_expert
+    from deqmpc_gym.policies import DEQMPCPolicy
+    from deqmpc_gym.training import ImitationTrainer, TrainConfig
+
+    short = _short(env_id)
+    ds = ExpertDataset.load(ensure_dataset(env_id, scale.num_trajectories[short], data_dir), env_id=env_id)
+    run_dir = out_dir / "train" / run_name(env_id, variant, seed)
+    import torch
+
+    torch.manual_seed(seed)
+    policy = DEQMPCPolicy.from_env(env_id, variant, hidden=scale.hidden[short])
+    cfg = TrainConfig(steps=scale.steps, batch_size=scale.batch_size, val_batches=scale.val_batches,
+                      val_every=scale.val_every, seed=seed)
+    t0 = time.perf_counter()
+    res = ImitationTrainer(policy, ds, cfg, run_dir, progress=False).train(resume=True)
+    best = DEQMPCPolicy.load(run_dir / "best")
+    card = load_expert(env_id).card
+    k = 2 if short == "QPoleObs" else 1
+    ev = rollout_batched(best, env_id, EvalConfig(episodes=scale.eval_episodes, stream_iters=k),
+                         reference=(card["random_return"], card["mean_return"]))
+    return {"env_id": env_id, "variant": variant, "seed": seed, "normalized_score": ev.normalized_score,
+            "mean_return": ev.mean_return, "std_return": ev.std_return, "success_rate": ev.success_rate,
+            "collision_rate": ev.collision_rate, "cost_rate": ev.cost_rate, "best_val_loss": res.best_val_loss,
+            "train_steps": res.steps, "hidden": scale.hidden[short], "stream_iters": k,
+            "expert_return": card["mean_return"], "random_return": card["random_return"],
+            "act_latency_ms": ev.act_latency_ms, "wall_time_s": time.perf_counter() - t0}
+
+
+def markdown_table(records: Sequence[dict[str, Any]], envs: Sequence[str], variants: Sequence[str]) -> str:
+    """Mean ± std of normalized scores per (variant, env), with the paper's numbers beside them."""
+    names = [_short(e) for e in envs]
+    lines = ["| Method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for v in variants:
+        cells = []
+        for e in envs:
+            s = [r["normalized_score"] for r in records if r["env_id"] == e and r["variant"] == v]
+            paper = PAPER_TABLE1.get(v, {}).get(_short(e))
+            ours = f"{np.mean(s):.2f} (±{np.std(s):.2f}, n={len(s)})" if s else "—"
+            cells.append(ours + (f" · paper {paper[0]:.2f}" if paper else ""))
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bar_plot(records: Sequence[dict[str, Any]], envs: Sequence[str], variants: Sequence[str], path: Path) -> None:
+    """Grouped bar plot of normalized scores (mean ± std) per env and variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    width = 0.8 / len(variants)
+    for j, v in enumerate(variants):
+        means, stds = [], []
+        for e in envs:
+            s = [r["normalized_score"] for r in records if r["env_id"] == e and r["variant"] == v]
+            means.append(np.mean(s) if s else np.nan)
+            stds.append(np.std(s) if s else 0.0)
+        ax.bar(np.arange(len(envs)) + j * width, means, width, yerr=stds, label=v, capsize=2)
+    ax.set_xticks(np.arange(len(envs)) + 0.4 - width / 2, [_short(e) for e in envs])
+    ax.set_ylabel("normalized return")
+    ax.axhline(1.0, color="k", lw=0.6, ls="--")
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
+def reproduce(what: str, *, scale: str = "cpu", seeds: Sequence[int] | None = None, envs: Sequence[str] | None = None,
+              variants: Sequence[str] | None = None, out_dir: str | Path = "results") -> Path:
+    """Run (or resume) a reproduction; returns the directory of its results."""
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; valid: {sorted(SCALES)}")
+    if what == "warmstart":
+        return warmstart_ablation(scale=scale, out_dir=out_dir)
+    if what != "table1":
+        raise ConfigError(f"unknown reproduction {what!r}; valid: 'table1', 'warmstart'")
+    sc = SCALES[scale]
+    envs = tuple(envs or TABLE1_ENVS)
+    variants = tuple(variants or TABLE1_VARIANTS)
+    root = Path(out_dir) / f"table1-{scale}"
+    runs_dir = root / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for env_id in envs:
+        for seed in (seeds if seeds is not None else sc.seeds[_short(env_id)]):
+            for variant in variants:
+                f = runs_dir / f"{run_name(env_id, variant, seed)}.json"
+                if f.exists():
+                    continue
+                rec = run_one(env_id, variant, seed, sc, root, Path(out_dir) / "datasets")
+                atomic_write_text(f, json.dumps(rec, indent=2))
+                print(f"{run_name(env_id, variant, seed)}: score {rec['normalized_score']:.3f} "
+                      f"({rec['wall_time_s']:.0f} s)", flush=True)
+    records = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
+    atomic_write_text(Path(out_dir) / f"table1-{scale}.json", json.dumps(records, indent=2))
+    table = markdown_table(records, envs, variants)
+    atomic_write_text(Path(out_dir) / f"table1-{scale}.md", table + "\n")
+    bar_plot(records, envs, variants, Path(out_dir) / f"table1-{scale}.png")
+    print(table)
+    return root
+
+
+def warmstart_ablation(*, scale: str = "cpu", out_dir: str | Path = "results", env_id: str = "DEQMPC/Pendulum-v0",
+                       ks: Sequence[int] = (1, 2, 3, 4), seed: int = 0) -> Path:
+    """Paper Fig. 7: normalized return vs warm-started DEQ-MPC iterations K (Diff-MPC: 2K AL iterations).
+
+    Uses the Table 1 policies of ``env_id`` and ``seed`` (trained on demand).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched
+    from deqmpc_gym.experts import load_expert
+    from deqmpc_gym.policies import DEQMPCPolicy
+
+    sc = SCALES[scale]
+    root = Path(out_dir) / f"table1-{scale}"
+    card = load_expert(env_id).card
+    curves: dict[str, list[float]] = {}
+    for variant in TABLE1_VARIANTS:
+        best = root / "train" / run_name(env_id, variant, seed) / "best"
+        if not best.exists():
+            run_one(env_id, variant, seed, sc, root, Path(out_dir) / "datasets")
+        policy = DEQMPCPolicy.load(best)
+        curves[variant] = [float(rollout_batched(policy, env_id, EvalConfig(episodes=sc.eval_episodes, stream_iters=k),
+                                                 reference=(card["random_return"], card["mean_return"])).normalized_score)
+                           for k in ks]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for v, ys in curves.items():
+        ax.plot(list(ks), ys, marker="o", label=v)
+    ax.set_xlabel("warm-started DEQ-MPC iterations K (Diff-MPC: 2K AL)")
+    ax.set_ylabel("normalized return")
+    ax.set_title(f"Warm-start ablation, {_short(env_id)}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    png = Path(out_dir) / f"warmstart-{scale}.png"
+    atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+    atomic_write_text(Path(out_dir) / f"warmstart-{scale}.json", json.dumps({"ks": list(ks), "scores": curves}, indent=2))
+    return png
+
+
+__all__ = ["reproduce", "warmstart_ablation", "SCALES", "Scale", "TABLE1_ENVS", "TABLE1_VARIANTS", "PAPER_TABLE1",
+           "markdown_table", "run_one"]

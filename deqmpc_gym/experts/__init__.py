@@ -1,0 +1,16 @@
+"""PPO experts (stable-baselines3) and expert-dataset collection."""
+
+from deqmpc_gym.experts.collect import DEFAULT_NUM_TRAJECTORIES, collect_dataset, default_dataset_path
+from deqmpc_gym.experts.ppo import (
+    EXPERT_DEFAULTS,
+    Expert,
+    ExpertConfig,
+    RandomPolicy,
+    default_expert_config,
+    load_expert,
+    pretrained_dir,
+    train_expert,
+)
+
+__all__ = ["DEFAULT_NUM_TRAJECTORIES", "collect_dataset", "default_dataset_path", "EXPERT_DEFAULTS", "Expert",
+           "ExpertConfig", "RandomPolicy", "default_expert_config", "load_expert", "pretrained_dir", "train_expert"]

@@ -1,0 +1,101 @@
+"""Roll out an expert deterministically in the batched env and record a dataset of physical trajectories."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from deqmpc_gym.data import ExpertDataset, Trajectory
+from deqmpc_gym.errors import ConfigError, DatasetError
+
+#: Paper dataset sizes (number of trajectories) per env.
+DEFAULT_NUM_TRAJECTORIES: dict[str, int] = {
+    "DEQMPC/Pendulum-v0": 300, "DEQMPC/Cartpole-v0": 300, "DEQMPC/Quadrotor-v0": 2000,
+    "DEQMPC/QPole-v0": 2000, "DEQMPC/QuadrotorObs-v0": 2000, "DEQMPC/QPoleObs-v0": 2000,
+}
+
+
+def collect_dataset(expert: Any, env_id: str, num_trajectories: int | None = None, *, seed: int = 0,
+                    max_steps: int = 200, batch_size: int = 500, expert_id: str = "",
+                    progress: Callable[[int], None] | None = None) -> ExpertDataset:
+    """Roll out ``expert`` (``predict(obs, state, episode_start, deterministic=True)``) for whole episodes.
+
+    Episode ``i`` starts from the env seeded with ``seed + i`` and ends at termination or after ``max_steps``
+    steps. States are recorded in float64 physical units (the env's internal state, not the float32 obs).
+
+    Args:
+        num_trajectories: number of episodes (default: the paper's size for ``env_id``).
+        batch_size: episodes simulated side by side.
+        progress: called with the number of finished trajectories after each batch.
+
+    Returns:
+        :class:`~deqmpc_gym.data.ExpertDataset` (deterministic for a given seed).
+    """
+    from deqmpc_gym.envs import make_batched_env
+
+    n_total = int(num_trajectories or DEFAULT_NUM_TRAJECTORIES.get(env_id, 300))
+    if n_total < 1 or max_steps < 1:
+        raise ConfigError(f"num_trajectories and max_steps must be >= 1, got {n_total}, {max_steps}")
+    trajectories: list[Trajectory] = []
+    for start in range(0, n_total, batch_size):
+        n = min(batch_size, n_total - start)
+        trajectories.extend(_collect_batch(expert, env_id, n, seed + start, max_steps))
+        if progress is not None:
+            progress(len(trajectories))
+    return ExpertDataset(env_id, trajectories, expert_id=expert_id, seed=seed,
+                         extra={"max_steps": max_steps, "collected_at": time.strftime("%Y-%m-%d")})
+
+
+def _collect_batch(expert: Any, env_id: str, n: int, seed: int, max_steps: int) -> list[Trajectory]:
+    from deqmpc_gym.envs import make_batched_env
+
+    env = make_batched_env(env_id, n, seed=seed, max_episode_steps=max_steps)
+    system = env.system
+    try:
+        obs, _ = env.reset(seed=seed)
+        states = [env.state.cpu().numpy().copy()]
+        acts, ctrls, rews = [], [], []
+        alive = np.ones(n, bool)
+        length = np.full(n, max_steps)
+        terminal = np.zeros(n, bool)
+        starts = np.ones(n, bool)
+        for t in range(max_steps):
+            a, _ = expert.predict(obs, state=None, episode_start=starts, deterministic=True)
+            a = np.clip(np.asarray(a, dtype=np.float32), -1.0, 1.0)
+            x_prev = env.state.cpu().numpy().copy()
+            r = env.step_arrays(a)
+            u = env.to_physical(a)
+            x_next = system.wrap(system.step(x_prev, u))
+            states.append(x_next)
+            acts.append(a)
+            ctrls.append(u)
+            rews.append(r.reward.cpu().numpy())
+            done = r.done.cpu().numpy() & alive
+            term = r.terminated.cpu().numpy() & alive
+            length[done] = t + 1
+            terminal |= term
+            alive &= ~done
+            obs = r.obs.cpu().numpy()
+            starts = np.zeros(n, bool)
+            if not alive.any():
+                break
+    finally:
+        env.close()
+    S, A, U, R = np.stack(states, 1), np.stack(acts, 1), np.stack(ctrls, 1), np.stack(rews, 1)
+    out = []
+    for i in range(n):
+        L = int(length[i])
+        if not np.isfinite(S[i, : L + 1]).all():
+            raise DatasetError(f"expert produced a non-finite state in episode seed {seed + i}")
+        out.append(Trajectory(obs=S[i, : L + 1], acts=A[i, :L], rews=R[i, :L], terminal=bool(terminal[i]),
+                              controls=U[i, :L]))
+    return out
+
+
+def default_dataset_path(env_id: str, cache_dir: str | Path | None = None) -> Path:
+    """Cache location of the dataset of ``env_id`` (``~/.cache/deqmpc_gym/datasets`` by default)."""
+    root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "deqmpc_gym" / "datasets"
+    return root / f"{env_id.split('/')[-1]}.npz"

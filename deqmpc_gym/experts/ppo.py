@@ -1,0 +1,319 @@
+"""PPO experts (stable-baselines3) trained on the natively batched envs, and a dependency-light loader.
+
+Training runs PPO with ``VecNormalize`` on :func:`deqmpc_gym.envs.make_sb3_vec_env` in slices of
+``slice_steps`` environment steps; after every slice the model, the optimizer and the normalization
+statistics are checkpointed atomically to ``out_dir/checkpoint/``, so an interrupted run resumes where it
+stopped (``resume=True``). The finished expert is exported as
+
+* ``actor.pt``: the ``ActorCriticPolicy`` state dict (loadable with ``torch.load(weights_only=True)``),
+* ``card.json``: architecture, observation-normalization statistics, training budget and the measured
+  quality (200 evaluation episodes): ``mean_return``, ``std_return``, ``success_rate``, ``collision_rate``,
+  ``random_return`` (a uniformly random policy over the same episodes).
+
+:func:`load_expert` rebuilds the policy from those two files; its ``predict`` takes raw observations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deqmpc_gym.errors import CheckpointError, ConfigError, ShapeError
+from deqmpc_gym.io import atomic_write, atomic_write_text
+
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+CARD_FORMAT = "deqmpc_gym.expert"
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """PPO expert settings (per-env defaults in :data:`EXPERT_DEFAULTS`).
+
+    Attributes:
+        env_id: registered env id.
+        total_steps: environment steps of PPO training.
+        n_envs: batched envs per rollout.
+        n_steps: rollout length per env and update.
+        batch_size, n_epochs, learning_rate, gamma, gae_lambda, clip_range, ent_coef: PPO hyperparameters.
+        net_arch: hidden sizes of the policy and value MLPs.
+        log_std_init: initial log standard deviation of the Gaussian policy.
+        seed: seed of PPO and the envs.
+        slice_steps: checkpoint every this many env steps.
+        eval_episodes: episodes of the final quality measurement (the card).
+    """
+
+    env_id: str
+    total_steps: int = 2_000_000
+    n_envs: int = 64
+    n_steps: int = 128
+    batch_size: int = 2048
+    n_epochs: int = 10
+    learning_rate: float = 3e-4
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_range: float = 0.2
+    ent_coef: float = 0.0
+    net_arch: tuple[int, ...] = (128, 128)
+    log_std_init: float = -0.5
+    seed: int = 0
+    slice_steps: int = 250_000
+    eval_episodes: int = 200
+
+    def __post_init__(self) -> None:
+        for name in ("total_steps", "n_envs", "n_steps", "batch_size", "n_epochs", "slice_steps", "eval_episodes"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"ExpertConfig.{name} must be >= 1, got {getattr(self, name)}")
+        object.__setattr__(self, "net_arch", tuple(int(h) for h in self.net_arch))
+
+
+#: Per-env overrides of :class:`ExpertConfig` (budgets measured on a 2-core CPU).
+EXPERT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "DEQMPC/Pendulum-v0": {"total_steps": 1_000_000},
+    "DEQMPC/Cartpole-v0": {"total_steps": 3_000_000},
+    "DEQMPC/Quadrotor-v0": {"total_steps": 5_000_000},
+    "DEQMPC/QPole-v0": {"total_steps": 10_000_000, "net_arch": (256, 256)},
+    "DEQMPC/QuadrotorObs-v0": {"total_steps": 6_000_000},
+    "DEQMPC/QPoleObs-v0": {"total_steps": 10_000_000, "net_arch": (256, 256)},
+}
+
+
+def default_expert_config(env_id: str, **overrides: Any) -> ExpertConfig:
+    """:class:`ExpertConfig` with the per-env defaults and ``overrides`` applied."""
+    names = {f.name for f in dataclasses.fields(ExpertConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"unknown ExpertConfig keys {unknown}; valid keys: {sorted(names)}")
+    return ExpertConfig(env_id=env_id, **{**EXPERT_DEFAULTS.get(env_id, {}), **overrides})
+
+
+def pretrained_dir(env_id: str) -> Path:
+    """Directory of the shipped expert of ``env_id`` (e.g. ``.../pretrained/QPole-v0``)."""
+    return PRETRAINED_DIR / env_id.split("/")[-1]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+class Expert:
+    """A trained PPO actor with its observation normalization; ``predict`` takes raw observations.
+
+    Attributes:
+        card: the expert card (dict) loaded from ``card.json``.
+        env_id: the env the expert was trained on.
+    """
+
+    def __init__(self, policy: Any, card: dict[str, Any]) -> None:
+        self.policy = policy
+        self.card = card
+        self.env_id: str = card["env_id"]
+        norm = card["obs_norm"]
+        self._mean = np.asarray(norm["mean"], dtype=np.float64)
+        self._var = np.asarray(norm["var"], dtype=np.float64)
+        self._clip = float(norm["clip_obs"])
+        self._eps = float(norm["epsilon"])
+
+    def normalize(self, obs: np.ndarray) -> np.ndarray:
+        """``clip((obs - mean) / sqrt(var + eps), -clip_obs, clip_obs)`` as float32."""
+        return np.clip((obs - self._mean) / np.sqrt(self._var + self._eps), -self._clip, self._clip).astype(np.float32)
+
+    def predict(self, observation: Any, state: Any = None, episode_start: Any = None,
+                deterministic: bool = True) -> tuple[np.ndarray, Any]:
+        """SB3 ``PolicyPredictor``: raw ``(n, obs_dim)`` or ``(obs_dim,)`` observations -> normalized actions."""
+        obs = np.asarray(observation, dtype=np.float64)
+        if obs.shape[-1] != self._mean.shape[0] or obs.ndim not in (1, 2):
+            raise ShapeError(f"observation must have shape ({self._mean.shape[0]},) or (n, {self._mean.shape[0]}), "
+                             f"got {obs.shape}")
+        actions, _ = self.policy.predict(self.normalize(obs), deterministic=deterministic)
+        return np.clip(actions, -1.0, 1.0).astype(np.float32), state
+
+
+def _build_actor(card: dict[str, Any]) -> Any:
+    import gymnasium as gym
+    from stable_baselines3.common.policies import ActorCriticPolicy
+
+    obs_dim, act_dim = int(card["obs_dim"]), int(card["act_dim"])
+    obs_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
+    act_space = gym.spaces.Box(-1.0, 1.0, (act_dim,), np.float32)
+    arch = list(card["net_arch"])
+    return ActorCriticPolicy(obs_space, act_space, lambda _: 0.0, net_arch=dict(pi=arch, vf=arch),
+                             activation_fn=torch.nn.Tanh, log_std_init=float(card.get("log_std_init", 0.0)))
+
+
+def load_expert(source: str | Path) -> Expert:
+    """Load an expert from a directory holding ``actor.pt`` + ``card.json``, or from a registered env id
+    (the expert shipped with the package)."""
+    path = Path(source)
+    if not (path / "card.json").exists() and isinstance(source, str) and "/" in source and not path.exists():
+        path = pretrained_dir(source)
+    card_file, actor_file = path / "card.json", path / "actor.pt"
+    if not card_file.exists() or not actor_file.exists():
+        raise CheckpointError(f"no expert at {path} (need card.json and actor.pt); train one with "
+                              "`deqmpc-gym expert train --env ENV_ID --out DIR`")
+    try:
+        card = json.loads(card_file.read_text())
+        state = torch.load(actor_file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read expert at {path} ({type(exc).__name__}: {exc})") from exc
+    if card.get("format") != CARD_FORMAT:
+        raise CheckpointError(f"{card_file} is not a deqmpc_gym expert card (format {card.get('format')!r})")
+    policy = _build_actor(card)
+    try:
+        policy.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"expert weights at {actor_file} do not match its card: {exc}") from exc
+    policy.set_training_mode(False)
+    return Expert(policy, card)
+
+
+# ---------------------------------------------------------------------------------------------- training
+@dataclass
+class _Paths:
+    root: Path
+    ckpt: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ckpt = self.root / "checkpoint"
+
+    @property
+    def model(self) -> Path:
+        return self.ckpt / "model.zip"
+
+    @property
+    def norm(self) -> Path:
+        return self.ckpt / "vecnormalize.pkl"
+
+    @property
+    def progress(self) -> Path:
+        return self.ckpt / "progress.json"
+
+
+def _make_venv(config: ExpertConfig, seed: int, training: bool) -> Any:
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from deqmpc_gym.envs import make_sb3_vec_env
+
+    venv = make_sb3_vec_env(config.env_id, config.n_envs, seed=seed)
+    return VecNormalize(venv, norm_obs=True, norm_reward=training, clip_obs=10.0, gamma=config.gamma,
+                        training=training)
+
+
+def _new_model(config: ExpertConfig, venv: Any) -> Any:
+    from stable_baselines3 import PPO
+
+    arch = list(config.net_arch)
+    return PPO("MlpPolicy", venv, n_steps=config.n_steps, batch_size=config.batch_size, n_epochs=config.n_epochs,
+               learning_rate=config.learning_rate, gamma=config.gamma, gae_lambda=config.gae_lambda,
+               clip_range=config.clip_range, ent_coef=config.ent_coef, seed=config.seed, device="cpu", verbose=0,
+               policy_kwargs=dict(net_arch=dict(pi=arch, vf=arch), activation_fn=torch.nn.Tanh,
+                                  log_std_init=config.log_std_init))
+
+
+def _save_checkpoint(model: Any, venv: Any, paths: _Paths, progress: dict[str, Any]) -> None:
+    paths.ckpt.mkdir(parents=True, exist_ok=True)
+    tmp_model = paths.ckpt / ".model.tmp.zip"
+    model.save(tmp_model)
+    tmp_model.replace(paths.model)
+    tmp_norm = paths.ckpt / ".vecnormalize.tmp.pkl"
+    venv.save(tmp_norm)
+    tmp_norm.replace(paths.norm)
+    atomic_write_text(paths.progress, json.dumps(progress, indent=2))
+
+
+def train_expert(config: ExpertConfig, out_dir: str | Path, *, resume: bool = True, progress: bool = True,
+                 max_slices: int | None = None) -> dict[str, Any] | None:
+    """Train (or resume) a PPO expert and export it with its card.
+
+    Args:
+        config: :class:`ExpertConfig`.
+        out_dir: output directory (``checkpoint/`` inside it holds the resumable state).
+        resume: continue from ``out_dir/checkpoint`` if present (its config must match).
+        max_slices: stop after this many slices (for running long trainings in pieces); returns None if the
+            budget is not yet exhausted, otherwise the card.
+
+    Returns:
+        The expert card (dict), also written to ``out_dir/card.json``.
+    """
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    paths = _Paths(Path(out_dir))
+    cfg_dict = json.loads(json.dumps(dataclasses.asdict(config)))
+    state = {"steps_done": 0, "wall_time_s": 0.0, "config": cfg_dict}
+    venv = _make_venv(config, config.seed, training=True)
+    if resume and paths.progress.exists():
+        state = json.loads(paths.progress.read_text())
+        if state.get("config") != cfg_dict:
+            raise CheckpointError(f"{paths.progress} was written for another ExpertConfig; use another --out "
+                                  f"or the same settings (saved: {state.get('config')})")
+        venv = VecNormalize.load(str(paths.norm), venv.venv)
+        venv.training, venv.norm_reward = True, True
+        model = PPO.load(paths.model, env=venv, device="cpu")
+    else:
+        model = _new_model(config, venv)
+    slices = 0
+    while state["steps_done"] < config.total_steps and (max_slices is None or slices < max_slices):
+        chunk = min(config.slice_steps, config.total_steps - state["steps_done"])
+        t0 = time.perf_counter()
+        model.learn(chunk, reset_num_timesteps=False, progress_bar=progress)
+        state["steps_done"] = int(model.num_timesteps)
+        state["wall_time_s"] += time.perf_counter() - t0
+        _save_checkpoint(model, venv, paths, state)
+        slices += 1
+    if state["steps_done"] < config.total_steps:
+        return None
+    return export_expert(model, venv, config, paths.root, state)
+
+
+def export_expert(model: Any, venv: Any, config: ExpertConfig, out_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """Write ``actor.pt`` and ``card.json`` (with 200-episode quality figures) to ``out_dir``."""
+    from deqmpc_gym.evaluation import EvalConfig, rollout_batched
+
+    rms = venv.obs_rms
+    card: dict[str, Any] = {
+        "format": CARD_FORMAT, "env_id": config.env_id, "train_steps": int(state["steps_done"]),
+        "wall_time_s": round(float(state["wall_time_s"]), 1), "seed": config.seed,
+        "obs_dim": int(rms.mean.shape[0]), "act_dim": int(venv.action_space.shape[0]),
+        "net_arch": list(config.net_arch), "log_std_init": config.log_std_init,
+        "obs_norm": {"mean": rms.mean.tolist(), "var": rms.var.tolist(), "clip_obs": float(venv.clip_obs),
+                     "epsilon": float(venv.epsilon)},
+        "config": json.loads(json.dumps(dataclasses.asdict(config))),
+        "command": f"deqmpc-gym expert train --env {config.env_id} --seed {config.seed} --steps {config.total_steps}",
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_dict = {k: v.detach().cpu() for k, v in model.policy.state_dict().items()}
+    atomic_write(out_dir / "actor.pt", lambda f: torch.save(state_dict, f))
+    expert = Expert(_loaded_actor(card, state_dict), card)
+    ev = EvalConfig(episodes=config.eval_episodes, max_steps=200, seed=10_000)
+    res = rollout_batched(expert, config.env_id, ev)
+    rnd = rollout_batched(RandomPolicy(card["act_dim"], seed=config.seed), config.env_id, ev)
+    card.update(mean_return=res.mean_return, std_return=res.std_return, success_rate=res.success_rate,
+                collision_rate=res.collision_rate, random_return=rnd.mean_return,
+                random_success_rate=rnd.success_rate, eval_episodes=config.eval_episodes)
+    atomic_write_text(out_dir / "card.json", json.dumps(card, indent=2))
+    return card
+
+
+def _loaded_actor(card: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Any:
+    actor = _build_actor(card)
+    actor.load_state_dict(state_dict)
+    actor.set_training_mode(False)
+    return actor
+
+
+class RandomPolicy:
+    """Uniformly random normalized actions (the D4RL "random" reference), seeded."""
+
+    def __init__(self, act_dim: int, seed: int = 0) -> None:
+        self.act_dim = act_dim
+        self.rng = np.random.default_rng(seed)
+
+    def predict(self, observation: Any, state: Any = None, episode_start: Any = None,
+                deterministic: bool = False) -> tuple[np.ndarray, Any]:
+        n = np.asarray(observation).shape[0] if np.asarray(observation).ndim == 2 else None
+        shape = (n, self.act_dim) if n is not None else (self.act_dim,)
+        return self.rng.uniform(-1.0, 1.0, size=shape).astype(np.float32), state
