@@ -5,7 +5,9 @@ A system bundles
 * the discrete dynamics ``x_{k+1} = f(x_k, u_k)`` (:meth:`System.step`), batched over leading dimensions,
   in numpy (used by the single Gymnasium env) or torch (batched envs, MPC, training), float32 or float64;
 * its Jacobians ``A = df/dx`` and ``B = df/du`` of the *discrete* map (:meth:`System.jacobians`),
-  computed by forward-mode autodiff unless a subclass provides them analytically;
+  computed by reverse-mode autodiff (:func:`autodiff_jacobians`) unless the subclass provides them
+  analytically (:meth:`System._step_and_jacobians`; RK4 systems via :meth:`System.continuous_jacobians` and
+  :func:`rk4_with_jacobians`);
 * physical control bounds, default MPC weights ``Q``/``R`` (paper values), the goal, angle coordinates;
 * the task used by the env shell: initial-state distribution, reward weights, success tolerance and an
   optional flight volume.
@@ -137,8 +139,39 @@ class System:
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ShapeError(f"x must be a torch tensor of shape (B, {self.nx}), got {type(x).__name__} "
                              f"{tuple(getattr(x, 'shape', ()))}")
+        if not isinstance(u, torch.Tensor) or u.dim() != 2:
+            raise ShapeError(f"u must be a torch tensor of shape (B, {self.nu}), got {type(u).__name__} "
+                             f"{tuple(getattr(u, 'shape', ()))}")
         self._check_xu(x, u)
+        return self._step_and_jacobians(x, u)
+
+    def _step_and_jacobians(
+        self, x: torch.Tensor, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hook behind :meth:`step_and_jacobians` (inputs already validated); default: :func:`autodiff_jacobians`.
+
+        Override it with analytic Jacobians. ``x_next`` must equal :meth:`step` bit for bit. An RK4 system only
+        needs :meth:`continuous_jacobians` and::
+
+            def _step_and_jacobians(self, x, u):
+                return rk4_with_jacobians(self.continuous_jacobians, x, u, self.dt)
+        """
         return autodiff_jacobians(self, x, u)
+
+    def continuous_jacobians(
+        self, x: torch.Tensor, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Optional hook for continuous-time systems ``x_dot = g(x, u)`` integrated by RK4.
+
+        Args:
+            x: ``(B, nx)`` torch state; u: ``(B, nu)`` torch control.
+
+        Returns:
+            ``g (B, nx)`` (bit-identical to what ``_step`` evaluates at that point), ``Gx = dg/dx (B, nx, nx)``
+            and ``Gu = dg/du (B, nx, nu)``, built from differentiable torch ops. Used through
+            :func:`rk4_with_jacobians` (see :meth:`_step_and_jacobians`).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not provide continuous_jacobians")
 
     # ------------------------------------------------------------------ state helpers
     def wrap(self, x: Any) -> Any:
@@ -203,6 +236,67 @@ def rk4(f: Any, x: Any, u: Any, dt: float) -> Any:
     k3 = f(x + 0.5 * dt * k2, u)
     k4 = f(x + dt * k3, u)
     return x + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+
+
+def rk4_with_jacobians(
+    deriv_and_jac: Any, x: torch.Tensor, u: torch.Tensor, dt: float, *, n_free: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One :func:`rk4` step and its Jacobians by the chain rule through the four stages.
+
+    With ``K_i = d k_i / d[x, u]`` (``(B, nx, nx + nu)``) and stage points ``x_i = x + c_i dt k_{i-1}``::
+
+        K_1 = [G_x(x_1) | G_u(x_1)],   K_i = [G_x(x_i) | G_u(x_i)] + c_i dt G_x(x_i) K_{i-1}   (c = 1/2, 1/2, 1)
+        [A | B] = [I | 0] + dt/6 (K_1 + 2 K_2 + 2 K_3 + K_4)
+
+    Args:
+        deriv_and_jac: ``(x (B, nx), u (B, nu)) -> (g (B, nx), G_x (B, nx, nx), G_u (B, nx, nu))`` or
+            ``-> (g, G)`` with ``G = [G_x | G_u] (B, nx, nx + nu)``: the continuous dynamics (the function
+            :func:`rk4` integrates, evaluated bit-identically) and their Jacobians. A returned ``G`` must be a
+            fresh tensor: without autograd it is reused in place as an accumulator.
+        x: ``(B, nx)``, u: ``(B, nu)`` torch tensors; dt: step [s].
+        n_free: the first ``n_free`` state coordinates do not appear in ``g`` (e.g. positions); their columns
+            of ``G_x`` must be zero and are skipped in the matrix products.
+
+    Returns:
+        ``x_next (B, nx)`` (bit-identical to ``rk4(g, x, u, dt)``), ``A (B, nx, nx)``, ``B (B, nx, nu)``.
+        Differentiable when ``deriv_and_jac`` is.
+    """
+    nx = x.shape[-1]
+
+    def stage(xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = deriv_and_jac(xi, u)
+        if len(out) == 3:
+            return out[0], torch.cat([out[1], out[2]], dim=-1)
+        return out[0], out[1]
+
+    # The stage points are written exactly as in :func:`rk4` so that x_next is bit-identical.
+    k1, d1 = stage(x)
+    k2, g2 = stage(x + 0.5 * dt * k1)
+    k3, g3 = stage(x + 0.5 * dt * k2)
+    k4, g4 = stage(x + dt * k3)
+    x_next = x + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+    n = n_free
+    if torch.is_grad_enabled() and (x.requires_grad or u.requires_grad or d1.requires_grad):
+        d2 = torch.baddbmm(g2, g2[:, :, n:nx], d1[:, n:nx], alpha=0.5 * dt)
+        d3 = torch.baddbmm(g3, g3[:, :, n:nx], d2[:, n:nx], alpha=0.5 * dt)
+        d4 = torch.baddbmm(g4, g4[:, :, n:nx], d3[:, n:nx], alpha=dt)
+        jac = (d1 + d4 + 2.0 * (d2 + d3)) * (dt / 6.0)
+        A = jac[..., :nx] + torch.eye(nx, dtype=x.dtype, device=x.device)
+        return x_next, A, jac[..., nx:]
+    # No graph needed: accumulate in place to keep few (B, nx, nx + nu) buffers alive (fresh large buffers
+    # cost page faults that dominate at B ~ 1000).
+    d2 = torch.baddbmm(g2, g2[:, :, n:nx], d1[:, n:nx], alpha=0.5 * dt)
+    del g2
+    jac = d1.add_(d2, alpha=2.0)  # d1 is no longer needed
+    d3 = torch.baddbmm(g3, g3[:, :, n:nx], d2[:, n:nx], alpha=0.5 * dt)
+    del g3, d2
+    jac.add_(d3, alpha=2.0)
+    d4 = torch.baddbmm(g4, g4[:, :, n:nx], d3[:, n:nx], alpha=dt)
+    del g4, d3
+    jac.add_(d4).mul_(dt / 6.0)
+    A, B = jac[..., :nx], jac[..., nx:]
+    A.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    return x_next, A, B
 
 
 def autodiff_jacobians(

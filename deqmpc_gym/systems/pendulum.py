@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from deqmpc_gym.systems.base import System
+from deqmpc_gym.systems.ops import TORCH
 
 
 class Pendulum(System):
@@ -36,3 +39,18 @@ class Pendulum(System):
         thdd = (u[..., 0] + self.mass * self.gravity * self.length * ops.sin(th)) / ml2
         thd_next = thd + self.dt * thdd
         return ops.stack([th + self.dt * thd_next, thd_next])
+
+    def _step_and_jacobians(
+        self, x: torch.Tensor, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Analytic Jacobians of the semi-implicit Euler step.
+
+        ``d thd+/d th = dt g cos(th) / l``, ``d thd+/d u = dt / (m l^2)``, ``th+ = th + dt thd+``.
+        """
+        ml2 = self.mass * self.length**2
+        dt = self.dt
+        a10 = (dt * self.mass * self.gravity * self.length / ml2) * torch.cos(x[:, 0])  # d thd+ / d th
+        one = torch.ones_like(a10)
+        A = torch.stack([1.0 + dt * a10, one * dt, a10, one], dim=-1).reshape(-1, 2, 2)
+        b = x.new_tensor([[dt * dt / ml2], [dt / ml2]])
+        return self._step(x, u, TORCH), A, b.expand(x.shape[0], 2, 1).clone()

@@ -6,13 +6,17 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
-from deqmpc_gym.systems.base import System, rk4
+from deqmpc_gym.systems.base import System, rk4, rk4_with_jacobians
+from deqmpc_gym.systems.ops import TORCH
+from deqmpc_gym.systems.rigid_body_jacobians import control_jacobians, rigid_body_jacobians
 from deqmpc_gym.systems.quadrotor import QuadParams, _comps, rigid_body_derivative
 from deqmpc_gym.systems.rotations import euler_xyz_to_mrp
 
 _MASS = 2.1
 _U_HOVER = _MASS * 9.81 / (10.0 * 1.0 * 4)
+_E3 = torch.tensor([[0.0], [0.0], [1.0]], dtype=torch.float64)
 
 
 class QPole(System):
@@ -66,6 +70,56 @@ class QPole(System):
 
     def _step(self, x: Any, u: Any, ops: Any) -> Any:
         return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
+
+    def continuous_jacobians(
+        self, x: torch.Tensor, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_dot (B, 14), dx_dot/dx (B, 14, 14), dx_dot/du (B, 14, 4))``, analytic.
+
+        The pivot acceleration is ``a = g + (T / m) R(q) e_3`` with the total thrust ``T = sum_i f_i``, so
+        ``da/dsigma = (T / m) d(R e_3)/dsigma`` and ``da/du_i = (kf act_scale / m) R e_3``.
+        """
+        f, G = self._deriv_and_jac(x, u)
+        return f, G[..., :14], G[..., 14:]
+
+    def _deriv_and_jac(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x_dot (B, 14)`` (via :meth:`_deriv`, bit-identical) and ``[dx_dot/dx | dx_dot/du] (B, 14, 18)``."""
+        p, L = self.params, self.pole_length
+        f = self._deriv(x, u, TORCH)
+        xt = x.t().contiguous()
+        jb = rigid_body_jacobians(xt[3:6], xt[7:10], xt[10:13], p)
+        v_u, w_u = control_jacobians(p, x)
+        th = xt[6]
+        sth, cth = torch.sin(th), torch.cos(th)
+        thrust = (p.kf * p.act_scale) * (u.t() + p.u_offset).sum(0) + 4.0 * p.bf  # (B,)
+        tm = thrust / p.mass
+        re3 = jb.rot.R[:, 2]  # (3, B) body z-axis in the world
+        e3 = _E3.to(dtype=x.dtype, device=x.device).expand_as(re3)
+        acc_sigma = tm * jb.rot.d_rotate(e3)  # d a / d sigma, (3, 3, B)
+        # theta_ddot = (a_x cos th + (g_z - a_z) sin th) / L with g_z = -g, a = g + tm R e3.
+        ax, az = tm * re3[0], tm * re3[2] - p.gravity
+        cx, cz = cth / L, -sth / L  # d thdd / d a_x, d thdd / d a_z
+        G = x.new_zeros(x.shape[0], 14, 18)
+        G[:, 0:3, 3:6] = jb.r_sigma.permute(2, 0, 1)
+        G[:, 0:3, 7:10] = jb.r_v.permute(2, 0, 1)
+        G[:, 3:6, 3:6] = jb.sigma_sigma.permute(2, 0, 1)
+        G[:, 3:6, 10:13] = jb.sigma_w.permute(2, 0, 1)
+        G[:, 6, 13] = 1.0
+        G[:, 7:10, 3:6] = jb.v_sigma.permute(2, 0, 1)
+        G[:, 7:10, 7:10] = jb.v_v.permute(2, 0, 1)
+        G[:, 7:10, 10:13] = jb.v_w.permute(2, 0, 1)
+        G[:, 7:10, 14:18] = v_u.permute(2, 0, 1)
+        G[:, 10:13, 10:13] = jb.w_w.permute(2, 0, 1)
+        G[:, 10:13, 14:18] = w_u.permute(2, 0, 1)
+        G[:, 13, 3:6] = (cx * acc_sigma[0] + cz * acc_sigma[2]).t()
+        G[:, 13, 6] = (-ax * sth + (-p.gravity - az) * cth) / L
+        G[:, 13, 14:18] = ((p.kf * p.act_scale / p.mass) * (cx * re3[0] + cz * re3[2])).unsqueeze(-1)
+        return f, G
+
+    def _step_and_jacobians(
+        self, x: torch.Tensor, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return rk4_with_jacobians(self._deriv_and_jac, x, u, self.dt, n_free=3)
 
     def sample_initial_states(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """Uniform box (Euler attitude -> canonical MRP; ``theta = pi + U(-pi, pi)``)."""

@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
-from deqmpc_gym.systems.base import System, rk4
+from deqmpc_gym.systems.base import System, rk4, rk4_with_jacobians
+from deqmpc_gym.systems.ops import TORCH
+from deqmpc_gym.systems.rigid_body_jacobians import control_jacobians, rigid_body_jacobians
 from deqmpc_gym.systems.rotations import (
     cross,
     euler_xyz_to_mrp,
@@ -121,6 +124,38 @@ class Quadrotor(System):
         r, s, v, w = _comps(x, 0, 3), _comps(x, 3, 6), _comps(x, 6, 9), _comps(x, 9, 12)
         r_dot, s_dot, v_dot, w_dot, _ = rigid_body_derivative(r, s, v, w, u, self.params)
         return ops.stack([*r_dot, *s_dot, *v_dot, *w_dot])
+
+    def continuous_jacobians(
+        self, x: torch.Tensor, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_dot (B, 12), dx_dot/dx (B, 12, 12), dx_dot/du (B, 12, 4))``, analytic (see
+        :mod:`~deqmpc_gym.systems.rigid_body_jacobians`)."""
+        f, G = self._deriv_and_jac(x, u)
+        return f, G[..., :12], G[..., 12:]
+
+    def _deriv_and_jac(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x_dot (B, 12)`` (via :meth:`_deriv`, bit-identical) and ``[dx_dot/dx | dx_dot/du] (B, 12, 16)``."""
+        f = self._deriv(x, u, TORCH)
+        xt = x.t().contiguous()
+        jb = rigid_body_jacobians(xt[3:6], xt[6:9], xt[9:12], self.params)
+        v_u, w_u = control_jacobians(self.params, x)
+        G = x.new_zeros(x.shape[0], 12, 16)
+        G[:, 0:3, 3:6] = jb.r_sigma.permute(2, 0, 1)
+        G[:, 0:3, 6:9] = jb.r_v.permute(2, 0, 1)
+        G[:, 3:6, 3:6] = jb.sigma_sigma.permute(2, 0, 1)
+        G[:, 3:6, 9:12] = jb.sigma_w.permute(2, 0, 1)
+        G[:, 6:9, 3:6] = jb.v_sigma.permute(2, 0, 1)
+        G[:, 6:9, 6:9] = jb.v_v.permute(2, 0, 1)
+        G[:, 6:9, 9:12] = jb.v_w.permute(2, 0, 1)
+        G[:, 6:9, 12:16] = v_u.permute(2, 0, 1)
+        G[:, 9:12, 9:12] = jb.w_w.permute(2, 0, 1)
+        G[:, 9:12, 12:16] = w_u.permute(2, 0, 1)
+        return f, G
+
+    def _step_and_jacobians(
+        self, x: torch.Tensor, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return rk4_with_jacobians(self._deriv_and_jac, x, u, self.dt, n_free=3)
 
     def sample_initial_states(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """Uniform box; the attitude box is in Euler x-y-z angles, converted to canonical MRPs."""
