@@ -31,6 +31,7 @@ def _add_expert(sub: Any) -> None:
     t.add_argument("--out", default=None, help="output dir (default: runs/experts/<env>)")
     t.add_argument("--slices", type=int, default=None, help="stop after this many checkpoint slices")
     t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--threads", type=int, default=1, help="torch threads (PPO's small MLPs run best on 1)")
     c = esub.add_parser("collect", help="roll out an expert and write a dataset (.npz)")
     c.add_argument("--env", required=True)
     c.add_argument("--out", required=True)
@@ -94,6 +95,9 @@ def _expert(args: argparse.Namespace) -> int:
     from deqmpc_gym.experts import collect_dataset, default_expert_config, load_expert, train_expert
 
     if args.expert_cmd == "train":
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
         overrides: dict[str, Any] = {"seed": args.seed}
         if args.steps:
             overrides["total_steps"] = args.steps

@@ -21,6 +21,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):

@@ -191,13 +191,14 @@ class SystemEnv(gym.Env):
     starts from an explicit ``(nx,)`` finite state instead.
 
     ## Episode End
-    ``terminated`` when the state becomes non-finite, when a system with a flight volume leaves it
-    (``|r_i| > system.flight_bound``, 15 m for the quadrotors), or on an obstacle collision
+    ``terminated`` when the state becomes non-finite, when a system with a state envelope leaves it
+    (``|x_i - goal_i| > system.state_envelope_i``; quadrotors: positions 15 m, speeds 50 m/s, body rates
+    30 rad/s), or on an obstacle collision
     (``||r - o_k|| < obstacle_radius``). ``truncated`` only from the ``TimeLimit`` wrapper (200 steps for
     the registered ids).
 
     ## Info
-    A fresh dict on every ``reset``/``step``: ``cost`` (float, 1.0 on a collision or flight-volume exit, else
+    A fresh dict on every ``reset``/``step``: ``cost`` (float, 1.0 on a collision or an envelope exit, else
     0.0; Safety-Gymnasium convention), ``is_success`` (bool, ``|x_i - g_i| <= system.success_tolerance_i`` for
     all ``i``) and, for obstacle variants, ``min_obstacle_distance`` (float [m], signed distance to the nearest
     sphere surface, < 0 inside). Deterministic (no timings).
@@ -264,7 +265,7 @@ class SystemEnv(gym.Env):
             if arr.shape != (n,):
                 raise ConfigError(f"{sys_.name}: {name} must have {n} entries, got shape {arr.shape}")
         self._a_nom = self.to_normalized(sys_.nominal_control)
-        self._flight = None if sys_.flight_bound is None else float(sys_.flight_bound)
+        self._envelope = None if sys_.state_envelope is None else np.asarray(sys_.state_envelope, dtype=np.float64)
         self._pos = None if sys_.position_slice is None else slice(*sys_.position_slice)
         self._has_obstacles = self.obstacle_centers.shape[0] > 0
         self._quiet = sys_.mrp_slice is not None
@@ -312,11 +313,10 @@ class SystemEnv(gym.Env):
         return x.astype(np.float32), info
 
     def _violation(self, x: np.ndarray) -> tuple[float, float, bool]:
-        """``(cost, min_obstacle_distance, violated)`` of a finite state (flight volume / obstacles)."""
+        """``(cost, min_obstacle_distance, violated)`` of a finite state (flight envelope / obstacles)."""
         out = False
-        if self._flight is not None:
-            p = x[self._pos]
-            out = float(np.abs(p).max()) > self._flight
+        if self._envelope is not None:
+            out = bool(np.any(np.abs(x - self._goal) > self._envelope))
         mind = math.inf
         if self._has_obstacles:
             mind = obstacle_distance_np(x[self._pos], self._cx, self._cy, self._cz) - self.obstacle_radius

@@ -147,7 +147,7 @@ class BatchedSystemEnv(VectorEnv):
         self._w, self._e, self._tol = t(sys_.reward_weights), t(sys_.effort_weights), t(sys_.success_tolerance)
         self._a_nom = t((sys_.nominal_control - self.action_offset) / self.action_scale)
         self._cx, self._cy, self._cz = (t(centers[:, k]) for k in range(3))
-        self._flight = None if sys_.flight_bound is None else float(sys_.flight_bound)
+        self._envelope = None if sys_.state_envelope is None else t(sys_.state_envelope)
         self._pos = None if sys_.position_slice is None else slice(*sys_.position_slice)
         self._act_shape = (self.num_envs, nu)
         self._x = self._goal.expand(self.num_envs, nx).clone()
@@ -183,8 +183,8 @@ class BatchedSystemEnv(VectorEnv):
         """``(violated (N,) bool, min_obstacle_distance (N,) or None)``; non-finite rows count as not violated."""
         viol = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         mind = None
-        if self._flight is not None:
-            viol |= (x[:, self._pos].abs() > self._flight).any(-1)
+        if self._envelope is not None:
+            viol |= ((x - self._goal).abs() > self._envelope).any(-1)
         if self._has_obstacles:  # same expression and order as core.obstacle_distance_np (bit-identical)
             p = x[:, self._pos]
             dx = p[:, 0:1] - self._cx

@@ -71,6 +71,10 @@ class System:
     * ``success_tolerance``: ``(nx,)`` per-coordinate tolerance of "goal reached" (``inf`` = untracked).
     * ``flight_bound``: a state is out of the flight volume when ``|position| > flight_bound`` on any axis
       (``None``: no flight volume).
+    * ``state_envelope``: ``(nx,)`` bounds on ``|x_i - goal_i|`` beyond which the vehicle is out of control
+      (the env terminates; ``inf`` = unbounded; ``None`` = no envelope). For the quadrotors it bounds the
+      position by ``flight_bound``, speeds by 50 m/s and body rates by 30 rad/s (beyond these the RK4 step at
+      ``dt = 0.05`` is no longer an accurate model of the vehicle).
     * ``u_nominal``: ``(nu,)`` nominal control (hover for quadrotors; default zeros).
     """
 
@@ -96,6 +100,7 @@ class System:
     effort_weights: ClassVar[tuple[float, ...]]
     success_tolerance: ClassVar[tuple[float, ...]]
     flight_bound: ClassVar[float | None] = None
+    state_envelope: ClassVar[tuple[float, ...] | None] = None
 
     # ------------------------------------------------------------------ dynamics
     def _step(self, x: Any, u: Any, ops: Any) -> Any:

@@ -59,6 +59,7 @@ class QPole(System):
     effort_weights = (0.01,) * 4
     success_tolerance = (0.3,) * 3 + (0.1,) * 3 + (0.3,) + (0.5,) * 3 + (1.0,) * 3 + (1.5,)
     flight_bound = 15.0
+    state_envelope = (15.0,) * 3 + (math.inf,) * 4 + (50.0,) * 3 + (30.0,) * 3 + (100.0,)
 
     def _deriv(self, x: Any, u: Any, ops: Any) -> Any:
         r, s, v, w = _comps(x, 0, 3), _comps(x, 3, 6), _comps(x, 7, 10), _comps(x, 10, 13)

@@ -116,6 +116,7 @@ class Quadrotor(System):
     effort_weights = (0.01,) * 4
     success_tolerance = (0.3,) * 3 + (0.1,) * 3 + (0.5,) * 3 + (1.0,) * 3
     flight_bound = 15.0
+    state_envelope = (15.0,) * 3 + (math.inf,) * 3 + (50.0,) * 3 + (30.0,) * 3
 
     def _step(self, x: Any, u: Any, ops: Any) -> Any:
         return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)

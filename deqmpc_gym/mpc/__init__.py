@@ -1,0 +1,16 @@
+"""Batched, differentiable augmented-Lagrangian MPC (the MPC-m block of DEQ-MPC).
+
+Quick use::
+
+    from deqmpc_gym.mpc import MPCConfig, MPCProblem, solve
+    problem = MPCProblem(Pendulum(), MPCConfig(horizon=5))
+    x, u, state, info = solve(problem, x0, theta, iters=2)            # cold
+    x, u, state, info = solve(problem, x0, theta2, state=state)       # warm (next DEQ iteration)
+    state = state.shift(problem, x_last=theta_new[:, -1])             # next control step
+"""
+
+from deqmpc_gym.mpc.config import MPCConfig
+from deqmpc_gym.mpc.problem import MPCProblem
+from deqmpc_gym.mpc.solver import SolveInfo, SolverState, init_state, solve
+
+__all__ = ["MPCConfig", "MPCProblem", "SolverState", "SolveInfo", "init_state", "solve"]

@@ -1,0 +1,82 @@
+"""Configuration of the augmented-Lagrangian MPC solver (:class:`MPCConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from deqmpc_gym.errors import ConfigError
+
+_LINEAR_SOLVERS = ("auto", "dense", "banded")
+_GRADIENTS = ("implicit", "unroll", "final_implicit")
+
+
+@dataclass(frozen=True)
+class MPCConfig:
+    """Settings of the MPC-m augmented-Lagrangian (AL) solver.
+
+    Attributes:
+        horizon: ``T``, the number of knots including the current state (``x_0`` is fixed to ``x_init``).
+        newton_steps: maximum Gauss-Newton steps per AL iteration (per sample).
+        rho_init: cold-start penalty ``rho``.
+        rho_growth: ``rho <- rho_growth * rho`` after every AL iteration.
+        rho_max: in streaming use (``solve(..., stop_at_rho_max=True)``) a sample stops once its ``rho``
+            exceeds this value; the last AL iteration of a sample therefore runs at ``rho <= rho_max``.
+        rho_init_max: cap of the warm-start penalty, ``rho_0 = min(rho_prev, rho_init_max)`` (paper 4.2.3).
+        newton_tol: per-sample exit test of the Newton loop: a sample stops after a step with
+            ``||dz||_inf <= newton_tol * (1 + ||z||_inf)`` or when its line search finds no decrease.
+        n_obstacle_constraints: ``k``, the nearest obstacles constrained at each knot.
+        linear_solver: ``"dense"`` (batched dense Cholesky of the ``T(nx+nu)`` Hessian), ``"banded"``
+            (block-tridiagonal Cholesky, cost linear in ``T``) or ``"auto"`` (dense when
+            ``T * (nx + nu) <= dense_max_size``).
+        gradient: default gradient mode of :func:`~deqmpc_gym.mpc.solve` (``"implicit"``, ``"unroll"``,
+            ``"final_implicit"``).
+        dtype: the solver's floating dtype (inputs are cast to it; outputs are returned in it).
+        line_search_steps: maximum halvings of the step length per Newton step (``alpha = 1, 1/2, ...``).
+        tol_primal: a sample is ``converged`` when max(|dynamics defect|, inequality violation) <= tol_primal
+            and its last Newton loop exited by the step test.
+        tol_dual: ... and its AL stationarity ``||grad_z M||_inf / (1 + ||grad_z C||_inf)`` is <= tol_dual.
+        reg_min: relative regularisation ``mu`` added (``H + mu * max|diag H| * I``) to a sample whose Cholesky
+            factorisation fails; it is grown by 1e3 up to twice before the sample's step is skipped.
+        dense_max_size: crossover of ``linear_solver="auto"`` (measured on 2 CPU cores, see benchmarks/solver.py).
+    """
+
+    horizon: int = 5
+    newton_steps: int = 4
+    rho_init: float = 1.0
+    rho_growth: float = 10.0
+    rho_max: float = 1e8
+    rho_init_max: float = 1e7
+    newton_tol: float = 1e-3
+    n_obstacle_constraints: int = 4
+    linear_solver: str = "auto"
+    gradient: str = "implicit"
+    dtype: torch.dtype = torch.float64
+    line_search_steps: int = 12
+    tol_primal: float = 1e-6
+    tol_dual: float = 1e-3
+    reg_min: float = 1e-10
+    dense_max_size: int = 48
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.horizon, int) or self.horizon < 2:
+            raise ConfigError(f"horizon must be an int >= 2, got {self.horizon!r}")
+        if not isinstance(self.newton_steps, int) or self.newton_steps < 1:
+            raise ConfigError(f"newton_steps must be an int >= 1, got {self.newton_steps!r}")
+        for name in ("rho_init", "rho_max", "rho_init_max", "newton_tol", "tol_primal", "tol_dual"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise ConfigError(f"{name} must be a positive number, got {v!r}")
+        if not self.rho_growth >= 1.0:
+            raise ConfigError(f"rho_growth must be >= 1, got {self.rho_growth!r}")
+        if self.linear_solver not in _LINEAR_SOLVERS:
+            raise ConfigError(f"linear_solver must be one of {_LINEAR_SOLVERS}, got {self.linear_solver!r}")
+        if self.gradient not in _GRADIENTS:
+            raise ConfigError(f"gradient must be one of {_GRADIENTS}, got {self.gradient!r}")
+        if self.dtype not in (torch.float32, torch.float64):
+            raise ConfigError(f"dtype must be torch.float32 or torch.float64, got {self.dtype!r}")
+        if not isinstance(self.n_obstacle_constraints, int) or self.n_obstacle_constraints < 0:
+            raise ConfigError(f"n_obstacle_constraints must be an int >= 0, got {self.n_obstacle_constraints!r}")
+        if not isinstance(self.line_search_steps, int) or self.line_search_steps < 0:
+            raise ConfigError(f"line_search_steps must be an int >= 0, got {self.line_search_steps!r}")

@@ -1,0 +1,316 @@
+"""The MPC problem as data (:class:`MPCProblem`) and its residuals, merit and Gauss-Newton model.
+
+Problem (per sample, ``T`` knots ``t = 0..T-1``, state ``x_t (nx)``, control ``u_t (nu)``)::
+
+    min  1/2 sum_t (x_t - theta_t)^T Q (x_t - theta_t) + 1/2 sum_t u_t^T R u_t
+    s.t. x_0 = x_init                                  (eliminated exactly: x_0 is not a decision variable)
+         d_t = x_{t+1} - f(x_t, u_t) = 0,             t = 0..T-2      (dynamics, the system's discrete map)
+         u_t - u_high <= 0,  u_low - u_t <= 0,        t = 0..T-1      (physical control bounds)
+         r^2 - ||p(x_t) - o_{t,j}||^2 <= 0,           t = 1..T-1, j < k (k nearest obstacles of knot t)
+         h(x, u)_t <= 0                               (user constraints, separable over knots)
+
+The inequalities of knot ``t`` are stacked as ``[box_hi (nu), box_lo (nu), obstacles (k), user (m)]``.
+Obstacle rows of knot 0 only involve the fixed ``x_0``; they are kept as inactive dummies (residual -1).
+
+AL merit (Powell-Hestenes-Rockafellar form for inequalities, ``s = lam + rho g``)::
+
+    M(z) = C(z) + lam_eq^T d + rho/2 ||d||^2 + sum_i [ s_i > 0 ? lam_i g_i + rho/2 g_i^2 : -lam_i^2 / (2 rho) ]
+
+which equals the paper's ``C + lam^T c + rho/2 ||c^+||^2`` with ``c^+`` keeping an inequality row when it is
+violated or has a positive multiplier (``lam + rho g > 0``); it is C^1, so the line search is consistent with
+the gradient. Gauss-Newton Hessian ``H = W + rho J_eq^T J_eq + rho J_act^T J_act`` (no constraint curvature).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from deqmpc_gym.errors import ConfigError, ShapeError
+from deqmpc_gym.mpc.config import MPCConfig
+from deqmpc_gym.systems.base import System
+from deqmpc_gym.systems.obstacles import nearest_obstacles
+
+Constraint = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _as_matrix(name: str, value, size: int, default) -> np.ndarray:
+    v = np.asarray(default if value is None else (value.detach().cpu().numpy() if isinstance(value, torch.Tensor)
+                                                   else value), dtype=np.float64)
+    if v.shape == (size,):
+        v = np.diag(v)
+    if v.shape != (size, size):
+        raise ShapeError(f"{name} must have shape ({size},) (diagonal) or ({size}, {size}), got {v.shape}")
+    if not np.all(np.isfinite(v)):
+        raise ShapeError(f"{name} must be finite, got {v.tolist()}")
+    if not np.allclose(v, v.T):
+        raise ConfigError(f"{name} must be symmetric")
+    if np.linalg.eigvalsh(v).min() <= 0:
+        raise ConfigError(f"{name} must be positive definite, got eigenvalues {np.linalg.eigvalsh(v).tolist()}")
+    return v
+
+
+def _as_vector(name: str, value, size: int, default) -> np.ndarray:
+    v = np.asarray(default if value is None else (value.detach().cpu().numpy() if isinstance(value, torch.Tensor)
+                                                   else value), dtype=np.float64)
+    if v.shape == ():
+        v = np.full(size, float(v))
+    if v.shape != (size,):
+        raise ShapeError(f"{name} must have shape ({size},), got {v.shape}")
+    return v
+
+
+@dataclass
+class _Consts:
+    Q: torch.Tensor  # (nx, nx)
+    R: torch.Tensor  # (nu, nu)
+    W: torch.Tensor  # (n, n)
+    u_low: torch.Tensor
+    u_high: torch.Tensor
+    centers: torch.Tensor | None
+    G_box: torch.Tensor  # (2nu, n)
+    pin: torch.Tensor  # (T, n) 0 on the x_0 entries, 1 elsewhere
+    eye_n: torch.Tensor
+
+
+class Linearization:
+    """Quantities of one Gauss-Newton step at ``(x, u)`` (all batched over ``B``).
+
+    Attributes: ``merit (B,)``, ``cost (B,)``, ``grad (B,T,n)`` pinned merit gradient, ``D (B,T,n,n)`` and
+    ``L (B,T-1,n,n)`` pinned Hessian blocks, ``d (B,T-1,nx)`` defects, ``g (B,T,mi)`` inequality residuals,
+    ``act (B,T,mi)`` active mask, ``A (B,T-1,nx,nx)``, ``Bu (B,T-1,nx,nu)``, ``G (B,T,mi,n)``,
+    ``D0x (B,n,nx)`` / ``L0x (B,n,nx)``: unpinned couplings of ``x_0`` with knot 0 / knot 1 (for ``d/dx0``).
+    """
+
+    __slots__ = ("merit", "cost", "grad", "D", "L", "d", "g", "act", "A", "Bu", "G", "D0x", "L0x", "cgrad", "rho", "mu_max", "s")
+
+
+class MPCProblem:
+    """Data of a batched MPC problem (no solving; see :func:`deqmpc_gym.mpc.solve`).
+
+    Args:
+        system: a :class:`~deqmpc_gym.systems.System` (dynamics ``x_{t+1} = system.step(x_t, u_t)``).
+        config: :class:`MPCConfig` (horizon ``T``, AL settings).
+        Q: ``(nx,)`` diagonal or ``(nx, nx)`` SPD state weight (default ``system.Q_diag``).
+        R: ``(nu,)`` diagonal or ``(nu, nu)`` SPD control weight (default ``system.R_diag``); ``u_ref = 0``.
+        u_low, u_high: ``(nu,)`` control bounds in physical units (default the system's); ``u_low <= u_high``.
+        obstacle_centers: ``(K, 3)`` sphere centres [m] (e.g. ``OBSTACLE_CENTERS``), needs
+            ``system.position_slice``; obstacle_radius: sphere radius [m].
+        constraints: callables ``h(x (B,T,nx), u (B,T,nu)) -> (B,T,m)``, feasible when ``<= 0``; row ``t`` may
+            only depend on knot ``t`` (Jacobians are taken per knot by autograd).
+        device: device of the cached constant tensors (they are moved to the inputs' device on demand).
+    """
+
+    def __init__(self, system: System, config: MPCConfig = MPCConfig(), *, Q=None, R=None, u_low=None,
+                 u_high=None, obstacle_centers=None, obstacle_radius: float | None = None,
+                 constraints: Sequence[Constraint] = (), device=None) -> None:
+        if not isinstance(system, System):
+            raise ConfigError(f"system must be a deqmpc_gym.systems.System instance, got {type(system).__name__}")
+        if not isinstance(config, MPCConfig):
+            raise ConfigError(f"config must be an MPCConfig, got {type(config).__name__}")
+        self.system, self.config = system, config
+        self.nx, self.nu, self.T = system.nx, system.nu, config.horizon
+        self.n = self.nx + self.nu
+        self._Q = _as_matrix("Q", Q, self.nx, system.Q_diag)
+        self._R = _as_matrix("R", R, self.nu, system.R_diag)
+        lo = _as_vector("u_low", u_low, self.nu, system.u_low)
+        hi = _as_vector("u_high", u_high, self.nu, system.u_high)
+        if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+            raise ConfigError(f"u_low and u_high must be finite, got u_low={lo.tolist()} u_high={hi.tolist()}")
+        if np.any(lo > hi):
+            raise ConfigError(f"u_low must be <= u_high elementwise, got u_low={lo.tolist()} u_high={hi.tolist()}")
+        self._u_low, self._u_high = lo, hi
+        self._centers = None
+        self.obstacle_radius = None
+        self.k = 0
+        if obstacle_centers is not None:
+            c = np.asarray(obstacle_centers.detach().cpu() if isinstance(obstacle_centers, torch.Tensor)
+                           else obstacle_centers, dtype=np.float64)
+            if c.ndim != 2 or c.shape[1] != 3 or c.shape[0] == 0:
+                raise ShapeError(f"obstacle_centers must have shape (K, 3) with K >= 1, got {c.shape}")
+            if system.position_slice is None:
+                raise ConfigError(f"system {system.name!r} has no position_slice; obstacles need a 3-D position")
+            if obstacle_radius is None or not float(obstacle_radius) > 0:
+                raise ConfigError(f"obstacle_radius must be a positive number, got {obstacle_radius!r}")
+            self._centers, self.obstacle_radius = np.array(c, copy=True), float(obstacle_radius)
+            self.k = min(config.n_obstacle_constraints, c.shape[0])
+        self.constraints = tuple(constraints)
+        for h in self.constraints:
+            if not callable(h):
+                raise ConfigError(f"constraints must be callables h(x, u) -> (B, T, m), got {type(h).__name__}")
+        self.m_user: int | None = 0 if not self.constraints else None
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._cache: dict = {}
+        n = self.n
+        self.dense = config.linear_solver == "dense" or (
+            config.linear_solver == "auto" and self.T * n <= config.dense_max_size)
+
+    # ------------------------------------------------------------------ constants
+    @property
+    def n_ineq(self) -> int:
+        """Inequality rows per knot ``2 nu + k + m_user`` (``m_user`` is known after the first evaluation)."""
+        return 2 * self.nu + self.k + (self.m_user or 0)
+
+    def consts(self, like: torch.Tensor) -> _Consts:
+        """Constant tensors on ``like``'s device/dtype (cached)."""
+        key = (like.device, like.dtype)
+        c = self._cache.get(key)
+        if c is None:
+            kw = dict(device=like.device, dtype=like.dtype)
+            Q, R = torch.as_tensor(self._Q, **kw), torch.as_tensor(self._R, **kw)
+            W = torch.block_diag(Q, R)
+            G_box = torch.zeros(2 * self.nu, self.n, **kw)
+            eye_u = torch.eye(self.nu, **kw)
+            G_box[: self.nu, self.nx:] = eye_u
+            G_box[self.nu:, self.nx:] = -eye_u
+            pin = torch.ones(self.T, self.n, **kw)
+            pin[0, : self.nx] = 0.0
+            c = _Consts(Q, R, W, torch.as_tensor(self._u_low, **kw), torch.as_tensor(self._u_high, **kw),
+                        None if self._centers is None else torch.as_tensor(self._centers, **kw), G_box, pin,
+                        torch.eye(self.n, **kw))
+            self._cache[key] = c
+        return c
+
+    # ------------------------------------------------------------------ obstacles
+    def select_obstacles(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Indices ``(B, T', k)`` of the ``k`` obstacles nearest to ``system.position(x)`` for ``x: (B, T', nx)``."""
+        if self.k == 0:
+            return None
+        c = self.consts(x)
+        return nearest_obstacles(self.system.position(x.detach()), c.centers, self.k)
+
+    # ------------------------------------------------------------------ residuals
+    def ineq(self, x: torch.Tensor, u: torch.Tensor, obs_idx: torch.Tensor | None, jac: bool):
+        """Inequality residuals ``g (B,T,mi)`` (feasible ``<= 0``) and, if ``jac``, Jacobians ``G (B,T,mi,n)``."""
+        c = self.consts(x)
+        b, t = x.shape[:2]
+        parts = [u - c.u_high, c.u_low - u]
+        jparts = [c.G_box.expand(b, t, 2 * self.nu, self.n)] if jac else []
+        if self.k:
+            a0, a1 = self.system.position_slice
+            p = x[..., a0:a1]
+            oc = c.centers[obs_idx]  # (B,T,k,3)
+            diff = p[:, :, None, :] - oc
+            go = self.obstacle_radius ** 2 - (diff * diff).sum(-1)
+            knot0 = torch.zeros(t, 1, dtype=x.dtype, device=x.device)
+            knot0[0] = 1.0
+            go = go * (1.0 - knot0) - knot0  # knot 0: inactive dummy rows (x_0 is fixed)
+            parts.append(go)
+            if jac:
+                Go = x.new_zeros(b, t, self.k, self.n)
+                Go[:, :, :, a0:a1] = -2.0 * diff * (1.0 - knot0)[None, :, :, None]
+                jparts.append(Go)
+        if self.constraints:
+            hs, hj = self._user(x, u, jac)
+            parts.append(hs)
+            if jac:
+                jparts.append(hj)
+        g = torch.cat(parts, -1)
+        return g, (torch.cat(jparts, -2) if jac else None)
+
+    def _user(self, x: torch.Tensor, u: torch.Tensor, jac: bool):
+        create = torch.is_grad_enabled() and (x.requires_grad or u.requires_grad)
+        b, t = x.shape[:2]
+        outs = []
+        for h in self.constraints:
+            with torch.enable_grad():
+                xr = x if create else x.detach().requires_grad_(jac)
+                ur = u if create else u.detach().requires_grad_(jac)
+                v = h(xr, ur)
+                if not isinstance(v, torch.Tensor) or v.dim() != 3 or v.shape[:2] != (b, t):
+                    raise ShapeError(f"constraint {getattr(h, '__name__', h)!r} must return (B, T, m) = ({b}, {t}, m),"
+                                     f" got {tuple(getattr(v, 'shape', ()))}")
+                rows = []
+                if jac:
+                    for j in range(v.shape[-1]):
+                        gx, gu = torch.autograd.grad(v[..., j].sum(), (xr, ur), create_graph=create,
+                                                     retain_graph=True, allow_unused=True)
+                        gx = torch.zeros_like(x) if gx is None else gx
+                        gu = torch.zeros_like(u) if gu is None else gu
+                        rows.append(torch.cat([gx, gu], -1))
+            outs.append((v if create else v.detach(), torch.stack(rows, -2) if jac else None))
+        hs = torch.cat([o[0] for o in outs], -1)
+        if self.m_user is None:
+            self.m_user = hs.shape[-1]
+        return hs, (torch.cat([o[1] for o in outs], -2) if jac else None)
+
+    def cost(self, x: torch.Tensor, u: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """Tracking cost ``(B,)``: ``1/2 sum_t (x_t-theta_t)^T Q (x_t-theta_t) + 1/2 sum_t u_t^T R u_t``."""
+        c = self.consts(x)
+        e = x - theta
+        return 0.5 * ((e @ c.Q) * e).sum((1, 2)) + 0.5 * ((u @ c.R) * u).sum((1, 2))
+
+    def defects(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Dynamics defects ``d_t = x_{t+1} - f(x_t, u_t)``, ``(B, T-1, nx)``."""
+        return x[:, 1:] - self.system.step(x[:, :-1], u[:, :-1])
+
+    def merit(self, x, u, theta, lam_eq, lam_in, rho, obs_idx) -> torch.Tensor:
+        """AL merit ``M (B,)`` (see the module docstring); ``rho: (B,)``."""
+        d = self.defects(x, u)
+        g, _ = self.ineq(x, u, obs_idx, jac=False)
+        return self._merit_from(self.cost(x, u, theta), d, g, lam_eq, lam_in, rho)
+
+    @staticmethod
+    def _merit_from(cost, d, g, lam_eq, lam_in, rho):
+        r = rho[:, None, None]
+        m = cost + (lam_eq * d).sum((1, 2)) + 0.5 * rho * (d * d).sum((1, 2))
+        s = lam_in + r * g
+        term = torch.where(s > 0, lam_in * g + 0.5 * r * g * g, -0.5 * lam_in * lam_in / r)
+        return m + term.sum((1, 2))
+
+    def violation(self, x: torch.Tensor, u: torch.Tensor, obs_idx) -> torch.Tensor:
+        """``(B,)`` max(|dynamics defect|, max(inequality residual, 0))."""
+        d = self.defects(x, u).abs().amax((1, 2))
+        g, _ = self.ineq(x, u, obs_idx, jac=False)
+        return torch.maximum(d, g.clamp_min(0).amax((1, 2)))
+
+    # ------------------------------------------------------------------ Gauss-Newton model
+    def linearize(self, x, u, theta, lam_eq, lam_in, rho, obs_idx) -> Linearization:
+        """Merit, pinned gradient and pinned Gauss-Newton Hessian blocks at ``(x (B,T,nx), u (B,T,nu))``."""
+        c = self.consts(x)
+        b, t, nx, nu, n = x.shape[0], self.T, self.nx, self.nu, self.n
+        fx, A, Bu = self.system.step_and_jacobians(x[:, :-1].reshape(-1, nx), u[:, :-1].reshape(-1, nu))
+        fx = fx.reshape(b, t - 1, nx)
+        A = A.reshape(b, t - 1, nx, nx)
+        Bu = Bu.reshape(b, t - 1, nx, nu)
+        d = x[:, 1:] - fx
+        g, G = self.ineq(x, u, obs_idx, jac=True)
+        r = rho[:, None, None]
+        cost = self.cost(x, u, theta)
+        lin = Linearization()
+        lin.cost = cost
+        lin.merit = self._merit_from(cost, d, g, lam_eq, lam_in, rho)
+        mu = lam_eq + r * d  # (B,T-1,nx)
+        s = lam_in + r * g
+        act = s > 0
+        mu_in = s.clamp_min(0.0)
+        AB = torch.cat([A, Bu], -1)  # (B,T-1,nx,n)
+        cgrad = torch.cat([(x - theta) @ c.Q, u @ c.R], -1)
+        zero_knot = x.new_zeros(b, 1, n)
+        gdyn = torch.cat([-(AB.transpose(-1, -2) @ mu[..., None])[..., 0], zero_knot], 1)
+        gdyn = gdyn + torch.cat([zero_knot, torch.cat([mu, x.new_zeros(b, t - 1, nu)], -1)], 1)
+        grad = cgrad + gdyn + (G.transpose(-1, -2) @ mu_in[..., None])[..., 0]
+        Ga = G * act[..., None].to(G.dtype)
+        r4 = rho[:, None, None, None]
+        zero_blk = x.new_zeros(b, 1, n, n)
+        Iy = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+        Iy[:nx, :nx] = torch.eye(nx, dtype=x.dtype, device=x.device)
+        D = c.W + r4 * (Ga.transpose(-1, -2) @ Ga)
+        D = D + r4 * torch.cat([AB.transpose(-1, -2) @ AB, zero_blk], 1)
+        D = D + r4 * torch.cat([zero_blk, Iy.expand(b, t - 1, n, n)], 1)
+        L = -r4 * torch.cat([AB, x.new_zeros(b, t - 1, nu, n)], -2)  # H[t+1, t]
+        lin.D0x = D[:, 0, :, :nx]
+        lin.L0x = L[:, 0, :, :nx]
+        pin = c.pin
+        lin.grad = grad * pin
+        lin.cgrad = cgrad * pin
+        lin.D = D * (pin[:, :, None] * pin[:, None, :]) + torch.diag_embed(1.0 - pin)
+        lin.L = L * pin[:-1, None, :]
+        lin.d, lin.g, lin.act, lin.A, lin.Bu, lin.G = d, g, act, A, Bu, G
+        lin.rho = rho
+        lin.s = s
+        lin.mu_max = torch.maximum(mu.abs().amax((1, 2)), mu_in.abs().amax((1, 2)))
+        return lin

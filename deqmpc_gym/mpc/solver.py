@@ -1,0 +1,620 @@
+"""Batched, differentiable augmented-Lagrangian MPC solver (the MPC-m block of DEQ-MPC, paper Alg. 1).
+
+One AL iteration (per sample ``b``, merit ``M`` as in :mod:`deqmpc_gym.mpc.problem`):
+
+1. up to ``newton_steps`` Gauss-Newton steps ``dz = -H^{-1} grad M`` with ``H = W + rho J_eq^T J_eq +
+   rho J_act^T J_act``, a per-sample backtracking line search (``alpha = 1`` for all samples, halving only for
+   samples without strict merit decrease; a sample whose search fails keeps its iterate) and a per-sample
+   exit test (finished samples are no longer updated);
+2. dual update ``lam_eq <- lam_eq + rho d``, ``lam_in <- max(lam_in + rho g, 0)``;
+3. ``rho <- rho_growth * rho``.
+
+Robustness: a sample whose Cholesky fails is regularised (``H + mu I``), and skipped (iterate kept) if that
+fails too; non-finite steps are discarded; both are flagged in :class:`SolveInfo`. NaN never reaches the output.
+
+Gradients w.r.t. ``theta`` (and ``x0``), selected per call:
+
+* ``"implicit"`` (paper eq. 13-14): the returned iterate ``z*`` is treated as the solution of the last AL
+  subproblem ``grad_z M(z; theta, lam_k, rho_k) = 0``; ``dz*/dtheta = H^{-1} [Q; 0]`` with the Gauss-Newton
+  ``H`` re-linearised at ``z*`` (constraint curvature neglected, as in the paper). ``dz*/dx0`` adds the
+  coupling ``-H^{-1} H_{z, x0}``. Iterations before the last one are detached (as in the paper).
+* ``"unroll"``: autograd through every Newton step and dual update (step lengths are constants).
+* ``"final_implicit"``: implicit function theorem on the KKT system of the constrained problem at ``z*`` with
+  dynamics, ``x_0 = x0`` and the active inequalities (``lam > 0``) as hard constraints and Lagrangian Hessian
+  ``W`` (linearised constraints, as mpc.pytorch / Diff-MPC).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from deqmpc_gym.errors import ConfigError, ShapeError
+from deqmpc_gym.mpc import linalg
+from deqmpc_gym.mpc.problem import Linearization, MPCProblem
+
+_REG_GROWTH = 1e3
+
+
+# ====================================================================== state / info
+@dataclass
+class SolverState:
+    """Warm-start state of the AL solver (pass it back into :func:`solve`).
+
+    Attributes:
+        x: ``(B, T, nx)`` primal states (``x[:, 0]`` is the fixed initial state).
+        u: ``(B, T, nu)`` primal controls.
+        lam_eq: ``(B, T-1, nx)`` dynamics multipliers.
+        lam_ineq: ``(B, T, mi)`` inequality multipliers (``>= 0``), rows ``[u_hi, u_lo, obstacles, user]``.
+        rho: ``(B,)`` per-sample penalty.
+        obstacle_idx: ``(B, T, k)`` indices of the constrained obstacles per knot, or ``None``.
+    """
+
+    x: torch.Tensor
+    u: torch.Tensor
+    lam_eq: torch.Tensor
+    lam_ineq: torch.Tensor
+    rho: torch.Tensor
+    obstacle_idx: torch.Tensor | None = None
+
+    @property
+    def lam(self) -> torch.Tensor:
+        """All multipliers flattened, ``(B, (T-1) nx + T mi)``: ``[lam_eq, lam_ineq]``."""
+        b = self.x.shape[0]
+        return torch.cat([self.lam_eq.reshape(b, -1), self.lam_ineq.reshape(b, -1)], 1)
+
+    @property
+    def batch_size(self) -> int:
+        return self.x.shape[0]
+
+    def detach(self) -> "SolverState":
+        """A copy with every tensor detached from the autograd graph."""
+        return SolverState(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).detach())
+                              for f in fields(self)})
+
+    def index(self, mask_or_idx) -> "SolverState":
+        """The sub-batch selected by a ``(B,)`` bool mask or an index tensor/list."""
+        return SolverState(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[mask_or_idx])
+                              for f in fields(self)})
+
+    def where(self, mask: torch.Tensor, other: "SolverState") -> "SolverState":
+        """Per sample: ``self`` where ``mask (B,)`` is True, ``other`` elsewhere (e.g. reset a subset)."""
+        out = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if a is None or b is None:
+                out[f.name] = None if a is None and b is None else (a if b is None else b)
+                continue
+            m = mask.reshape(-1, *([1] * (a.dim() - 1)))
+            out[f.name] = torch.where(m, a, b)
+        return SolverState(**out)
+
+    def shift(self, problem: MPCProblem, x_last: torch.Tensor | None = None,
+              iters_remaining: int | None = None) -> "SolverState":
+        """Warm start for the next control step (paper 4.2.3).
+
+        The primal is shifted by one knot: ``x <- [x_1..x_{T-1}, x_last]`` (``x_last (B, nx)``, e.g. the network's
+        new last waypoint; default: duplicate ``x_{T-1}``), ``u <- [u_1..u_{T-1}, u_{T-1}]``. Duals are reset to 0.
+        The penalty restarts at ``rho_0 = min(rho_prev, rho_init_max)``; with ``iters_remaining = n`` it is
+        ``min(rho_prev, rho_max / rho_growth**(n-1))`` so that the n-th remaining AL iteration runs at
+        ``rho_max`` -- the paper's ``rho = rho_max / 10^(N m - i)`` (``rho_max / 10 = 1e7 = rho_init_max`` for the
+        default ``n = 2``). Obstacle sets are shifted and the last knot's set is re-selected from ``x_last``.
+        """
+        cfg = problem.config
+        x = self.x.detach()
+        if x_last is None:
+            last = x[:, -1:]
+        else:
+            if not isinstance(x_last, torch.Tensor) or tuple(x_last.shape) != (x.shape[0], problem.nx):
+                raise ShapeError(f"x_last must have shape ({x.shape[0]}, {problem.nx}), got "
+                                 f"{tuple(getattr(x_last, 'shape', ()))}")
+            last = x_last.detach().to(x)[:, None]
+        xs = torch.cat([x[:, 1:], last], 1)
+        u = self.u.detach()
+        us = torch.cat([u[:, 1:], u[:, -1:]], 1)
+        cap = cfg.rho_init_max
+        if iters_remaining is not None:
+            if int(iters_remaining) < 1:
+                raise ConfigError(f"iters_remaining must be >= 1, got {iters_remaining!r}")
+            cap = cfg.rho_max / cfg.rho_growth ** (int(iters_remaining) - 1)
+        rho = torch.clamp(self.rho.detach(), max=cap)
+        obs = self.obstacle_idx
+        if obs is not None:
+            obs = torch.cat([obs[:, 1:], problem.select_obstacles(xs[:, -1:])], 1)
+        return SolverState(xs, us, torch.zeros_like(self.lam_eq), torch.zeros_like(self.lam_ineq), rho, obs)
+
+
+@dataclass
+class SolveInfo:
+    """Per-sample status of a :func:`solve` call (all ``(B,)``; the solver never raises on non-convergence).
+
+    Attributes:
+        converged: primal residual <= ``tol_primal``, stationarity <= ``tol_dual`` and the last Newton loop
+            exited by its step test.
+        primal_residual: max(|dynamics defect|, inequality violation) at the returned iterate.
+        dual_residual: AL stationarity ``||grad_z M||_inf / (1 + max(||grad_z C||_inf, ||lam + rho c||_inf))`` at the last
+            linearisation point of the last AL iteration (the iterate before the final step).
+        al_iters: AL iterations run; newton_steps: Newton steps taken (summed over AL iterations).
+        rho: penalty after the call; cost: tracking cost at the returned iterate.
+        fallback: a regularised factorisation was needed or a step had to be skipped.
+        nonfinite: a non-finite step/merit/state was met (the last finite iterate was kept).
+    """
+
+    converged: torch.Tensor
+    primal_residual: torch.Tensor
+    dual_residual: torch.Tensor
+    al_iters: torch.Tensor
+    newton_steps: torch.Tensor
+    rho: torch.Tensor
+    cost: torch.Tensor
+    fallback: torch.Tensor
+    nonfinite: torch.Tensor
+
+
+# ====================================================================== validation / init
+def _check_inputs(problem: MPCProblem, x0, theta):
+    if not isinstance(problem, MPCProblem):
+        raise ConfigError(f"problem must be an MPCProblem, got {type(problem).__name__}")
+    for name, v in (("x0", x0), ("theta", theta)):
+        if not isinstance(v, torch.Tensor):
+            raise ShapeError(f"{name} must be a torch tensor, got {type(v).__name__}")
+        if not v.is_floating_point():
+            raise ShapeError(f"{name} must be a floating tensor, got dtype {v.dtype}")
+    T, nx = problem.T, problem.nx
+    if x0.dim() != 2 or x0.shape[1] != nx:
+        raise ShapeError(f"x0 must have shape (B, {nx}), got {tuple(x0.shape)}")
+    b = x0.shape[0]
+    if tuple(theta.shape) != (b, T, nx):
+        raise ShapeError(f"theta must have shape (B, T, nx) = ({b}, {T}, {nx}) to match x0 {tuple(x0.shape)} "
+                         f"and horizon {T}, got {tuple(theta.shape)}")
+    if theta.device != x0.device:
+        raise ShapeError(f"x0 and theta must be on the same device, got {x0.device} and {theta.device}")
+    for name, v in (("x0", x0), ("theta", theta)):
+        bad = ~torch.isfinite(v.detach()).reshape(b, -1).all(1)
+        if bool(bad.any()):
+            raise ShapeError(f"{name} has non-finite values in samples {bad.nonzero()[:, 0].tolist()[:10]} "
+                             f"(shape {tuple(v.shape)})")
+
+
+def _check_state(problem: MPCProblem, state: SolverState, b: int) -> None:
+    T, nx, nu = problem.T, problem.nx, problem.nu
+    want = {"x": (b, T, nx), "u": (b, T, nu), "lam_eq": (b, T - 1, nx), "rho": (b,)}
+    for name, shp in want.items():
+        v = getattr(state, name)
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != shp:
+            raise ShapeError(f"state.{name} must have shape {shp}, got {tuple(getattr(v, 'shape', ()))}")
+    if state.lam_ineq.dim() != 3 or tuple(state.lam_ineq.shape[:2]) != (b, T):
+        raise ShapeError(f"state.lam_ineq must have shape ({b}, {T}, mi), got {tuple(state.lam_ineq.shape)}")
+    if problem.k:
+        if state.obstacle_idx is None or tuple(state.obstacle_idx.shape) != (b, T, problem.k):
+            raise ShapeError(f"state.obstacle_idx must have shape ({b}, {T}, {problem.k}), got "
+                             f"{None if state.obstacle_idx is None else tuple(state.obstacle_idx.shape)}")
+
+
+def init_state(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor) -> SolverState:
+    """Cold start: ``x = theta`` with ``x[:, 0] = x0``, ``u`` = nominal control clipped to the bounds,
+    multipliers 0, ``rho = rho_init``, obstacle sets = nearest obstacles of ``theta`` (all detached).
+
+    Args:
+        x0: ``(B, nx)`` initial states; theta: ``(B, T, nx)`` waypoints.
+    """
+    _check_inputs(problem, x0, theta)
+    dt = problem.config.dtype
+    x0 = x0.detach().to(dt)
+    theta = theta.detach().to(dt)
+    c = problem.consts(x0)
+    b = x0.shape[0]
+    x = theta.clone()
+    x[:, 0] = x0
+    unom = torch.as_tensor(problem.system.nominal_control, dtype=dt, device=x0.device)
+    u = torch.maximum(torch.minimum(unom, c.u_high), c.u_low).expand(b, problem.T, problem.nu).clone()
+    obs = problem.select_obstacles(theta)
+    if problem.m_user is None:
+        problem.ineq(x, u, obs, jac=False)
+    lam_in = x.new_zeros(b, problem.T, problem.n_ineq)
+    return SolverState(x, u, x.new_zeros(b, problem.T - 1, problem.nx), lam_in,
+                       torch.full((b,), float(problem.config.rho_init), dtype=dt, device=x0.device), obs)
+
+
+# ====================================================================== linear algebra with fallbacks
+def _newton_direction(problem: MPCProblem, lin: Linearization, kind: str):
+    """``dz = -H^{-1} grad`` with per-sample regularisation fallback. Returns (dz, factor, fallback (B,))."""
+    F = linalg.factor(lin.D, lin.L, kind)
+    fallback = ~F.ok
+    if bool(fallback.any()):
+        scale = torch.diagonal(lin.D, dim1=-2, dim2=-1).abs().amax((1, 2)).clamp_min(1.0)
+        mu = problem.config.reg_min
+        D = lin.D
+        for _ in range(3):
+            bad = ~F.ok
+            if not bool(bad.any()):
+                break
+            add = (mu * scale * bad.to(D.dtype))[:, None, None, None] * torch.eye(D.shape[-1], dtype=D.dtype,
+                                                                                   device=D.device)
+            F2 = linalg.factor(D + add, lin.L, kind)
+            F = _merge_factor(F, F2, bad & F2.ok)
+            mu *= _REG_GROWTH
+    dz = -linalg.solve(F, lin.grad)
+    # Active-set prediction: inactive inequality rows that the step would make active (lam + rho (g + G dz) > 0)
+    # are added to the local model with their full PHR quadratic (gradient G^T (lam + rho g), curvature
+    # rho G^T G) and the step is recomputed for those samples (at most twice). Without it, a Gauss-Newton step
+    # along a weakly-penalised direction (e.g. R = 1e-10 on a control) overshoots a bound by orders of magnitude
+    # and the line search stalls at the kink of the PHR term.
+    extra_all = torch.zeros_like(lin.act)
+    for _ in range(2):
+        with torch.no_grad():
+            pred = lin.s + lin.rho[:, None, None] * (lin.G @ dz.detach()[..., None])[..., 0]
+            new_rows = (pred > 0) & ~lin.act & ~extra_all
+            redo = new_rows.flatten(1).any(1) & F.ok
+        if not bool(redo.any()):
+            break
+        extra_all = extra_all | new_rows
+        ri = redo.nonzero()[:, 0]
+        ex = extra_all[ri][..., None].to(lin.G.dtype)
+        Ge = lin.G[ri] * ex
+        pin = problem.consts(lin.D).pin
+        De = lin.D[ri] + lin.rho[ri][:, None, None, None] * (Ge.transpose(-1, -2) @ Ge) * pin[None, :, :, None] \
+            * pin[None, :, None, :]
+        ge = lin.grad[ri] + (Ge.transpose(-1, -2) @ lin.s[ri][..., None])[..., 0] * pin
+        F2 = linalg.factor(De, lin.L[ri], kind)
+        dz2 = -linalg.solve(F2, ge)
+        ok2 = F2.ok & torch.isfinite(dz2).reshape(dz2.shape[0], -1).all(1)
+        dz = dz.index_copy(0, ri, torch.where(ok2[:, None, None], dz2, dz[ri]))
+    good = F.ok & torch.isfinite(dz).reshape(dz.shape[0], -1).all(1)
+    dz = torch.where(good[:, None, None], dz, torch.zeros_like(dz))
+    return dz, F, fallback | ~good
+
+
+def _merge_factor(F, F2, take):
+    """Per-sample merge of two factors (``take``: samples taken from ``F2``)."""
+    if F.kind == "dense":
+        C = torch.where(take[:, None, None], F2.C, F.C)
+        return linalg.Factor("dense", C, None, F.ok | take)
+    m = take[:, None, None]
+    Cs = [torch.where(m, a, b) for a, b in zip(F2.C, F.C)]
+    Ys = [torch.where(m, a, b) for a, b in zip(F2.Y, F.Y)]
+    return linalg.Factor("banded", Cs, Ys, F.ok | take)
+
+
+# ====================================================================== core AL loop
+@dataclass
+class _Batch:
+    x: torch.Tensor
+    u: torch.Tensor
+    theta: torch.Tensor
+    lam_eq: torch.Tensor
+    lam_in: torch.Tensor
+    rho: torch.Tensor
+    obs: torch.Tensor | None
+
+    def take(self, idx):
+        return _Batch(self.x[idx], self.u[idx], self.theta[idx], self.lam_eq[idx], self.lam_in[idx],
+                      self.rho[idx], None if self.obs is None else self.obs[idx])
+
+
+def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, stats: dict):
+    """Gauss-Newton minimisation of the merit of the AL subproblem for the samples of ``bt``.
+
+    Returns updated ``(x, u)`` and per-sample ``(steps, exited_by_step_test, dual_residual, fallback, nonfinite)``.
+    """
+    cfg = problem.config
+    b = bt.x.shape[0]
+    dev = bt.x.device
+    x, u = bt.x, bt.u
+    active = torch.ones(b, dtype=torch.bool, device=dev)
+    steps = torch.zeros(b, dtype=torch.long, device=dev)
+    small_exit = torch.zeros(b, dtype=torch.bool, device=dev)
+    dres = torch.full((b,), float("inf"), dtype=x.dtype, device=dev)
+    fb = torch.zeros(b, dtype=torch.bool, device=dev)
+    nf = torch.zeros(b, dtype=torch.bool, device=dev)
+    nx = problem.nx
+    for _ in range(cfg.newton_steps):
+        all_active = bool(active.all())
+        if all_active:
+            idx = None
+            sub, xs, us = bt, x, u
+        else:
+            idx = active.nonzero()[:, 0]
+            if idx.numel() == 0:
+                break
+            sub = bt.take(idx)
+            xs, us = x[idx], u[idx]
+        lin = problem.linearize(xs, us, sub.theta, sub.lam_eq, sub.lam_in, sub.rho, sub.obs)
+        dz, _, fbs = _newton_direction(problem, lin, kind)
+        with torch.no_grad():
+            gmax = lin.grad.detach().abs().amax((1, 2))
+            dres_s = gmax / (1.0 + torch.maximum(lin.cgrad.detach().abs().amax((1, 2)), lin.mu_max.detach()))
+            z = torch.cat([xs.detach(), us.detach()], -1)
+            m0 = lin.merit.detach()
+            small = dz.detach().abs().amax((1, 2)) <= cfg.newton_tol * (1.0 + z.abs().amax((1, 2)))
+            # or: the predicted decrease is below the merit's round-off (nothing left to gain)
+            small = small | ((lin.grad.detach() * dz.detach()).sum((1, 2)).abs() <= 1e-13 * (1.0 + m0.abs()))
+            finite0 = torch.isfinite(m0)
+            # line search: alpha = 1 for all, halve only the failing samples
+            alpha = torch.ones_like(m0)
+            dzd = dz.detach()
+            dx, du = dzd[..., :nx], dzd[..., nx:]
+            m1 = problem.merit(xs.detach() + dx, us.detach() + du, sub.theta, sub.lam_eq, sub.lam_in, sub.rho, sub.obs)
+            ok = (m1 < m0) & torch.isfinite(m1)
+            for _ in range(cfg.line_search_steps):
+                pend = ~ok
+                if not bool(pend.any()):
+                    break
+                pi = pend.nonzero()[:, 0]
+                alpha[pi] *= 0.5
+                a = alpha[pi][:, None, None]
+                sp = sub.take(pi)
+                mp = problem.merit(xs.detach()[pi] + a * dx[pi], us.detach()[pi] + a * du[pi], sp.theta,
+                                   sp.lam_eq, sp.lam_in, sp.rho, sp.obs)
+                ok[pi] = (mp < m0[pi]) & torch.isfinite(mp)
+            alpha = torch.where(ok, alpha, torch.zeros_like(alpha))
+            # a zero step that is "small" still counts as converged (already at the minimiser)
+            done = small | ~ok
+            nfs = ~finite0 | ~torch.isfinite(dzd).reshape(dzd.shape[0], -1).all(1)
+        a = alpha[:, None, None]
+        xn = xs + a * dz[..., :nx]
+        un = us + a * dz[..., nx:]
+        if all_active:
+            x, u = xn, un
+            steps = steps + ok.long()
+            small_exit = small
+            dres = dres_s
+            fb = fb | fbs
+            nf = nf | nfs
+            active = ~done
+        else:
+            x = x.index_copy(0, idx, xn)
+            u = u.index_copy(0, idx, un)
+            steps = steps.index_add(0, idx, ok.long())
+            small_exit = small_exit.index_copy(0, idx, small)
+            dres = dres.index_copy(0, idx, dres_s)
+            fb = fb.index_copy(0, idx, fb[idx] | fbs)
+            nf = nf.index_copy(0, idx, nf[idx] | nfs)
+            active = active.index_copy(0, idx, ~done)
+    return x, u, steps, small_exit, dres, fb, nf
+
+
+def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: int, stop_at_rho_max: bool,
+                   track_grad: bool):
+    """Run ``iters`` AL iterations. Returns (x, u, new_state, info, last) where ``last`` holds the
+    ``(lam_eq, lam_in, rho)`` of each sample's last subproblem and ``ran`` (B,) (ran >= 1 iteration)."""
+    cfg = problem.config
+    kind = "dense" if problem.dense else "banded"
+    b = x0.shape[0]
+    dev = x0.device
+    x, u = state.x, state.u
+    x = torch.cat([x0[:, None], x[:, 1:]], 1)  # x_0 is fixed to x0 exactly
+    lam_eq, lam_in, rho = state.lam_eq, state.lam_ineq, state.rho
+    obs = state.obstacle_idx
+    last_eq, last_in, last_rho = lam_eq, lam_in, rho
+    al_iters = torch.zeros(b, dtype=torch.long, device=dev)
+    nsteps = torch.zeros(b, dtype=torch.long, device=dev)
+    small_exit = torch.zeros(b, dtype=torch.bool, device=dev)
+    dres = torch.full((b,), float("inf"), dtype=x.dtype, device=dev)
+    fb = torch.zeros(b, dtype=torch.bool, device=dev)
+    nf = torch.zeros(b, dtype=torch.bool, device=dev)
+    stats: dict = {}
+    for _ in range(iters):
+        run = rho <= cfg.rho_max if stop_at_rho_max else torch.ones(b, dtype=torch.bool, device=dev)
+        if not bool(run.any()):
+            break
+        all_run = bool(run.all())
+        if not track_grad:
+            x, u = x.detach(), u.detach()
+        if all_run:
+            bt = _Batch(x, u, theta, lam_eq, lam_in, rho, obs)
+        else:
+            ridx = run.nonzero()[:, 0]
+            bt = _Batch(x, u, theta, lam_eq, lam_in, rho, obs).take(ridx)
+        xr, ur, st, se, dr, f1, n1 = _newton_loop(problem, bt, kind, track_grad, stats)
+        # dual and penalty update at the new iterate
+        d = problem.defects(xr, ur)
+        g, _ = problem.ineq(xr, ur, bt.obs, jac=False)
+        r = bt.rho[:, None, None]
+        leq = bt.lam_eq + r * d
+        lin_ = (bt.lam_in + r * g).clamp_min(0.0)
+        if not track_grad:
+            leq, lin_ = leq.detach(), lin_.detach()
+        # guard: a non-finite update keeps the previous multipliers
+        okm = torch.isfinite(leq).reshape(leq.shape[0], -1).all(1) & torch.isfinite(lin_).reshape(leq.shape[0], -1).all(1)
+        leq = torch.where(okm[:, None, None], leq, bt.lam_eq)
+        lin_ = torch.where(okm[:, None, None], lin_, bt.lam_in)
+        n1 = n1 | ~okm
+        rnew = bt.rho * cfg.rho_growth
+        if all_run:
+            last_eq, last_in, last_rho = bt.lam_eq, bt.lam_in, bt.rho
+            x, u, lam_eq, lam_in, rho = xr, ur, leq, lin_, rnew
+            al_iters = al_iters + 1
+            nsteps = nsteps + st
+            small_exit, dres = se, dr
+            fb, nf = fb | f1, nf | n1
+        else:
+            last_eq = last_eq.index_copy(0, ridx, bt.lam_eq)
+            last_in = last_in.index_copy(0, ridx, bt.lam_in)
+            last_rho = last_rho.index_copy(0, ridx, bt.rho)
+            x, u = x.index_copy(0, ridx, xr), u.index_copy(0, ridx, ur)
+            lam_eq, lam_in = lam_eq.index_copy(0, ridx, leq), lam_in.index_copy(0, ridx, lin_)
+            rho = rho.index_copy(0, ridx, rnew)
+            al_iters = al_iters.index_add(0, ridx, torch.ones_like(ridx))
+            nsteps = nsteps.index_add(0, ridx, st)
+            small_exit = small_exit.index_copy(0, ridx, se)
+            dres = dres.index_copy(0, ridx, dr)
+            fb = fb.index_copy(0, ridx, fb[ridx] | f1)
+            nf = nf.index_copy(0, ridx, nf[ridx] | n1)
+    with torch.no_grad():
+        xd, ud = x.detach(), u.detach()
+        pres = problem.violation(xd, ud, obs)
+        cost = problem.cost(xd, ud, theta.detach())
+        converged = (pres <= cfg.tol_primal) & (dres <= cfg.tol_dual) & small_exit & ~nf
+    new_state = SolverState(xd, ud, lam_eq.detach(), lam_in.detach(), rho.detach(), obs)
+    info = SolveInfo(converged, pres, dres, al_iters, nsteps, rho.detach(), cost, fb, nf)
+    return x, u, new_state, info, (last_eq.detach(), last_in.detach(), last_rho.detach(), al_iters > 0)
+
+
+# ====================================================================== implicit gradients
+class _ImplicitFn(torch.autograd.Function):
+    """Identity on the solution in the forward; IFT of the last AL subproblem in the backward."""
+
+    @staticmethod
+    def forward(ctx, theta, x0, x, u, problem, last, obs, kind):
+        ctx.problem, ctx.last, ctx.obs, ctx.kind = problem, last, obs, kind
+        ctx.save_for_backward(theta, x, u)
+        return x.clone(), u.clone()
+
+    @staticmethod
+    def backward(ctx, gx, gu):
+        theta, x, u = ctx.saved_tensors
+        problem = ctx.problem
+        lam_eq, lam_in, rho, ran = ctx.last
+        nx = problem.nx
+        gx = torch.zeros_like(x) if gx is None else gx
+        gu = torch.zeros_like(u) if gu is None else gu
+        with torch.no_grad():
+            lin = problem.linearize(x, u, theta, lam_eq, lam_in, rho, ctx.obs)
+            F = linalg.factor(lin.D, lin.L, ctx.kind)
+            rhs = torch.cat([gx, gu], -1) * problem.consts(x).pin
+            v = linalg.solve(F, rhs)
+            good = F.ok & torch.isfinite(v).reshape(v.shape[0], -1).all(1) & ran
+            v = torch.where(good[:, None, None], v, torch.zeros_like(v))
+            Q = problem.consts(x).Q
+            g_theta = v[..., :nx] @ Q
+            g_x0 = None
+            if ctx.needs_input_grad[1]:
+                # F(z, x0) = grad_z M; dz/dx0 = -H^-1 H_{z,x0}  ->  g_x0 = gx_0 - H_{x0,z} v
+                cross = (lin.D0x.transpose(-1, -2) @ v[:, 0, :, None])[..., 0] \
+                    + (lin.L0x.transpose(-1, -2) @ v[:, 1, :, None])[..., 0]
+                g_x0 = gx[:, 0] - torch.where(good[:, None], cross, torch.zeros_like(cross))
+        return g_theta, g_x0, None, None, None, None, None, None
+
+
+def _kkt_matrix(problem: MPCProblem, x, u, lam_in_final, obs):
+    """Dense KKT matrix ``[[W, J^T], [J, E]]`` at ``(x, u)``; rows: x_0 = x0, dynamics, inequalities
+    (inactive rows get ``E = I`` so their multiplier is 0). Returns ``(K (B,N,N), n_z)``."""
+    c = problem.consts(x)
+    b, T, nx, nu, n = x.shape[0], problem.T, problem.nx, problem.nu, problem.n
+    _, A, Bu = problem.system.step_and_jacobians(x[:, :-1].reshape(-1, nx), u[:, :-1].reshape(-1, nu))
+    A = A.reshape(b, T - 1, nx, nx)
+    Bu = Bu.reshape(b, T - 1, nx, nu)
+    g, G = problem.ineq(x, u, obs, jac=True)
+    act = lam_in_final > 0
+    mi = g.shape[-1]
+    nz = T * n
+    neq = T * nx
+    nin = T * mi
+    N = nz + neq + nin
+    K = x.new_zeros(b, N, N)
+    idx = torch.arange(T, device=x.device)
+    Wb = x.new_zeros(b, T, n, T, n)
+    Wb[:, idx, :, idx, :] = c.W.expand(T, b, n, n)
+    K[:, :nz, :nz] = Wb.reshape(b, nz, nz)
+    J = x.new_zeros(b, T, nx, T, n)  # equality rows: block 0: x_0; block t+1: d_t
+    J[:, 0, :, 0, :nx] = torch.eye(nx, dtype=x.dtype, device=x.device)
+    AB = -torch.cat([A, Bu], -1)  # (B,T-1,nx,n)
+    J[:, idx[1:], :, idx[:-1], :] = AB.transpose(0, 1)
+    J[:, idx[1:], :, idx[1:], :nx] = torch.eye(nx, dtype=x.dtype, device=x.device).expand(T - 1, b, nx, nx)
+    J = J.reshape(b, neq, nz)
+    Gi = x.new_zeros(b, T, mi, T, n)
+    Gi[:, idx, :, idx, :] = (G * act[..., None].to(G.dtype)).transpose(0, 1)
+    Gi = Gi.reshape(b, nin, nz)
+    K[:, nz:nz + neq, :nz] = J
+    K[:, :nz, nz:nz + neq] = J.transpose(-1, -2)
+    K[:, nz + neq:, :nz] = Gi
+    K[:, :nz, nz + neq:] = Gi.transpose(-1, -2)
+    K[:, nz + neq:, nz + neq:] = torch.diag_embed((~act).reshape(b, nin).to(x.dtype))
+    return K, nz
+
+
+class _FinalImplicitFn(torch.autograd.Function):
+    """IFT of the KKT conditions of the constrained problem at the returned iterate (Diff-MPC style)."""
+
+    @staticmethod
+    def forward(ctx, theta, x0, x, u, problem, lam_in_final, obs):
+        ctx.problem, ctx.lam_in, ctx.obs = problem, lam_in_final, obs
+        ctx.save_for_backward(x, u)
+        return x.clone(), u.clone()
+
+    @staticmethod
+    def backward(ctx, gx, gu):
+        x, u = ctx.saved_tensors
+        problem = ctx.problem
+        nx, T = problem.nx, problem.T
+        gx = torch.zeros_like(x) if gx is None else gx
+        gu = torch.zeros_like(u) if gu is None else gu
+        with torch.no_grad():
+            K, nz = _kkt_matrix(problem, x, u, ctx.lam_in, ctx.obs)
+            b = x.shape[0]
+            rhs = torch.cat([torch.cat([gx, gu], -1).reshape(b, nz), x.new_zeros(b, K.shape[1] - nz)], 1)
+            sol, info = torch.linalg.solve_ex(K, rhs[..., None])
+            sol = sol[..., 0]
+            good = (info == 0) & torch.isfinite(sol).all(1)
+            sol = torch.where(good[:, None], sol, torch.zeros_like(sol))
+            v = sol[:, :nz].reshape(b, T, problem.n)
+            g_theta = v[..., :nx] @ problem.consts(x).Q
+            g_x0 = sol[:, nz:nz + nx]  # multiplier direction of the x_0 = x0 row
+        return g_theta, g_x0, None, None, None, None, None
+
+
+# ====================================================================== public entry point
+def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: SolverState | None = None,
+          iters: int = 2, gradient: str | None = None, stop_at_rho_max: bool = False):
+    """Run ``iters`` AL iterations of the MPC problem (see :mod:`deqmpc_gym.mpc.problem` for the math).
+
+    Args:
+        problem: :class:`MPCProblem`.
+        x0: ``(B, nx)`` current states (``x_0`` of the solution equals ``x0`` exactly).
+        theta: ``(B, T, nx)`` waypoints (the tracking reference; ``theta[:, 0]`` only affects nothing but the
+            constant cost). Inputs are cast to ``problem.config.dtype``; the device follows ``x0``.
+        state: warm start (:class:`SolverState`, e.g. the previous call's, or ``state.shift(...)``);
+            ``None``: :func:`init_state`.
+        iters: AL iterations to run (``>= 1``).
+        gradient: ``"implicit"`` | ``"unroll"`` | ``"final_implicit"`` (default ``problem.config.gradient``).
+        stop_at_rho_max: streaming mode: a sample stops once its ``rho`` exceeds ``config.rho_max``.
+
+    Returns:
+        ``(x (B,T,nx), u (B,T,nu), state, info)``: the final iterate (differentiable w.r.t. ``theta`` and ``x0``
+        when they require grad and grad mode is on), the new :class:`SolverState` (detached) and
+        :class:`SolveInfo`. Samples that ran no AL iteration in this call get zero gradient.
+
+    Raises:
+        ShapeError: wrong shapes, non-finite ``x0``/``theta``. ConfigError: bad ``gradient``/``iters``.
+    """
+    _check_inputs(problem, x0, theta)
+    gradient = problem.config.gradient if gradient is None else gradient
+    if gradient not in ("implicit", "unroll", "final_implicit"):
+        raise ConfigError(f"gradient must be 'implicit', 'unroll' or 'final_implicit', got {gradient!r}")
+    if not isinstance(iters, int) or iters < 0:
+        raise ConfigError(f"iters must be an int >= 0, got {iters!r}")
+    cfg = problem.config
+    dt = cfg.dtype
+    x0c, thc = x0.to(dt), theta.to(dt)
+    b = x0.shape[0]
+    cold = init_state(problem, x0c.detach(), thc.detach())
+    cold_start = state is None
+    if cold_start:
+        state = cold
+    else:
+        _check_state(problem, state, b)
+        state = SolverState(state.x.detach().to(x0c), state.u.detach().to(x0c), state.lam_eq.detach().to(x0c),
+                            state.lam_ineq.detach().to(x0c), state.rho.detach().to(x0c), state.obstacle_idx)
+        bad = ~(torch.isfinite(state.x).reshape(b, -1).all(1) & torch.isfinite(state.u).reshape(b, -1).all(1)
+                & torch.isfinite(state.lam).all(1) & torch.isfinite(state.rho))
+        if bool(bad.any()):
+            state = cold.where(bad, state)
+    needs_grad = torch.is_grad_enabled() and (x0.requires_grad or theta.requires_grad)
+    track = needs_grad and gradient == "unroll"
+    if track:
+        if cold_start:  # the cold primal guess x = theta is part of the differentiated computation
+            state = replace(state, x=thc)
+        x, u, new_state, info, last = _al_iterations(problem, x0c, thc, state, iters, stop_at_rho_max, True)
+        return x, u, new_state, info
+    with torch.no_grad():
+        x, u, new_state, info, last = _al_iterations(problem, x0c.detach(), thc.detach(), state, iters,
+                                                     stop_at_rho_max, False)
+    if needs_grad:
+        if gradient == "implicit":
+            x, u = _ImplicitFn.apply(thc, x0c, x, u, problem, last, new_state.obstacle_idx,
+                                     "dense" if problem.dense else "banded")
+        else:
+            x, u = _FinalImplicitFn.apply(thc, x0c, x, u, problem, new_state.lam_ineq, new_state.obstacle_idx)
+    return x, u, new_state, info
