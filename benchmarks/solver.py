@@ -1,0 +1,211 @@
+"""Benchmark of the AL MPC solver (deqmpc_gym.mpc) against mpc.pytorch (Amos et al. 2018) and IPOPT.
+
+Run:  python benchmarks/solver.py [--threads 1] [--reps 5]
+Writes a markdown table to stdout and benchmarks/results/solver.json.
+
+Measured (medians over --reps, B = 200 and B = 1, T = 5):
+* cold:   our cold solve (iters=9 AL iterations, rho 1 -> 1e8) vs mpc.pytorch's cold solve (lqr_iter=20,
+          eps=1e-4) on the same problem (same Q, R, theta, bounds, dynamics = system.step); costs are reported
+          so "same tolerance" can be checked;
+* warm:   our warm-started MPC-m call (m = 2 AL iterations from the shifted previous solution) vs mpc.pytorch cold;
+* T50/T5: time(T=50) / time(T=5) of our solver for the same number of AL iterations (iters=2);
+* bwd/fwd: implicit backward time / forward time of a warm MPC-m call;
+* ipopt:  CasADi+IPOPT time of one problem (B = 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "mpc"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from deqmpc_gym.mpc import MPCConfig, MPCProblem, solve  # noqa: E402
+from deqmpc_gym.systems import Cartpole, Pendulum, Quadrotor  # noqa: E402
+
+
+def make_batch(system, B, T, seed=0, noise=0.1):
+    """x0 ~ task distribution; theta = rollout of random in-bounds controls + noise (T <= 10)."""
+    rng = np.random.default_rng(seed)
+    x0 = torch.tensor(system.sample_initial_states(rng, B))
+    lo, hi = np.asarray(system.u_low), np.asarray(system.u_high)
+    if T > 10:  # long random rollouts of the quadrotor diverge: track x0 held constant (+ noise)
+        return x0, x0[:, None].expand(B, T, system.nx) + noise * torch.tensor(
+            rng.standard_normal((B, T, system.nx)))
+    u = torch.tensor(lo + (hi - lo) * rng.random((B, T, system.nu)))
+    xs = [x0]
+    for t in range(T - 1):
+        xs.append(system.step(xs[-1], u[:, t]))
+    return x0, torch.stack(xs, 1) + noise * torch.tensor(rng.standard_normal((B, T, system.nx)))
+
+
+def timeit(fn, reps):
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def mpc_pytorch_solver(system, x0, theta, lqr_iter=20):
+    from mpc import mpc as mp
+    from mpc.mpc import GradMethods, QuadCost
+
+    B, T, nx = theta.shape
+    nu = system.nu
+    Q = torch.tensor(system.Q_diag, dtype=torch.float64)
+    R = torch.tensor(system.R_diag, dtype=torch.float64)
+    C = torch.diag(torch.cat([Q, R])).expand(T, B, nx + nu, nx + nu)
+    c = torch.cat([-(theta * Q), torch.zeros(B, T, nu, dtype=torch.float64)], -1).transpose(0, 1)
+    ul = torch.tensor(system.u_low, dtype=torch.float64).expand(T, B, nu)
+    uh = torch.tensor(system.u_high, dtype=torch.float64).expand(T, B, nu)
+
+    class Dyn(torch.nn.Module):
+        def forward(self, x, u):
+            return system.step(x, u)
+
+    dyn = Dyn()
+
+    def run():
+        ctrl = mp.MPC(nx, nu, T, u_lower=ul, u_upper=uh, lqr_iter=lqr_iter, exit_unconverged=False, eps=1e-4,
+                      n_batch=B, grad_method=GradMethods.AUTO_DIFF, verbose=-1, backprop=False)
+        x, u, objs = ctrl(x0, QuadCost(C, c), dyn)
+        return x.transpose(0, 1), u.transpose(0, 1)
+
+    return run
+
+
+def bench_system(system, B, reps, do_mpc_pytorch=True):
+    T = 5
+    x0, theta = make_batch(system, B, T + 1)
+    th0, th1 = theta[:, :T], theta[:, 1:]
+    pb = MPCProblem(system, MPCConfig(horizon=T))
+    res = {}
+    out = {}
+
+    def cold():
+        out["cold"] = solve(pb, x0, th0, iters=9)
+
+    res["ours_cold_s"] = timeit(cold, reps)
+    x, u, st, info = out["cold"]
+    res["ours_cold_cost_median"] = float(info.cost.median())
+    res["ours_cold_defect_max"] = float(info.primal_residual.max())
+    res["ours_cold_converged_frac"] = float(info.converged.float().mean())
+    warm = st.shift(pb, x_last=th1[:, -1])
+    x1 = st.x[:, 1]
+
+    def warm_call():
+        out["warm"] = solve(pb, x1, th1, state=warm, iters=2)
+
+    res["ours_warm_m2_s"] = timeit(warm_call, reps)
+    res["ours_warm_defect_median"] = float(out["warm"][3].primal_residual.median())
+    # backward / forward (implicit) of the warm call
+    thg = th1.clone().requires_grad_()
+
+    def fwd():
+        out["g"] = solve(pb, x1, thg, state=warm, iters=2)
+
+    def bwd():
+        x, u = out["g"][0], out["g"][1]
+        torch.autograd.grad(x.sum() + u.sum(), thg)
+
+    tf = timeit(fwd, reps)
+    tbs = []
+    for _ in range(reps + 1):
+        fwd()
+        t0 = time.perf_counter()
+        bwd()
+        tbs.append(time.perf_counter() - t0)
+    tb = statistics.median(tbs[1:])
+    res["implicit_fwd_s"], res["implicit_bwd_s"] = tf, tb
+    res["bwd_over_fwd"] = tb / tf
+    # T = 50 vs T = 5 (iters = 2)
+    x0l, thl = make_batch(system, B, 50)
+    pbl = MPCProblem(system, MPCConfig(horizon=50))
+    t50 = timeit(lambda: solve(pbl, x0l, thl, iters=2), reps)
+    t5 = timeit(lambda: solve(pb, x0, th0, iters=2), reps)
+    res["ours_T5_iters2_s"], res["ours_T50_iters2_s"] = t5, t50
+    res["T50_over_T5"] = t50 / t5
+    if do_mpc_pytorch:
+        run = mpc_pytorch_solver(system, x0, th0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res["mpc_pytorch_cold_s"] = timeit(lambda: out.__setitem__("mp", run()), reps)
+        xm, um = out["mp"]
+        res["mpc_pytorch_cost_median"] = float(pb.cost(xm.detach(), um.detach(), th0).median())
+        res["mpc_pytorch_defect_max"] = float(pb.defects(xm.detach(), um.detach()).abs().amax((1, 2)).max())
+        res["speedup_cold"] = res["mpc_pytorch_cold_s"] / res["ours_cold_s"]
+        res["speedup_warm_vs_mpc_pytorch_cold"] = res["mpc_pytorch_cold_s"] / res["ours_warm_m2_s"]
+    return res
+
+
+def bench_ipopt(system, reps):
+    try:
+        import casadi_ref as ref
+    except Exception:  # casadi missing
+        return None
+    x0, theta = make_batch(system, 1, 5)
+    f = ref.casadi_dynamics(system)
+    Q, R = np.diag(system.Q_diag), np.diag(system.R_diag)
+    return timeit(lambda: ref.ipopt_solve(system, f, x0[0].numpy(), theta[0].numpy(), Q, R,
+                                         np.asarray(system.u_low), np.asarray(system.u_high)), reps)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--systems", default="pendulum,cartpole,quadrotor")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    systems = {"pendulum": Pendulum, "cartpole": Cartpole, "quadrotor": Quadrotor}
+    results = {"threads": args.threads, "torch": torch.__version__, "rows": []}
+    for name in args.systems.split(","):
+        system = systems[name]()
+        for B in (200, 1):
+            r = bench_system(system, B, args.reps)
+            r.update(system=name, B=B)
+            if B == 1:
+                r["ipopt_s"] = bench_ipopt(system, args.reps)
+                if r["ipopt_s"]:
+                    r["ipopt_over_ours_cold"] = r["ipopt_s"] / r["ours_cold_s"]
+            results["rows"].append(r)
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    with open(os.path.join(os.path.dirname(__file__), "results", "solver.json"), "w") as fh:
+        json.dump(results, fh, indent=2)
+    cols = [("system", "system"), ("B", "B"), ("ours cold [ms]", "ours_cold_s"),
+            ("mpc.pytorch cold [ms]", "mpc_pytorch_cold_s"), ("cold speedup", "speedup_cold"),
+            ("ours warm m=2 [ms]", "ours_warm_m2_s"), ("warm vs mpc.pt cold", "speedup_warm_vs_mpc_pytorch_cold"),
+            ("T50/T5", "T50_over_T5"), ("bwd/fwd", "bwd_over_fwd"), ("cost ours", "ours_cold_cost_median"),
+            ("cost mpc.pt", "mpc_pytorch_cost_median"), ("IPOPT 1 problem [ms]", "ipopt_s")]
+    print(f"torch threads = {args.threads}\n")
+    print("| " + " | ".join(c[0] for c in cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in results["rows"]:
+        vals = []
+        for title, key in cols:
+            v = r.get(key)
+            if v is None:
+                vals.append("-")
+            elif key.endswith("_s"):
+                vals.append(f"{1e3 * v:.1f}")
+            elif isinstance(v, float):
+                vals.append(f"{v:.3g}")
+            else:
+                vals.append(str(v))
+        print("| " + " | ".join(vals) + " |")
+
+
+if __name__ == "__main__":
+    main()
