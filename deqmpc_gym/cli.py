@@ -6,7 +6,7 @@ Subcommands::
     deqmpc-gym expert collect --env ID --out FILE [--num-trajectories N] [--seed S] [--expert DIR]
     deqmpc-gym train    --env ID --variant V --dataset FILE --out DIR [--steps N] [--hidden H] [--resume]
     deqmpc-gym evaluate --policy DIR [--episodes N] [--stream-iters K] [--json FILE]
-    deqmpc-gym record   --env ID [--policy DIR] [--episodes N] --out DIR [--no-overlay]
+    deqmpc-gym record   --env ID [--policy DIR] [--episodes N] --out DIR [--no-overlay] [--max-steps N]
     deqmpc-gym reproduce table1 [--scale cpu|paper] [--seeds ...] [--envs ...] [--out DIR]
     deqmpc-gym demo     [--out DIR]
 """
@@ -70,6 +70,7 @@ def _add_misc(sub: Any) -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-overlay", action="store_true")
+    r.add_argument("--max-steps", type=int, default=None, help="steps per episode (default: the env's limit)")
     rep = sub.add_parser("reproduce", help="reproduce the paper's experiments")
     rep.add_argument("what", choices=["table1", "warmstart"])
     rep.add_argument("--scale", choices=["cpu", "paper", "tiny"], default="cpu")
@@ -169,7 +170,7 @@ def _record(args: argparse.Namespace) -> int:
     from deqmpc_gym.experiments.record import record_rollouts
 
     paths = record_rollouts(args.env, args.out, policy_path=args.policy, episodes=args.episodes, seed=args.seed,
-                            overlay=not args.no_overlay)
+                            overlay=not args.no_overlay, max_steps=args.max_steps)
     for p in paths:
         print(p)
     return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +30,7 @@ from deqmpc_gym.errors import DatasetError, ShapeError
 from deqmpc_gym.io import atomic_write
 
 SCHEMA = "deqmpc_gym.dataset"
+SHIPPED_DIR = Path(__file__).resolve().parent / "datasets"
 SCHEMA_VERSION = 1
 
 
@@ -124,7 +126,7 @@ class ExpertDataset:
             with np.load(p, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 arrays = {k: z[k] for k in ("states", "controls", "actions", "rewards", "lengths", "terminal")}
-        except (KeyError, ValueError, OSError, json.JSONDecodeError) as exc:
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
             raise DatasetError(f"{p} is not a deqmpc_gym dataset ({type(exc).__name__}: {exc})") from exc
         if meta.get("schema") != SCHEMA or meta.get("version") != SCHEMA_VERSION:
             raise DatasetError(f"{p} has schema {meta.get('schema')!r} v{meta.get('version')}; "
@@ -171,3 +173,18 @@ def from_trajectories(env_id: str, trajectories: Sequence[Any], expert_id: str =
                         rews=np.asarray(getattr(t, "rews", np.zeros(len(t.acts))), np.float64),
                         terminal=bool(t.terminal), controls=getattr(t, "controls", None)) for t in trajectories]
     return ExpertDataset(env_id, trajs, expert_id, seed)
+
+
+def shipped_dataset(env_id: str) -> Path:
+    """Path of the expert dataset shipped with the package for ``env_id`` (e.g. ``"DEQMPC/Pendulum-v0"``).
+
+    Raises :class:`DatasetError` listing the shipped datasets when there is none for ``env_id``; other envs'
+    datasets are made with ``deqmpc-gym expert collect``.
+    """
+    name = env_id.split("/")[-1]
+    found = sorted(SHIPPED_DIR.glob(f"{name}-*.npz"))
+    if not found:
+        have = sorted(p.name for p in SHIPPED_DIR.glob("*.npz"))
+        raise DatasetError(f"no dataset shipped for {env_id!r} (shipped: {have}); create one with "
+                           f"`deqmpc-gym expert collect --env {env_id} --out FILE`")
+    return found[-1]

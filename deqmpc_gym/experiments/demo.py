@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deqmpc_gym.data import shipped_dataset
 from deqmpc_gym.io import atomic_write_text
 
 DEMO_ENV = "DEQMPC/Pendulum-v0"
-DEMO_DATASET = Path(__file__).resolve().parent.parent / "datasets" / "Pendulum-v0-300.npz"
+DEMO_DATASET = shipped_dataset(DEMO_ENV)
 DEMO_VARIANTS = ("deq-mpc-deq", "diff-mpc-nn")
 
 
@@ -33,7 +34,7 @@ def run_demo(out_dir: str | Path = "results/demo", *, steps: int | None = None, 
     from deqmpc_gym.training import ImitationTrainer, TrainConfig
 
     out = Path(out_dir)
-    n_steps = int(steps or 400)
+    n_steps = int(steps or 500)
     ds = ExpertDataset.load(DEMO_DATASET, env_id=DEMO_ENV)
     card = load_expert(DEMO_ENV).card
     ref = (card["random_return"], card["mean_return"])

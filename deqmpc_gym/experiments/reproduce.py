@@ -62,7 +62,7 @@ SCALES: dict[str, Scale] = {
                    num_trajectories={"Pendulum": 300, "Cartpole": 300, "Quadrotor": 2000, "QPole": 2000,
                                      "QPoleObs": 2000},
                    eval_episodes=200, seeds={k: (0, 1, 2) for k in _PAPER_HIDDEN}),
-    "cpu": Scale(hidden={k: 64 for k in _PAPER_HIDDEN}, steps=600, batch_size=64, val_batches=10, val_every=100,
+    "cpu": Scale(hidden={k: 64 for k in _PAPER_HIDDEN}, steps=500, batch_size=64, val_batches=10, val_every=100,
                  num_trajectories={k: 300 for k in _PAPER_HIDDEN}, eval_episodes=100,
                  seeds={"Pendulum": (0, 1, 2), "Cartpole": (0, 1, 2), "Quadrotor": (0,), "QPole": (0,),
                         "QPoleObs": (0,)}),

@@ -247,7 +247,11 @@ def train_expert(config: ExpertConfig, out_dir: str | Path, *, resume: bool = Tr
     venv = _make_venv(config, config.seed, training=True)
     if resume and paths.progress.exists():
         state = json.loads(paths.progress.read_text())
-        if state.get("config") != cfg_dict:
+        budget_keys = ("total_steps", "slice_steps", "eval_episodes")  # may change between resumed runs
+        same = {k: v for k, v in (state.get("config") or {}).items() if k not in budget_keys} == \
+            {k: v for k, v in cfg_dict.items() if k not in budget_keys}
+        state["config"] = cfg_dict
+        if not same:
             raise CheckpointError(f"{paths.progress} was written for another ExpertConfig; use another --out "
                                   f"or the same settings (saved: {state.get('config')})")
         venv = VecNormalize.load(str(paths.norm), venv.venv)
