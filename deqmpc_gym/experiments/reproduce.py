@@ -41,34 +41,45 @@ class Scale:
     """Sizes of one reproduction scale.
 
     Attributes:
-        hidden: network width per env; steps: training steps; batch_size: windows per step;
-        val_batches / val_every: validation; num_trajectories: dataset size per env;
-        eval_episodes: evaluation rollouts; seeds: default seeds per env.
+        hidden, steps, batch_size, num_trajectories, eval_episodes, seeds: per env (short name);
+        val_batches / val_every: validation.
     """
 
     hidden: dict[str, int]
-    steps: int
-    batch_size: int
+    steps: dict[str, int]
+    batch_size: dict[str, int]
     val_batches: int
     val_every: int
     num_trajectories: dict[str, int]
-    eval_episodes: int
+    eval_episodes: dict[str, int]
     seeds: dict[str, tuple[int, ...]]
 
 
 _PAPER_HIDDEN = {"Pendulum": 256, "Cartpole": 512, "Quadrotor": 512, "QPole": 1024, "QPoleObs": 1024}
+_ALL = tuple(_PAPER_HIDDEN)
+_QUADS = ("Quadrotor", "QPole", "QPoleObs")
+
+
+def _per_env(small: int, quad: int) -> dict[str, int]:
+    return {k: (quad if k in _QUADS else small) for k in _ALL}
+
+
+# "cpu": sized so that one seed of the table fits a 2-core CPU session (the quadrotor solver is ~10x more
+# expensive per step than the pendulum's, hence fewer, smaller steps there).
 SCALES: dict[str, Scale] = {
-    "paper": Scale(hidden=_PAPER_HIDDEN, steps=20000, batch_size=200, val_batches=100, val_every=100,
+    "paper": Scale(hidden=_PAPER_HIDDEN, steps=_per_env(20000, 20000), batch_size=_per_env(200, 200),
+                   val_batches=100, val_every=100,
                    num_trajectories={"Pendulum": 300, "Cartpole": 300, "Quadrotor": 2000, "QPole": 2000,
                                      "QPoleObs": 2000},
-                   eval_episodes=200, seeds={k: (0, 1, 2) for k in _PAPER_HIDDEN}),
-    "cpu": Scale(hidden={k: 64 for k in _PAPER_HIDDEN}, steps=500, batch_size=64, val_batches=10, val_every=100,
-                 num_trajectories={k: 300 for k in _PAPER_HIDDEN}, eval_episodes=100,
+                   eval_episodes=_per_env(200, 200), seeds={k: (0, 1, 2) for k in _ALL}),
+    "cpu": Scale(hidden={k: 64 for k in _ALL}, steps=_per_env(500, 150), batch_size=_per_env(64, 32),
+                 val_batches=10, val_every=100, num_trajectories={k: 300 for k in _ALL},
+                 eval_episodes=_per_env(100, 50),
                  seeds={"Pendulum": (0, 1, 2), "Cartpole": (0, 1, 2), "Quadrotor": (0,), "QPole": (0,),
                         "QPoleObs": (0,)}),
-    "tiny": Scale(hidden={k: 16 for k in _PAPER_HIDDEN}, steps=4, batch_size=8, val_batches=1, val_every=2,
-                  num_trajectories={k: 4 for k in _PAPER_HIDDEN}, eval_episodes=2,
-                  seeds={k: (0,) for k in _PAPER_HIDDEN}),
+    "tiny": Scale(hidden={k: 16 for k in _ALL}, steps=_per_env(4, 4), batch_size=_per_env(8, 8), val_batches=1,
+                  val_every=2, num_trajectories={k: 4 for k in _ALL}, eval_episodes=_per_env(2, 2),
+                  seeds={k: (0,) for k in _ALL}),
 }
 
 
@@ -106,14 +117,14 @@ def run_one(env_id: str, variant: str, seed: int, scale: Scale, out_dir: Path, d
 
     torch.manual_seed(seed)
     policy = DEQMPCPolicy.from_env(env_id, variant, hidden=scale.hidden[short])
-    cfg = TrainConfig(steps=scale.steps, batch_size=scale.batch_size, val_batches=scale.val_batches,
+    cfg = TrainConfig(steps=scale.steps[short], batch_size=scale.batch_size[short], val_batches=scale.val_batches,
                       val_every=scale.val_every, seed=seed)
     t0 = time.perf_counter()
     res = ImitationTrainer(policy, ds, cfg, run_dir, progress=False).train(resume=True)
     best = DEQMPCPolicy.load(run_dir / "best")
     card = load_expert(env_id).card
     k = 2 if short == "QPoleObs" else 1
-    ev = rollout_batched(best, env_id, EvalConfig(episodes=scale.eval_episodes, stream_iters=k),
+    ev = rollout_batched(best, env_id, EvalConfig(episodes=scale.eval_episodes[short], stream_iters=k),
                          reference=(card["random_return"], card["mean_return"]))
     return {"env_id": env_id, "variant": variant, "seed": seed, "normalized_score": ev.normalized_score,
             "mean_return": ev.mean_return, "std_return": ev.std_return, "success_rate": ev.success_rate,
@@ -222,7 +233,8 @@ def warmstart_ablation(*, scale: str = "cpu", out_dir: str | Path = "results", e
         if not best.exists():
             run_one(env_id, variant, seed, sc, root, Path(out_dir) / "datasets")
         policy = DEQMPCPolicy.load(best)
-        curves[variant] = [float(rollout_batched(policy, env_id, EvalConfig(episodes=sc.eval_episodes, stream_iters=k),
+        curves[variant] = [float(rollout_batched(policy, env_id, EvalConfig(episodes=sc.eval_episodes[_short(env_id)],
+                                                                            stream_iters=k),
                                                  reference=(card["random_return"], card["mean_return"])).normalized_score)
                            for k in ks]
     fig, ax = plt.subplots(figsize=(5, 3.4))
