@@ -38,11 +38,16 @@ def _is_quad(system: System) -> bool:
     return system.mrp_slice is not None and system.position_slice is not None
 
 
+#: y offset [m] of planar overlay points, in front of the pendulum bob / pole (the camera looks along +y).
+PLANAR_FRONT = -0.2
+
+
 def state_to_points(system: System, x: Any) -> np.ndarray:
     """Map states ``(..., nx)`` to one 3-D point ``(..., 3)`` [m] used for goals, plans and overlays.
 
-    pendulum: the bob ``(-sin theta, 0, cos theta)``; cart-pole: the pole tip ``(p - 2 sin theta, 0, 2 cos
-    theta)``; quadrotor / QPole (any system with a ``position_slice``): the 3-D position. Other systems: the
+    pendulum: the bob ``(-sin theta, y_f, cos theta)``; cart-pole: the pole tip ``(p - 2 sin theta, y_f, 2 cos
+    theta)``, with ``y_f = PLANAR_FRONT`` placing the points in front of the bodies (towards the camera) so
+    that overlays are never hidden inside them; quadrotor / QPole (any system with a ``position_slice``): the 3-D position. Other systems: the
     first (up to three) configuration coordinates padded with zeros.
     """
     x = np.asarray(x, dtype=np.float64)
@@ -53,11 +58,11 @@ def state_to_points(system: System, x: Any) -> np.ndarray:
         return x[..., a:b].copy()
     if system.name == "pendulum":
         th = x[..., 0]
-        return np.stack([-PENDULUM_LENGTH * np.sin(th), np.zeros_like(th), PENDULUM_LENGTH * np.cos(th)], -1)
+        return np.stack([-PENDULUM_LENGTH * np.sin(th), np.full_like(th, PLANAR_FRONT), PENDULUM_LENGTH * np.cos(th)], -1)
     if system.name == "cartpole":
         p, th = x[..., 0], x[..., 1]
         L = CARTPOLE_POLE_LENGTH
-        return np.stack([p - L * np.sin(th), np.zeros_like(th), L * np.cos(th)], -1)
+        return np.stack([p - L * np.sin(th), np.full_like(th, PLANAR_FRONT), L * np.cos(th)], -1)
     q = x[..., : min(3, system.nq)]
     pad = np.zeros(x.shape[:-1] + (3 - q.shape[-1],))
     return np.concatenate([q, pad], -1)

@@ -204,7 +204,8 @@ class DEQMPCLayer(nn.Module):
                 if solver_state is None:
                     solver_state = init_state(problem, x0, theta.detach())
                 else:
-                    solver_state = solver_state.shift(problem, x_last=theta[:, -1].detach())
+                    solver_state = solver_state.shift(problem, x_last=theta[:, -1].detach(),
+                                                      iters_remaining=n_iter * cfg.al_iters)
             x, u, solver_state, info = solve(problem, x0, theta, solver_state, iters=cfg.al_iters,
                                              gradient=cfg.gradient, stop_at_rho_max=stream)
             iters = iters + info.newton_steps.to(iters.dtype)
@@ -223,8 +224,8 @@ class DEQMPCLayer(nn.Module):
         if state is None:
             solver_state, iters, stream = init_state(problem, x0, theta.detach()), cfg.diff_mpc_al_iters, False
         else:
-            solver_state = state.solver.shift(problem, x_last=theta[:, -1].detach())
             iters, stream = cfg.stream_al_iters, True
+            solver_state = state.solver.shift(problem, x_last=theta[:, -1].detach(), iters_remaining=iters)
         x, u, solver_state, info = solve(problem, x0, theta, solver_state, iters=iters,
                                          gradient="final_implicit", stop_at_rho_max=stream)
         new_state = detach_state(StreamState(plan=x, controls=u, z=z, solver=solver_state))

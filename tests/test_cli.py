@@ -1,0 +1,177 @@
+"""The ``deqmpc-gym`` command line: help texts, collect -> train -> evaluate -> record, error exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import deqmpc_gym
+from deqmpc_gym.cli import build_parser, main
+from deqmpc_gym.data import ExpertDataset
+
+PEND = "DEQMPC/Pendulum-v0"
+ROOT = Path(deqmpc_gym.__file__).resolve().parent.parent
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MUJOCO_GL=env.get("MUJOCO_GL", "egl"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    return env
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deqmpc_gym.cli", *args], capture_output=True, text=True,
+                          env=_env(), timeout=timeout, cwd=ROOT)
+
+
+# ---------------------------------------------------------------------------------------------- help
+SUBCOMMANDS = [["expert"], ["expert", "train"], ["expert", "collect"], ["train"], ["evaluate"], ["record"],
+               ["reproduce"], ["demo"]]
+
+
+def test_top_level_help_subprocess() -> None:
+    r = _cli("--help")
+    assert r.returncode == 0, r.stderr
+    for name in ("expert", "train", "evaluate", "record", "reproduce", "demo"):
+        assert name in r.stdout
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS, ids=lambda c: "-".join(c))
+def test_subcommand_help(cmd: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([*cmd, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: deqmpc-gym" in out
+
+
+def test_subcommand_help_subprocess() -> None:
+    r = _cli("record", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "--max-steps" in r.stdout
+
+
+def test_missing_subcommand_is_usage_error(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    assert "required" in capsys.readouterr().err
+
+
+def test_parser_defaults() -> None:
+    args = build_parser().parse_args(["train", "--env", PEND, "--dataset", "d.npz", "--out", "o"])
+    assert args.variant == "deq-mpc-deq" and args.steps == 20000 and args.hidden == 128 and not args.resume
+
+
+# ---------------------------------------------------------------------------------------------- workflow
+def test_expert_collect_subprocess(tmp_path: Path) -> None:
+    out = tmp_path / "pend3.npz"
+    r = _cli("expert", "collect", "--env", PEND, "--out", str(out), "--num-trajectories", "3", "--seed", "4")
+    assert r.returncode == 0, r.stderr
+    assert "collected 3 trajectories" in r.stdout
+    ds = ExpertDataset.load(out, env_id=PEND)
+    assert len(ds) == 3 and ds.seed == 4 and ds.expert_id == PEND
+    assert all(len(t) == 200 for t in ds.trajectories)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_pendulum_dataset_file: Path) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    code = main(["train", "--env", PEND, "--variant", "deq-mpc-nn", "--dataset", str(tiny_pendulum_dataset_file),
+                 "--out", str(out), "--steps", "4", "--hidden", "16", "--batch-size", "8", "--val-every", "2",
+                 "--val-batches", "1"])
+    assert code == 0
+    return out
+
+
+def test_train(trained: Path, capsys: pytest.CaptureFixture) -> None:
+    for name in ("best/policy.pt", "final/policy.pt", "checkpoint.pt", "result.json", "progress.csv"):
+        assert (trained / name).exists(), name
+    res = json.loads((trained / "result.json").read_text())
+    assert res["steps"] == 4 and len(res["history"]) == 2
+    cfg = json.loads((trained / "final" / "config.json").read_text())
+    assert cfg["env_id"] == PEND and cfg["config"]["hidden"] == 16 and cfg["config"]["variant"] == "deq-mpc-nn"
+
+
+def test_train_resume_finished(trained: Path, tiny_pendulum_dataset_file: Path, capsys) -> None:
+    code = main(["train", "--env", PEND, "--variant", "deq-mpc-nn", "--dataset", str(tiny_pendulum_dataset_file),
+                 "--out", str(trained), "--steps", "4", "--hidden", "16", "--batch-size", "8", "--val-every", "2",
+                 "--val-batches", "1", "--resume"])
+    assert code == 0
+    assert "at step" in capsys.readouterr().out
+
+
+def test_evaluate(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    js = tmp_path / "eval.json"
+    code = main(["evaluate", "--policy", str(trained / "best"), "--episodes", "2", "--steps", "10",
+                 "--json", str(js)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "normalized score" in out
+    res = json.loads(js.read_text())
+    assert res["episodes"] == 2 and res["max_steps"] == 10 and len(res["returns"]) == 2
+    assert res["normalized_score"] is not None and res["mean_solver_iters"] is not None
+
+
+@pytest.mark.render
+def test_record_policy(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import imageio.v3 as iio
+
+    out = tmp_path / "videos"
+    code = main(["record", "--env", PEND, "--policy", str(trained / "best"), "--episodes", "1", "--out", str(out),
+                 "--max-steps", "4"])
+    assert code == 0
+    videos = sorted(out.glob("*.mp4"))
+    assert [v.name for v in videos] == ["Pendulum-v0-deq-mpc-nn-episode-0.mp4"]
+    assert str(videos[0]) in capsys.readouterr().out
+    assert sum(1 for _ in iio.imiter(videos[0])) == 5  # reset frame + 4 steps
+
+
+@pytest.mark.render
+def test_record_expert(tmp_path: Path) -> None:
+    code = main(["record", "--env", PEND, "--episodes", "1", "--out", str(tmp_path), "--max-steps", "3"])
+    assert code == 0
+    assert [p.name for p in tmp_path.glob("*.mp4")] == ["Pendulum-v0-expert-episode-0.mp4"]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_missing_dataset_subprocess(tmp_path: Path) -> None:
+    r = _cli("train", "--env", PEND, "--dataset", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "o"),
+             "--steps", "1")
+    assert r.returncode == 2
+    assert "deqmpc-gym: error:" in r.stderr and "missing.npz" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_error_exit_codes(tmp_path: Path, tiny_pendulum_dataset_file: Path, capsys: pytest.CaptureFixture) -> None:
+    # dataset of another env
+    assert main(["train", "--env", "DEQMPC/Cartpole-v0", "--dataset", str(tiny_pendulum_dataset_file),
+                 "--out", str(tmp_path / "o"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "deqmpc-gym: error:" in err and PEND in err
+    # unknown variant
+    assert main(["train", "--env", PEND, "--variant", "nope", "--dataset", str(tiny_pendulum_dataset_file),
+                 "--out", str(tmp_path / "o"), "--steps", "1"]) == 2
+    assert "nope" in capsys.readouterr().err
+    # missing policy
+    assert main(["evaluate", "--policy", str(tmp_path / "no-policy")]) == 2
+    assert "no policy checkpoint" in capsys.readouterr().err
+    # missing expert
+    assert main(["expert", "collect", "--env", PEND, "--out", str(tmp_path / "x.npz"), "--num-trajectories", "1",
+                 "--expert", str(tmp_path / "no-expert")]) == 2
+    assert "no expert" in capsys.readouterr().err
+    # argparse usage errors also exit 2
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--env", PEND])
+    assert info.value.code == 2
+
+
+def test_invalid_eval_config_exit_code(trained: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["evaluate", "--policy", str(trained / "best"), "--episodes", "0"]) == 2
+    assert "episodes >= 1" in capsys.readouterr().err

@@ -1,0 +1,230 @@
+"""PPO experts: loading and acting, dataset collection, a tiny resumable training run, corrupt expert dirs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import deqmpc_gym  # noqa: F401
+from deqmpc_gym.errors import CheckpointError, ConfigError, ShapeError
+from deqmpc_gym.experts import (
+    DEFAULT_NUM_TRAJECTORIES,
+    Expert,
+    ExpertConfig,
+    collect_dataset,
+    default_dataset_path,
+    default_expert_config,
+    load_expert,
+    pretrained_dir,
+    train_expert,
+)
+
+PEND = "DEQMPC/Pendulum-v0"
+CARD_KEYS = ("env_id", "train_steps", "wall_time_s", "seed", "mean_return", "std_return", "success_rate",
+             "collision_rate", "random_return")
+
+
+# ---------------------------------------------------------------------------------------------- loading / acting
+def test_shipped_expert_loads(pendulum_expert: Expert) -> None:
+    assert pendulum_expert.env_id == PEND
+    for k in CARD_KEYS:
+        assert k in pendulum_expert.card
+    assert pretrained_dir(PEND).name == "Pendulum-v0"
+    again = load_expert(pretrained_dir(PEND))  # by directory too
+    assert again.card == pendulum_expert.card
+    assert load_expert(str(pretrained_dir(PEND))).env_id == PEND
+
+
+def test_expert_acts_shape_and_bounds(pendulum_expert: Expert, rng: np.random.Generator) -> None:
+    obs = rng.uniform([-np.pi, -8.0], [np.pi, 8.0], size=(64, 2)).astype(np.float32)
+    a, state = pendulum_expert.predict(obs, state="keep", deterministic=True)
+    assert a.shape == (64, 1) and a.dtype == np.float32
+    assert np.all(a >= -1.0) and np.all(a <= 1.0)
+    assert state == "keep"  # the recurrent state is passed through
+    single, _ = pendulum_expert.predict(obs[0])
+    assert single.shape == (1,)
+    np.testing.assert_allclose(single, a[0], atol=1e-6)
+    # deterministic: same obs -> same action
+    np.testing.assert_array_equal(pendulum_expert.predict(obs)[0], a)
+
+
+def test_expert_normalizes_raw_observations(pendulum_expert: Expert, rng: np.random.Generator) -> None:
+    norm = pendulum_expert.card["obs_norm"]
+    obs = rng.normal(size=(8, 2)) * 3
+    expected = np.clip((obs - np.array(norm["mean"])) / np.sqrt(np.array(norm["var"]) + norm["epsilon"]),
+                       -norm["clip_obs"], norm["clip_obs"]).astype(np.float32)
+    np.testing.assert_allclose(pendulum_expert.normalize(obs), expected, rtol=1e-6)
+    huge = np.array([[1e6, -1e6]])
+    assert np.all(np.abs(pendulum_expert.normalize(huge)) == norm["clip_obs"])
+    raw_actions, _ = pendulum_expert.predict(obs)
+    inner, _ = pendulum_expert.policy.predict(expected, deterministic=True)
+    np.testing.assert_allclose(raw_actions, np.clip(inner, -1, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3,), (4, 3), (2, 2, 2)])
+def test_expert_rejects_wrong_obs_shape(pendulum_expert: Expert, shape: tuple) -> None:
+    with pytest.raises(ShapeError):
+        pendulum_expert.predict(np.zeros(shape))
+
+
+def test_expert_swings_up_in_single_env(pendulum_expert: Expert) -> None:
+    env = gym.make(PEND)
+    obs, _ = env.reset(seed=10_000)
+    total, info = 0.0, {}
+    for _ in range(200):
+        obs, r, term, trunc, info = env.step(pendulum_expert.predict(obs)[0])
+        total += r
+        if term or trunc:
+            break
+    assert info.get("is_success", False)
+    assert total > 0.8 * pendulum_expert.card["mean_return"]
+
+
+# ---------------------------------------------------------------------------------------------- corrupt dirs
+def _copy_expert(tmp_path: Path) -> Path:
+    d = tmp_path / "expert"
+    shutil.copytree(pretrained_dir(PEND), d)
+    return d
+
+
+def test_load_expert_missing(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no expert"):
+        load_expert(tmp_path / "nothing")
+    with pytest.raises(CheckpointError, match="no expert"):
+        load_expert("DEQMPC/NoSuchEnv-v0")
+
+
+@pytest.mark.parametrize("what", ["card_json", "actor_bytes", "card_format", "arch_mismatch", "actor_empty"])
+def test_load_expert_corrupt(tmp_path: Path, what: str) -> None:
+    d = _copy_expert(tmp_path)
+    if what == "card_json":
+        (d / "card.json").write_text("{not json")
+    elif what == "actor_bytes":
+        (d / "actor.pt").write_bytes(b"\x00garbage" * 10)
+    elif what == "actor_empty":
+        (d / "actor.pt").write_bytes(b"")
+    elif what == "card_format":
+        card = json.loads((d / "card.json").read_text())
+        card["format"] = "other"
+        (d / "card.json").write_text(json.dumps(card))
+    elif what == "arch_mismatch":
+        card = json.loads((d / "card.json").read_text())
+        card["net_arch"] = [32, 32]
+        (d / "card.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError) as info:
+        load_expert(d)
+    assert str(d) in str(info.value)
+
+
+def test_expert_config_validation() -> None:
+    with pytest.raises(ConfigError):
+        ExpertConfig(PEND, total_steps=0)
+    with pytest.raises(ConfigError, match="unknown ExpertConfig keys"):
+        default_expert_config(PEND, total_step=5)
+    cfg = default_expert_config("DEQMPC/QPole-v0", seed=3)
+    assert cfg.net_arch == (256, 256) and cfg.seed == 3 and cfg.total_steps == 10_000_000
+
+
+# ---------------------------------------------------------------------------------------------- collection
+def test_collect_dataset_deterministic_and_sized(pendulum_expert: Expert) -> None:
+    a = collect_dataset(pendulum_expert, PEND, 5, seed=7, max_steps=25, batch_size=2, expert_id="x")
+    a2 = collect_dataset(pendulum_expert, PEND, 5, seed=7, max_steps=25, batch_size=2, expert_id="x")
+    b = collect_dataset(pendulum_expert, PEND, 5, seed=7, max_steps=25, batch_size=5)
+    assert len(a) == len(a2) == len(b) == 5
+    for x, y in zip(a.trajectories, a2.trajectories):  # same settings: bit-identical
+        np.testing.assert_array_equal(x.obs, y.obs)
+        np.testing.assert_array_equal(x.acts, y.acts)
+        np.testing.assert_array_equal(x.rews, y.rews)
+        np.testing.assert_array_equal(x.controls, y.controls)
+    for x, y in zip(a.trajectories, b.trajectories):
+        # another batch size changes the float32 MLP's summation order: equal up to rounding only
+        np.testing.assert_allclose(x.obs, y.obs, atol=1e-5)
+        np.testing.assert_allclose(x.acts, y.acts, atol=1e-5)
+    assert all(len(t) == 25 for t in a.trajectories)  # the pendulum never terminates early
+    assert a.env_id == PEND and a.seed == 7 and a.expert_id == "x" and a.extra["max_steps"] == 25
+    c = collect_dataset(pendulum_expert, PEND, 2, seed=8, max_steps=25)
+    assert not np.array_equal(c.trajectories[0].obs, a.trajectories[0].obs)
+    np.testing.assert_allclose(c.trajectories[0].obs, a.trajectories[1].obs, atol=1e-5)  # episode i: seed + i
+    np.testing.assert_array_equal(c.trajectories[0].obs[0], a.trajectories[1].obs[0])
+
+
+def test_collected_states_match_single_env(pendulum_expert: Expert) -> None:
+    ds = collect_dataset(pendulum_expert, PEND, 2, seed=3, max_steps=10)
+    env = gym.make(PEND)
+    for i, t in enumerate(ds.trajectories):
+        obs, _ = env.reset(seed=3 + i)
+        np.testing.assert_allclose(t.obs[0], env.unwrapped.state, rtol=0, atol=1e-12)
+        for k in range(len(t)):
+            obs, r, *_ = env.step(t.acts[k])
+            np.testing.assert_allclose(t.obs[k + 1], env.unwrapped.state, atol=1e-9)
+            assert t.rews[k] == pytest.approx(r, rel=1e-9)
+        np.testing.assert_allclose(t.controls, env.unwrapped.to_physical(t.acts), atol=1e-12)
+        assert t.obs.dtype == np.float64
+
+
+def test_collect_progress_and_errors(pendulum_expert: Expert, tmp_path: Path) -> None:
+    seen: list[int] = []
+    collect_dataset(pendulum_expert, PEND, 3, max_steps=4, batch_size=2, progress=seen.append)
+    assert seen == [2, 3]
+    with pytest.raises(ConfigError):
+        collect_dataset(pendulum_expert, PEND, 1, max_steps=0)
+    assert DEFAULT_NUM_TRAJECTORIES[PEND] == 300
+    assert default_dataset_path(PEND, tmp_path) == tmp_path / "Pendulum-v0.npz"
+
+
+def test_collect_terminating_env_lengths() -> None:
+    """Episodes that terminate early get their true length and terminal=True."""
+    from deqmpc_gym.experts import RandomPolicy
+
+    ds = collect_dataset(RandomPolicy(4, seed=0), "DEQMPC/QuadrotorObs-v0", 6, seed=0, max_steps=80)
+    assert any(t.terminal for t in ds.trajectories)
+    for t in ds.trajectories:
+        assert 1 <= len(t) <= 80
+        if len(t) < 80:
+            assert t.terminal  # ended early only by termination
+        assert t.obs.shape == (len(t) + 1, 12) and np.isfinite(t.obs).all()
+
+
+# ---------------------------------------------------------------------------------------------- PPO training
+def _tiny_config(**kw) -> ExpertConfig:
+    # one PPO rollout = n_envs * n_steps = 256 env steps = one slice
+    base = dict(total_steps=512, n_envs=8, n_steps=32, batch_size=64, n_epochs=2, slice_steps=256, eval_episodes=4,
+                net_arch=(16, 16))
+    base.update(kw)
+    return ExpertConfig(PEND, **base)
+
+
+def test_tiny_ppo_training_is_resumable(tmp_path: Path) -> None:
+    cfg = _tiny_config()
+    out = tmp_path / "expert"
+    first = train_expert(cfg, out, progress=False, max_slices=1)
+    assert first is None
+    progress = json.loads((out / "checkpoint" / "progress.json").read_text())
+    assert progress["steps_done"] == 256
+    assert not (out / "card.json").exists()
+    card = train_expert(cfg, out, progress=False)
+    assert card is not None
+    for k in CARD_KEYS:
+        assert k in card, k
+    assert card["env_id"] == PEND and card["train_steps"] == 512 and card["seed"] == 0
+    assert card["wall_time_s"] >= 0 and card["eval_episodes"] == 4
+    assert 0.0 <= card["success_rate"] <= 1.0 and card["collision_rate"] == 0.0
+    assert 0 < card["random_return"] < 200 and 0 < card["mean_return"] <= 200
+    assert (out / "actor.pt").exists()
+    on_disk = json.loads((out / "card.json").read_text())
+    assert on_disk == json.loads(json.dumps(card))
+    state = torch.load(out / "actor.pt", weights_only=True)
+    assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    expert = load_expert(out)
+    a, _ = expert.predict(np.zeros((3, 2), np.float32))
+    assert a.shape == (3, 1) and np.all(np.abs(a) <= 1)
+    assert not list(out.rglob("*.tmp*"))
+    # the checkpoint of another config is refused
+    with pytest.raises(CheckpointError):
+        train_expert(_tiny_config(learning_rate=1e-2), out, progress=False, max_slices=1)

@@ -1,0 +1,318 @@
+"""Imitation training: window sampling, loss, a short run that learns, bit-exact resume, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import deqmpc_gym
+from deqmpc_gym.data import ExpertDataset, Trajectory
+from deqmpc_gym.errors import CheckpointError, ConfigError, DatasetError
+from deqmpc_gym.policies import DEQMPCPolicy, LayerOutput, StreamState
+from deqmpc_gym.systems import System
+from deqmpc_gym.envs.core import resolve_system
+from deqmpc_gym.training import (
+    ImitationTrainer,
+    TrainConfig,
+    WindowSampler,
+    batch_loss,
+    iterate_loss,
+    unwrap_angles,
+    validation_loss,
+    window_l1,
+)
+
+PEND = "DEQMPC/Pendulum-v0"
+SHIPPED = Path(deqmpc_gym.__file__).parent / "datasets" / "Pendulum-v0-300.npz"
+
+
+@pytest.fixture(scope="module")
+def shipped() -> ExpertDataset:
+    return ExpertDataset.load(SHIPPED, env_id=PEND)
+
+
+@pytest.fixture(scope="module")
+def small(shipped: ExpertDataset) -> ExpertDataset:
+    return shipped.subset(30)
+
+
+def _policy(variant: str = "deq-mpc-nn", seed: int = 0, hidden: int = 16) -> DEQMPCPolicy:
+    torch.manual_seed(seed)
+    return DEQMPCPolicy.from_env(PEND, variant, hidden=hidden)
+
+
+def _pend() -> System:
+    return resolve_system("pendulum")
+
+
+# ---------------------------------------------------------------------------------------------- windows
+def _coded_dataset(lengths: list[int]) -> ExpertDataset:
+    """obs[:, 0] (the angle) = 0.01 * t, obs[:, 1] = 1000 * i + t: each knot says where it comes from."""
+    trajs = []
+    for i, L in enumerate(lengths):
+        t = np.arange(L + 1, dtype=np.float64)
+        obs = np.stack([0.01 * t, 1000.0 * i + t], axis=1)
+        trajs.append(Trajectory(obs=obs, acts=np.zeros((L, 1), np.float32), rews=np.zeros(L), terminal=False))
+    return ExpertDataset(PEND, trajs)
+
+
+def test_window_masks_at_trajectory_ends() -> None:
+    lengths = [3, 8, 1, 5]
+    window = 6
+    sampler = WindowSampler(_coded_dataset(lengths), _pend(), window, seed=0)
+    assert len(sampler) == sum(lengths)  # every start with at least one following knot
+    b = sampler.sample(3000)
+    assert b.states.shape == (3000, window, 2) and b.mask.shape == (3000, window)
+    assert b.states.dtype == torch.float64 and b.mask.dtype == torch.float64
+    seen = set()
+    for states, mask in zip(b.states.numpy(), b.mask.numpy()):
+        i, s = divmod(int(round(states[0, 1])), 1000)
+        n_knots = lengths[i] + 1
+        assert 0 <= s <= n_knots - 2  # a window never starts at the final state
+        valid = min(window, n_knots - s)
+        np.testing.assert_array_equal(mask, (np.arange(window) < valid).astype(float))
+        assert mask[:2].all()  # at least the start and one following knot
+        expected_t = np.minimum(s + np.arange(window), n_knots - 1)  # past the end: the last state repeats
+        np.testing.assert_allclose(states[:, 1], 1000.0 * i + expected_t)
+        np.testing.assert_allclose(states[:, 0], 0.01 * expected_t)
+        seen.add((i, s))
+    assert len(seen) == len(sampler)  # uniform over all starts: all were drawn
+
+
+def test_window_sampler_seeded_determinism(small: ExpertDataset) -> None:
+    a = WindowSampler(small, _pend(), 7, seed=3)
+    b = WindowSampler(small, _pend(), 7, seed=3)
+    c = WindowSampler(small, _pend(), 7, seed=4)
+    for _ in range(3):
+        x, y, z = a.sample(16), b.sample(16), c.sample(16)
+        assert torch.equal(x.states, y.states) and torch.equal(x.mask, y.mask)
+    assert not torch.equal(x.states, z.states)
+    f1 = a.fixed_batches(2, 8, seed=11)
+    f2 = c.fixed_batches(2, 8, seed=11)  # fixed batches depend only on their own seed
+    for p, q in zip(f1, f2):
+        assert torch.equal(p.states, q.states)
+    gen = np.random.default_rng(5)
+    explicit = a.sample(4, np.random.default_rng(5))
+    assert torch.equal(explicit.states, b.sample(4, gen).states)
+    assert a.sample(2, dtype=torch.float32).states.dtype == torch.float32
+
+
+@pytest.mark.parametrize("window", [7, 40])
+def test_windows_unwrap_pendulum_angle(shipped: ExpertDataset, window: int) -> None:
+    raw_jumps = sum(int((np.abs(np.diff(t.obs[:, 0])) > math.pi).sum()) for t in shipped.trajectories)
+    assert raw_jumps > 0  # the wrapped data does cross +-pi, so the check below is not vacuous
+    sampler = WindowSampler(shipped, _pend(), window, seed=0)
+    b = sampler.sample(4000)
+    theta = b.states[..., 0].numpy()
+    assert np.abs(np.diff(theta, axis=1)).max() <= math.pi
+    assert np.abs(theta).max() > math.pi  # some windows were actually unwrapped past +-pi
+    # the first knot of every window is the wrapped dataset state
+    assert np.abs(theta[:, 0]).max() <= math.pi + 1e-12
+    # the velocity is untouched
+    assert np.isfinite(b.states.numpy()).all()
+
+
+def test_unwrap_angles_unit() -> None:
+    x = np.array([[3.0, 1.0], [-3.0, 2.0], [-2.9, 3.0]])
+    out = unwrap_angles(x, (0,))
+    np.testing.assert_allclose(out[:, 0], [3.0, 2 * math.pi - 3.0, 2 * math.pi - 2.9])
+    np.testing.assert_array_equal(out[:, 1], x[:, 1])
+    np.testing.assert_array_equal(x[:, 0], [3.0, -3.0, -2.9])  # input untouched
+    batched = unwrap_angles(np.stack([x, x]), (0,))
+    np.testing.assert_allclose(batched[1], out)
+    np.testing.assert_array_equal(unwrap_angles(x, ()), x)
+
+
+def test_window_sampler_rejects_bad_data() -> None:
+    with pytest.raises(DatasetError):
+        WindowSampler(ExpertDataset(PEND, []), _pend(), 5)
+    ds = _coded_dataset([4])
+    with pytest.raises(DatasetError, match="nx"):
+        WindowSampler(ds, resolve_system("cartpole"), 5)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def test_window_l1_masks() -> None:
+    pred = torch.ones(2, 3, 2)
+    target = torch.zeros(2, 3, 2)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    # mean_b 1/T sum_t mask_t * sum_d |.| = mean(2*2/3, 2*1/3) = 1
+    assert float(window_l1(pred, target, mask)) == pytest.approx(1.0)
+
+
+def _fake_output(values: list[float], B: int = 4, T: int = 5, nx: int = 2) -> LayerOutput:
+    xs = [torch.full((B, T, nx), v, dtype=torch.float64, requires_grad=True) for v in values]
+    ths = [torch.full((B, T, nx), 2 * v, dtype=torch.float64, requires_grad=True) for v in values]
+    us = [torch.zeros(B, T, 1, dtype=torch.float64) for _ in values]
+    state = StreamState(plan=xs[-1].detach(), controls=us[-1])
+    return LayerOutput(ths, xs, us, state)
+
+
+def test_iterate_loss_final_only() -> None:
+    out = _fake_output([5.0, 3.0, 1.0])
+    target, mask = torch.zeros(4, 5, 2), torch.ones(4, 5)
+    all_, end = iterate_loss(out, target, mask, 0.1, final_only=False)
+    last, end2 = iterate_loss(out, target, mask, 0.1, final_only=True)
+    # per iterate: 2 * v (sum over nx=2) + 0.1 * 2 * 2v
+    assert float(all_.detach()) == pytest.approx(sum(2 * v + 0.4 * v for v in (5.0, 3.0, 1.0)))
+    assert float(last.detach()) == pytest.approx(2 * 1.0 + 0.4 * 1.0)
+    assert float(end) == float(end2) == pytest.approx(2.0)
+    assert not end.requires_grad
+
+
+@pytest.mark.parametrize("variant,final_only", [("diff-mpc-nn", True), ("diff-mpc-deq", True),
+                                                ("deq-mpc-nn", False), ("deq-mpc-deq", False)])
+def test_batch_loss_uses_final_iterate_for_diff_mpc(variant: str, final_only: bool, monkeypatch, small) -> None:
+    p = _policy(variant)
+    values = [4.0, 2.0, 0.5]
+    monkeypatch.setattr(p.layer, "forward", lambda x0, state=None: _fake_output(values, B=x0.shape[0]))
+    batch = WindowSampler(small, p.system, p.config.horizon + 2, seed=0).sample(4)
+    batch = batch._replace(states=torch.zeros_like(batch.states))
+    cfg = TrainConfig(streaming_steps=2, deq_reg=0.1)
+    loss, metrics = batch_loss(p, batch, cfg)
+    used = values[-1:] if final_only else values
+    expected = sum(2 * v + 0.4 * v for v in used)  # each of the 3 calls gives the same value; divided by 3
+    assert float(loss.detach()) == pytest.approx(expected)
+    assert metrics["loss"] == pytest.approx(expected) and metrics["loss_end"] == pytest.approx(2 * values[-1])
+
+
+def test_batch_loss_real_diff_mpc_matches_final_iterate(small) -> None:
+    p = _policy("diff-mpc-nn")
+    batch = WindowSampler(small, p.system, p.config.horizon, seed=0).sample(8)
+    cfg = TrainConfig(streaming_steps=0)
+    loss, _ = batch_loss(p, batch, cfg)
+    out = p.layer(batch.states[:, 0], None)
+    T = p.config.horizon
+    manual = window_l1(out.states[-1], batch.states[:, :T], batch.mask[:, :T]) + \
+        cfg.deq_reg * window_l1(out.thetas[-1], batch.states[:, :T], batch.mask[:, :T])
+    assert float(loss.detach()) == pytest.approx(float(manual.detach()), rel=1e-9)
+    loss.backward()
+    grads = [q.grad for q in p.layer.net.parameters() if q.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+# ---------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(batch_size=0), dict(val_every=0), dict(val_batches=0),
+                                 dict(log_every=0), dict(streaming_steps=-1), dict(val_fraction=0.0),
+                                 dict(val_fraction=1.0)])
+def test_train_config_rejects_bad_values(bad: dict) -> None:
+    with pytest.raises(ConfigError):
+        TrainConfig(**bad)
+
+
+def test_train_config_from_dict() -> None:
+    assert TrainConfig.from_dict({"steps": 5, "lr": 0.01}) == TrainConfig(steps=5, lr=0.01)
+    with pytest.raises(ConfigError, match="unknown TrainConfig keys") as info:
+        TrainConfig.from_dict({"steps": 5, "learning_rate": 0.1})
+    assert "learning_rate" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+def test_dataset_env_mismatch_raises(small: ExpertDataset, tmp_path: Path) -> None:
+    other = ExpertDataset("DEQMPC/Cartpole-v0", small.trajectories)
+    with pytest.raises(DatasetError) as info:
+        ImitationTrainer(_policy(), other, TrainConfig(steps=2, batch_size=4, val_batches=1), tmp_path)
+    assert "DEQMPC/Cartpole-v0" in str(info.value) and PEND in str(info.value)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(steps=20, batch_size=8, val_every=5, val_batches=2, log_every=5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_short_training_lowers_validation_loss(small: ExpertDataset, tmp_path: Path) -> None:
+    p = _policy("deq-mpc-nn")
+    cfg = _cfg(steps=30, batch_size=16, val_every=10)
+    trainer = ImitationTrainer(p, small, cfg, tmp_path / "run", progress=False)
+    initial = validation_loss(p, trainer.val_batches)
+    res = trainer.train()
+    assert res.steps == 30 and len(res.history) == 3
+    first = res.history[0]["val_loss"]
+    assert res.best_val_loss < first < initial
+    assert res.best_val_loss == min(h["val_loss"] for h in res.history)
+    assert res.best_step in (20, 30)
+    for name in ("checkpoint.pt", "best/policy.pt", "final/policy.pt", "result.json", "progress.csv"):
+        assert (tmp_path / "run" / name).exists(), name
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["best_val_loss"] == pytest.approx(res.best_val_loss)
+    best = DEQMPCPolicy.load(tmp_path / "run" / "best")
+    assert validation_loss(best, trainer.val_batches) == pytest.approx(res.best_val_loss, rel=1e-9)
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+class _Interrupt:
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def __call__(self, trainer: ImitationTrainer, step: int, metrics: dict) -> None:
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_kill_is_bit_exact(small: ExpertDataset, tmp_path: Path) -> None:
+    cfg = _cfg(steps=20, val_every=5)
+    a = _policy(seed=0)
+    res_a = ImitationTrainer(a, small, cfg, tmp_path / "A", progress=False).train()
+
+    b = _policy(seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        ImitationTrainer(b, small, cfg, tmp_path / "B", callbacks=(_Interrupt(10),), progress=False).train()
+    ck = torch.load(tmp_path / "B" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 10
+
+    b2 = _policy(seed=123)  # different init: the checkpoint must restore everything
+    trainer = ImitationTrainer(b2, small, cfg, tmp_path / "B", progress=False)
+    res_b = trainer.train(resume=True)
+    assert res_b.steps == 20
+    sa, sb = a.layer.state_dict(), b2.layer.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert [h["val_loss"] for h in res_a.history] == [h["val_loss"] for h in res_b.history]
+    assert (res_a.best_val_loss, res_a.best_step) == (res_b.best_val_loss, res_b.best_step)
+    # resuming a finished run is a no-op
+    again = ImitationTrainer(_policy(seed=7), small, cfg, tmp_path / "B", progress=False).train(resume=True)
+    assert again.steps == 20 and again.history == res_b.history
+
+
+def test_resume_with_other_config_raises(small: ExpertDataset, tmp_path: Path) -> None:
+    ImitationTrainer(_policy(), small, _cfg(steps=5, val_every=5), tmp_path, progress=False).train()
+    with pytest.raises(CheckpointError, match="TrainConfig"):
+        ImitationTrainer(_policy(), small, _cfg(steps=5, val_every=5, lr=0.5), tmp_path, progress=False).train(resume=True)
+
+
+@pytest.mark.parametrize("content", [b"garbage, not a torch file", b""])
+def test_corrupt_checkpoint_raises(small: ExpertDataset, tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "checkpoint.pt").write_bytes(content)
+    trainer = ImitationTrainer(_policy(), small, _cfg(steps=2), tmp_path, progress=False)
+    with pytest.raises(CheckpointError) as info:
+        trainer.train(resume=True)
+    msg = str(info.value)
+    assert "checkpoint.pt" in msg and "delete it" in msg
+
+
+def test_foreign_checkpoint_raises(small: ExpertDataset, tmp_path: Path) -> None:
+    torch.save({"format": "something-else", "step": 3}, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="not a deqmpc_gym training checkpoint"):
+        ImitationTrainer(_policy(), small, _cfg(steps=2), tmp_path, progress=False).train(resume=True)
+
+
+def test_checkpoint_of_other_architecture_raises(small: ExpertDataset, tmp_path: Path) -> None:
+    cfg = _cfg(steps=5, val_every=5)
+    ImitationTrainer(_policy(hidden=16), small, cfg, tmp_path, progress=False).train()
+    with pytest.raises(CheckpointError, match="do not fit"):
+        ImitationTrainer(_policy(hidden=32), small, cfg, tmp_path, progress=False).train(resume=True)
+
+
+def test_without_resume_starts_over(small: ExpertDataset, tmp_path: Path) -> None:
+    cfg = _cfg(steps=5, val_every=5)
+    ImitationTrainer(_policy(), small, cfg, tmp_path, progress=False).train()
+    (tmp_path / "checkpoint.pt").write_bytes(b"corrupt")  # ignored when resume=False
+    res = ImitationTrainer(_policy(), small, cfg, tmp_path, progress=False).train(resume=False)
+    assert res.steps == 5
