@@ -376,7 +376,7 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, s
 
 
 def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: int, stop_at_rho_max: bool,
-                   track_grad: bool):
+                   track_grad: bool, stop_when_converged: bool = False):
     """Run ``iters`` AL iterations. Returns (x, u, new_state, info, last) where ``last`` holds the
     ``(lam_eq, lam_in, rho)`` of each sample's last subproblem and ``ran`` (B,) (ran >= 1 iteration)."""
     cfg = problem.config
@@ -395,8 +395,10 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
     fb = torch.zeros(b, dtype=torch.bool, device=dev)
     nf = torch.zeros(b, dtype=torch.bool, device=dev)
     stats: dict = {}
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
     for _ in range(iters):
         run = rho <= cfg.rho_max if stop_at_rho_max else torch.ones(b, dtype=torch.bool, device=dev)
+        run = run & ~done
         if not bool(run.any()):
             break
         all_run = bool(run.all())
@@ -422,6 +424,14 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
         lin_ = torch.where(okm[:, None, None], lin_, bt.lam_in)
         n1 = n1 | ~okm
         rnew = bt.rho * cfg.rho_growth
+        if stop_when_converged:  # a sample whose new iterate meets both tolerances stops here
+            with torch.no_grad():
+                nb = d.shape[0]
+                pres_r = d.detach().abs().reshape(nb, -1).amax(1)
+                if g.numel():
+                    pres_r = torch.maximum(pres_r, g.detach().clamp_min(0.0).reshape(nb, -1).amax(1))
+                conv_r = (pres_r <= cfg.tol_primal) & (dr <= cfg.tol_dual) & se & ~n1
+            done = conv_r if all_run else done.index_copy(0, ridx, conv_r)
         if all_run:
             last_eq, last_in, last_rho = bt.lam_eq, bt.lam_in, bt.rho
             x, u, lam_eq, lam_in, rho = xr, ur, leq, lin_, rnew
@@ -557,7 +567,8 @@ class _FinalImplicitFn(torch.autograd.Function):
 
 # ====================================================================== public entry point
 def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: SolverState | None = None,
-          iters: int = 2, gradient: str | None = None, stop_at_rho_max: bool = False):
+          iters: int = 2, gradient: str | None = None, stop_at_rho_max: bool = False,
+          stop_when_converged: bool = False):
     """Run ``iters`` AL iterations of the MPC problem (see :mod:`deqmpc_gym.mpc.problem` for the math).
 
     Args:
@@ -570,6 +581,9 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
         iters: AL iterations to run (``>= 1``).
         gradient: ``"implicit"`` | ``"unroll"`` | ``"final_implicit"`` (default ``problem.config.gradient``).
         stop_at_rho_max: streaming mode: a sample stops once its ``rho`` exceeds ``config.rho_max``.
+        stop_when_converged: a sample stops as soon as its iterate meets ``config.tol_primal`` (dynamics defect
+            and constraint violation) and ``config.tol_dual`` (stationarity) -- ``iters`` becomes a maximum.
+            Off by default: DEQ-MPC runs a fixed number of AL iterations per network pass.
 
     Returns:
         ``(x (B,T,nx), u (B,T,nu), state, info)``: the final iterate (differentiable w.r.t. ``theta`` and ``x0``
@@ -606,11 +620,12 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
     if track:
         if cold_start:  # the cold primal guess x = theta is part of the differentiated computation
             state = replace(state, x=thc)
-        x, u, new_state, info, last = _al_iterations(problem, x0c, thc, state, iters, stop_at_rho_max, True)
+        x, u, new_state, info, last = _al_iterations(problem, x0c, thc, state, iters, stop_at_rho_max, True,
+                                                     stop_when_converged)
         return x, u, new_state, info
     with torch.no_grad():
         x, u, new_state, info, last = _al_iterations(problem, x0c.detach(), thc.detach(), state, iters,
-                                                     stop_at_rho_max, False)
+                                                     stop_at_rho_max, False, stop_when_converged)
     if needs_grad:
         if gradient == "implicit":
             x, u = _ImplicitFn.apply(thc, x0c, x, u, problem, last, new_state.obstacle_idx,
