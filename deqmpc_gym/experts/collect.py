@@ -34,7 +34,6 @@ def collect_dataset(expert: Any, env_id: str, num_trajectories: int | None = Non
     Returns:
         :class:`~deqmpc_gym.data.ExpertDataset` (deterministic for a given seed).
     """
-    from deqmpc_gym.envs import make_batched_env
 
     n_total = int(num_trajectories or DEFAULT_NUM_TRAJECTORIES.get(env_id, 300))
     if n_total < 1 or max_steps < 1:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deqmpc_gym._config import config_from_dict
 from deqmpc_gym.errors import CheckpointError, ConfigError, ShapeError
 from deqmpc_gym.io import atomic_write, atomic_write_text
 
@@ -86,11 +87,7 @@ EXPERT_DEFAULTS: dict[str, dict[str, Any]] = {
 
 def default_expert_config(env_id: str, **overrides: Any) -> ExpertConfig:
     """:class:`ExpertConfig` with the per-env defaults and ``overrides`` applied."""
-    names = {f.name for f in dataclasses.fields(ExpertConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ConfigError(f"unknown ExpertConfig keys {unknown}; valid keys: {sorted(names)}")
-    return ExpertConfig(env_id=env_id, **{**EXPERT_DEFAULTS.get(env_id, {}), **overrides})
+    return config_from_dict(ExpertConfig, {"env_id": env_id, **EXPERT_DEFAULTS.get(env_id, {}), **overrides})
 
 
 def pretrained_dir(env_id: str) -> Path:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from deqmpc_gym._config import config_from_dict
 from deqmpc_gym.errors import ConfigError
 
 
@@ -122,11 +123,7 @@ class PolicyConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PolicyConfig":
         """Build from a dict, rejecting unknown keys with a :class:`ConfigError`."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"unknown PolicyConfig keys {unknown}; valid keys: {sorted(names)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
     def replace(self, **changes: Any) -> "PolicyConfig":
         """A copy with ``changes`` applied (unknown keys raise :class:`ConfigError`)."""

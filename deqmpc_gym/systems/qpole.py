@@ -5,21 +5,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
-from deqmpc_gym.systems.base import System, rk4, rk4_with_jacobians
+from deqmpc_gym.systems.base import rk4
 from deqmpc_gym.systems.ops import TORCH
 from deqmpc_gym.systems.rigid_body_jacobians import control_jacobians, rigid_body_jacobians
-from deqmpc_gym.systems.quadrotor import QuadParams, _comps, rigid_body_derivative
-from deqmpc_gym.systems.rotations import euler_xyz_to_mrp
+from deqmpc_gym.systems.quadrotor import QuadParams, RigidBodySystem, _comps, rigid_body_derivative
 
 _MASS = 2.1
 _U_HOVER = _MASS * 9.81 / (10.0 * 1.0 * 4)
 _E3 = torch.tensor([[0.0], [0.0], [1.0]], dtype=torch.float64)
 
 
-class QPole(System):
+class QPole(RigidBodySystem):
     """QPole, ``x = [r (3), sigma (3), theta, v (3), w (3), theta_dot]`` (nx = 14, nq = 7).
 
     The quadrotor (total mass 2.1 kg, J = diag(0.0023, 0.0023, 0.004), arm 0.175 m, kf = 1, km = 0.025) follows
@@ -116,14 +114,3 @@ class QPole(System):
         G[:, 13, 6] = (-ax * sth + (-p.gravity - az) * cth) / L
         G[:, 13, 14:18] = ((p.kf * p.act_scale / p.mass) * (cx * re3[0] + cz * re3[2])).unsqueeze(-1)
         return f, G
-
-    def _step_and_jacobians(
-        self, x: torch.Tensor, u: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return rk4_with_jacobians(self._deriv_and_jac, x, u, self.dt, n_free=3)
-
-    def sample_initial_states(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """Uniform box (Euler attitude -> canonical MRP; ``theta = pi + U(-pi, pi)``)."""
-        x = super().sample_initial_states(rng, n)
-        x[:, 3:6] = euler_xyz_to_mrp(x[:, 3:6])
-        return x

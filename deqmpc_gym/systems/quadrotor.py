@@ -86,7 +86,26 @@ def _comps(x: Any, a: int, b: int) -> tuple[Any, ...]:
     return tuple(x[..., i] for i in range(a, b))
 
 
-class Quadrotor(System):
+class RigidBodySystem(System):
+    """Shared behaviour of the quadrotor-based systems: RK4 with analytic Jacobians (3 MRP coordinates are
+    "free" in the chain rule) and initial attitudes drawn as Euler x-y-z angles, converted to canonical MRPs."""
+
+    def _deriv_and_jac(self, x: Any, u: Any) -> Any:
+        raise NotImplementedError
+
+    def _step_and_jacobians(
+        self, x: torch.Tensor, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return rk4_with_jacobians(self._deriv_and_jac, x, u, self.dt, n_free=3)
+
+    def sample_initial_states(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """Uniform box; the attitude box is in Euler x-y-z angles, converted to canonical MRPs."""
+        x = super().sample_initial_states(rng, n)
+        x[:, 3:6] = euler_xyz_to_mrp(x[:, 3:6])
+        return x
+
+
+class Quadrotor(RigidBodySystem):
     """12-state Rex quadrotor, ``x = [r (3) m, sigma (3) MRP, v (3) m/s body, w (3) rad/s body]``.
 
     ``r_dot = R(q) v``, ``sigma_dot = 1/4[(1 - s.s) I + 2[s]x + 2 s s^T] w``, ``v_dot = F_b/m - w x v``,
@@ -152,14 +171,3 @@ class Quadrotor(System):
         G[:, 9:12, 9:12] = jb.w_w.permute(2, 0, 1)
         G[:, 9:12, 12:16] = w_u.permute(2, 0, 1)
         return f, G
-
-    def _step_and_jacobians(
-        self, x: torch.Tensor, u: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return rk4_with_jacobians(self._deriv_and_jac, x, u, self.dt, n_free=3)
-
-    def sample_initial_states(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """Uniform box; the attitude box is in Euler x-y-z angles, converted to canonical MRPs."""
-        x = super().sample_initial_states(rng, n)
-        x[:, 3:6] = euler_xyz_to_mrp(x[:, 3:6])
-        return x

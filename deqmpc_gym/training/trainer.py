@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from deqmpc_gym._config import config_from_dict
 from deqmpc_gym.data import ExpertDataset
 from deqmpc_gym.errors import CheckpointError, ConfigError, DatasetError
 from deqmpc_gym.io import atomic_write, atomic_write_text
@@ -76,11 +77,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"unknown TrainConfig keys {unknown}; valid keys: {sorted(names)}")
-        return cls(**data)
+        """Build from a dict, rejecting unknown keys with a :class:`ConfigError`."""
+        return config_from_dict(cls, data)
 
 
 def window_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

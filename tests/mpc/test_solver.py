@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deqmpc_gym.errors import ConfigError, ShapeError
-from deqmpc_gym.mpc import MPCConfig, MPCProblem, SolverState, init_state, solve
+from deqmpc_gym.mpc import MPCConfig, MPCProblem, init_state, solve
 from deqmpc_gym.mpc import linalg
 from deqmpc_gym.systems import OBSTACLE_CENTERS, Cartpole, Pendulum, QPole, Quadrotor, min_obstacle_distance
 

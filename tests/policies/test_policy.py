@@ -11,7 +11,7 @@ import torch
 
 import deqmpc_gym  # noqa: F401
 from deqmpc_gym import DEQMPCPolicy
-from deqmpc_gym.errors import CheckpointError, ConfigError, ShapeError
+from deqmpc_gym.errors import CheckpointError, ConfigError
 from deqmpc_gym.policies import PolicyConfig, Variant
 
 PEND = "DEQMPC/Pendulum-v0"
