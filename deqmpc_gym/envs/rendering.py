@@ -137,7 +137,7 @@ def build_scene_xml(system: System, width: int, height: int, centers: np.ndarray
         parts.append(f'<geom name="obstacle{k}" type="sphere" pos="{_f(c)}" size="{radius:.6g}" '
                      f'rgba="{_f(OBSTACLE_RGBA)}" contype="0" conaffinity="0"/>')
     return f"""<mujoco model="deqmpc_{system.name}">
-  <visual><global offwidth="{max(640, width)}" offheight="{max(480, height)}"/><quality shadowsize="2048"/>
+  <visual><global offwidth="{max(640, width)}" offheight="{max(480, height)}"/><quality shadowsize="0" offsamples="0"/>
     <headlight ambient="0.4 0.4 0.4" diffuse="0.6 0.6 0.6"/></visual>
   <asset>
     <texture name="sky" type="skybox" builtin="gradient" rgb1="0.6 0.75 0.9" rgb2="0.15 0.2 0.3" width="64" height="64"/>
