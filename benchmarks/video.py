@@ -5,7 +5,10 @@ A fixed 100-step action sequence (the nominal action plus a small seeded perturb
 
 * ``plain``: ``gym.make(env_id, render_mode="rgb_array")`` stepped without rendering;
 * ``render``: the same env, ``render()`` after reset and every step (MuJoCo offscreen, no encoding);
-* ``RecordVideo``: :class:`deqmpc_gym.wrappers.RecordVideo` writing an mp4 (render + imageio-ffmpeg encode).
+* ``RecordVideo``: :class:`deqmpc_gym.wrappers.RecordVideo` writing an mp4 (render + imageio-ffmpeg encode);
+* ``policy`` / ``policy + RecordVideo``: the same episode driven by a DEQ-MPC policy (``deq-mpc-nn``, hidden 64,
+  streaming ``act()``), without recording and with ``RecordVideo`` drawing its plan overlay -- the ratio of these
+  two is the cost of recording a DEQ-MPC rollout.
 
 Times are medians over ``--repeats`` rollouts; ratios are relative to ``plain`` and ``render``.
 Usage: ``python benchmarks/video.py [--repeats 3] [--size 480] [--threads 1]``.
@@ -58,6 +61,20 @@ def rollout(env: gym.Env, acts: list[np.ndarray], render: bool) -> tuple[float, 
     return time.perf_counter() - t, resets
 
 
+def policy_rollout(env: gym.Env, policy, steps: int) -> float:
+    t = time.perf_counter()
+    obs, _ = env.reset(seed=0)
+    policy.reset()
+    for _ in range(steps):
+        obs, _, term, trunc, _ = env.step(policy.act(obs))
+        if term or trunc:
+            obs, _ = env.reset(seed=1)
+            policy.reset()
+    if isinstance(env, RecordVideo):
+        env.close()
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -81,6 +98,16 @@ def main() -> None:
                 dt, resets = rollout(rec, acts, render=False)
                 times["record"].append(dt)
                 size = sum(os.path.getsize(p) for p in rec.videos)
+            from deqmpc_gym import DEQMPCPolicy
+
+            torch.manual_seed(0)
+            policy = DEQMPCPolicy.from_env(plain_env, "deq-mpc-nn", hidden=64)
+            times["policy"], times["policy_rec"] = [], []
+            for k in range(args.repeats):
+                times["policy"].append(policy_rollout(plain_env, policy, STEPS))
+                rec = RecordVideo(gym.make(env_id, **kw), os.path.join(tmp, f"p{k}"), episode_trigger=lambda e: True,
+                                  plan_source=policy)
+                times["policy_rec"].append(policy_rollout(rec, policy, STEPS))
             plain_env.close()
             med = {k: float(np.median(v)) for k, v in times.items()}
             rows.append((env_id.split("/")[-1], med, resets, size))
@@ -88,13 +115,14 @@ def main() -> None:
           f"median of {args.repeats} rollouts, {args.threads} torch thread(s)")
     print()
     print("| env | plain [ms] | render only [ms] | RecordVideo [ms] | RecordVideo / plain | RecordVideo / render "
-          "| per frame [ms] | mp4 size [kB] |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| per frame [ms] | mp4 size [kB] | DEQ-MPC rollout [ms] | DEQ-MPC + RecordVideo [ms] | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, m, resets, size in rows:
         note = f" ({resets} resets)" if resets else ""
         print(f"| {name}{note} | {m['plain'] * 1e3:.1f} | {m['render'] * 1e3:.1f} | {m['record'] * 1e3:.1f} | "
               f"{m['record'] / m['plain']:.0f}x | {m['record'] / m['render']:.2f}x | "
-              f"{m['record'] / (STEPS + 1) * 1e3:.2f} | {size / 1e3:.0f} |")
+              f"{m['record'] / (STEPS + 1) * 1e3:.2f} | {size / 1e3:.0f} | {m['policy'] * 1e3:.0f} | "
+              f"{m['policy_rec'] * 1e3:.0f} | {m['policy_rec'] / m['policy']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import deqmpc_gym  # noqa: E402,F401
 from deqmpc_gym.errors import ConfigError  # noqa: E402
 from deqmpc_gym.wrappers import EpisodeStatistics, FrameWriter, RecordVideo, capped_cubic_video_schedule  # noqa: E402
 
+from deqmpc_gym.envs.registration import ENV_IDS  # noqa: E402
 PEND = "DEQMPC/Pendulum-v0"
 QPOLE = "DEQMPC/QPole-v0"
 SIZE = dict(width=64, height=64)
@@ -97,7 +98,7 @@ def test_episode_statistics() -> None:
 
 # ---------------------------------------------------------------------------------------------- RecordVideo
 @pytest.mark.render
-@pytest.mark.parametrize("env_id", [PEND, QPOLE])
+@pytest.mark.parametrize("env_id", ENV_IDS)
 def test_record_video_frames_and_fps(tmp_path: Path, env_id: str) -> None:
     steps = 6
     base = gym.make(env_id, render_mode="rgb_array", max_episode_steps=steps, **SIZE)

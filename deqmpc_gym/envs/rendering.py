@@ -133,6 +133,13 @@ def build_scene_xml(system: System, width: int, height: int, centers: np.ndarray
         parts.append('<body name="point" mocap="true"><geom type="sphere" size="0.1" rgba="0.8 0.2 0.2 1"/></body>')
         parts.append('<camera name="fixed" pos="0 -6 1" xyaxes="1 0 0 0 0.2 1" fovy="60"/>')
     parts.append(f'<site name="goal" pos="{_f(goal_pt)}" size="0.06" rgba="{_f(GOAL_RGBA)}"/>')
+    if _is_quad(system):  # free camera: a gradient skybox
+        sky = ('<texture name="sky" type="skybox" builtin="gradient" rgb1="0.6 0.75 0.9" rgb2="0.15 0.2 0.3" '
+               'width="64" height="64"/>')
+    else:  # camera looking along +y: a flat backdrop renders ~2x faster than a skybox in software GL
+        sky = ""
+        parts.append('<geom type="plane" pos="0 12 0" zaxis="0 -1 0" size="80 40 0.1" rgba="0.55 0.68 0.82 1" '
+                     'contype="0" conaffinity="0"/>')
     for k, c in enumerate(centers):
         parts.append(f'<geom name="obstacle{k}" type="sphere" pos="{_f(c)}" size="{radius:.6g}" '
                      f'rgba="{_f(OBSTACLE_RGBA)}" contype="0" conaffinity="0"/>')
@@ -140,9 +147,9 @@ def build_scene_xml(system: System, width: int, height: int, centers: np.ndarray
   <visual><global offwidth="{max(640, width)}" offheight="{max(480, height)}"/><quality shadowsize="0" offsamples="0"/>
     <headlight ambient="0.4 0.4 0.4" diffuse="0.6 0.6 0.6"/></visual>
   <asset>
-    <texture name="sky" type="skybox" builtin="gradient" rgb1="0.6 0.75 0.9" rgb2="0.15 0.2 0.3" width="64" height="64"/>
+    {sky}
     <texture name="grid" type="2d" builtin="checker" rgb1="0.35 0.38 0.42" rgb2="0.25 0.27 0.3" width="256" height="256"/>
-    <material name="grid" texture="grid" texrepeat="16 16" reflectance="0.05"/>
+    <material name="grid" texture="grid" texrepeat="16 16" reflectance="0"/>
   </asset>
   <worldbody>
     <light pos="0 0 12" dir="0 0 -1" directional="true" diffuse="0.6 0.6 0.6"/>

@@ -55,7 +55,8 @@ class FrameWriter:
         self._tmp = self.path.with_name(f".{self.path.stem}.tmp{self.path.suffix}")
         if self.path.suffix == ".mp4":
             self._writer = iio.get_writer(self._tmp, fps=self.fps, codec="libx264", macro_block_size=16,
-                                          quality=7, ffmpeg_log_level="error")
+                                          quality=7, ffmpeg_log_level="error",
+                                          output_params=["-preset", "ultrafast", "-tune", "animation"])
         else:
             self._writer = iio.get_writer(self._tmp, mode="I", duration=1000.0 / self.fps, loop=0)
         self.frames = 0
