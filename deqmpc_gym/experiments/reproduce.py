@@ -72,7 +72,7 @@ SCALES: dict[str, Scale] = {
                    num_trajectories={"Pendulum": 300, "Cartpole": 300, "Quadrotor": 2000, "QPole": 2000,
                                      "QPoleObs": 2000},
                    eval_episodes=_per_env(200, 200), seeds={k: (0, 1, 2) for k in _ALL}),
-    "cpu": Scale(hidden={k: 64 for k in _ALL}, steps=_per_env(500, 150), batch_size=_per_env(64, 32),
+    "cpu": Scale(hidden={k: 64 for k in _ALL}, steps=_per_env(1000, 150), batch_size=_per_env(64, 32),
                  val_batches=10, val_every=100, num_trajectories={k: 300 for k in _ALL},
                  eval_episodes=_per_env(100, 50),
                  seeds={"Pendulum": (0, 1, 2), "Cartpole": (0, 1, 2), "Quadrotor": (0,), "QPole": (0,),
@@ -202,7 +202,9 @@ def reproduce(what: str, *, scale: str = "cpu", seeds: Sequence[int] | None = No
                       f"({rec['wall_time_s']:.0f} s)", flush=True)
     records = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
     atomic_write_text(Path(out_dir) / f"table1-{scale}.json", json.dumps(records, indent=2))
-    table = markdown_table(records, envs, variants)
+    # the table covers every run recorded so far (earlier invocations may have run other envs)
+    envs = tuple(e for e in TABLE1_ENVS if any(r["env_id"] == e for r in records)) or envs
+    variants = tuple(v for v in TABLE1_VARIANTS if any(r["variant"] == v for r in records)) or variants
     atomic_write_text(Path(out_dir) / f"table1-{scale}.md", table + "\n")
     bar_plot(records, envs, variants, Path(out_dir) / f"table1-{scale}.png")
     print(table)
