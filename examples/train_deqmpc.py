@@ -11,7 +11,7 @@ and hidden 256 on Pendulum (``--steps 20000 --batch-size 200 --hidden 256``).
 
 Run::
 
-    python examples/train_deqmpc.py                                   # shipped Pendulum data, 500 steps
+    python examples/train_deqmpc.py                                   # shipped Pendulum data, 1000 steps
     python examples/train_deqmpc.py --variant diff-mpc-nn             # a baseline variant
     python examples/train_deqmpc.py --dataset runs/expert/dataset.npz --expert runs/expert
     python examples/train_deqmpc.py --quick                           # tiny smoke run (used by the tests)
@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default="runs/train_deqmpc", help="output directory")
     p.add_argument("--variant", default="deq-mpc-deq", choices=[v.value for v in Variant])
     p.add_argument("--hidden", type=int, default=64, help="network width (paper: 256 for Pendulum)")
-    p.add_argument("--steps", type=int, default=500, help="training steps (paper: 20,000)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps (paper: 20,000)")
     p.add_argument("--batch-size", type=int, default=64, help="windows per step (paper: 200)")
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--val-batches", type=int, default=4, help="fixed validation batches (paper: 100)")

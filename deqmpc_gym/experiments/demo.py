@@ -34,7 +34,7 @@ def run_demo(out_dir: str | Path = "results/demo", *, steps: int | None = None, 
     from deqmpc_gym.training import ImitationTrainer, TrainConfig
 
     out = Path(out_dir)
-    n_steps = int(steps or 500)
+    n_steps = int(steps or 1000)
     ds = ExpertDataset.load(DEMO_DATASET, env_id=DEMO_ENV)
     card = load_expert(DEMO_ENV).card
     ref = (card["random_return"], card["mean_return"])
