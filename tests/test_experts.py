@@ -175,7 +175,19 @@ def test_collect_progress_and_errors(pendulum_expert: Expert, tmp_path: Path) ->
     with pytest.raises(ConfigError):
         collect_dataset(pendulum_expert, PEND, 1, max_steps=0)
     assert DEFAULT_NUM_TRAJECTORIES[PEND] == 300
-    assert default_dataset_path(PEND, tmp_path) == tmp_path / "Pendulum-v0.npz"
+    assert default_dataset_path(PEND, tmp_path) == tmp_path / "Pendulum-v0-300-s0.npz"
+    assert default_dataset_path(PEND, tmp_path, 5, seed=2) == tmp_path / "Pendulum-v0-5-s2.npz"
+
+
+def test_load_or_collect_dataset_caches(tmp_path) -> None:
+    from deqmpc_gym.experts import load_or_collect_dataset
+
+    first = load_or_collect_dataset(PEND, 3, cache_dir=tmp_path)
+    assert (tmp_path / "Pendulum-v0-3-s0.npz").exists()
+    again = load_or_collect_dataset(PEND, 3, cache_dir=tmp_path)
+    assert len(first) == len(again) == 3
+    for a, b in zip(first.trajectories, again.trajectories):
+        np.testing.assert_array_equal(a.obs, b.obs)
 
 
 def test_collect_terminating_env_lengths() -> None:

@@ -94,7 +94,28 @@ def _collect_batch(expert: Any, env_id: str, n: int, seed: int, max_steps: int) 
     return out
 
 
-def default_dataset_path(env_id: str, cache_dir: str | Path | None = None) -> Path:
-    """Cache location of the dataset of ``env_id`` (``~/.cache/deqmpc_gym/datasets`` by default)."""
+def default_dataset_path(env_id: str, cache_dir: str | Path | None = None, num_trajectories: int | None = None,
+                         seed: int = 0) -> Path:
+    """Cache location of a dataset of ``env_id`` (``~/.cache/deqmpc_gym/datasets`` by default)."""
     root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "deqmpc_gym" / "datasets"
-    return root / f"{env_id.split('/')[-1]}.npz"
+    n = int(num_trajectories or DEFAULT_NUM_TRAJECTORIES.get(env_id, 300))
+    return root / f"{env_id.split('/')[-1]}-{n}-s{seed}.npz"
+
+
+def load_or_collect_dataset(env_id: str, num_trajectories: int | None = None, *, seed: int = 0,
+                            cache_dir: str | Path | None = None) -> ExpertDataset:
+    """The dataset of ``env_id`` collected from its shipped PPO expert: read from the cache, or collected
+    (deterministically for ``seed``) and cached on first use.
+
+    Args:
+        num_trajectories: number of episodes (default: the paper's size for ``env_id``).
+        cache_dir: cache directory (default ``~/.cache/deqmpc_gym/datasets``).
+    """
+    from deqmpc_gym.experts.ppo import load_expert
+
+    path = default_dataset_path(env_id, cache_dir, num_trajectories, seed)
+    if path.exists():
+        return ExpertDataset.load(path, env_id=env_id)
+    ds = collect_dataset(load_expert(env_id), env_id, num_trajectories, seed=seed, expert_id=f"pretrained:{env_id}")
+    ds.save(path)
+    return ds
