@@ -89,7 +89,7 @@ def test_matches_ipopt_b200(name, T):
 
 def test_obstacles_collision_free_where_ipopt_is():
     system, problem, x, u, info, rows = _compare_ipopt("qpole", 5, B=2, seed=3, obstacles=True)
-    centers = torch.as_tensor(OBSTACLE_CENTERS)
+    centers = torch.tensor(OBSTACLE_CENTERS)
     ours = min_obstacle_distance(system.position(x[:, 1:]), centers, 0.5).amin(1)
     for b, (c, ok, xi) in enumerate(rows):
         theirs = float(min_obstacle_distance(torch.as_tensor(xi[1:, :3]), centers, 0.5).min())
