@@ -379,16 +379,25 @@ class SystemEnv(gym.Env):
             ov["highlight"] = idx
         self._overlay = ov
 
+    def render_snapshot(self) -> dict[str, Any]:
+        """What :meth:`render` would draw now (state and overlay copies), for rendering in another thread with
+        a renderer from :meth:`make_renderer`: ``make_renderer().render(snap["x"], **snap["overlay"])``."""
+        return {"x": self._x.copy(), "overlay": dict(self._overlay)}
+
+    def make_renderer(self) -> Any:
+        """A new, independent :class:`~deqmpc_gym.envs.rendering.SystemRenderer` of this env's scene (its GL
+        context belongs to the thread that first renders with it)."""
+        from deqmpc_gym.envs.rendering import SystemRenderer
+
+        return SystemRenderer(self.system, self.width, self.height, self.obstacle_centers, self.obstacle_radius)
+
     def render(self) -> np.ndarray | None:
         """Return an ``(height, width, 3)`` uint8 frame of the current state (``render_mode="rgb_array"``)."""
         if self.render_mode is None:
             gym.logger.warn("render() called without render_mode; pass render_mode='rgb_array' to gym.make")
             return None
         if self._renderer is None:
-            from deqmpc_gym.envs.rendering import SystemRenderer
-
-            self._renderer = SystemRenderer(self.system, self.width, self.height, self.obstacle_centers,
-                                            self.obstacle_radius)
+            self._renderer = self.make_renderer()
         return self._renderer.render(self._x, **self._overlay)
 
     def close(self) -> None:

@@ -11,6 +11,8 @@ are highlighted.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -86,6 +88,57 @@ class FrameWriter:
         return self.path
 
 
+class _AsyncFrames:
+    """Renders env snapshots and writes the frames in a background thread.
+
+    The thread owns its own renderer (``make_renderer()``; a GL context belongs to the thread that uses it), so
+    rendering and encoding overlap with the caller's policy computation. ``submit`` blocks when ``max_pending``
+    snapshots are waiting; an error in the thread is re-raised by the next ``submit`` or by ``close``.
+    """
+
+    def __init__(self, make_renderer: Callable[[], Any], writer: FrameWriter, max_pending: int = 8) -> None:
+        self._queue: queue.Queue = queue.Queue(max_pending)
+        self._writer = writer
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(make_renderer,), daemon=True,
+                                        name="deqmpc-video")
+        self._thread.start()
+
+    def _run(self, make_renderer: Callable[[], Any]) -> None:
+        renderer = None
+        try:
+            while (snap := self._queue.get()) is not None:
+                if renderer is None:
+                    renderer = make_renderer()
+                self._writer.append(renderer.render(snap["x"], **snap["overlay"]))
+        except BaseException as exc:  # reported to the caller's thread
+            self._error = exc
+        finally:
+            if renderer is not None:
+                renderer.close()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"video rendering failed: {self._error}") from self._error
+
+    def submit(self, snapshot: dict[str, Any]) -> None:
+        while True:
+            self._check()
+            try:
+                self._queue.put(snapshot, timeout=0.5)
+                return
+            except queue.Full:
+                if not self._thread.is_alive():
+                    self._check()
+                    raise RuntimeError("video rendering thread stopped unexpectedly")
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._check()
+
+
 class RecordVideo(gym.Wrapper):
     """Record episodes of an ``rgb_array`` env to video files (see the module docstring).
 
@@ -98,11 +151,14 @@ class RecordVideo(gym.Wrapper):
         fps: frames per second (default: ``env.metadata["render_fps"]``, else 30).
         plan_source: object with a ``last_plan`` dict (``"states"``, ``"waypoints"``: ``(T, nx)``) to overlay,
             or None. ``overlay=False`` disables the overlay.
+        background: render and encode in a background thread (envs with ``render_snapshot`` /
+            ``make_renderer``, i.e. every ``DEQMPC/*`` env), overlapping with the policy's computation; other envs
+            always render in the calling thread.
     """
 
     def __init__(self, env: gym.Env, video_folder: str | Path, episode_trigger: Callable[[int], bool] | None = None,
                  video_length: int = 0, name_prefix: str = "rollout", fps: float | None = None,
-                 plan_source: Any = None, overlay: bool = True) -> None:
+                 plan_source: Any = None, overlay: bool = True, background: bool = True) -> None:
         super().__init__(env)
         if env.render_mode != "rgb_array":
             raise ConfigError(f"RecordVideo needs render_mode='rgb_array', got {env.render_mode!r}; "
@@ -116,7 +172,11 @@ class RecordVideo(gym.Wrapper):
         self.fps = float(fps or env.metadata.get("render_fps", 30))
         self.plan_source = plan_source if overlay else None
         self.episode_id = -1
+        base = env.unwrapped
+        self.background = bool(background and hasattr(base, "render_snapshot") and hasattr(base, "make_renderer"))
         self._writer: FrameWriter | None = None
+        self._worker: _AsyncFrames | None = None
+        self._frames = 0
         self.videos: list[Path] = []
 
     def _overlay(self) -> None:
@@ -137,20 +197,34 @@ class RecordVideo(gym.Wrapper):
             highlight = np.unique(np.argsort(d, axis=1)[:, :2])
         base.set_plan_overlay(plan["states"], plan["waypoints"], highlight)
 
+    def _frame(self) -> None:
+        """Render the current state (now, or queued to the background thread)."""
+        if self._worker is not None:
+            self._worker.submit(self.env.unwrapped.render_snapshot())
+            self._frames += 1
+            return
+        frame = self.env.render()
+        if frame is not None and self._writer is not None:
+            self._writer.append(np.asarray(frame))
+            self._frames += 1
+
     def _capture(self) -> None:
         if self._writer is None:
             return
         self._overlay()
-        frame = self.env.render()
-        if frame is not None:
-            self._writer.append(np.asarray(frame))
-        if self.video_length and self._writer.frames >= self.video_length:
+        self._frame()
+        if self.video_length and self._frames >= self.video_length:
             self._finish()
 
     def _finish(self) -> None:
         if self._writer is not None:
-            self.videos.append(self._writer.close())
-            self._writer = None
+            try:
+                if self._worker is not None:
+                    self._worker.close()
+            finally:
+                self._worker = None
+                writer, self._writer = self._writer, None
+            self.videos.append(writer.close())
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
         self._finish()
@@ -158,11 +232,12 @@ class RecordVideo(gym.Wrapper):
         self.episode_id += 1
         if self.episode_trigger(self.episode_id):
             self._writer = FrameWriter(self.video_folder / f"{self.name_prefix}-episode-{self.episode_id}", self.fps)
+            self._frames = 0
+            if self.background:
+                self._worker = _AsyncFrames(self.env.unwrapped.make_renderer, self._writer)
             if self.plan_source is not None and hasattr(self.env.unwrapped, "set_plan_overlay"):
                 self.env.unwrapped.set_plan_overlay(None, None, None)
-            frame = self.env.render()
-            if frame is not None:
-                self._writer.append(np.asarray(frame))
+            self._frame()
         return obs, info
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
