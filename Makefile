@@ -22,8 +22,13 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)
+	$(PY) -m pip install -q --no-deps mpc==0.0.6  # mpc.pytorch, only for the solver comparison
 	$(PY) benchmarks/envs.py
 	$(PY) benchmarks/solver.py
+	$(PY) benchmarks/policy.py
+	$(PY) benchmarks/training.py
+	$(PY) benchmarks/experts.py
+	$(PY) benchmarks/video.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
