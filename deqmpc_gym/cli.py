@@ -31,7 +31,6 @@ def _add_expert(sub: Any) -> None:
     t.add_argument("--out", default=None, help="output dir (default: runs/experts/<env>)")
     t.add_argument("--slices", type=int, default=None, help="stop after this many checkpoint slices")
     t.add_argument("--no-resume", action="store_true")
-    t.add_argument("--threads", type=int, default=1, help="torch threads (PPO's small MLPs run best on 1)")
     c = esub.add_parser("collect", help="roll out an expert and write a dataset (.npz)")
     c.add_argument("--env", required=True)
     c.add_argument("--out", required=True)
@@ -85,6 +84,9 @@ def _add_misc(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deqmpc-gym", description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the small networks and batched solver run best on one "
+                             "thread, and several threads on shared cores slow everything down by 10x or more)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_expert(sub)
     _add_train(sub)
@@ -96,9 +98,6 @@ def _expert(args: argparse.Namespace) -> int:
     from deqmpc_gym.experts import collect_dataset, default_expert_config, load_expert, train_expert
 
     if args.expert_cmd == "train":
-        import torch
-
-        torch.set_num_threads(max(1, args.threads))
         overrides: dict[str, Any] = {"seed": args.seed}
         if args.steps:
             overrides["total_steps"] = args.steps
@@ -199,7 +198,11 @@ COMMANDS = {"expert": _expert, "train": _train, "evaluate": _evaluate, "record":
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deqmpc-gym`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    import torch
+
     from deqmpc_gym.errors import DeqmpcError
+
+    torch.set_num_threads(max(1, args.threads))
 
     try:
         return COMMANDS[args.cmd](args)
