@@ -205,6 +205,7 @@ def reproduce(what: str, *, scale: str = "cpu", seeds: Sequence[int] | None = No
     # the table covers every run recorded so far (earlier invocations may have run other envs)
     envs = tuple(e for e in TABLE1_ENVS if any(r["env_id"] == e for r in records)) or envs
     variants = tuple(v for v in TABLE1_VARIANTS if any(r["variant"] == v for r in records)) or variants
+    table = markdown_table(records, envs, variants)
     atomic_write_text(Path(out_dir) / f"table1-{scale}.md", table + "\n")
     bar_plot(records, envs, variants, Path(out_dir) / f"table1-{scale}.png")
     print(table)

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from deqmpc_gym._config import config_from_dict
-from deqmpc_gym.errors import CheckpointError, ConfigError, ShapeError
+from deqmpc_gym._config import config_from_dict, require_at_least_one
+from deqmpc_gym.errors import CheckpointError, ShapeError
 from deqmpc_gym.io import atomic_write, atomic_write_text
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
@@ -68,9 +68,8 @@ class ExpertConfig:
     eval_episodes: int = 200
 
     def __post_init__(self) -> None:
-        for name in ("total_steps", "n_envs", "n_steps", "batch_size", "n_epochs", "slice_steps", "eval_episodes"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"ExpertConfig.{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least_one(self, ("total_steps", "n_envs", "n_steps", "batch_size", "n_epochs", "slice_steps",
+                                    "eval_episodes"))
         object.__setattr__(self, "net_arch", tuple(int(h) for h in self.net_arch))
 
 

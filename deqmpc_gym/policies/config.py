@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from deqmpc_gym._config import config_from_dict
+from deqmpc_gym._config import config_from_dict, require_at_least_one
 from deqmpc_gym.errors import ConfigError
 
 
@@ -101,9 +101,7 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "variant", Variant.resolve(self.variant).value)
         positive = ("hidden", "deq_mpc_iters", "al_iters", "diff_mpc_al_iters", "stream_iters", "stream_al_iters")
-        for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"PolicyConfig.{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least_one(self, positive)
         if self.horizon < 2:
             raise ConfigError(f"PolicyConfig.horizon must be >= 2 knots, got {self.horizon}")
         if self.hidden % 4:

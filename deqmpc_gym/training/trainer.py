@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from deqmpc_gym._config import config_from_dict
+from deqmpc_gym._config import config_from_dict, require_at_least_one
 from deqmpc_gym.data import ExpertDataset
 from deqmpc_gym.errors import CheckpointError, ConfigError, DatasetError
 from deqmpc_gym.io import atomic_write, atomic_write_text
@@ -67,9 +67,7 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "val_every", "val_batches", "log_every"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least_one(self, ("steps", "batch_size", "val_every", "val_batches", "log_every"))
         if self.streaming_steps < 0:
             raise ConfigError(f"TrainConfig.streaming_steps must be >= 0, got {self.streaming_steps}")
         if not 0.0 < self.val_fraction < 1.0:

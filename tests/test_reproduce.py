@@ -1,0 +1,38 @@
+"""The Table 1 sweep at the "tiny" scale: runs, records, skips finished runs, aggregates a table and a plot."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from deqmpc_gym.experiments.reproduce import PAPER_TABLE1, SCALES, markdown_table, reproduce
+
+PEND = "DEQMPC/Pendulum-v0"
+
+
+def test_tiny_sweep_is_resumable_and_aggregates(tmp_path) -> None:
+    torch.manual_seed(0)
+    root = reproduce("table1", scale="tiny", envs=[PEND], variants=["diff-mpc-nn", "deq-mpc-nn"], out_dir=tmp_path)
+    runs = sorted(p.name for p in (root / "runs").glob("*.json"))
+    assert runs == ["Pendulum__deq-mpc-nn__s0.json", "Pendulum__diff-mpc-nn__s0.json"]
+    rec = json.loads((root / "runs" / runs[0]).read_text())
+    for key in ("env_id", "variant", "seed", "normalized_score", "mean_return", "success_rate"):
+        assert key in rec
+    table = (tmp_path / "table1-tiny.md").read_text()
+    assert "deq-mpc-nn" in table and "paper 0.94" in table
+    assert (tmp_path / "table1-tiny.png").stat().st_size > 0
+    before = (root / "runs" / runs[0]).stat().st_mtime_ns
+    reproduce("table1", scale="tiny", envs=[PEND], variants=["deq-mpc-nn"], out_dir=tmp_path)  # skipped: done
+    assert (root / "runs" / runs[0]).stat().st_mtime_ns == before
+    records = json.loads((tmp_path / "table1-tiny.json").read_text())
+    assert len(records) == 2  # the aggregate covers every recorded run
+
+
+def test_markdown_table_and_scales() -> None:
+    recs = [{"env_id": PEND, "variant": "deq-mpc-deq", "normalized_score": s} for s in (0.9, 1.0)]
+    table = markdown_table(recs, [PEND], ["deq-mpc-deq", "diff-mpc-nn"])
+    assert "0.95 (±0.05, n=2)" in table and "| diff-mpc-nn | —" in table
+    assert set(SCALES) == {"paper", "cpu", "tiny"}
+    assert SCALES["paper"].steps["QPole"] == 20000 and SCALES["paper"].hidden["QPole"] == 1024
+    assert PAPER_TABLE1["deq-mpc-deq"]["Cartpole"] == (1.13, 0.01)
