@@ -16,6 +16,7 @@ continues a killed run from the last one with the same result as an uninterrupte
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import time
@@ -148,7 +149,8 @@ class ImitationTrainer:
     Args:
         callbacks: callables ``fn(trainer, step, metrics) -> None`` run after every validation.
         progress: show a tqdm progress bar with loss and ETA.
-        log_formats: SB3 logger formats (``"stdout"``, ``"csv"``, ``"tensorboard"`` when installed).
+        log_formats: SB3 logger formats (``"stdout"``, ``"csv"``); ``"tensorboard"`` is added when TensorBoard is
+            installed.
     """
 
     def __init__(self, policy: DEQMPCPolicy, dataset: ExpertDataset, config: TrainConfig, out_dir: str | Path,
@@ -169,6 +171,8 @@ class ImitationTrainer:
         self.step, self.best_val, self.best_step = 0, math.inf, 0
         self.history: list[dict[str, float]] = []
         self.log_formats = tuple(log_formats)
+        if "tensorboard" not in self.log_formats and importlib.util.find_spec("tensorboard") is not None:
+            self.log_formats += ("tensorboard",)  # SB3's logger writes TensorBoard events when it is installed
         self._elapsed = 0.0
 
     # ------------------------------------------------------------------ checkpoints
