@@ -89,8 +89,8 @@ def _with_stream_iters(policy: Any, k: int | None) -> Any:
     if k is None or not hasattr(policy, "config") or not hasattr(policy, "layer"):
         return None
     old = policy.config
-    # the paper's streaming rule: K DEQ-MPC iterations of m = 2 AL steps end at rho_max = 1e8
-    new = old.replace(stream_iters=k, stream_al_iters=2 * k, rho_init_max=max(1.0, 10.0 ** (9 - 2 * k)))
+    # the layer restarts the penalty so that the last of the K * m warm AL iterations runs at rho_max
+    new = old.replace(stream_iters=k, stream_al_iters=2 * k)
     policy.config = new
     policy.layer.config = new
     return old

@@ -68,7 +68,6 @@ class PolicyConfig:
         diff_mpc_al_iters: AL iterations of Diff-MPC's single cold solve.
         stream_iters: K, DEQ-MPC iterations per warm-started control step (paper eval: 1; QPoleObs: 2).
         stream_al_iters: AL iterations per warm-started control step for Diff-MPC (paper eval: 2; QPoleObs: 4).
-        rho_init_max: penalty cap at a warm start (1e7 <-> K = 1 in the paper's streaming rule).
         n_obstacle_constraints: nearest obstacles constrained per knot.
         gradient: MPC gradient for DEQ-MPC (``"implicit"`` | ``"unroll"``); Diff-MPC always uses
             ``"final_implicit"``.
@@ -88,7 +87,6 @@ class PolicyConfig:
     diff_mpc_al_iters: int = 10
     stream_iters: int = 1
     stream_al_iters: int = 2
-    rho_init_max: float = 1e7
     n_obstacle_constraints: int = 4
     gradient: str = "implicit"
     anderson_max_iter: int = 25

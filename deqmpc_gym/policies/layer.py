@@ -10,7 +10,8 @@ and then the solver alone; the network-only baselines iterate the network on its
 
 Streaming (paper section 4.2.3): a call with the previous :class:`StreamState` warm-starts from the previous
 solution shifted one knot (last knot re-seeded with the network's new last waypoint, duals reset, penalty
-restarted at ``min(rho_prev, rho_init_max)``) and runs ``K`` DEQ-MPC iterations (Diff-MPC: a few AL
+restarted so that the last warm AL iteration runs at ``rho_max``, the paper's
+``rho = rho_max / 10^(remaining iterations)``) and runs ``K`` DEQ-MPC iterations (Diff-MPC: a few AL
 iterations).
 
 Shapes: ``B`` batch, ``T`` horizon (knots incl. the current state), ``nx``/``nu`` state/control sizes.
@@ -144,7 +145,7 @@ class DEQMPCLayer(nn.Module):
         self.net = build_network(net_cfg).to(device)
         self.problem: MPCProblem | None = None
         if self.variant.uses_mpc:
-            mpc_cfg = MPCConfig(horizon=config.horizon, rho_init_max=config.rho_init_max,
+            mpc_cfg = MPCConfig(horizon=config.horizon,
                                 n_obstacle_constraints=config.n_obstacle_constraints,
                                 gradient=config.gradient, dtype=self.solver_dtype)
             self.problem = MPCProblem(system, mpc_cfg, obstacle_centers=obstacle_centers,

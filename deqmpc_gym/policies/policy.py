@@ -192,7 +192,8 @@ class DEQMPCPolicy(nn.Module):
         return u, merged
 
     def _record_plan(self, outputs: list[tuple[np.ndarray, LayerOutput]]) -> None:
-        rows, out = outputs[0]
+        """Keep the plan of env 0 of the batch (the cold or the warm group, whichever holds it)."""
+        rows, out = next((r, o) for r, o in outputs if r[0] == 0)
         self.last_plan = {
             "states": out.states[-1][0].detach().cpu().numpy(),
             "waypoints": out.thetas[-1][0].detach().cpu().numpy(),
