@@ -28,6 +28,10 @@ def _add_expert(sub: Any) -> None:
     t.add_argument("--steps", type=int, default=None, help="total env steps (default: per-env budget)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--n-envs", type=int, default=None)
+    t.add_argument("--goal-bonus", type=float, default=None,
+                   help="training-only reward bonus near the goal (default: per-env; see ExpertConfig)")
+    t.add_argument("--goal-bonus-width", type=float, default=None,
+                   help="width of the goal bonus in success tolerances (default: per-env)")
     t.add_argument("--out", default=None, help="output dir (default: runs/experts/<env>)")
     t.add_argument("--slices", type=int, default=None, help="stop after this many checkpoint slices")
     t.add_argument("--no-resume", action="store_true")
@@ -103,6 +107,9 @@ def _expert(args: argparse.Namespace) -> int:
             overrides["total_steps"] = args.steps
         if args.n_envs:
             overrides["n_envs"] = args.n_envs
+        for key in ("goal_bonus", "goal_bonus_width"):
+            if getattr(args, key) is not None:
+                overrides[key] = getattr(args, key)
         cfg = default_expert_config(args.env, **overrides)
         out = Path(args.out or f"runs/experts/{args.env.split('/')[-1]}")
         card = train_expert(cfg, out, resume=not args.no_resume, max_slices=args.slices)

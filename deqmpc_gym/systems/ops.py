@@ -31,6 +31,11 @@ class _NumpyOps:
     def where(cond: Any, a: Any, b: Any) -> Any:
         return np.where(cond, a, b)
 
+    @staticmethod
+    def zeros_like(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Zeros of ``shape`` with ``x``'s dtype."""
+        return np.zeros(shape, dtype=x.dtype)
+
 
 class _TorchOps:
     """Elementwise math on torch tensors (differentiable, vmap-compatible)."""
@@ -52,9 +57,26 @@ class _TorchOps:
     def where(cond: Any, a: Any, b: Any) -> Any:
         return torch.where(cond, a, b)
 
+    @staticmethod
+    def zeros_like(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Zeros of ``shape`` with ``x``'s dtype and device."""
+        return x.new_zeros(shape)
+
 
 NUMPY = _NumpyOps()
 TORCH = _TorchOps()
+
+
+def batch_last(x: Any) -> Any:
+    """``(B, n) -> (n, B)`` contiguous copy (numpy array or torch tensor)."""
+    return np.ascontiguousarray(x.T) if isinstance(x, np.ndarray) else x.t().contiguous()
+
+
+def batch_first(a: Any) -> Any:
+    """Batch-last ``(m, n, B)`` or ``(n, B)`` -> batch-first ``(B, m, n)`` / ``(B, n)`` view."""
+    if a.ndim == 2:
+        return a.T
+    return a.transpose(2, 0, 1) if isinstance(a, np.ndarray) else a.permute(2, 0, 1)
 
 
 def ops_for(x: Any) -> _NumpyOps | _TorchOps:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from deqmpc_gym.systems.base import rk4
-from deqmpc_gym.systems.ops import TORCH
-from deqmpc_gym.systems.rigid_body_jacobians import control_jacobians, rigid_body_jacobians
+from deqmpc_gym.systems.ops import batch_first, batch_last, ops_for
+from deqmpc_gym.systems.rigid_body_jacobians import _const, control_jacobians, rigid_body_jacobians
 from deqmpc_gym.systems.quadrotor import QuadParams, RigidBodySystem, _comps, rigid_body_derivative
 
 _MASS = 2.1
 _U_HOVER = _MASS * 9.81 / (10.0 * 1.0 * 4)
-_E3 = torch.tensor([[0.0], [0.0], [1.0]], dtype=torch.float64)
+_E3 = np.array([[0.0], [0.0], [1.0]])
 
 
 class QPole(RigidBodySystem):
@@ -81,36 +82,37 @@ class QPole(RigidBodySystem):
         f, G = self._deriv_and_jac(x, u)
         return f, G[..., :14], G[..., 14:]
 
-    def _deriv_and_jac(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x_dot (B, 14)`` (via :meth:`_deriv`, bit-identical) and ``[dx_dot/dx | dx_dot/du] (B, 14, 18)``."""
+    def _deriv_and_jac(self, x: Any, u: Any) -> tuple[Any, Any]:
+        """``x_dot (B, 14)`` (via :meth:`_deriv`, bit-identical) and ``[dx_dot/dx | dx_dot/du] (B, 14, 18)``
+        (torch tensors or numpy arrays)."""
         p, L = self.params, self.pole_length
-        f = self._deriv(x, u, TORCH)
-        xt = x.t().contiguous()
+        ops = ops_for(x)
+        f = self._deriv(x, u, ops)
+        xt = batch_last(x)
         jb = rigid_body_jacobians(xt[3:6], xt[7:10], xt[10:13], p)
         v_u, w_u = control_jacobians(p, x)
         th = xt[6]
-        sth, cth = torch.sin(th), torch.cos(th)
-        thrust = (p.kf * p.act_scale) * (u.t() + p.u_offset).sum(0) + 4.0 * p.bf  # (B,)
+        sth, cth = ops.sin(th), ops.cos(th)
+        thrust = (p.kf * p.act_scale) * (batch_last(u) + p.u_offset).sum(0) + 4.0 * p.bf  # (B,)
         tm = thrust / p.mass
         re3 = jb.rot.R[:, 2]  # (3, B) body z-axis in the world
-        e3 = _E3.to(dtype=x.dtype, device=x.device).expand_as(re3)
-        acc_sigma = tm * jb.rot.d_rotate(e3)  # d a / d sigma, (3, 3, B)
+        acc_sigma = tm * jb.rot.d_rotate(_const("e3", _E3, re3))  # d a / d sigma, (3, 3, B)
         # theta_ddot = (a_x cos th + (g_z - a_z) sin th) / L with g_z = -g, a = g + tm R e3.
         ax, az = tm * re3[0], tm * re3[2] - p.gravity
         cx, cz = cth / L, -sth / L  # d thdd / d a_x, d thdd / d a_z
-        G = x.new_zeros(x.shape[0], 14, 18)
-        G[:, 0:3, 3:6] = jb.r_sigma.permute(2, 0, 1)
-        G[:, 0:3, 7:10] = jb.r_v.permute(2, 0, 1)
-        G[:, 3:6, 3:6] = jb.sigma_sigma.permute(2, 0, 1)
-        G[:, 3:6, 10:13] = jb.sigma_w.permute(2, 0, 1)
+        G = ops.zeros_like(x, (x.shape[0], 14, 18))
+        G[:, 0:3, 3:6] = batch_first(jb.r_sigma)
+        G[:, 0:3, 7:10] = batch_first(jb.r_v)
+        G[:, 3:6, 3:6] = batch_first(jb.sigma_sigma)
+        G[:, 3:6, 10:13] = batch_first(jb.sigma_w)
         G[:, 6, 13] = 1.0
-        G[:, 7:10, 3:6] = jb.v_sigma.permute(2, 0, 1)
-        G[:, 7:10, 7:10] = jb.v_v.permute(2, 0, 1)
-        G[:, 7:10, 10:13] = jb.v_w.permute(2, 0, 1)
-        G[:, 7:10, 14:18] = v_u.permute(2, 0, 1)
-        G[:, 10:13, 10:13] = jb.w_w.permute(2, 0, 1)
-        G[:, 10:13, 14:18] = w_u.permute(2, 0, 1)
-        G[:, 13, 3:6] = (cx * acc_sigma[0] + cz * acc_sigma[2]).t()
+        G[:, 7:10, 3:6] = batch_first(jb.v_sigma)
+        G[:, 7:10, 7:10] = batch_first(jb.v_v)
+        G[:, 7:10, 10:13] = batch_first(jb.v_w)
+        G[:, 7:10, 14:18] = batch_first(v_u)
+        G[:, 10:13, 10:13] = batch_first(jb.w_w)
+        G[:, 10:13, 14:18] = batch_first(w_u)
+        G[:, 13, 3:6] = batch_first(cx * acc_sigma[0] + cz * acc_sigma[2])
         G[:, 13, 6] = (-ax * sth + (-p.gravity - az) * cth) / L
-        G[:, 13, 14:18] = ((p.kf * p.act_scale / p.mass) * (cx * re3[0] + cz * re3[2])).unsqueeze(-1)
+        G[:, 13, 14:18] = ((p.kf * p.act_scale / p.mass) * (cx * re3[0] + cz * re3[2]))[:, None]
         return f, G

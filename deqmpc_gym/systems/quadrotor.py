@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from deqmpc_gym.systems.base import System, rk4, rk4_with_jacobians
-from deqmpc_gym.systems.ops import TORCH
+from deqmpc_gym.systems.base import System, numpy_eligible, rk4, rk4_with_jacobians, rk4_with_jacobians_numpy
+from deqmpc_gym.systems.ops import batch_first, batch_last, ops_for
 from deqmpc_gym.systems.rigid_body_jacobians import control_jacobians, rigid_body_jacobians
 from deqmpc_gym.systems.rotations import (
     cross,
@@ -96,6 +96,9 @@ class RigidBodySystem(System):
     def _step_and_jacobians(
         self, x: torch.Tensor, u: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if numpy_eligible(x, u):  # no graph needed on CPU: the same math at numpy's per-op cost
+            out = rk4_with_jacobians_numpy(self._deriv_and_jac, x.numpy(), u.numpy(), self.dt, n_free=3)
+            return tuple(torch.from_numpy(a) for a in out)  # type: ignore[return-value]
         return rk4_with_jacobians(self._deriv_and_jac, x, u, self.dt, n_free=3)
 
     def sample_initial_states(self, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -153,21 +156,23 @@ class Quadrotor(RigidBodySystem):
         f, G = self._deriv_and_jac(x, u)
         return f, G[..., :12], G[..., 12:]
 
-    def _deriv_and_jac(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x_dot (B, 12)`` (via :meth:`_deriv`, bit-identical) and ``[dx_dot/dx | dx_dot/du] (B, 12, 16)``."""
-        f = self._deriv(x, u, TORCH)
-        xt = x.t().contiguous()
+    def _deriv_and_jac(self, x: Any, u: Any) -> tuple[Any, Any]:
+        """``x_dot (B, 12)`` (via :meth:`_deriv`, bit-identical) and ``[dx_dot/dx | dx_dot/du] (B, 12, 16)``
+        (torch tensors or numpy arrays)."""
+        ops = ops_for(x)
+        f = self._deriv(x, u, ops)
+        xt = batch_last(x)
         jb = rigid_body_jacobians(xt[3:6], xt[6:9], xt[9:12], self.params)
         v_u, w_u = control_jacobians(self.params, x)
-        G = x.new_zeros(x.shape[0], 12, 16)
-        G[:, 0:3, 3:6] = jb.r_sigma.permute(2, 0, 1)
-        G[:, 0:3, 6:9] = jb.r_v.permute(2, 0, 1)
-        G[:, 3:6, 3:6] = jb.sigma_sigma.permute(2, 0, 1)
-        G[:, 3:6, 9:12] = jb.sigma_w.permute(2, 0, 1)
-        G[:, 6:9, 3:6] = jb.v_sigma.permute(2, 0, 1)
-        G[:, 6:9, 6:9] = jb.v_v.permute(2, 0, 1)
-        G[:, 6:9, 9:12] = jb.v_w.permute(2, 0, 1)
-        G[:, 6:9, 12:16] = v_u.permute(2, 0, 1)
-        G[:, 9:12, 9:12] = jb.w_w.permute(2, 0, 1)
-        G[:, 9:12, 12:16] = w_u.permute(2, 0, 1)
+        G = ops.zeros_like(x, (x.shape[0], 12, 16))
+        G[:, 0:3, 3:6] = batch_first(jb.r_sigma)
+        G[:, 0:3, 6:9] = batch_first(jb.r_v)
+        G[:, 3:6, 3:6] = batch_first(jb.sigma_sigma)
+        G[:, 3:6, 9:12] = batch_first(jb.sigma_w)
+        G[:, 6:9, 3:6] = batch_first(jb.v_sigma)
+        G[:, 6:9, 6:9] = batch_first(jb.v_v)
+        G[:, 6:9, 9:12] = batch_first(jb.v_w)
+        G[:, 6:9, 12:16] = batch_first(v_u)
+        G[:, 9:12, 9:12] = batch_first(jb.w_w)
+        G[:, 9:12, 12:16] = batch_first(w_u)
         return f, G

@@ -1,9 +1,12 @@
-"""Analytic Jacobians of the rigid-body quadrotor dynamics in batched matrix form (torch only).
+"""Analytic Jacobians of the rigid-body quadrotor dynamics in batched matrix form (torch or numpy).
 
 Companion of :func:`deqmpc_gym.systems.quadrotor.rigid_body_derivative`: the same continuous dynamics,
 differentiated by hand and written with 3x3 matrices (``R(q)``, skew matrices, outer products), so the RK4
 Jacobians of :class:`~deqmpc_gym.systems.quadrotor.Quadrotor` and :class:`~deqmpc_gym.systems.qpole.QPole` cost
 a few dozen kernels instead of an autodiff pass over hundreds of scalar ops.
+
+Every function accepts torch tensors or numpy arrays (all inputs of one call of the same kind); the numpy form
+serves the no-grad CPU fast path of :meth:`~deqmpc_gym.systems.base.System.step_and_jacobians`.
 
 Layout: everything here is *batch-last* -- a 3-vector is ``(3, B)``, a 3x3 matrix ``(3, 3, B)`` -- so that every
 elementwise kernel runs over a contiguous batch (batch-first ``(B, 3, 3)`` ops with inner size 3, and batched
@@ -22,7 +25,7 @@ Identities used (quaternion ``q = (s, v)``, scalar first; ``n = sigma . sigma``)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Hashable
+from typing import TYPE_CHECKING, Hashable, Union
 
 import numpy as np
 import torch
@@ -30,12 +33,19 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from deqmpc_gym.systems.quadrotor import QuadParams
 
+Array = Union[torch.Tensor, np.ndarray]
 _S2 = 1.0 / np.sqrt(2.0)
-_CACHE: dict[tuple, torch.Tensor] = {}
+_CACHE: dict[tuple, Array] = {}
 
 
-def _const(key: Hashable, value: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """A cached constant tensor on ``like``'s dtype/device (never requires grad)."""
+def _const(key: Hashable, value: np.ndarray, like: Array) -> Array:
+    """A cached constant on ``like``'s kind, dtype and device (a torch constant never requires grad)."""
+    if isinstance(like, np.ndarray):
+        k: tuple = (key, "numpy")
+        t = _CACHE.get(k)
+        if t is None:
+            t = _CACHE[k] = np.asarray(value, dtype=np.float64)
+        return t
     k = (key, like.dtype, like.device)
     t = _CACHE.get(k)
     if t is None:
@@ -44,51 +54,56 @@ def _const(key: Hashable, value: np.ndarray, like: torch.Tensor) -> torch.Tensor
     return t
 
 
-def _eye(like: torch.Tensor) -> torch.Tensor:
+def _eye(like: Array) -> Array:
     """``(3, 3, 1)`` identity (broadcasts against ``(3, 3, B)``)."""
     return _const("eye3", np.eye(3)[:, :, None], like)
 
 
-def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def dot(a: Array, b: Array) -> Array:
     """``(3, B) . (3, B) -> (B,)``."""
     return (a * b).sum(0)
 
 
-def outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def outer(a: Array, b: Array) -> Array:
     """``a b^T``: ``(3, B), (3, B) -> (3, 3, B)``."""
-    return a.unsqueeze(1) * b.unsqueeze(0)
+    return a[:, None] * b[None]
 
 
-def cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def cross(a: Array, b: Array) -> Array:
     """``a x b`` on ``(3, B)``."""
+    if isinstance(a, np.ndarray):
+        return np.stack([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
     return torch.linalg.cross(a, b, dim=0)
 
 
-def skew(w: torch.Tensor) -> torch.Tensor:
+def skew(w: Array) -> Array:
     """``(3, B) -> (3, 3, B)`` cross-product matrix ``[w]x`` (``[w]x y = w x y``)."""
-    z = torch.zeros_like(w[0])
     nw = -w
+    if isinstance(w, np.ndarray):
+        z = np.zeros_like(w[0])
+        return np.stack([z, nw[2], w[1], w[2], z, nw[0], nw[1], w[0], z]).reshape(3, 3, -1)
+    z = torch.zeros_like(w[0])
     return torch.stack([z, nw[2], w[1], w[2], z, nw[0], nw[1], w[0], z]).unflatten(0, (3, 3))
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def matmul(a: Array, b: Array) -> Array:
     """Batch-last matrix product ``(m, k, B) @ (k, n, B) -> (m, n, B)`` (either may be a ``(., ., 1)`` constant)."""
-    return (a.unsqueeze(2) * b.unsqueeze(0)).sum(1)
+    return (a[:, :, None] * b[None]).sum(1)
 
 
 @dataclass(frozen=True)
 class MrpRotation:
     """Rotation quantities of MRPs ``sigma: (3, B)``: quaternion, ``R`` and ``dq/dsigma`` (batch-last)."""
 
-    sigma: torch.Tensor  # (3, B)
-    qs: torch.Tensor  # (B,)
-    qv: torch.Tensor  # (3, B)
-    R: torch.Tensor  # (3, 3, B), body -> world
-    dqs: torch.Tensor  # (3, B)  d qs / d sigma_j
-    dqv: torch.Tensor  # (3, 3, B)  d qv_i / d sigma_j
+    sigma: Array  # (3, B)
+    qs: Array  # (B,)
+    qv: Array  # (3, B)
+    R: Array  # (3, 3, B), body -> world
+    dqs: Array  # (3, B)  d qs / d sigma_j
+    dqv: Array  # (3, 3, B)  d qv_i / d sigma_j
 
     @staticmethod
-    def from_mrp(sigma: torch.Tensor) -> MrpRotation:
+    def from_mrp(sigma: Array) -> MrpRotation:
         eye = _eye(sigma)
         n = dot(sigma, sigma)
         inv_d = 1.0 / (1.0 + n)
@@ -100,7 +115,7 @@ class MrpRotation:
         R = (qs * qs - dot(qv, qv)) * eye + 2.0 * outer(qv, qv) + (2.0 * qs) * skew(qv)
         return MrpRotation(sigma, qs, qv, R, dqs, dqv)
 
-    def d_rotate(self, y: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+    def d_rotate(self, y: Array, *, inverse: bool = False) -> Array:
         """``d (R y) / d sigma`` (or ``d (R^T y) / d sigma`` if ``inverse``), ``(3, 3, B)``, for ``y: (3, B)``
         held fixed."""
         qs = self.qs
@@ -118,19 +133,19 @@ class RigidBodyJacobians:
     each ``(3, 3, B)`` (batch-last); the position ``r`` does not appear on the right-hand side and ``d/du`` is
     constant (:func:`control_jacobians`)."""
 
-    r_sigma: torch.Tensor
-    r_v: torch.Tensor
-    sigma_sigma: torch.Tensor
-    sigma_w: torch.Tensor
-    v_sigma: torch.Tensor
-    v_v: torch.Tensor
-    v_w: torch.Tensor
-    w_w: torch.Tensor
+    r_sigma: Array
+    r_v: Array
+    sigma_sigma: Array
+    sigma_w: Array
+    v_sigma: Array
+    v_v: Array
+    v_w: Array
+    w_w: Array
     rot: MrpRotation
 
 
 def rigid_body_jacobians(
-    sigma: torch.Tensor, v: torch.Tensor, w: torch.Tensor, p: QuadParams
+    sigma: Array, v: Array, w: Array, p: QuadParams
 ) -> RigidBodyJacobians:
     """Analytic Jacobian blocks of the quadrotor equations.
 
@@ -145,22 +160,27 @@ def rigid_body_jacobians(
     g = _const(("g", p), np.array([[0.0], [0.0], [-p.gravity]]), sigma)
     Sw = skew(w)
     r_sigma = rot.d_rotate(v)
-    v_sigma = rot.d_rotate(g.expand_as(sigma), inverse=True)
+    v_sigma = rot.d_rotate(g, inverse=True)  # g (3, 1) broadcasts
     # sigma_dot = 1/4 [(1 - n) w + 2 sigma x w + 2 sigma (sigma . w)]:
     #   d/dsigma = 1/2 [(sigma . w) I + [w x sigma - w]x],  d/dw = 1/4 [(1 - n) I + 2 [sigma]x + 2 sigma sigma^T]
     sigma_sigma = 0.5 * (dot(sigma, w) * eye + skew(cross(w, sigma) - w))
     sigma_w = 0.25 * ((1.0 - dot(sigma, sigma)) * eye + 2.0 * (skew(sigma) + outer(sigma, sigma)))
     # v_dot = F_b/m - w x v:  d/dv = -[w]x, d/dw = [v]x.   w_dot = J^-1 (tau - w x J w):  d/dw = J^-1 ([J w]x - [w]x J)
-    Jw = (J * w.unsqueeze(0)).sum(1)
+    Jw = (J * w[None]).sum(1)
     w_w = matmul(Jinv, skew(Jw) - matmul(Sw, J))
     return RigidBodyJacobians(r_sigma, rot.R, sigma_sigma, sigma_w, v_sigma, -Sw, skew(v), w_w, rot)
 
 
-def control_jacobians(p: QuadParams, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def control_jacobians(p: QuadParams, like: Array) -> tuple[Array, Array]:
     """Constant ``d v_dot / d u`` and ``d w_dot / d u``, ``(3, 4, 1)`` each (batch-last, broadcastable)."""
-    k = (("w_u", p), like.dtype, like.device)
-    if k in _CACHE:
-        return _CACHE[(("v_u", p), like.dtype, like.device)], _CACHE[k]
+    if isinstance(like, np.ndarray):
+        k: tuple = (("w_u", p), "numpy")
+        if k in _CACHE:
+            return _CACHE[(("v_u", p), "numpy")], _CACHE[k]
+    else:
+        k = (("w_u", p), like.dtype, like.device)
+        if k in _CACHE:
+            return _CACHE[(("v_u", p), like.dtype, like.device)], _CACHE[k]
     df = p.kf * p.act_scale  # d f_i / d u_i
     la = p.arm * _S2
     v_u = np.zeros((3, 4))

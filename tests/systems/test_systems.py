@@ -11,6 +11,7 @@ import torch
 from deqmpc_gym.errors import ShapeError
 from deqmpc_gym.systems import SYSTEMS, Cartpole, Pendulum, QPole, Quadrotor, get_system
 from deqmpc_gym.systems.base import autodiff_jacobians
+from deqmpc_gym.systems.ops import TORCH
 from deqmpc_gym.systems.rotations import euler_xyz_to_mrp
 
 NAMES = sorted(SYSTEMS)
@@ -95,10 +96,27 @@ def test_numpy_and_torch_steps_agree_exactly(name):
     xn, un = _random_xu(system, 32, seed=1)
     y_np = system.step(xn, un)
     assert isinstance(y_np, np.ndarray) and y_np.dtype == np.float64
-    y_t = system.step(torch.from_numpy(xn), torch.from_numpy(un))
+    y_t = system._step(torch.from_numpy(xn), torch.from_numpy(un), TORCH)  # the torch ops themselves
     assert np.array_equal(y_np, y_t.numpy())
     # a single unbatched state works too
     assert np.array_equal(system.step(xn[0], un[0]), y_np[0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_grad_numpy_fast_path_matches_the_torch_graph_path(name):
+    """A float64 CPU call without autograd runs the dynamics (and the rigid-body Jacobians) on numpy; with
+    ``requires_grad`` the torch path runs. Both give the same step and Jacobians (to round-off)."""
+    system = get_system(name)
+    xn, un = _random_xu(system, 37, seed=3)
+    x, u = torch.from_numpy(xn), torch.from_numpy(un)
+    fast = system.step_and_jacobians(x, u)
+    graph = system.step_and_jacobians(x.clone().requires_grad_(True), u)
+    assert graph[1].requires_grad and not fast[1].requires_grad
+    for a, b in zip(fast, graph):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(system.step(x, u), system.step(x.clone().requires_grad_(True), u).detach(),
+                               rtol=1e-12, atol=1e-12)
+    assert torch.equal(fast[0], system.step(x, u))
 
 
 @pytest.mark.parametrize("name", NAMES)
