@@ -293,6 +293,37 @@ class _Batch:
                       self.rho[idx], None if self.obs is None else self.obs[idx])
 
 
+#: the first line-search step lengths 1, 1/2, ..., 2^-(K-1) are tried in one batched merit call, with K as
+#: large as keeps the stacked batch within this many knots (per-call overhead dominates below it).
+_BATCHED_TRIAL_KNOTS = 2048
+
+
+def _first_trial_steps(problem: MPCProblem, sub: _Batch, x: torch.Tensor, u: torch.Tensor, dx: torch.Tensor,
+                       du: torch.Tensor, m0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Evaluate the merit at ``alpha = 1, 1/2, ..., 2^-(K-1)`` (``K`` trials in one call) and pick per sample
+    the largest alpha with a strict decrease. Returns ``(alpha (B,), ok (B,), K)``; a sample without a decrease
+    keeps the smallest tried alpha (the caller continues halving from there)."""
+    b, t = x.shape[:2]
+    k = max(1, min(_BATCHED_TRIAL_KNOTS // (b * t), problem.config.line_search_steps + 1))
+    if k == 1:
+        m1 = problem.merit(x + dx, u + du, sub.theta, sub.lam_eq, sub.lam_in, sub.rho, sub.obs)
+        return torch.ones_like(m0), (m1 < m0) & torch.isfinite(m1), 1
+    al = 0.5 ** torch.arange(k, dtype=x.dtype, device=x.device)  # (K,)
+    a4 = al[:, None, None, None]
+
+    def rep(v: torch.Tensor | None) -> torch.Tensor | None:
+        return None if v is None else v.unsqueeze(0).expand(k, *v.shape).reshape(k * b, *v.shape[1:])
+
+    xk = (x.unsqueeze(0) + a4 * dx.unsqueeze(0)).reshape(k * b, *x.shape[1:])
+    uk = (u.unsqueeze(0) + a4 * du.unsqueeze(0)).reshape(k * b, *u.shape[1:])
+    mk = problem.merit(xk, uk, rep(sub.theta), rep(sub.lam_eq), rep(sub.lam_in), rep(sub.rho), rep(sub.obs))
+    okk = (mk.reshape(k, b) < m0) & torch.isfinite(mk.reshape(k, b))
+    ok = okk.any(0)
+    first = okk.to(torch.int8).argmax(0)  # index of the first (largest) accepted alpha
+    alpha = torch.where(ok, al[first], al[k - 1])
+    return alpha, ok, k
+
+
 def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, stats: dict):
     """Gauss-Newton minimisation of the merit of the AL subproblem for the samples of ``bt``.
 
@@ -332,12 +363,10 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, s
             small = small | ((lin.grad.detach() * dz.detach()).sum((1, 2)).abs() <= 1e-13 * (1.0 + m0.abs()))
             finite0 = torch.isfinite(m0)
             # line search: alpha = 1 for all, halve only the failing samples
-            alpha = torch.ones_like(m0)
             dzd = dz.detach()
             dx, du = dzd[..., :nx], dzd[..., nx:]
-            m1 = problem.merit(xs.detach() + dx, us.detach() + du, sub.theta, sub.lam_eq, sub.lam_in, sub.rho, sub.obs)
-            ok = (m1 < m0) & torch.isfinite(m1)
-            for _ in range(cfg.line_search_steps):
+            alpha, ok, tried = _first_trial_steps(problem, sub, xs.detach(), us.detach(), dx, du, m0)
+            for _ in range(cfg.line_search_steps - tried + 1):
                 pend = ~ok
                 if not bool(pend.any()):
                     break
