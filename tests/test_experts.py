@@ -129,6 +129,36 @@ def test_expert_config_validation() -> None:
         default_expert_config(PEND, total_step=5)
     cfg = default_expert_config("DEQMPC/QPole-v0", seed=3)
     assert cfg.net_arch == (256, 256) and cfg.seed == 3 and cfg.total_steps == 10_000_000
+    with pytest.raises(ConfigError, match="goal_bonus"):
+        ExpertConfig(PEND, goal_bonus=-1.0)
+    with pytest.raises(ConfigError, match="goal_bonus"):
+        ExpertConfig(PEND, goal_bonus_width=0.0)
+
+
+def test_goal_bonus_shapes_only_the_training_reward() -> None:
+    """The bonus is ``b * exp(-0.5 |(x - g) / (w tol)|^2)`` of the state each step reached (the terminal
+    observation for a finished sub-env), added on top of the env's reward."""
+    from stable_baselines3.common.vec_env import VecEnvWrapper
+
+    from deqmpc_gym.envs import make_sb3_vec_env
+    from deqmpc_gym.experts.ppo import _make_venv, with_goal_bonus
+
+    plain, shaped = make_sb3_vec_env(PEND, 4, seed=0), with_goal_bonus(make_sb3_vec_env(PEND, 4, seed=0), 2.0, 3.0)
+    plain.reset(), shaped.reset()
+    system = plain.env.system
+    goal, tol = np.asarray(system.goal), np.asarray(system.success_tolerance)
+    for _ in range(3):
+        a = np.random.default_rng(0).uniform(-1, 1, (4, 1)).astype(np.float32)
+        o1, r1, _, _ = plain.step(a)
+        o2, r2, _, _ = shaped.step(a)
+        np.testing.assert_array_equal(o1, o2)
+        z = (o1.astype(np.float64) - goal) / (3.0 * tol)
+        np.testing.assert_allclose(r2, r1 + 2.0 * np.exp(-0.5 * (z * z).sum(-1)), rtol=1e-6)
+    # only the training env is shaped
+    cfg = default_expert_config("DEQMPC/Cartpole-v0", n_envs=2)
+    assert cfg.goal_bonus > 0
+    assert isinstance(_make_venv(cfg, 0, training=True).venv, VecEnvWrapper)
+    assert not isinstance(_make_venv(cfg, 0, training=False).venv, VecEnvWrapper)
 
 
 # ---------------------------------------------------------------------------------------------- collection

@@ -87,7 +87,7 @@ class ExpertConfig:
 #: Per-env overrides of :class:`ExpertConfig` (budgets measured on a 2-core CPU).
 EXPERT_DEFAULTS: dict[str, dict[str, Any]] = {
     "DEQMPC/Pendulum-v0": {"total_steps": 1_000_000},
-    "DEQMPC/Cartpole-v0": {"total_steps": 20_000_000, "goal_bonus": 1.0},
+    "DEQMPC/Cartpole-v0": {"total_steps": 10_000_000, "goal_bonus": 1.0},
     "DEQMPC/Quadrotor-v0": {"total_steps": 5_000_000},
     "DEQMPC/QPole-v0": {"total_steps": 10_000_000, "net_arch": (256, 256), "goal_bonus": 1.0,
                         "goal_bonus_width": 3.0},
