@@ -72,7 +72,7 @@ SCALES: dict[str, Scale] = {
                    num_trajectories={"Pendulum": 300, "Cartpole": 300, "Quadrotor": 2000, "QPole": 2000,
                                      "QPoleObs": 2000},
                    eval_episodes=_per_env(200, 200), seeds={k: (0, 1, 2) for k in _ALL}),
-    "cpu": Scale(hidden={k: 64 for k in _ALL}, steps=_per_env(1000, 150), batch_size=_per_env(64, 32),
+    "cpu": Scale(hidden={k: 64 for k in _ALL}, steps=_per_env(1000, 600), batch_size=_per_env(64, 32),
                  val_batches=10, val_every=100, num_trajectories={k: 300 for k in _ALL},
                  eval_episodes=_per_env(100, 50),
                  seeds={"Pendulum": (0, 1, 2), "Cartpole": (0, 1, 2), "Quadrotor": (0,), "QPole": (0,),
