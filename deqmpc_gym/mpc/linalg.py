@@ -32,11 +32,11 @@ def assemble_dense(D: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     """Assemble the dense ``(B, T n, T n)`` matrix from blocks ``D (B,T,n,n)``, ``L (B,T-1,n,n)``."""
     b, t, n, _ = D.shape
     H = D.new_zeros(b, t, n, t, n)
-    idx = torch.arange(t, device=D.device)
-    H[:, idx, :, idx, :] = D.transpose(0, 1)
+    # block (i, j) of H is H[:, i, :, j, :]; the block diagonals are strided views (diagonal over dims 1 and 3)
+    H.diagonal(dim1=1, dim2=3).copy_(D.permute(0, 2, 3, 1))
     if t > 1:
-        H[:, idx[1:], :, idx[:-1], :] = L.transpose(0, 1)
-        H[:, idx[:-1], :, idx[1:], :] = L.transpose(0, 1).transpose(-1, -2)
+        H[:, 1:, :, :-1, :].diagonal(dim1=1, dim2=3).copy_(L.permute(0, 2, 3, 1))
+        H[:, :-1, :, 1:, :].diagonal(dim1=1, dim2=3).copy_(L.permute(0, 3, 2, 1))
     return H.reshape(b, t * n, t * n)
 
 
