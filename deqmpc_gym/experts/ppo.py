@@ -54,9 +54,6 @@ class ExpertConfig:
             own reward). The env's Gaussian reward is nearly flat near the goal, so without the bonus PPO can
             settle into a small oscillation around the goal (Cartpole) or a hover away from it (QPole) that
             misses the success tolerance; a width of a few tolerances gives the bonus a wider basin.
-        clearance_penalty, clearance_margin: training-only shaping for the obstacle variants: PPO sees
-            ``reward - clearance_penalty * clip(1 - d / clearance_margin, 0, 1)`` with ``d`` the step's
-            ``info["min_obstacle_distance"]`` [m], so that flying close to an obstacle costs before it collides.
     """
 
     env_id: str
@@ -77,13 +74,8 @@ class ExpertConfig:
     eval_episodes: int = 200
     goal_bonus: float = 0.0
     goal_bonus_width: float = 1.0
-    clearance_penalty: float = 0.0
-    clearance_margin: float = 0.5
 
     def __post_init__(self) -> None:
-        if not (self.clearance_penalty >= 0.0 and self.clearance_margin > 0.0):
-            raise ConfigError(f"ExpertConfig needs clearance_penalty >= 0 and clearance_margin > 0, got "
-                              f"{self.clearance_penalty} and {self.clearance_margin}")
         if not (self.goal_bonus >= 0.0 and self.goal_bonus_width > 0.0):
             raise ConfigError(f"ExpertConfig needs goal_bonus >= 0 and goal_bonus_width > 0, got "
                               f"{self.goal_bonus} and {self.goal_bonus_width}")
@@ -99,7 +91,7 @@ EXPERT_DEFAULTS: dict[str, dict[str, Any]] = {
     "DEQMPC/Quadrotor-v0": {"total_steps": 5_000_000},
     "DEQMPC/QPole-v0": {"total_steps": 10_000_000, "net_arch": (256, 256), "goal_bonus": 1.0,
                         "goal_bonus_width": 3.0},
-    "DEQMPC/QuadrotorObs-v0": {"total_steps": 6_000_000, "clearance_penalty": 0.5},
+    "DEQMPC/QuadrotorObs-v0": {"total_steps": 6_000_000},
     "DEQMPC/QPoleObs-v0": {"total_steps": 10_000_000, "net_arch": (256, 256), "goal_bonus": 1.0,
                            "goal_bonus_width": 3.0},
 }
@@ -209,39 +201,31 @@ class _Paths:
         return self.ckpt / "progress.json"
 
 
-def with_reward_shaping(venv: Any, goal_bonus: float = 0.0, goal_bonus_width: float = 1.0,
-                        clearance_penalty: float = 0.0, clearance_margin: float = 0.5) -> Any:
-    """Wrap an :class:`~deqmpc_gym.envs.SB3VecEnvAdapter` with the training-only shaping of
-    :class:`ExpertConfig`: every step's reward gets ``+ goal_bonus * exp(-0.5 * sum_i ((x_i - g_i) /
-    (goal_bonus_width * tol_i))**2) - clearance_penalty * clip(1 - d / clearance_margin, 0, 1)`` (``x``: the
-    state the step reached, ``g``/``tol``: the system's goal and success tolerance, ``d``: the step's
-    ``min_obstacle_distance`` [m], obstacle variants only)."""
+def with_goal_bonus(venv: Any, bonus: float, width: float) -> Any:
+    """Wrap an :class:`~deqmpc_gym.envs.SB3VecEnvAdapter` so that every step's reward gets
+    ``+ bonus * exp(-0.5 * sum_i ((x_i - g_i) / (width * tol_i))**2)`` (``x``: the state the step reached --
+    the terminal observation for a finished sub-env --, ``g``/``tol``: the system's goal and success
+    tolerance). Training only (see :class:`ExpertConfig`)."""
     from stable_baselines3.common.vec_env import VecEnvWrapper
 
     system = venv.env.system
     goal = np.asarray(system.goal, dtype=np.float64)
-    scale = 1.0 / (goal_bonus_width * np.asarray(system.success_tolerance, dtype=np.float64))
+    scale = 1.0 / (width * np.asarray(system.success_tolerance, dtype=np.float64))
     nx = goal.shape[0]
 
-    class RewardShaping(VecEnvWrapper):
+    class GoalBonus(VecEnvWrapper):
         def reset(self) -> np.ndarray:
             return self.venv.reset()
 
         def step_wait(self) -> Any:
             obs, rewards, dones, infos = self.venv.step_wait()
-            shaped = rewards.astype(np.float64)
-            if goal_bonus > 0.0:
-                x = obs[:, :nx].astype(np.float64)
-                for i in np.flatnonzero(dones).tolist():
-                    x[i] = infos[i]["terminal_observation"][:nx]
-                z = (x - goal) * scale
-                shaped += goal_bonus * np.exp(-0.5 * (z * z).sum(-1))
-            if clearance_penalty > 0.0:
-                d = np.array([i.get("min_obstacle_distance", np.inf) for i in infos], dtype=np.float64)
-                shaped -= clearance_penalty * np.clip(1.0 - np.nan_to_num(d, nan=0.0) / clearance_margin, 0.0, 1.0)
-            return obs, shaped.astype(np.float32), dones, infos
+            x = obs[:, :nx].astype(np.float64)
+            for i in np.flatnonzero(dones).tolist():
+                x[i] = infos[i]["terminal_observation"][:nx]
+            z = (x - goal) * scale
+            return obs, (rewards + bonus * np.exp(-0.5 * (z * z).sum(-1))).astype(np.float32), dones, infos
 
-    return RewardShaping(venv)
+    return GoalBonus(venv)
 
 
 def _make_venv(config: ExpertConfig, seed: int, training: bool) -> Any:
@@ -250,9 +234,8 @@ def _make_venv(config: ExpertConfig, seed: int, training: bool) -> Any:
     from deqmpc_gym.envs import make_sb3_vec_env
 
     venv = make_sb3_vec_env(config.env_id, config.n_envs, seed=seed)
-    if training and (config.goal_bonus > 0.0 or config.clearance_penalty > 0.0):
-        venv = with_reward_shaping(venv, config.goal_bonus, config.goal_bonus_width, config.clearance_penalty,
-                                   config.clearance_margin)
+    if training and config.goal_bonus > 0.0:
+        venv = with_goal_bonus(venv, config.goal_bonus, config.goal_bonus_width)
     return VecNormalize(venv, norm_obs=True, norm_reward=training, clip_obs=10.0, gamma=config.gamma,
                         training=training)
 
