@@ -255,3 +255,123 @@ def test_record_video_without_overlay_support(tmp_path: Path) -> None:
     frames = _frames(env.videos[0])
     assert len(frames) == 4
     assert _fps(env.videos[0]) == pytest.approx(10)
+
+
+# ---------------------------------------------------------------------------------------------- background modes
+def _record_modes(tmp_path: Path, env_id: str, modes: tuple) -> dict:
+    out = {}
+    for mode in modes:
+        env = RecordVideo(gym.make(env_id, render_mode="rgb_array", max_episode_steps=4, width=96, height=96),
+                          tmp_path / str(mode), episode_trigger=lambda e: True, background=mode)
+        _run(env, 2, action=0.2)
+        env.close()
+        assert len(env.videos) == 2
+        out[mode] = [_frames(p) for p in env.videos]
+    return out
+
+
+@pytest.mark.render
+@pytest.mark.parametrize("env_id", [PEND, "DEQMPC/QPoleObs-v0"])
+def test_background_modes_write_identical_videos(tmp_path: Path, env_id: str) -> None:
+    """The render server, the render thread and the calling thread render (and x264 encodes) the same frames."""
+    out = _record_modes(tmp_path, env_id, ("process", "thread", False))
+    for mode in ("thread", False):
+        for a, b in zip(out["process"], out[mode]):
+            assert len(a) == len(b) == 5
+            for fa, fb in zip(a, b):
+                np.testing.assert_array_equal(fa, fb)
+
+
+def test_background_mode_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="background"):
+        RecordVideo(gym.make(PEND, render_mode="rgb_array", **SIZE), tmp_path, background="gpu")
+
+
+@pytest.mark.render
+def test_render_server_reports_errors_and_stays_usable(tmp_path: Path) -> None:
+    from deqmpc_gym.wrappers import video
+
+    env = gym.make(PEND, render_mode="rgb_array", **SIZE)
+    env.reset(seed=0)
+    poser = env.unwrapped.make_renderer()
+    server = video._RenderServer()
+    try:
+        server.send(("open", poser.scene_spec, str(tmp_path / "bad"), 10))
+        server.send(("frame", {"mocap_pos": np.zeros((7, 3)), "mocap_quat": np.zeros((7, 4))}))  # wrong shapes
+        with pytest.raises(RuntimeError, match="video rendering failed"):
+            server.close_video()
+        assert not list(tmp_path.iterdir())  # the unfinished file is removed
+        server.send(("open", poser.scene_spec, str(tmp_path / "good"), 10))
+        server.send(("frame", poser.frame_spec(env.unwrapped.state)))
+        path = server.close_video()
+        assert path.name == "good.mp4" and len(_frames(path)) == 1
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.render
+def test_recorders_reuse_the_render_server(tmp_path: Path) -> None:
+    from deqmpc_gym.wrappers import video
+
+    pids = []
+    for k in range(2):
+        env = RecordVideo(gym.make(PEND, render_mode="rgb_array", max_episode_steps=2, **SIZE), tmp_path / str(k),
+                          episode_trigger=lambda e: True)
+        env.reset(seed=0)
+        pids.append(env._server._proc.pid)
+        _run(env, 1)
+        env.close()
+        assert env._server is None and len(env.videos) == 2
+    assert pids[0] == pids[1]
+    video.shutdown_render_servers()
+    assert not video._idle_servers
+
+
+def test_mp4_sample_count(tmp_path: Path) -> None:
+    from deqmpc_gym.wrappers.video import mp4_sample_count
+
+    w = FrameWriter(tmp_path / "v", fps=10)
+    if w.path.suffix != ".mp4":
+        pytest.skip("no ffmpeg")
+    for k in range(7):
+        w.append(np.full((32, 48, 3), 30 * k, np.uint8))
+    path = w.close()
+    assert mp4_sample_count(path) == 7
+    data = path.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])  # unfinished: no complete moov index
+    with pytest.raises(ValueError):
+        mp4_sample_count(tmp_path / "cut.mp4")
+    (tmp_path / "junk.mp4").write_bytes(b"\x00\x00\x00\x10junk" + bytes(8))
+    with pytest.raises(ValueError):
+        mp4_sample_count(tmp_path / "junk.mp4")
+
+
+# ---------------------------------------------------------------------------------------------- renderer pool
+@pytest.mark.render
+def test_pooled_gl_context_renders_the_same_frames_in_another_thread() -> None:
+    import threading
+
+    from deqmpc_gym.envs import rendering
+
+    env = gym.make(QPOLE, render_mode="rgb_array", width=80, height=64)
+    env.reset(seed=0)
+    u = env.unwrapped
+    r = u.make_renderer()
+    assert r._scene._renderer is None  # no GL context until the first render
+    first = r.render(u.state)
+    r.close()
+    assert any(k == (r.xml, 80, 64) for k, _ in rendering._pool)
+    out = {}
+
+    def render_elsewhere() -> None:
+        r2 = u.make_renderer()
+        out["frame"] = r2.render(u.state)
+        out["pooled"] = not any(k == (r.xml, 80, 64) for k, _ in rendering._pool)  # taken from the pool
+        r2.close()
+
+    t = threading.Thread(target=render_elsewhere)
+    t.start()
+    t.join()
+    assert out["pooled"]
+    np.testing.assert_array_equal(out["frame"], first)
+    env.close()
