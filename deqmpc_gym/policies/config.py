@@ -54,6 +54,11 @@ class Variant(str, Enum):
         return self.joint_fixed_point or self.diff_mpc
 
 
+#: PolicyConfig keys written by earlier versions that are ignored on load: ``rho_init_max`` (the warm-start
+#: penalty is now derived from ``MPCConfig.rho_max`` and the remaining AL iterations).
+RETIRED_KEYS = frozenset({"rho_init_max"})
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     """Configuration of a :class:`~deqmpc_gym.policies.DEQMPCPolicy` (paper defaults).
@@ -118,8 +123,12 @@ class PolicyConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PolicyConfig":
-        """Build from a dict, rejecting unknown keys with a :class:`ConfigError`."""
-        return config_from_dict(cls, data)
+        """Build from a dict, rejecting unknown keys with a :class:`ConfigError`.
+
+        Keys of earlier versions that no longer have an effect (:data:`RETIRED_KEYS`) are dropped, so that
+        saved policies stay loadable.
+        """
+        return config_from_dict(cls, {k: v for k, v in data.items() if k not in RETIRED_KEYS})
 
     def replace(self, **changes: Any) -> "PolicyConfig":
         """A copy with ``changes`` applied (unknown keys raise :class:`ConfigError`)."""

@@ -202,3 +202,11 @@ def test_obstacle_policy_builds_constraints() -> None:
     p = _policy("deq-mpc-nn", env="DEQMPC/QuadrotorObs-v0")
     assert p.layer.problem is not None
     assert p.layer.problem.n_ineq > 2 * 4
+
+
+def test_config_from_dict_drops_retired_keys_and_rejects_unknown_ones() -> None:
+    """A policy saved by an earlier version (with ``rho_init_max``) still loads; a typo still raises."""
+    d = PolicyConfig(hidden=32).to_dict()
+    assert PolicyConfig.from_dict({**d, "rho_init_max": 1e7}) == PolicyConfig(hidden=32)
+    with pytest.raises(ConfigError, match="hiden"):
+        PolicyConfig.from_dict({**d, "hiden": 3})
