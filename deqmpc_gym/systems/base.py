@@ -101,6 +101,10 @@ class System:
     success_tolerance: ClassVar[tuple[float, ...]]
     flight_bound: ClassVar[float | None] = None
     state_envelope: ClassVar[tuple[float, ...] | None] = None
+    #: evaluate no-grad float64 CPU calls of :meth:`step` (and, where a subclass supports it,
+    #: :meth:`step_and_jacobians`) with numpy: worth it for dynamics of hundreds of small operations (the
+    #: quadrotors: 2-3x), not for a handful (pendulum, cart-pole).
+    numpy_fast_path: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ dynamics
     def _step(self, x: Any, u: Any, ops: Any) -> Any:
@@ -117,11 +121,12 @@ class System:
         Returns:
             ``(..., nx)`` next state, same type and dtype as ``x`` (angles are *not* wrapped; see :meth:`wrap`).
 
-        A float64 CPU tensor call that needs no autograd graph evaluates the same expressions on numpy (a few
-        times cheaper per operation at small batches) and returns a tensor; otherwise the torch ops run.
+        On systems with :attr:`numpy_fast_path`, a float64 CPU tensor call that needs no autograd graph evaluates
+        the same expressions on numpy (a few times cheaper per operation at small batches) and returns a tensor;
+        otherwise the torch ops run.
         """
         self._check_xu(x, u)
-        if numpy_eligible(x, u):
+        if self.numpy_fast_path and numpy_eligible(x, u):
             # No graph needed on a CPU tensor: numpy evaluates the same elementwise expressions with a
             # several-times smaller per-operation overhead (this dominates at the small batches of act()).
             return torch.from_numpy(self._step(x.numpy(), u.numpy(), NUMPY))

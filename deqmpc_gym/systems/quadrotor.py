@@ -90,13 +90,15 @@ class RigidBodySystem(System):
     """Shared behaviour of the quadrotor-based systems: RK4 with analytic Jacobians (3 MRP coordinates are
     "free" in the chain rule) and initial attitudes drawn as Euler x-y-z angles, converted to canonical MRPs."""
 
+    numpy_fast_path = True
+
     def _deriv_and_jac(self, x: Any, u: Any) -> Any:
         raise NotImplementedError
 
     def _step_and_jacobians(
         self, x: torch.Tensor, u: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if numpy_eligible(x, u):  # no graph needed on CPU: the same math at numpy's per-op cost
+        if self.numpy_fast_path and numpy_eligible(x, u):  # the same math at numpy's per-op cost
             out = rk4_with_jacobians_numpy(self._deriv_and_jac, x.numpy(), u.numpy(), self.dt, n_free=3)
             return tuple(torch.from_numpy(a) for a in out)  # type: ignore[return-value]
         return rk4_with_jacobians(self._deriv_and_jac, x, u, self.dt, n_free=3)
