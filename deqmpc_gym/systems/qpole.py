@@ -11,7 +11,13 @@ import torch
 from deqmpc_gym.systems.base import rk4
 from deqmpc_gym.systems.ops import batch_first, batch_last, ops_for
 from deqmpc_gym.systems.rigid_body_jacobians import _const, control_jacobians, rigid_body_jacobians
-from deqmpc_gym.systems.quadrotor import QuadParams, RigidBodySystem, _comps, rigid_body_derivative
+from deqmpc_gym.systems.quadrotor import (
+    QuadParams,
+    RigidBodySystem,
+    _comps,
+    fill_rigid_body_blocks,
+    rigid_body_derivative,
+)
 
 _MASS = 2.1
 _U_HOVER = _MASS * 9.81 / (10.0 * 1.0 * 4)
@@ -101,17 +107,8 @@ class QPole(RigidBodySystem):
         ax, az = tm * re3[0], tm * re3[2] - p.gravity
         cx, cz = cth / L, -sth / L  # d thdd / d a_x, d thdd / d a_z
         G = ops.zeros_like(x, (x.shape[0], 14, 18))
-        G[:, 0:3, 3:6] = batch_first(jb.r_sigma)
-        G[:, 0:3, 7:10] = batch_first(jb.r_v)
-        G[:, 3:6, 3:6] = batch_first(jb.sigma_sigma)
-        G[:, 3:6, 10:13] = batch_first(jb.sigma_w)
+        fill_rigid_body_blocks(G, jb, v_u, w_u, v=7, w=10, u=14)
         G[:, 6, 13] = 1.0
-        G[:, 7:10, 3:6] = batch_first(jb.v_sigma)
-        G[:, 7:10, 7:10] = batch_first(jb.v_v)
-        G[:, 7:10, 10:13] = batch_first(jb.v_w)
-        G[:, 7:10, 14:18] = batch_first(v_u)
-        G[:, 10:13, 10:13] = batch_first(jb.w_w)
-        G[:, 10:13, 14:18] = batch_first(w_u)
         G[:, 13, 3:6] = batch_first(cx * acc_sigma[0] + cz * acc_sigma[2])
         G[:, 13, 6] = (-ax * sth + (-p.gravity - az) * cth) / L
         G[:, 13, 14:18] = ((p.kf * p.act_scale / p.mass) * (cx * re3[0] + cz * re3[2]))[:, None]

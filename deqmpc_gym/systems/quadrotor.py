@@ -82,6 +82,26 @@ def rigid_body_derivative(r: Any, s: Any, v: Any, w: Any, u: Any, p: QuadParams)
     return r_dot, s_dot, v_dot, w_dot, a_world
 
 
+def fill_rigid_body_blocks(G: Any, jb: Any, v_u: Any, w_u: Any, *, v: int, w: int, u: int) -> None:
+    """Write the rigid-body blocks into ``G = [dx_dot/dx | dx_dot/du]`` ``(B, nx, nx + nu)`` in place.
+
+    The state starts ``[r (3), sigma (3), ...]``; ``v``, ``w`` are the first indices of the body velocity and rate
+    and ``u`` the first column of the controls. ``jb``: :class:`~deqmpc_gym.systems.rigid_body_jacobians.
+    RigidBodyJacobians` (batch-last); ``v_u``, ``w_u``: :func:`control_jacobians` ``(3, 4, 1)``.
+    """
+    sv, sw, su = slice(v, v + 3), slice(w, w + 3), slice(u, u + 4)
+    G[:, 0:3, 3:6] = batch_first(jb.r_sigma)
+    G[:, 0:3, sv] = batch_first(jb.r_v)
+    G[:, 3:6, 3:6] = batch_first(jb.sigma_sigma)
+    G[:, 3:6, sw] = batch_first(jb.sigma_w)
+    G[:, sv, 3:6] = batch_first(jb.v_sigma)
+    G[:, sv, sv] = batch_first(jb.v_v)
+    G[:, sv, sw] = batch_first(jb.v_w)
+    G[:, sv, su] = batch_first(v_u)
+    G[:, sw, sw] = batch_first(jb.w_w)
+    G[:, sw, su] = batch_first(w_u)
+
+
 def _comps(x: Any, a: int, b: int) -> tuple[Any, ...]:
     return tuple(x[..., i] for i in range(a, b))
 
@@ -167,14 +187,5 @@ class Quadrotor(RigidBodySystem):
         jb = rigid_body_jacobians(xt[3:6], xt[6:9], xt[9:12], self.params)
         v_u, w_u = control_jacobians(self.params, x)
         G = ops.zeros_like(x, (x.shape[0], 12, 16))
-        G[:, 0:3, 3:6] = batch_first(jb.r_sigma)
-        G[:, 0:3, 6:9] = batch_first(jb.r_v)
-        G[:, 3:6, 3:6] = batch_first(jb.sigma_sigma)
-        G[:, 3:6, 9:12] = batch_first(jb.sigma_w)
-        G[:, 6:9, 3:6] = batch_first(jb.v_sigma)
-        G[:, 6:9, 6:9] = batch_first(jb.v_v)
-        G[:, 6:9, 9:12] = batch_first(jb.v_w)
-        G[:, 6:9, 12:16] = batch_first(v_u)
-        G[:, 9:12, 9:12] = batch_first(jb.w_w)
-        G[:, 9:12, 12:16] = batch_first(w_u)
+        fill_rigid_body_blocks(G, jb, v_u, w_u, v=6, w=9, u=12)
         return f, G
