@@ -28,8 +28,8 @@ class MPCConfig:
             ``||dz||_inf <= newton_tol * (1 + ||z||_inf)`` or when its line search finds no decrease.
         n_obstacle_constraints: ``k``, the nearest obstacles constrained at each knot.
         linear_solver: ``"dense"`` (batched dense Cholesky of the ``T(nx+nu)`` Hessian), ``"banded"``
-            (block-tridiagonal Cholesky, cost linear in ``T``) or ``"auto"`` (dense when
-            ``T * (nx + nu) <= dense_max_size``).
+            (block-tridiagonal Cholesky, cost linear in ``T``) or ``"auto"`` (per call: dense when
+            ``B * (T (nx + nu))**3 <= dense_max_work``, or for a single problem with ``T (nx + nu) <= 400``).
         gradient: default gradient mode of :func:`~deqmpc_gym.mpc.solve` (``"implicit"``, ``"unroll"``,
             ``"final_implicit"``).
         dtype: the solver's floating dtype (inputs are cast to it; outputs are returned in it).
@@ -39,7 +39,8 @@ class MPCConfig:
         tol_dual: ... and its AL stationarity ``||grad_z M||_inf / (1 + ||grad_z C||_inf)`` is <= tol_dual.
         reg_min: relative regularisation ``mu`` added (``H + mu * max|diag H| * I``) to a sample whose Cholesky
             factorisation fails; it is grown by 1e3 up to twice before the sample's step is skipped.
-        dense_max_size: crossover of ``linear_solver="auto"`` (measured on 2 CPU cores, see benchmarks/solver.py).
+        dense_max_work: crossover of ``linear_solver="auto"`` in ``B (T n)^3`` (measured on one CPU thread: the
+            dense factorisation wins below it, the banded one above; ``benchmarks/linalg.py``).
     """
 
     horizon: int = 5
@@ -57,7 +58,7 @@ class MPCConfig:
     tol_primal: float = 1e-6
     tol_dual: float = 1e-3
     reg_min: float = 1e-10
-    dense_max_size: int = 48
+    dense_max_work: float = 4e6
 
     def __post_init__(self) -> None:
         if not isinstance(self.horizon, int) or self.horizon < 2:

@@ -144,9 +144,15 @@ class MPCProblem:
         self.m_user: int | None = 0 if not self.constraints else None
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._cache: dict = {}
-        n = self.n
-        self.dense = config.linear_solver == "dense" or (
-            config.linear_solver == "auto" and self.T * n <= config.dense_max_size)
+
+    def linear_solver_kind(self, batch: int) -> str:
+        """``"dense"`` or ``"banded"`` factorisation of the Gauss-Newton Hessian for a batch of ``batch`` problems
+        (``config.linear_solver``; ``"auto"`` compares ``batch * (T n)**3`` with ``config.dense_max_work``)."""
+        cfg = self.config
+        if cfg.linear_solver != "auto":
+            return cfg.linear_solver
+        size = self.T * self.n
+        return "dense" if batch * size ** 3 <= cfg.dense_max_work or (batch == 1 and size <= 400) else "banded"
 
     # ------------------------------------------------------------------ constants
     @property
@@ -249,9 +255,13 @@ class MPCProblem:
 
     def merit(self, x, u, theta, lam_eq, lam_in, rho, obs_idx) -> torch.Tensor:
         """AL merit ``M (B,)`` (see the module docstring); ``rho: (B,)``."""
+        return self.merit_parts(x, u, theta, lam_eq, lam_in, rho, obs_idx)[0]
+
+    def merit_parts(self, x, u, theta, lam_eq, lam_in, rho, obs_idx):
+        """``(M (B,), d (B,T-1,nx), g (B,T,mi))``: the merit with the defects and inequality residuals it used."""
         d = self.defects(x, u)
         g, _ = self.ineq(x, u, obs_idx, jac=False)
-        return self._merit_from(self.cost(x, u, theta), d, g, lam_eq, lam_in, rho)
+        return self._merit_from(self.cost(x, u, theta), d, g, lam_eq, lam_in, rho), d, g
 
     @staticmethod
     def _merit_from(cost, d, g, lam_eq, lam_in, rho):
@@ -263,9 +273,13 @@ class MPCProblem:
 
     def violation(self, x: torch.Tensor, u: torch.Tensor, obs_idx) -> torch.Tensor:
         """``(B,)`` max(|dynamics defect|, max(inequality residual, 0))."""
-        d = self.defects(x, u).abs().amax((1, 2))
         g, _ = self.ineq(x, u, obs_idx, jac=False)
-        return torch.maximum(d, g.clamp_min(0).amax((1, 2)))
+        return self.violation_from(self.defects(x, u), g)
+
+    @staticmethod
+    def violation_from(d: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` max(|d|, max(g, 0)) from defects ``d (B,T-1,nx)`` and inequality residuals ``g (B,T,mi)``."""
+        return torch.maximum(d.abs().amax((1, 2)), g.clamp_min(0).amax((1, 2)))
 
     # ------------------------------------------------------------------ Gauss-Newton model
     def linearize(self, x, u, theta, lam_eq, lam_in, rho, obs_idx) -> Linearization:

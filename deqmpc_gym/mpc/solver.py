@@ -299,15 +299,16 @@ _BATCHED_TRIAL_KNOTS = 2048
 
 
 def _first_trial_steps(problem: MPCProblem, sub: _Batch, x: torch.Tensor, u: torch.Tensor, dx: torch.Tensor,
-                       du: torch.Tensor, m0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+                       du: torch.Tensor, m0: torch.Tensor):
     """Evaluate the merit at ``alpha = 1, 1/2, ..., 2^-(K-1)`` (``K`` trials in one call) and pick per sample
-    the largest alpha with a strict decrease. Returns ``(alpha (B,), ok (B,), K)``; a sample without a decrease
-    keeps the smallest tried alpha (the caller continues halving from there)."""
+    the largest alpha with a strict decrease. Returns ``(alpha (B,), ok (B,), K, d, g)``; a sample without a
+    decrease keeps the smallest tried alpha (the caller continues halving from there). ``d (B,T-1,nx)`` and
+    ``g (B,T,mi)`` are the defects and inequality residuals at the returned alpha."""
     b, t = x.shape[:2]
     k = max(1, min(_BATCHED_TRIAL_KNOTS // (b * t), problem.config.line_search_steps + 1))
     if k == 1:
-        m1 = problem.merit(x + dx, u + du, sub.theta, sub.lam_eq, sub.lam_in, sub.rho, sub.obs)
-        return torch.ones_like(m0), (m1 < m0) & torch.isfinite(m1), 1
+        m1, d1, g1 = problem.merit_parts(x + dx, u + du, sub.theta, sub.lam_eq, sub.lam_in, sub.rho, sub.obs)
+        return torch.ones_like(m0), (m1 < m0) & torch.isfinite(m1), 1, d1, g1
     al = 0.5 ** torch.arange(k, dtype=x.dtype, device=x.device)  # (K,)
     a4 = al[:, None, None, None]
 
@@ -316,18 +317,20 @@ def _first_trial_steps(problem: MPCProblem, sub: _Batch, x: torch.Tensor, u: tor
 
     xk = (x.unsqueeze(0) + a4 * dx.unsqueeze(0)).reshape(k * b, *x.shape[1:])
     uk = (u.unsqueeze(0) + a4 * du.unsqueeze(0)).reshape(k * b, *u.shape[1:])
-    mk = problem.merit(xk, uk, rep(sub.theta), rep(sub.lam_eq), rep(sub.lam_in), rep(sub.rho), rep(sub.obs))
+    mk, dk, gk = problem.merit_parts(xk, uk, rep(sub.theta), rep(sub.lam_eq), rep(sub.lam_in), rep(sub.rho),
+                                     rep(sub.obs))
     okk = (mk.reshape(k, b) < m0) & torch.isfinite(mk.reshape(k, b))
     ok = okk.any(0)
-    first = okk.to(torch.int8).argmax(0)  # index of the first (largest) accepted alpha
-    alpha = torch.where(ok, al[first], al[k - 1])
-    return alpha, ok, k
+    first = torch.where(ok, okk.to(torch.int8).argmax(0), k - 1)  # the first (largest) accepted alpha
+    pick = first * b + torch.arange(b, device=x.device)  # row of (alpha index, sample) in the stacked batch
+    return al[first], ok, k, dk[pick], gk[pick]
 
 
 def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, stats: dict):
     """Gauss-Newton minimisation of the merit of the AL subproblem for the samples of ``bt``.
 
-    Returns updated ``(x, u)`` and per-sample ``(steps, exited_by_step_test, dual_residual, fallback, nonfinite)``.
+    Returns updated ``(x, u)``, per-sample ``(steps, exited_by_step_test, dual_residual, fallback, nonfinite)``
+    and ``(d, g)``: the defects and inequality residuals at the returned ``(x, u)`` (no autograd graph).
     """
     cfg = problem.config
     b = bt.x.shape[0]
@@ -339,6 +342,8 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, s
     dres = torch.full((b,), float("inf"), dtype=x.dtype, device=dev)
     fb = torch.zeros(b, dtype=torch.bool, device=dev)
     nf = torch.zeros(b, dtype=torch.bool, device=dev)
+    prev_step = torch.full((b,), float("inf"), dtype=x.dtype, device=dev)  # ||alpha dz||_inf of the last step
+    d_cur = g_cur = None  # defects / inequality residuals at (x, u) once every sample has taken a step
     nx = problem.nx
     for _ in range(cfg.newton_steps):
         all_active = bool(active.all())
@@ -358,14 +363,16 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, s
             dres_s = gmax / (1.0 + torch.maximum(lin.cgrad.detach().abs().amax((1, 2)), lin.mu_max.detach()))
             z = torch.cat([xs.detach(), us.detach()], -1)
             m0 = lin.merit.detach()
-            small = dz.detach().abs().amax((1, 2)) <= cfg.newton_tol * (1.0 + z.abs().amax((1, 2)))
+            tol_s = cfg.newton_tol * (1.0 + z.abs().amax((1, 2)))
+            step_norm = dz.detach().abs().amax((1, 2))
+            small = step_norm <= tol_s
             # or: the predicted decrease is below the merit's round-off (nothing left to gain)
             small = small | ((lin.grad.detach() * dz.detach()).sum((1, 2)).abs() <= 1e-13 * (1.0 + m0.abs()))
             finite0 = torch.isfinite(m0)
             # line search: alpha = 1 for all, halve only the failing samples
             dzd = dz.detach()
             dx, du = dzd[..., :nx], dzd[..., nx:]
-            alpha, ok, tried = _first_trial_steps(problem, sub, xs.detach(), us.detach(), dx, du, m0)
+            alpha, ok, tried, dn, gn = _first_trial_steps(problem, sub, xs.detach(), us.detach(), dx, du, m0)
             for _ in range(cfg.line_search_steps - tried + 1):
                 pend = ~ok
                 if not bool(pend.any()):
@@ -374,10 +381,21 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, s
                 alpha[pi] *= 0.5
                 a = alpha[pi][:, None, None]
                 sp = sub.take(pi)
-                mp = problem.merit(xs.detach()[pi] + a * dx[pi], us.detach()[pi] + a * du[pi], sp.theta,
-                                   sp.lam_eq, sp.lam_in, sp.rho, sp.obs)
+                mp, dp, gp = problem.merit_parts(xs.detach()[pi] + a * dx[pi], us.detach()[pi] + a * du[pi],
+                                                 sp.theta, sp.lam_eq, sp.lam_in, sp.rho, sp.obs)
                 ok[pi] = (mp < m0[pi]) & torch.isfinite(mp)
+                dn[pi], gn[pi] = dp, gp
             alpha = torch.where(ok, alpha, torch.zeros_like(alpha))
+            # defects / inequality residuals at the new iterate (a failed search keeps the linearisation point)
+            dn = torch.where(ok[:, None, None], dn, lin.d.detach())
+            gn = torch.where(ok[:, None, None], gn, lin.g.detach())
+            # Contraction estimate (as for simplified Newton in implicit ODE solvers): a full step after a
+            # contraction theta = |dz_k| / |dz_{k-1}| < 1 leaves about theta / (1 - theta) |dz_k| to go; when
+            # that is below the step test's tolerance the next (confirming) step is skipped.
+            prev = prev_step if all_active else prev_step[idx]
+            theta = step_norm / prev
+            small = small | ((alpha == 1.0) & torch.isfinite(prev) & (theta < 1.0)
+                             & (theta / (1.0 - theta) * step_norm <= tol_s))
             # a zero step that is "small" still counts as converged (already at the minimiser)
             done = small | ~ok
             nfs = ~finite0 | ~torch.isfinite(dzd).reshape(dzd.shape[0], -1).all(1)
@@ -392,6 +410,8 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, s
             fb = fb | fbs
             nf = nf | nfs
             active = ~done
+            prev_step = alpha * step_norm
+            d_cur, g_cur = dn, gn
         else:
             x = x.index_copy(0, idx, xn)
             u = u.index_copy(0, idx, un)
@@ -401,7 +421,9 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, s
             fb = fb.index_copy(0, idx, fb[idx] | fbs)
             nf = nf.index_copy(0, idx, nf[idx] | nfs)
             active = active.index_copy(0, idx, ~done)
-    return x, u, steps, small_exit, dres, fb, nf
+            prev_step = prev_step.index_copy(0, idx, alpha * step_norm)
+            d_cur, g_cur = d_cur.index_copy(0, idx, dn), g_cur.index_copy(0, idx, gn)
+    return x, u, steps, small_exit, dres, fb, nf, (d_cur, g_cur)
 
 
 def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: int, stop_at_rho_max: bool,
@@ -409,8 +431,8 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
     """Run ``iters`` AL iterations. Returns (x, u, new_state, info, last) where ``last`` holds the
     ``(lam_eq, lam_in, rho)`` of each sample's last subproblem and ``ran`` (B,) (ran >= 1 iteration)."""
     cfg = problem.config
-    kind = "dense" if problem.dense else "banded"
     b = x0.shape[0]
+    kind = problem.linear_solver_kind(b)
     dev = x0.device
     x, u = state.x, state.u
     x = torch.cat([x0[:, None], x[:, 1:]], 1)  # x_0 is fixed to x0 exactly
@@ -425,6 +447,8 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
     nf = torch.zeros(b, dtype=torch.bool, device=dev)
     stats: dict = {}
     done = torch.zeros(b, dtype=torch.bool, device=dev)
+    d_all = g_all = None  # residuals at the current iterate, valid where `seen` (saves re-evaluating f at the end)
+    seen = torch.zeros(b, dtype=torch.bool, device=dev)
     for _ in range(iters):
         run = rho <= cfg.rho_max if stop_at_rho_max else torch.ones(b, dtype=torch.bool, device=dev)
         run = run & ~done
@@ -438,10 +462,11 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
         else:
             ridx = run.nonzero()[:, 0]
             bt = _Batch(x, u, theta, lam_eq, lam_in, rho, obs).take(ridx)
-        xr, ur, st, se, dr, f1, n1 = _newton_loop(problem, bt, kind, track_grad, stats)
+        xr, ur, st, se, dr, f1, n1, (d, g) = _newton_loop(problem, bt, kind, track_grad, stats)
         # dual and penalty update at the new iterate
-        d = problem.defects(xr, ur)
-        g, _ = problem.ineq(xr, ur, bt.obs, jac=False)
+        if track_grad:  # the line search's residuals carry no graph: recompute them differentiably
+            d = problem.defects(xr, ur)
+            g, _ = problem.ineq(xr, ur, bt.obs, jac=False)
         r = bt.rho[:, None, None]
         leq = bt.lam_eq + r * d
         lin_ = (bt.lam_in + r * g).clamp_min(0.0)
@@ -461,6 +486,15 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
                     pres_r = torch.maximum(pres_r, g.detach().clamp_min(0.0).reshape(nb, -1).amax(1))
                 conv_r = (pres_r <= cfg.tol_primal) & (dr <= cfg.tol_dual) & se & ~n1
             done = conv_r if all_run else done.index_copy(0, ridx, conv_r)
+        if all_run:
+            d_all, g_all, seen = d.detach(), g.detach(), torch.ones_like(seen)
+        elif d_all is None:
+            d_all = d.new_zeros(b, *d.shape[1:]).index_copy(0, ridx, d.detach())
+            g_all = g.new_zeros(b, *g.shape[1:]).index_copy(0, ridx, g.detach())
+            seen = seen.index_fill(0, ridx, True)
+        else:
+            d_all, g_all = d_all.index_copy(0, ridx, d.detach()), g_all.index_copy(0, ridx, g.detach())
+            seen = seen.index_fill(0, ridx, True)
         if all_run:
             last_eq, last_in, last_rho = bt.lam_eq, bt.lam_in, bt.rho
             x, u, lam_eq, lam_in, rho = xr, ur, leq, lin_, rnew
@@ -483,7 +517,7 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
             nf = nf.index_copy(0, ridx, nf[ridx] | n1)
     with torch.no_grad():
         xd, ud = x.detach(), u.detach()
-        pres = problem.violation(xd, ud, obs)
+        pres = problem.violation_from(d_all, g_all) if bool(seen.all()) else problem.violation(xd, ud, obs)
         cost = problem.cost(xd, ud, theta.detach())
         converged = (pres <= cfg.tol_primal) & (dres <= cfg.tol_dual) & small_exit & ~nf
     new_state = SolverState(xd, ud, lam_eq.detach(), lam_in.detach(), rho.detach(), obs)
@@ -658,7 +692,7 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
     if needs_grad:
         if gradient == "implicit":
             x, u = _ImplicitFn.apply(thc, x0c, x, u, problem, last, new_state.obstacle_idx,
-                                     "dense" if problem.dense else "banded")
+                                     problem.linear_solver_kind(x.shape[0]))
         else:
             x, u = _FinalImplicitFn.apply(thc, x0c, x, u, problem, new_state.lam_ineq, new_state.obstacle_idx)
     return x, u, new_state, info

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from deqmpc_gym.errors import ConfigError, ShapeError, check_shape
 from deqmpc_gym.nets.fixed_point import AndersonConfig, SolverStats, fixed_point_iter, get_solver
@@ -146,8 +147,30 @@ class NetOutput(NamedTuple):
     stats: SolverStats | None
 
 
+#: below this many output positions (batch x length) a conv is computed as one matrix product of the
+#: unfolded input (4-5x faster at batch 1 on CPU); above it the library convolution is faster.
+_MATMUL_CONV_MAX_POSITIONS = 16
+
+
+class _SameConv1d(nn.Conv1d):
+    """``nn.Conv1d`` with 'same' padding (odd kernel) that switches to an im2col matrix product for small inputs.
+
+    Same parameters and state-dict keys as ``nn.Conv1d``; ``x: (B, c_in, L) -> (B, c_out, L)``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c_in, length = x.shape
+        if b * length >= _MATMUL_CONV_MAX_POSITIONS:
+            return super().forward(x)
+        k = self.kernel_size[0]
+        w = self.weight.reshape(self.out_channels, c_in * k)  # a view: (c_out, c_in * k), c_in-major
+        cols = F.pad(x, (k // 2, k // 2)).unfold(2, k, 1).transpose(1, 2).reshape(b * length, c_in * k)
+        out = cols @ w.t() if self.bias is None else torch.addmm(self.bias, cols, w.t())
+        return out.reshape(b, length, self.out_channels).transpose(1, 2)
+
+
 def _conv(c_in: int, c_out: int, kernel: int) -> nn.Conv1d:
-    return nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2)
+    return _SameConv1d(c_in, c_out, kernel, padding=kernel // 2)
 
 
 def _encoder(nx: int, h: int) -> nn.Sequential:
@@ -183,7 +206,7 @@ class _TCNBase(nn.Module):
         self.config = cfg
         h, k, nx = cfg.hidden, cfg.kernel, cfg.nx
         self.input_block = _InputBlock(cfg)
-        self.head = nn.Sequential(_conv(h, h, k), nn.GroupNorm(cfg.groups, h), nn.ReLU(), nn.Conv1d(h, nx, 1))
+        self.head = nn.Sequential(_conv(h, h, k), nn.GroupNorm(cfg.groups, h), nn.ReLU(), _SameConv1d(h, nx, 1))
         self.register_buffer("state_scale", self._vec(cfg.state_scale, 1.0), persistent=False)
         self.register_buffer("state_center", self._vec(cfg.state_center, 0.0), persistent=False)
         self.register_buffer("input_scale", self._vec(cfg.input_scale, 1.0), persistent=False)

@@ -125,6 +125,27 @@ def test_dtype_follows_parameters():
     assert torch.equal(out.theta[:, 0], x0.double())
 
 
+@pytest.mark.parametrize("batch, length", [(1, 4), (2, 4), (3, 1), (8, 4)])
+@pytest.mark.parametrize("kernel, bias", [(3, True), (1, True), (5, False)])
+def test_small_input_conv_matches_library_conv(batch, length, kernel, bias):
+    """The im2col matrix-product path used for small inputs equals nn.Conv1d (values and gradients)."""
+    from deqmpc_gym.nets.tcn import _MATMUL_CONV_MAX_POSITIONS, _SameConv1d
+
+    conv = _SameConv1d(6, 5, kernel, padding=kernel // 2, bias=bias).double()
+    ref = torch.nn.Conv1d(6, 5, kernel, padding=kernel // 2, bias=bias).double()
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(batch, 6, length, dtype=torch.float64, requires_grad=True)
+    assert (batch * length < _MATMUL_CONV_MAX_POSITIONS) == (batch * length < 16)
+    y, y_ref = conv(x), ref(x)
+    assert y.shape == y_ref.shape == (batch, 5, length)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, conv.weight], g)
+    grads_ref = torch.autograd.grad(y_ref, [x, ref.weight], g)
+    for a, b_ in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-12)
+
+
 def test_shift_latent():
     z = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
     s = shift_latent(z)
