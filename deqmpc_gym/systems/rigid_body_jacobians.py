@@ -71,8 +71,8 @@ def outer(a: Array, b: Array) -> Array:
 
 def cross(a: Array, b: Array) -> Array:
     """``a x b`` on ``(3, B)``."""
-    if isinstance(a, np.ndarray):
-        return np.stack([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
+    if isinstance(a, np.ndarray):  # np.array of equal-shape rows: a few times cheaper than np.stack
+        return np.array([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
     return torch.linalg.cross(a, b, dim=0)
 
 
@@ -81,7 +81,7 @@ def skew(w: Array) -> Array:
     nw = -w
     if isinstance(w, np.ndarray):
         z = np.zeros_like(w[0])
-        return np.stack([z, nw[2], w[1], w[2], z, nw[0], nw[1], w[0], z]).reshape(3, 3, -1)
+        return np.array([z, nw[2], w[1], w[2], z, nw[0], nw[1], w[0], z]).reshape(3, 3, -1)
     z = torch.zeros_like(w[0])
     return torch.stack([z, nw[2], w[1], w[2], z, nw[0], nw[1], w[0], z]).unflatten(0, (3, 3))
 
