@@ -7,6 +7,8 @@ Usage::
 Prints, per system and batch size, the median wall time [ms] of the analytic Jacobians
 (``system.step_and_jacobians``), of the generic reverse-mode reference (``autodiff_jacobians``) and of a plain
 ``system.step``, plus the speed-up ``autodiff / analytic``. The minimum is shown too (robust to other load).
+For systems with ``numpy_fast_path`` (float64 CPU no-grad calls run numpy), the analytic Jacobians are also
+timed with the fast path switched off (``torch path``) and the ratio ``torch / numpy`` is printed.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.dtype}; times in ms (median / min)")
-    header = f"{'system':<10} {'B':>5} | {'analytic':>15} | {'autodiff':>15} | {'step':>15} | {'speed-up':>8}"
+    header = (f"{'system':<10} {'B':>5} | {'analytic':>15} | {'autodiff':>15} | {'step':>15} | {'speed-up':>8} | "
+              f"{'torch path':>15} | {'torch/numpy':>11}")
     print(header)
     print("-" * len(header))
     for name in args.systems:
@@ -58,8 +61,16 @@ def main() -> None:
             an = _time(lambda: system.step_and_jacobians(x, u), args.repeats)
             ad = _time(lambda: autodiff_jacobians(system, x, u), args.repeats)
             st = _time(lambda: system.step(x, u), args.repeats)
+            extra = ""
+            if system.numpy_fast_path:
+                type(system).numpy_fast_path = False
+                try:
+                    tp = _time(lambda: system.step_and_jacobians(x, u), args.repeats)
+                finally:
+                    type(system).numpy_fast_path = True
+                extra = f" | {tp[0]:7.3f} /{tp[1]:7.3f} | {tp[0] / an[0]:10.1f}x"
             print(f"{name:<10} {nb:>5} | {an[0]:7.3f} /{an[1]:7.3f} | {ad[0]:7.3f} /{ad[1]:7.3f} | "
-                  f"{st[0]:7.3f} /{st[1]:7.3f} | {ad[0] / an[0]:7.1f}x")
+                  f"{st[0]:7.3f} /{st[1]:7.3f} | {ad[0] / an[0]:7.1f}x{extra}")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ class MPCConfig:
     tol_primal: float = 1e-6
     tol_dual: float = 1e-3
     reg_min: float = 1e-10
-    dense_max_work: float = 4e6
+    dense_max_work: float = 2e6
 
     def __post_init__(self) -> None:
         if not isinstance(self.horizon, int) or self.horizon < 2:

@@ -103,7 +103,7 @@ class System:
     state_envelope: ClassVar[tuple[float, ...] | None] = None
     #: evaluate no-grad float64 CPU calls of :meth:`step` (and, where a subclass supports it,
     #: :meth:`step_and_jacobians`) with numpy: worth it for dynamics of hundreds of small operations (the
-    #: quadrotors: 2-3x), not for a handful (pendulum, cart-pole).
+    #: quadrotors: 2-3x; the cart-pole's RK4 with Jacobians: 3-4x up to B ~ 800), not for a handful (pendulum).
     numpy_fast_path: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ dynamics
@@ -161,6 +161,21 @@ class System:
                              f"{tuple(getattr(u, 'shape', ()))}")
         self._check_xu(x, u)
         return self._step_and_jacobians(x, u)
+
+    def _deriv_and_jac(self, x: Any, u: Any) -> Any:
+        """Continuous dynamics and Jacobians ``(x_dot (B, nx), [dx_dot/dx | dx_dot/du] (B, nx, nx + nu))`` on torch
+        tensors or numpy arrays (for :meth:`_rk4_step_and_jacobians`); optional."""
+        raise NotImplementedError
+
+    def _rk4_step_and_jacobians(
+        self, x: torch.Tensor, u: torch.Tensor, n_free: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RK4 step and Jacobians from :meth:`_deriv_and_jac` (see :func:`rk4_with_jacobians`), on numpy when
+        :attr:`numpy_fast_path` allows it for these inputs."""
+        if self.numpy_fast_path and x.shape[0] <= _NUMPY_JACOBIAN_MAX_BATCH and numpy_eligible(x, u):
+            out = rk4_with_jacobians_numpy(self._deriv_and_jac, x.numpy(), u.numpy(), self.dt, n_free=n_free)
+            return tuple(torch.from_numpy(a) for a in out)  # type: ignore[return-value]
+        return rk4_with_jacobians(self._deriv_and_jac, x, u, self.dt, n_free=n_free)
 
     def _step_and_jacobians(
         self, x: torch.Tensor, u: torch.Tensor
@@ -244,6 +259,10 @@ class System:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(nx={self.nx}, nu={self.nu}, dt={self.dt})"
+
+
+#: above this batch the torch Jacobian kernels beat numpy's (quadrotor: 0.7x at B = 1000; benchmarks/jacobians.py)
+_NUMPY_JACOBIAN_MAX_BATCH = 512
 
 
 def numpy_eligible(x: Any, u: Any) -> bool:

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from deqmpc_gym.systems.base import System, rk4, rk4_with_jacobians
-from deqmpc_gym.systems.ops import TORCH
+from deqmpc_gym.systems.base import System, rk4
+from deqmpc_gym.systems.ops import ops_for
 
 
 class Cartpole(System):
@@ -34,6 +34,7 @@ class Cartpole(System):
     init_low, init_high = (-math.pi,) * 4, (math.pi,) * 4
     reward_weights, effort_weights = (0.1, 1.0, 0.01, 0.01), (0.01,)
     success_tolerance = (0.5, 0.1, 0.5, 0.5)
+    numpy_fast_path = True  # measured: 3-4x cheaper step / Jacobians up to B ~ 800 (benchmarks/jacobians.py)
 
     def _deriv(self, x: Any, u: Any, ops: Any) -> Any:
         th, pd, thd = x[..., 1], x[..., 2], x[..., 3]
@@ -56,27 +57,27 @@ class Cartpole(System):
         f, G = self._deriv_and_jac(x, u)
         return f, G[..., :4], G[..., 4:]
 
-    def _deriv_and_jac(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x_dot (B, 4)`` (via :meth:`_deriv`, bit-identical) and ``[dx_dot/dx | dx_dot/du] (B, 4, 5)``."""
+    def _deriv_and_jac(self, x: Any, u: Any) -> tuple[Any, Any]:
+        """``x_dot (B, 4)`` (via :meth:`_deriv`, bit-identical) and ``[dx_dot/dx | dx_dot/du] (B, 4, 5)`` (torch
+        tensors or numpy arrays)."""
+        ops = ops_for(x)
         th, thd = x[:, 1], x[:, 3]
-        s, c = torch.sin(th), torch.cos(th)
-        f = self._deriv(x, u, TORCH)
+        s, c = ops.sin(th), ops.cos(th)
+        f = self._deriv(x, u, ops)
         pdd = f[:, 2]
         inv_d = 1.0 / (11.0 - 0.5 * c * c)
         pdd_th = (4.905 * (c * c - s * s) - c * thd * thd - pdd * s * c) * inv_d
         pdd_thd = -2.0 * s * thd * inv_d
         thdd_th = 0.5 * (c * pdd_th - s * pdd + 9.81 * c)
         thdd_thd = 0.5 * c * pdd_thd
-        zero, one = torch.zeros_like(th), torch.ones_like(th)
-        G = torch.stack([
-            zero, zero, one, zero, zero,
-            zero, zero, zero, one, zero,
-            zero, pdd_th, zero, pdd_thd, inv_d,
-            zero, thdd_th, zero, thdd_thd, 0.5 * c * inv_d,
-        ], dim=-1).reshape(-1, 4, 5)
+        G = ops.zeros_like(x, (x.shape[0], 4, 5))
+        G[:, 0, 2] = 1.0
+        G[:, 1, 3] = 1.0
+        G[:, 2, 1], G[:, 2, 3], G[:, 2, 4] = pdd_th, pdd_thd, inv_d
+        G[:, 3, 1], G[:, 3, 3], G[:, 3, 4] = thdd_th, thdd_thd, 0.5 * c * inv_d
         return f, G
 
     def _step_and_jacobians(
         self, x: torch.Tensor, u: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return rk4_with_jacobians(self._deriv_and_jac, x, u, self.dt, n_free=1)
+        return self._rk4_step_and_jacobians(x, u, n_free=1)

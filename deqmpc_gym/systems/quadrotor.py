@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deqmpc_gym.systems.base import System, numpy_eligible, rk4, rk4_with_jacobians, rk4_with_jacobians_numpy
+from deqmpc_gym.systems.base import System, rk4
 from deqmpc_gym.systems.ops import batch_first, batch_last, ops_for
 from deqmpc_gym.systems.rigid_body_jacobians import control_jacobians, rigid_body_jacobians
 from deqmpc_gym.systems.rotations import (
@@ -112,16 +112,10 @@ class RigidBodySystem(System):
 
     numpy_fast_path = True
 
-    def _deriv_and_jac(self, x: Any, u: Any) -> Any:
-        raise NotImplementedError
-
     def _step_and_jacobians(
         self, x: torch.Tensor, u: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.numpy_fast_path and numpy_eligible(x, u):  # the same math at numpy's per-op cost
-            out = rk4_with_jacobians_numpy(self._deriv_and_jac, x.numpy(), u.numpy(), self.dt, n_free=3)
-            return tuple(torch.from_numpy(a) for a in out)  # type: ignore[return-value]
-        return rk4_with_jacobians(self._deriv_and_jac, x, u, self.dt, n_free=3)
+        return self._rk4_step_and_jacobians(x, u, n_free=3)
 
     def sample_initial_states(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """Uniform box; the attitude box is in Euler x-y-z angles, converted to canonical MRPs."""

@@ -240,10 +240,12 @@ def test_dense_and_banded_steps_agree(name):
 def test_auto_linear_solver_picks_by_batch_work():
     """"auto" factorises densely where the measured dense path is faster (small B (T n)^3), banded elsewhere."""
     qpole = MPCProblem(QPole(), MPCConfig(horizon=5))  # T n = 90
-    assert qpole.linear_solver_kind(1) == "dense" and qpole.linear_solver_kind(4) == "dense"
+    assert qpole.linear_solver_kind(1) == "dense" and qpole.linear_solver_kind(2) == "dense"
     assert qpole.linear_solver_kind(200) == "banded"
     pend = MPCProblem(Pendulum(), MPCConfig(horizon=5))  # T n = 15
     assert pend.linear_solver_kind(200) == "dense"
+    cart = MPCProblem(Cartpole(), MPCConfig(horizon=5))  # T n = 25: dense at B = 64, banded at B = 200
+    assert cart.linear_solver_kind(64) == "dense" and cart.linear_solver_kind(200) == "banded"
     assert MPCProblem(Pendulum(), MPCConfig(horizon=50)).linear_solver_kind(200) == "banded"
     assert MPCProblem(QPole(), MPCConfig(horizon=50)).linear_solver_kind(1) == "banded"  # T n = 900
     assert MPCProblem(QPole(), MPCConfig(horizon=5, linear_solver="banded")).linear_solver_kind(1) == "banded"
