@@ -25,7 +25,11 @@ class MPCConfig:
             exceeds this value; the last AL iteration of a sample therefore runs at ``rho <= rho_max``.
         rho_init_max: cap of the warm-start penalty, ``rho_0 = min(rho_prev, rho_init_max)`` (paper 4.2.3).
         newton_tol: per-sample exit test of the Newton loop: a sample stops after a step with
-            ``||dz||_inf <= newton_tol * (1 + ||z||_inf)`` or when its line search finds no decrease.
+            ``||dz||_inf <= newton_tol * (1 + ||z||_inf)`` (or whose contraction estimate predicts the next step
+            below that) or when its line search finds no decrease.
+        newton_exit_residual: if > 0, a sample's Newton loop also stops after a step that leaves its constraint
+            residual ``||[d; max(g, 0)]||_2`` at or below this value -- the exit test of the paper's reference
+            implementation (1e-3), looser than the step test; 0 disables it (per call: ``solve(exit_residual=)``).
         n_obstacle_constraints: ``k``, the nearest obstacles constrained at each knot.
         linear_solver: ``"dense"`` (batched dense Cholesky of the ``T(nx+nu)`` Hessian), ``"banded"``
             (block-tridiagonal Cholesky, cost linear in ``T``) or ``"auto"`` (per call: dense when
@@ -50,6 +54,7 @@ class MPCConfig:
     rho_max: float = 1e8
     rho_init_max: float = 1e7
     newton_tol: float = 1e-3
+    newton_exit_residual: float = 0.0
     n_obstacle_constraints: int = 4
     linear_solver: str = "auto"
     gradient: str = "implicit"
@@ -69,6 +74,8 @@ class MPCConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0):
                 raise ConfigError(f"{name} must be a positive number, got {v!r}")
+        if not (isinstance(self.newton_exit_residual, (int, float)) and self.newton_exit_residual >= 0):
+            raise ConfigError(f"newton_exit_residual must be a number >= 0, got {self.newton_exit_residual!r}")
         if not self.rho_growth >= 1.0:
             raise ConfigError(f"rho_growth must be >= 1, got {self.rho_growth!r}")
         if self.linear_solver not in _LINEAR_SOLVERS:

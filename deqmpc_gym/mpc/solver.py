@@ -326,7 +326,8 @@ def _first_trial_steps(problem: MPCProblem, sub: _Batch, x: torch.Tensor, u: tor
     return al[first], ok, k, dk[pick], gk[pick]
 
 
-def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, stats: dict):
+def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, stats: dict,
+                 exit_residual: float = 0.0):
     """Gauss-Newton minimisation of the merit of the AL subproblem for the samples of ``bt``.
 
     Returns updated ``(x, u)``, per-sample ``(steps, exited_by_step_test, dual_residual, fallback, nonfinite)``
@@ -396,6 +397,9 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, s
             theta = step_norm / prev
             small = small | ((alpha == 1.0) & torch.isfinite(prev) & (theta < 1.0)
                              & (theta / (1.0 - theta) * step_norm <= tol_s))
+            if exit_residual > 0.0:  # the reference implementation's test: constraint residual small enough
+                res = torch.sqrt((dn * dn).sum((1, 2)) + (gn.clamp_min(0.0) ** 2).sum((1, 2)))
+                small = small | (ok & (res <= exit_residual))
             # a zero step that is "small" still counts as converged (already at the minimiser)
             done = small | ~ok
             nfs = ~finite0 | ~torch.isfinite(dzd).reshape(dzd.shape[0], -1).all(1)
@@ -427,7 +431,7 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, s
 
 
 def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: int, stop_at_rho_max: bool,
-                   track_grad: bool, stop_when_converged: bool = False):
+                   track_grad: bool, stop_when_converged: bool = False, exit_residual: float = 0.0):
     """Run ``iters`` AL iterations. Returns (x, u, new_state, info, last) where ``last`` holds the
     ``(lam_eq, lam_in, rho)`` of each sample's last subproblem and ``ran`` (B,) (ran >= 1 iteration)."""
     cfg = problem.config
@@ -462,7 +466,7 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
         else:
             ridx = run.nonzero()[:, 0]
             bt = _Batch(x, u, theta, lam_eq, lam_in, rho, obs).take(ridx)
-        xr, ur, st, se, dr, f1, n1, (d, g) = _newton_loop(problem, bt, kind, track_grad, stats)
+        xr, ur, st, se, dr, f1, n1, (d, g) = _newton_loop(problem, bt, kind, track_grad, stats, exit_residual)
         # dual and penalty update at the new iterate
         if track_grad:  # the line search's residuals carry no graph: recompute them differentiably
             d = problem.defects(xr, ur)
@@ -631,7 +635,7 @@ class _FinalImplicitFn(torch.autograd.Function):
 # ====================================================================== public entry point
 def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: SolverState | None = None,
           iters: int = 2, gradient: str | None = None, stop_at_rho_max: bool = False,
-          stop_when_converged: bool = False):
+          stop_when_converged: bool = False, exit_residual: float | None = None):
     """Run ``iters`` AL iterations of the MPC problem (see :mod:`deqmpc_gym.mpc.problem` for the math).
 
     Args:
@@ -647,6 +651,8 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
         stop_when_converged: a sample stops as soon as its iterate meets ``config.tol_primal`` (dynamics defect
             and constraint violation) and ``config.tol_dual`` (stationarity) -- ``iters`` becomes a maximum.
             Off by default: DEQ-MPC runs a fixed number of AL iterations per network pass.
+        exit_residual: Newton-loop exit on the constraint residual (default ``config.newton_exit_residual``;
+            see :class:`MPCConfig`).
 
     Returns:
         ``(x (B,T,nx), u (B,T,nu), state, info)``: the final iterate (differentiable w.r.t. ``theta`` and ``x0``
@@ -663,6 +669,9 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
     if not isinstance(iters, int) or iters < 0:
         raise ConfigError(f"iters must be an int >= 0, got {iters!r}")
     cfg = problem.config
+    exit_residual = float(cfg.newton_exit_residual if exit_residual is None else exit_residual)
+    if not exit_residual >= 0.0:
+        raise ConfigError(f"exit_residual must be >= 0, got {exit_residual!r}")
     dt = cfg.dtype
     x0c, thc = x0.to(dt), theta.to(dt)
     b = x0.shape[0]
@@ -684,11 +693,11 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
         if cold_start:  # the cold primal guess x = theta is part of the differentiated computation
             state = replace(state, x=thc)
         x, u, new_state, info, last = _al_iterations(problem, x0c, thc, state, iters, stop_at_rho_max, True,
-                                                     stop_when_converged)
+                                                     stop_when_converged, exit_residual)
         return x, u, new_state, info
     with torch.no_grad():
         x, u, new_state, info, last = _al_iterations(problem, x0c.detach(), thc.detach(), state, iters,
-                                                     stop_at_rho_max, False, stop_when_converged)
+                                                     stop_at_rho_max, False, stop_when_converged, exit_residual)
     if needs_grad:
         if gradient == "implicit":
             x, u = _ImplicitFn.apply(thc, x0c, x, u, problem, last, new_state.obstacle_idx,

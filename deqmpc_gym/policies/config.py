@@ -73,6 +73,9 @@ class PolicyConfig:
         diff_mpc_al_iters: AL iterations of Diff-MPC's single cold solve.
         stream_iters: K, DEQ-MPC iterations per warm-started control step (paper eval: 1; QPoleObs: 2).
         stream_al_iters: AL iterations per warm-started control step for Diff-MPC (paper eval: 2; QPoleObs: 4).
+        stream_exit_residual: Newton-loop exit of the warm-started streaming solves: a sample stops once its
+            constraint residual is at or below this value (the paper's reference implementation: 1e-3, see
+            :class:`~deqmpc_gym.mpc.MPCConfig`); 0 keeps only the step test of cold solves and training.
         n_obstacle_constraints: nearest obstacles constrained per knot.
         gradient: MPC gradient for DEQ-MPC (``"implicit"`` | ``"unroll"``); Diff-MPC always uses
             ``"final_implicit"``.
@@ -92,6 +95,7 @@ class PolicyConfig:
     diff_mpc_al_iters: int = 10
     stream_iters: int = 1
     stream_al_iters: int = 2
+    stream_exit_residual: float = 1e-3
     n_obstacle_constraints: int = 4
     gradient: str = "implicit"
     anderson_max_iter: int = 25
@@ -109,6 +113,8 @@ class PolicyConfig:
             raise ConfigError(f"PolicyConfig.horizon must be >= 2 knots, got {self.horizon}")
         if self.hidden % 4:
             raise ConfigError(f"PolicyConfig.hidden must be divisible by 4 (GroupNorm groups), got {self.hidden}")
+        if not (isinstance(self.stream_exit_residual, (int, float)) and self.stream_exit_residual >= 0):
+            raise ConfigError(f"PolicyConfig.stream_exit_residual must be a number >= 0, got {self.stream_exit_residual!r}")
         if self.gradient not in ("implicit", "unroll"):
             raise ConfigError(f"PolicyConfig.gradient must be 'implicit' or 'unroll', got {self.gradient!r}")
         if self.solver_dtype not in ("float64", "float32"):

@@ -208,7 +208,8 @@ class DEQMPCLayer(nn.Module):
                     solver_state = solver_state.shift(problem, x_last=theta[:, -1].detach(),
                                                       iters_remaining=n_iter * cfg.al_iters)
             x, u, solver_state, info = solve(problem, x0, theta, solver_state, iters=cfg.al_iters,
-                                             gradient=cfg.gradient, stop_at_rho_max=stream)
+                                             gradient=cfg.gradient, stop_at_rho_max=stream,
+                                             exit_residual=cfg.stream_exit_residual if stream else None)
             iters = iters + info.newton_steps.to(iters.dtype)
             thetas.append(theta)
             xs.append(x)
@@ -228,7 +229,8 @@ class DEQMPCLayer(nn.Module):
             iters, stream = cfg.stream_al_iters, True
             solver_state = state.solver.shift(problem, x_last=theta[:, -1].detach(), iters_remaining=iters)
         x, u, solver_state, info = solve(problem, x0, theta, solver_state, iters=iters,
-                                         gradient="final_implicit", stop_at_rho_max=stream)
+                                         gradient="final_implicit", stop_at_rho_max=stream,
+                                         exit_residual=cfg.stream_exit_residual if stream else None)
         new_state = detach_state(StreamState(plan=x, controls=u, z=z, solver=solver_state))
         return LayerOutput([theta], [x], [u], new_state, info, stats, info.newton_steps)
 

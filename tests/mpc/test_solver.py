@@ -266,6 +266,25 @@ def test_reported_residuals_match_the_returned_iterate(name):
         torch.testing.assert_close(info2.primal_residual, problem.violation(x2, u2, None), rtol=0, atol=0)
 
 
+def test_exit_residual_shortens_warm_solves():
+    """The reference implementation's Newton exit (constraint residual <= 1e-3) takes fewer Newton steps on
+    warm-started streaming solves, and every returned iterate meets that residual."""
+    system = Cartpole()
+    problem = MPCProblem(system, MPCConfig(horizon=5))
+    x0, theta = make_batch(system, 32, 6, seed=4)
+    x, u, state, _ = solve(problem, x0, theta[:, :5], iters=12, stop_when_converged=True)
+    warm = state.shift(problem, x_last=theta[:, 5], iters_remaining=2)
+    out = {er: solve(problem, x[:, 1], theta[:, 1:], warm, iters=2, stop_at_rho_max=True, exit_residual=er)
+           for er in (0.0, 1e-3)}
+    n0, n1 = out[0.0][3].newton_steps, out[1e-3][3].newton_steps
+    assert bool((n1 <= n0).all()) and int(n1.sum()) < int(n0.sum())
+    assert float(out[1e-3][3].primal_residual.max()) <= 1e-3
+    with pytest.raises(ConfigError, match="exit_residual"):
+        solve(problem, x[:, 1], theta[:, 1:], warm, exit_residual=-1.0)
+    with pytest.raises(ConfigError, match="newton_exit_residual"):
+        MPCConfig(newton_exit_residual=-1.0)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_bad_inputs_raise():
     system = Pendulum()
