@@ -281,6 +281,18 @@ def test_resume_after_kill_is_bit_exact(small: ExpertDataset, tmp_path: Path) ->
     assert again.steps == 20 and again.history == res_b.history
 
 
+def test_extending_a_finished_run_matches_the_longer_run(small: ExpertDataset, tmp_path: Path) -> None:
+    """Only the step budget may change on resume: 10 steps, then resumed to 20, equals 20 steps at once."""
+    a = _policy(seed=0)
+    ImitationTrainer(a, small, _cfg(steps=20, val_every=5), tmp_path / "A", progress=False).train()
+    ImitationTrainer(_policy(seed=0), small, _cfg(steps=10, val_every=5), tmp_path / "B", progress=False).train()
+    b = _policy(seed=5)
+    res = ImitationTrainer(b, small, _cfg(steps=20, val_every=5), tmp_path / "B", progress=False).train(resume=True)
+    assert res.steps == 20
+    for k, v in a.layer.state_dict().items():
+        assert torch.equal(v, b.layer.state_dict()[k]), k
+
+
 def test_resume_with_other_config_raises(small: ExpertDataset, tmp_path: Path) -> None:
     ImitationTrainer(_policy(), small, _cfg(steps=5, val_every=5), tmp_path, progress=False).train()
     with pytest.raises(CheckpointError, match="TrainConfig"):

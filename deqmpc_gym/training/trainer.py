@@ -203,9 +203,13 @@ class ImitationTrainer:
         if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
             raise CheckpointError(f"{self.checkpoint_path} is not a deqmpc_gym training checkpoint")
         saved = json.loads(payload["config_json"])
-        if saved != dataclasses.asdict(self.config):
+        # the step budget may grow between resumed runs (nothing else depends on it): extending a finished run
+        # gives the weights of an uninterrupted run with the larger budget
+        if {k: v for k, v in saved.items() if k != "steps"} != \
+                {k: v for k, v in dataclasses.asdict(self.config).items() if k != "steps"}:
             raise CheckpointError(f"{self.checkpoint_path} was written with another TrainConfig {saved}; "
-                                  "resume with the same settings or use a new output directory")
+                                  "resume with the same settings (only `steps` may change) or use a new output "
+                                  "directory")
         try:
             self.policy.layer.load_state_dict(payload["model"])
         except RuntimeError as exc:
