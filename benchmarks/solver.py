@@ -11,6 +11,8 @@ Measured (medians over --reps, B = 200 and B = 1, T = 5):
 * cold rho0: the same cold solve with the first penalty a standalone MPC solver would use (rho_init = 1e3;
           the default rho_init = 1 is the DEQ-MPC setting), reported beside the default;
 * warm:   our warm-started MPC-m call (m = 2 AL iterations from the shifted previous solution) vs mpc.pytorch cold;
+* streaming: the same call with the settings DEQMPCPolicy.act() uses (penalty restarted at rho_max / 10, stop after
+          the AL iteration at rho_max, Newton exit at the reference implementation's constraint residual 1e-3);
 * T50/T5: time(T=50) / time(T=5) of our solver for the same number of AL iterations (iters=2);
 * bwd/fwd: implicit backward time / forward time of a warm MPC-m call;
 * ipopt:  CasADi+IPOPT time of one problem (B = 1).
@@ -34,6 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from deqmpc_gym.io import atomic_write_text  # noqa: E402
 from deqmpc_gym.mpc import MPCConfig, MPCProblem, solve  # noqa: E402
+from deqmpc_gym.policies import PolicyConfig  # noqa: E402
 from deqmpc_gym.systems import Cartpole, Pendulum, Quadrotor  # noqa: E402
 
 
@@ -129,6 +132,16 @@ def bench_system(system, B, reps, do_mpc_pytorch=True):
 
     res["ours_warm_m2_s"] = timeit(warm_call, reps)
     res["ours_warm_defect_median"] = float(out["warm"][3].primal_residual.median())
+    # the call DEQMPCPolicy.act() makes each control step: penalty restarted by the streaming rule, samples stop
+    # after the AL iteration at rho_max, Newton loops exit at the reference's constraint residual (1e-3)
+    warm_s = st.shift(pb, x_last=th1[:, -1], iters_remaining=2)
+
+    def stream_call():
+        out["stream"] = solve(pb, x1, th1, state=warm_s, iters=2, stop_at_rho_max=True,
+                              exit_residual=PolicyConfig().stream_exit_residual)
+
+    res["ours_stream_m2_s"] = timeit(stream_call, reps)
+    res["ours_stream_defect_median"] = float(out["stream"][3].primal_residual.median())
     # backward / forward (implicit) of the warm call
     thg = th1.clone().requires_grad_()
 
@@ -167,6 +180,7 @@ def bench_system(system, B, reps, do_mpc_pytorch=True):
         res["speedup_cold"] = res["mpc_pytorch_cold_s"] / res["ours_cold_s"]
         res["speedup_cold_rho_hi"] = res["mpc_pytorch_cold_s"] / res["ours_cold_rho_hi_s"]
         res["speedup_warm_vs_mpc_pytorch_cold"] = res["mpc_pytorch_cold_s"] / res["ours_warm_m2_s"]
+        res["speedup_stream_vs_mpc_pytorch_cold"] = res["mpc_pytorch_cold_s"] / res["ours_stream_m2_s"]
     return res
 
 
@@ -208,6 +222,8 @@ def main():
             (f"ours cold rho0={STANDALONE_RHO_INIT:g} [ms]", "ours_cold_rho_hi_s"),
             ("cold speedup (rho0)", "speedup_cold_rho_hi"),
             ("ours warm m=2 [ms]", "ours_warm_m2_s"), ("warm vs mpc.pt cold", "speedup_warm_vs_mpc_pytorch_cold"),
+            ("ours streaming m=2 [ms]", "ours_stream_m2_s"),
+            ("streaming vs mpc.pt cold", "speedup_stream_vs_mpc_pytorch_cold"),
             ("T50/T5", "T50_over_T5"), ("bwd/fwd", "bwd_over_fwd"), ("cost ours", "ours_cold_cost_median"),
             ("cost mpc.pt", "mpc_pytorch_cost_median"), ("IPOPT 1 problem [ms]", "ipopt_s")]
     print(f"torch threads = {args.threads}\n")

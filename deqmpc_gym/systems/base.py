@@ -105,6 +105,9 @@ class System:
     #: :meth:`step_and_jacobians`) with numpy: worth it for dynamics of hundreds of small operations (the
     #: quadrotors: 2-3x; the cart-pole's RK4 with Jacobians: 3-4x up to B ~ 800), not for a handful (pendulum).
     numpy_fast_path: ClassVar[bool] = False
+    #: largest batch whose RK4 Jacobians take the numpy path (above it torch's kernels are faster;
+    #: benchmarks/jacobians.py: the quadrotors cross over near B = 700, the cart-pole near B = 1500)
+    numpy_jacobian_max_batch: ClassVar[int] = 512
 
     # ------------------------------------------------------------------ dynamics
     def _step(self, x: Any, u: Any, ops: Any) -> Any:
@@ -172,7 +175,7 @@ class System:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """RK4 step and Jacobians from :meth:`_deriv_and_jac` (see :func:`rk4_with_jacobians`), on numpy when
         :attr:`numpy_fast_path` allows it for these inputs."""
-        if self.numpy_fast_path and x.shape[0] <= _NUMPY_JACOBIAN_MAX_BATCH and numpy_eligible(x, u):
+        if self.numpy_fast_path and x.shape[0] <= self.numpy_jacobian_max_batch and numpy_eligible(x, u):
             out = rk4_with_jacobians_numpy(self._deriv_and_jac, x.numpy(), u.numpy(), self.dt, n_free=n_free)
             return tuple(torch.from_numpy(a) for a in out)  # type: ignore[return-value]
         return rk4_with_jacobians(self._deriv_and_jac, x, u, self.dt, n_free=n_free)
@@ -259,10 +262,6 @@ class System:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(nx={self.nx}, nu={self.nu}, dt={self.dt})"
-
-
-#: above this batch the torch Jacobian kernels beat numpy's (quadrotor: 0.7x at B = 1000; benchmarks/jacobians.py)
-_NUMPY_JACOBIAN_MAX_BATCH = 512
 
 
 def numpy_eligible(x: Any, u: Any) -> bool:

@@ -34,7 +34,8 @@ class Cartpole(System):
     init_low, init_high = (-math.pi,) * 4, (math.pi,) * 4
     reward_weights, effort_weights = (0.1, 1.0, 0.01, 0.01), (0.01,)
     success_tolerance = (0.5, 0.1, 0.5, 0.5)
-    numpy_fast_path = True  # measured: 3-4x cheaper step / Jacobians up to B ~ 800 (benchmarks/jacobians.py)
+    numpy_fast_path = True  # measured: 2-4x cheaper step / Jacobians at B <= 1000 (benchmarks/jacobians.py)
+    numpy_jacobian_max_batch = 1024
 
     def _deriv(self, x: Any, u: Any, ops: Any) -> Any:
         th, pd, thd = x[..., 1], x[..., 2], x[..., 3]

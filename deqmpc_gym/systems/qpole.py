@@ -10,11 +10,11 @@ import torch
 
 from deqmpc_gym.systems.base import rk4
 from deqmpc_gym.systems.ops import batch_first, batch_last, ops_for
-from deqmpc_gym.systems.rigid_body_jacobians import _const, control_jacobians, rigid_body_jacobians
+from deqmpc_gym.systems.rigid_body_jacobians import cached_constant, control_jacobians, rigid_body_jacobians
 from deqmpc_gym.systems.quadrotor import (
     QuadParams,
     RigidBodySystem,
-    _comps,
+    components,
     fill_rigid_body_blocks,
     rigid_body_derivative,
 )
@@ -67,7 +67,7 @@ class QPole(RigidBodySystem):
     state_envelope = (15.0,) * 3 + (math.inf,) * 4 + (50.0,) * 3 + (30.0,) * 3 + (100.0,)
 
     def _deriv(self, x: Any, u: Any, ops: Any) -> Any:
-        r, s, v, w = _comps(x, 0, 3), _comps(x, 3, 6), _comps(x, 7, 10), _comps(x, 10, 13)
+        r, s, v, w = components(x, 0, 3), components(x, 3, 6), components(x, 7, 10), components(x, 10, 13)
         th, thd = x[..., 6], x[..., 13]
         r_dot, s_dot, v_dot, w_dot, acc = rigid_body_derivative(r, s, v, w, u, self.params)
         gz = -self.params.gravity
@@ -102,7 +102,7 @@ class QPole(RigidBodySystem):
         thrust = (p.kf * p.act_scale) * (batch_last(u) + p.u_offset).sum(0) + 4.0 * p.bf  # (B,)
         tm = thrust / p.mass
         re3 = jb.rot.R[:, 2]  # (3, B) body z-axis in the world
-        acc_sigma = tm * jb.rot.d_rotate(_const("e3", _E3, re3))  # d a / d sigma, (3, 3, B)
+        acc_sigma = tm * jb.rot.d_rotate(cached_constant("e3", _E3, re3))  # d a / d sigma, (3, 3, B)
         # theta_ddot = (a_x cos th + (g_z - a_z) sin th) / L with g_z = -g, a = g + tm R e3.
         ax, az = tm * re3[0], tm * re3[2] - p.gravity
         cx, cz = cth / L, -sth / L  # d thdd / d a_x, d thdd / d a_z

@@ -102,7 +102,8 @@ def fill_rigid_body_blocks(G: Any, jb: Any, v_u: Any, w_u: Any, *, v: int, w: in
     G[:, sw, su] = batch_first(w_u)
 
 
-def _comps(x: Any, a: int, b: int) -> tuple[Any, ...]:
+def components(x: Any, a: int, b: int) -> tuple[Any, ...]:
+    """The coordinates ``a .. b-1`` of ``x: (..., n)`` as a tuple of ``(...,)`` arrays or tensors."""
     return tuple(x[..., i] for i in range(a, b))
 
 
@@ -160,7 +161,7 @@ class Quadrotor(RigidBodySystem):
         return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
 
     def _deriv(self, x: Any, u: Any, ops: Any) -> Any:
-        r, s, v, w = _comps(x, 0, 3), _comps(x, 3, 6), _comps(x, 6, 9), _comps(x, 9, 12)
+        r, s, v, w = components(x, 0, 3), components(x, 3, 6), components(x, 6, 9), components(x, 9, 12)
         r_dot, s_dot, v_dot, w_dot, _ = rigid_body_derivative(r, s, v, w, u, self.params)
         return ops.stack([*r_dot, *s_dot, *v_dot, *w_dot])
 

@@ -38,7 +38,7 @@ _S2 = 1.0 / np.sqrt(2.0)
 _CACHE: dict[tuple, Array] = {}
 
 
-def _const(key: Hashable, value: np.ndarray, like: Array) -> Array:
+def cached_constant(key: Hashable, value: np.ndarray, like: Array) -> Array:
     """A cached constant on ``like``'s kind, dtype and device (a torch constant never requires grad)."""
     if isinstance(like, np.ndarray):
         k: tuple = (key, "numpy")
@@ -56,7 +56,7 @@ def _const(key: Hashable, value: np.ndarray, like: Array) -> Array:
 
 def _eye(like: Array) -> Array:
     """``(3, 3, 1)`` identity (broadcasts against ``(3, 3, B)``)."""
-    return _const("eye3", np.eye(3)[:, :, None], like)
+    return cached_constant("eye3", np.eye(3)[:, :, None], like)
 
 
 def dot(a: Array, b: Array) -> Array:
@@ -154,10 +154,10 @@ def rigid_body_jacobians(
         p: the quadrotor constants.
     """
     rot = MrpRotation.from_mrp(sigma)
-    J = _const(("J", p), np.asarray(p.inertia)[:, :, None], sigma)
-    Jinv = _const(("Jinv", p), np.asarray(p.inertia_inv)[:, :, None], sigma)
+    J = cached_constant(("J", p), np.asarray(p.inertia)[:, :, None], sigma)
+    Jinv = cached_constant(("Jinv", p), np.asarray(p.inertia_inv)[:, :, None], sigma)
     eye = _eye(sigma)
-    g = _const(("g", p), np.array([[0.0], [0.0], [-p.gravity]]), sigma)
+    g = cached_constant(("g", p), np.array([[0.0], [0.0], [-p.gravity]]), sigma)
     Sw = skew(w)
     r_sigma = rot.d_rotate(v)
     v_sigma = rot.d_rotate(g, inverse=True)  # g (3, 1) broadcasts
@@ -191,4 +191,4 @@ def control_jacobians(p: QuadParams, like: Array) -> tuple[Array, Array]:
         [p.km * p.act_scale, -p.km * p.act_scale, p.km * p.act_scale, -p.km * p.act_scale],
     ])
     w_u = np.asarray(p.inertia_inv) @ tau_u
-    return _const(("v_u", p), v_u[:, :, None], like), _const(("w_u", p), w_u[:, :, None], like)
+    return cached_constant(("v_u", p), v_u[:, :, None], like), cached_constant(("w_u", p), w_u[:, :, None], like)
