@@ -1,21 +1,25 @@
-"""Benchmark of imitation training on Pendulum (shipped dataset); prints markdown tables.
+"""Benchmark of imitation training per env and variant at the CPU scale of Table 1; prints markdown tables.
 
-1. Training steps/s of :meth:`ImitationTrainer.train_step` per variant at a small CPU scale (hidden 64, batch 64,
-   streaming L = 2: one cold and two warm-started layer calls per window), median over ``--trials`` chunks of
-   ``--steps`` steps (validation and checkpoints excluded).
+1. Training steps/s of :meth:`ImitationTrainer.train_step` per env and variant with the CPU-scale sizes of
+   ``deqmpc-gym reproduce table1 --scale cpu`` (hidden 64; batch 64 for Pendulum / Cartpole, 32 for the
+   quadrotors; streaming L = 2: one cold and two warm-started layer calls per window), median over ``--trials``
+   chunks of ``--steps`` steps (validation and checkpoints excluded). Pendulum uses the shipped dataset, the other
+   envs a small dataset collected from their shipped experts (``--trajectories``).
 2. Time-share profile of the same steps, with wall-clock timers wrapped (in this script only) around
    ``WindowSampler.sample`` (data), the network's ``forward`` (network fwd, incl. DEQ fixed-point solves),
    ``deqmpc_gym.policies.layer.solve`` (MPC solver fwd), the solver's implicit-gradient ``backward``
    (solver bwd), ``loss.backward`` minus solver bwd (network bwd + autograd glue), the optimizer step with
    gradient clipping, and the rest (loss arithmetic, state shifting, Python overhead).
 
-Usage: ``python benchmarks/training.py [--threads 1] [--steps 10] [--trials 3] [--hidden 64] [--batch 64]``.
+Writes ``benchmarks/results/training.json``.
+Usage: ``python benchmarks/training.py [--threads 1] [--steps 5] [--trials 3] [--envs Pendulum Cartpole ...]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 import time
@@ -27,16 +31,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 import numpy as np
 import torch
 
-import deqmpc_gym
+import deqmpc_gym  # noqa: F401  (registers the env ids)
 import deqmpc_gym.policies.layer as layer_mod
-from deqmpc_gym.data import ExpertDataset
+from deqmpc_gym.data import ExpertDataset, shipped_dataset
+from deqmpc_gym.experiments.reproduce import SCALES
+from deqmpc_gym.experts import collect_dataset, load_expert
+from deqmpc_gym.io import atomic_write_text
 from deqmpc_gym.mpc import solver as solver_mod
 from deqmpc_gym.policies import DEQMPCPolicy
 from deqmpc_gym.training import ImitationTrainer, TrainConfig, WindowSampler
 
-PEND = "DEQMPC/Pendulum-v0"
 VARIANTS = ("diff-mpc-nn", "diff-mpc-deq", "deq-mpc-nn", "deq-mpc-deq")
-DATASET = Path(deqmpc_gym.__file__).parent / "datasets" / "Pendulum-v0-300.npz"
+ENVS = ("Pendulum", "Cartpole", "Quadrotor", "QPole", "QPoleObs")
+RESULTS = Path(__file__).resolve().parent / "results" / "training.json"
 
 TIMES: dict[str, float] = defaultdict(float)
 ENABLED = [False]
@@ -63,9 +70,16 @@ def install_timers() -> None:
     torch.Tensor.backward = timed("backward (total)", torch.Tensor.backward)
 
 
-def make_trainer(variant: str, ds: ExpertDataset, hidden: int, batch: int, out: str) -> ImitationTrainer:
+def dataset(short: str, trajectories: int) -> ExpertDataset:
+    env_id = f"DEQMPC/{short}-v0"
+    if short == "Pendulum":
+        return ExpertDataset.load(shipped_dataset(env_id), env_id=env_id)
+    return collect_dataset(load_expert(env_id), env_id, trajectories, seed=0)
+
+
+def make_trainer(env_id: str, variant: str, ds: ExpertDataset, hidden: int, batch: int, out: str) -> ImitationTrainer:
     torch.manual_seed(0)
-    policy = DEQMPCPolicy.from_env(PEND, variant, hidden=hidden)
+    policy = DEQMPCPolicy.from_env(env_id, variant, hidden=hidden)
     cfg = TrainConfig(steps=10**6, batch_size=batch, val_batches=1, seed=0)
     trainer = ImitationTrainer(policy, ds, cfg, out, progress=False)
     net = policy.layer.net
@@ -78,53 +92,66 @@ def make_trainer(variant: str, ds: ExpertDataset, hidden: int, batch: int, out: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--trials", type=int, default=3)
-    ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--envs", nargs="+", default=list(ENVS), choices=ENVS)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--trajectories", type=int, default=20, help="dataset size of the envs other than Pendulum")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     install_timers()
     torch.nn.utils.clip_grad_norm_ = timed("optimizer", torch.nn.utils.clip_grad_norm_)  # looked up per call
-    ds = ExpertDataset.load(DATASET, env_id=PEND)
+    scale = SCALES["cpu"]
     import tempfile
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in VARIANTS:
-            trainer = make_trainer(variant, ds, args.hidden, args.batch, os.path.join(tmp, variant))
-            trainer.train_step()  # warm-up
-            rates, total = [], 0.0
-            TIMES.clear()
-            ENABLED[0] = True
-            for _ in range(args.trials):
-                t = time.perf_counter()
-                for _ in range(args.steps):
-                    trainer.train_step()
-                dt = time.perf_counter() - t
-                total += dt
-                rates.append(args.steps / dt)
-            ENABLED[0] = False
-            shares = dict(TIMES)
-            shares["network bwd"] = shares.pop("backward (total)", 0.0) - shares.get("solver bwd", 0.0)
-            shares["other"] = total - sum(shares.values())
-            rows.append((variant, float(np.median(rates)), {k: v / total for k, v in shares.items()}))
-            print(f"  {variant}: {rows[-1][1]:.2f} steps/s", file=sys.stderr, flush=True)
-    print(f"Imitation training on {PEND} (shipped dataset), hidden {args.hidden}, batch {args.batch}, streaming L = 2, "
-          f"{args.threads} torch thread(s); median of {args.trials} x {args.steps} steps")
+        for short in args.envs:
+            env_id = f"DEQMPC/{short}-v0"
+            ds = dataset(short, args.trajectories)
+            hidden, batch = scale.hidden[short], scale.batch_size[short]
+            for variant in args.variants:
+                trainer = make_trainer(env_id, variant, ds, hidden, batch, os.path.join(tmp, short + variant))
+                trainer.train_step()  # warm-up
+                rates, total = [], 0.0
+                TIMES.clear()
+                ENABLED[0] = True
+                for _ in range(args.trials):
+                    t = time.perf_counter()
+                    for _ in range(args.steps):
+                        trainer.train_step()
+                    dt = time.perf_counter() - t
+                    total += dt
+                    rates.append(args.steps / dt)
+                ENABLED[0] = False
+                shares = dict(TIMES)
+                shares["network bwd"] = shares.pop("backward (total)", 0.0) - shares.get("solver bwd", 0.0)
+                shares["other"] = total - sum(shares.values())
+                rows.append({"env": short, "variant": variant, "hidden": hidden, "batch": batch,
+                             "steps_per_s": float(np.median(rates)),
+                             "share": {k: v / total for k, v in shares.items()}})
+                print(f"  {short} {variant}: {rows[-1]['steps_per_s']:.2f} steps/s", file=sys.stderr, flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(RESULTS, json.dumps({"threads": args.threads, "torch": torch.__version__,
+                                           "steps": args.steps, "trials": args.trials, "rows": rows}, indent=2))
+    print(f"Imitation training at the CPU scale of Table 1 (streaming L = 2), {args.threads} torch thread(s); "
+          f"median of {args.trials} x {args.steps} steps")
     print()
-    print("| variant | steps/s | ms/step | windows/s |")
-    print("|---|---|---|---|")
-    for v, rate, _ in rows:
-        print(f"| {v} | {rate:.2f} | {1e3 / rate:.0f} | {rate * args.batch:.0f} |")
+    print("| env | variant | hidden | batch | steps/s | ms/step | windows/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        rate = r["steps_per_s"]
+        print(f"| {r['env']} | {r['variant']} | {r['hidden']} | {r['batch']} | {rate:.2f} | {1e3 / rate:.0f} | "
+              f"{rate * r['batch']:.0f} |")
     cols = ["data", "network fwd", "solver fwd", "network bwd", "solver bwd", "optimizer", "other"]
     print()
     print("Time share per training step (manual timers around the library calls):")
     print()
-    print("| variant | " + " | ".join(cols) + " |")
-    print("|---|" + "---|" * len(cols))
-    for v, _, sh in rows:
-        print(f"| {v} | " + " | ".join(f"{100 * sh.get(c, 0.0):.1f}%" for c in cols) + " |")
+    print("| env | variant | " + " | ".join(cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for r in rows:
+        print(f"| {r['env']} | {r['variant']} | " + " | ".join(f"{100 * r['share'].get(c, 0.0):.1f}%" for c in cols)
+              + " |")
 
 
 if __name__ == "__main__":
