@@ -5,7 +5,9 @@ One AL iteration (per sample ``b``, merit ``M`` as in :mod:`deqmpc_gym.mpc.probl
 1. up to ``newton_steps`` Gauss-Newton steps ``dz = -H^{-1} grad M`` with ``H = W + rho J_eq^T J_eq +
    rho J_act^T J_act``, a per-sample backtracking line search (``alpha = 1`` for all samples, halving only for
    samples without strict merit decrease; a sample whose search fails keeps its iterate) and a per-sample
-   exit test (finished samples are no longer updated);
+   exit test (finished samples are no longer updated): a small step, a contraction estimate predicting a small
+   next step, or -- with ``exit_residual > 0``, the reference implementation's test used by streaming calls -- a
+   constraint residual below that value;
 2. dual update ``lam_eq <- lam_eq + rho d``, ``lam_in <- max(lam_in + rho g, 0)``;
 3. ``rho <- rho_growth * rho``.
 
