@@ -17,6 +17,7 @@ from deqmpc_gym.experts import (
     DEFAULT_NUM_TRAJECTORIES,
     Expert,
     ExpertConfig,
+    FinetunePhase,
     collect_dataset,
     default_dataset_path,
     default_expert_config,
@@ -128,7 +129,13 @@ def test_expert_config_validation() -> None:
     with pytest.raises(ConfigError, match="unknown ExpertConfig keys"):
         default_expert_config(PEND, total_step=5)
     cfg = default_expert_config("DEQMPC/QPole-v0", seed=3)
-    assert cfg.net_arch == (256, 256) and cfg.seed == 3 and cfg.total_steps == 10_000_000
+    assert cfg.net_arch == (256, 256) and cfg.seed == 3 and cfg.total_steps == 13_000_000
+    assert cfg.finetune is not None and cfg.finetune.start_step == 10_000_000
+    assert ExpertConfig(PEND, finetune={"start_step": 5, "goal_bonus_width": 2.0}).finetune == FinetunePhase(5, None, 2.0)
+    with pytest.raises(ConfigError, match="goal_bonus_width"):
+        FinetunePhase(5, goal_bonus_width=0.0)
+    with pytest.raises(ConfigError, match="unknown FinetunePhase keys"):
+        ExpertConfig(PEND, finetune={"start": 5})
     with pytest.raises(ConfigError, match="goal_bonus"):
         ExpertConfig(PEND, goal_bonus=-1.0)
     with pytest.raises(ConfigError, match="goal_bonus"):
@@ -270,3 +277,38 @@ def test_tiny_ppo_training_is_resumable(tmp_path: Path) -> None:
     # the checkpoint of another config is refused
     with pytest.raises(CheckpointError):
         train_expert(_tiny_config(learning_rate=1e-2), out, progress=False, max_slices=1)
+
+
+def test_finetune_phase_switches_settings_and_resumes(tmp_path: Path) -> None:
+    """A fine-tune phase starts at its step (bonus, learning rate, exploration, frozen normalisation), may be
+    added to a checkpoint that has not reached it, and is re-applied (without a second log-std reset) on resume."""
+    out = tmp_path / "expert"
+    assert train_expert(_tiny_config(total_steps=768), out, progress=False, max_slices=1) is None  # 256 steps
+    phase = FinetunePhase(start_step=512, goal_bonus=2.0, goal_bonus_width=0.5, learning_rate=1e-2, log_std=-3.0,
+                          freeze_normalization=True)
+    cfg = _tiny_config(total_steps=768, finetune=phase)
+    assert train_expert(cfg, out, progress=False, max_slices=1) is None  # 512: the phase starts next slice
+    progress = json.loads((out / "checkpoint" / "progress.json").read_text())
+    assert progress["steps_done"] == 512 and not progress.get("finetune_started")
+    import deqmpc_gym.experts.ppo as ppo_mod
+
+    seen = []
+    orig = ppo_mod._start_finetune
+
+    def spy(model, venv, ph, *, reset_log_std):
+        orig(model, venv, ph, reset_log_std=reset_log_std)
+        seen.append((model.lr_schedule(1.0), venv.training, venv.venv.bonus, venv.venv.width,
+                     float(model.policy.log_std.detach().mean()), reset_log_std))
+
+    ppo_mod._start_finetune = spy
+    try:
+        card = train_expert(cfg, out, progress=False)
+    finally:
+        ppo_mod._start_finetune = orig
+    assert card is not None and card["train_steps"] == 768 and card["config"]["finetune"]["start_step"] == 512
+    assert seen == [(1e-2, False, 2.0, 0.5, -3.0, True)]
+    assert json.loads((out / "checkpoint" / "progress.json").read_text())["finetune_started"]
+    # once started, the phase can no longer change
+    with pytest.raises(CheckpointError):
+        train_expert(_tiny_config(total_steps=1024, finetune={**phase.__dict__, "learning_rate": 1e-3}), out,
+                     progress=False, max_slices=1)

@@ -10,6 +10,7 @@ from deqmpc_gym.experts.ppo import (
     EXPERT_DEFAULTS,
     Expert,
     ExpertConfig,
+    FinetunePhase,
     RandomPolicy,
     default_expert_config,
     load_expert,
@@ -19,4 +20,4 @@ from deqmpc_gym.experts.ppo import (
 
 __all__ = ["DEFAULT_NUM_TRAJECTORIES", "collect_dataset", "default_dataset_path", "load_or_collect_dataset",
            "EXPERT_DEFAULTS", "Expert",
-           "ExpertConfig", "RandomPolicy", "default_expert_config", "load_expert", "pretrained_dir", "train_expert"]
+           "ExpertConfig", "FinetunePhase", "RandomPolicy", "default_expert_config", "load_expert", "pretrained_dir", "train_expert"]
