@@ -342,10 +342,12 @@ def train_expert(config: ExpertConfig, out_dir: str | Path, *, resume: bool = Tr
         fixed = budget_keys + ("finetune",)
         same = {k: v for k, v in saved.items() if k not in fixed} == \
             {k: v for k, v in cfg_dict.items() if k not in fixed}
-        # a fine-tune phase may be added or changed as long as neither version of it has started
+        # a fine-tune phase may be added or changed as long as it has not started and an uninterrupted run would
+        # not have started it before this checkpoint (it starts at the first checkpoint at or after start_step)
         starts = [f["start_step"] for f in (saved.get("finetune"), cfg_dict.get("finetune")) if f]
         same = same and (saved.get("finetune") == cfg_dict.get("finetune")
-                         or (not state.get("finetune_started") and state["steps_done"] < min(starts)))
+                         or (not state.get("finetune_started")
+                             and state["steps_done"] - config.slice_steps < min(starts)))
         state["config"] = cfg_dict
         if not same:
             raise CheckpointError(f"{paths.progress} was written for another ExpertConfig; use another --out "
