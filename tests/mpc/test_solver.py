@@ -71,10 +71,11 @@ def _check_ipopt(name, T, B, seed=0):
     assert torch.all(x[:, 0] == torch.as_tensor(make_batch(system, B, T, seed)[0]))
     rel = (info.cost - c_ipopt).abs() / c_ipopt.abs().clamp_min(1e-8)
     match = conv & ((rel <= 1e-4) | (info.cost < c_ipopt))  # a lower cost = a better local optimum
-    frac = float(match[ok_ipopt].float().mean())
+    n_match, n_ok = int(match[ok_ipopt].sum()), int(ok_ipopt.sum())
+    frac = n_match / n_ok  # exact: 190 / 200 must pass the 95 % bar (a float32 mean rounds it below)
     print(f"{name} T={T} B={B}: IPOPT solved {int(ok_ipopt.sum())}; of those {int((~conv[ok_ipopt]).sum())} not "
           f"converged, {int((conv & ~match)[ok_ipopt].sum())} converged to another local optimum; match {frac:.3f}")
-    assert frac >= 0.95, f"{name} T={T}: only {frac:.3f} match IPOPT (rel {rel[~match].tolist()[:5]})"
+    assert n_match >= 0.95 * n_ok, f"{name} T={T}: only {frac:.3f} match IPOPT (rel {rel[~match].tolist()[:5]})"
     return info, ok_ipopt, match
 
 
