@@ -388,8 +388,8 @@ def _start_finetune(model: Any, venv: Any, phase: FinetunePhase, *, reset_log_st
     except ImportError:  # pragma: no cover - older SB3
         from stable_baselines3.common.utils import constant_fn as constant
 
-    if phase.goal_bonus is not None or phase.goal_bonus_width is not None:
-        wrapper = venv.venv  # the GoalBonus wrapper (see _make_venv)
+    wrapper = venv.venv  # the GoalBonus wrapper when a bonus is configured (see _make_venv)
+    if (phase.goal_bonus is not None or phase.goal_bonus_width is not None) and hasattr(wrapper, "set_bonus"):
         wrapper.set_bonus(wrapper.bonus if phase.goal_bonus is None else phase.goal_bonus,
                           wrapper.width if phase.goal_bonus_width is None else phase.goal_bonus_width)
     if phase.learning_rate is not None:
