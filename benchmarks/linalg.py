@@ -11,26 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))  # run from a checkout
 
 import torch
 
+from _timing import median_time  # noqa: E402  (benchmarks/ is on sys.path as the script's dir)
 from deqmpc_gym.mpc import MPCConfig, MPCProblem, linalg
 from deqmpc_gym.systems import Cartpole, Pendulum, QPole, Quadrotor
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
 
 
 def main() -> None:
@@ -50,8 +39,8 @@ def main() -> None:
                 D = A @ A.transpose(-1, -2) + 10 * n * torch.eye(n, dtype=torch.float64)
                 L = torch.randn(B, T - 1, n, n, dtype=torch.float64, generator=gen)
                 g = torch.randn(B, T, n, dtype=torch.float64, generator=gen)
-                td = median_ms(lambda: linalg.solve(linalg.factor(D, L, "dense"), g), args.reps)
-                tb = median_ms(lambda: linalg.solve(linalg.factor(D, L, "banded"), g), args.reps)
+                td = 1e3 * median_time(lambda: linalg.solve(linalg.factor(D, L, "dense"), g), args.reps)
+                tb = 1e3 * median_time(lambda: linalg.solve(linalg.factor(D, L, "banded"), g), args.reps)
                 print(f"| {system.name} | {n} | {T} | {B} | {B * (T * n) ** 3:.1e} | {td:.3f} | {tb:.3f} | "
                       f"{td / tb:.2f} | {problem.linear_solver_kind(B)} |", flush=True)
 

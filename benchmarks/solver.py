@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "mpc"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from _timing import median_time  # noqa: E402
 from deqmpc_gym.io import atomic_write_text  # noqa: E402
 from deqmpc_gym.mpc import MPCConfig, MPCProblem, solve  # noqa: E402
 from deqmpc_gym.policies import PolicyConfig  # noqa: E402
@@ -53,16 +54,6 @@ def make_batch(system, B, T, seed=0, noise=0.1):
     for t in range(T - 1):
         xs.append(system.step(xs[-1], u[:, t]))
     return x0, torch.stack(xs, 1) + noise * torch.tensor(rng.standard_normal((B, T, system.nx)))
-
-
-def timeit(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def mpc_pytorch_solver(system, x0, theta, lqr_iter=20):
@@ -108,7 +99,7 @@ def bench_system(system, B, reps, do_mpc_pytorch=True):
     def cold():
         out["cold"] = solve(pb, x0, th0, iters=12, stop_when_converged=True)
 
-    res["ours_cold_s"] = timeit(cold, reps)
+    res["ours_cold_s"] = median_time(cold, reps)
     x, u, st, info = out["cold"]
     res["ours_cold_cost_median"] = float(info.cost.median())
     res["ours_cold_defect_max"] = float(info.primal_residual.max())
@@ -120,7 +111,7 @@ def bench_system(system, B, reps, do_mpc_pytorch=True):
     def cold_hi():
         out["cold_hi"] = solve(pb_hi, x0, th0, iters=12, stop_when_converged=True)
 
-    res["ours_cold_rho_hi_s"] = timeit(cold_hi, reps)
+    res["ours_cold_rho_hi_s"] = median_time(cold_hi, reps)
     res["ours_cold_rho_hi_cost_median"] = float(out["cold_hi"][3].cost.median())
     res["ours_cold_rho_hi_defect_max"] = float(out["cold_hi"][3].primal_residual.max())
     res["ours_cold_rho_hi_converged_frac"] = float(out["cold_hi"][3].converged.float().mean())
@@ -130,7 +121,7 @@ def bench_system(system, B, reps, do_mpc_pytorch=True):
     def warm_call():
         out["warm"] = solve(pb, x1, th1, state=warm, iters=2)
 
-    res["ours_warm_m2_s"] = timeit(warm_call, reps)
+    res["ours_warm_m2_s"] = median_time(warm_call, reps)
     res["ours_warm_defect_median"] = float(out["warm"][3].primal_residual.median())
     # the call DEQMPCPolicy.act() makes each control step: penalty restarted by the streaming rule, samples stop
     # after the AL iteration at rho_max, Newton loops exit at the reference's constraint residual (1e-3)
@@ -140,7 +131,7 @@ def bench_system(system, B, reps, do_mpc_pytorch=True):
         out["stream"] = solve(pb, x1, th1, state=warm_s, iters=2, stop_at_rho_max=True,
                               exit_residual=PolicyConfig().stream_exit_residual)
 
-    res["ours_stream_m2_s"] = timeit(stream_call, reps)
+    res["ours_stream_m2_s"] = median_time(stream_call, reps)
     res["ours_stream_defect_median"] = float(out["stream"][3].primal_residual.median())
     # backward / forward (implicit) of the warm call
     thg = th1.clone().requires_grad_()
@@ -152,7 +143,7 @@ def bench_system(system, B, reps, do_mpc_pytorch=True):
         x, u = out["g"][0], out["g"][1]
         torch.autograd.grad(x.sum() + u.sum(), thg)
 
-    tf = timeit(fwd, reps)
+    tf = median_time(fwd, reps)
     tbs = []
     for _ in range(reps + 1):
         fwd()
@@ -165,15 +156,15 @@ def bench_system(system, B, reps, do_mpc_pytorch=True):
     # T = 50 vs T = 5 (iters = 2)
     x0l, thl = make_batch(system, B, 50)
     pbl = MPCProblem(system, MPCConfig(horizon=50))
-    t50 = timeit(lambda: solve(pbl, x0l, thl, iters=2), reps)
-    t5 = timeit(lambda: solve(pb, x0, th0, iters=2), reps)
+    t50 = median_time(lambda: solve(pbl, x0l, thl, iters=2), reps)
+    t5 = median_time(lambda: solve(pb, x0, th0, iters=2), reps)
     res["ours_T5_iters2_s"], res["ours_T50_iters2_s"] = t5, t50
     res["T50_over_T5"] = t50 / t5
     if do_mpc_pytorch:
         run = mpc_pytorch_solver(system, x0, th0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res["mpc_pytorch_cold_s"] = timeit(lambda: out.__setitem__("mp", run()), reps)
+            res["mpc_pytorch_cold_s"] = median_time(lambda: out.__setitem__("mp", run()), reps)
         xm, um = out["mp"]
         res["mpc_pytorch_cost_median"] = float(pb.cost(xm.detach(), um.detach(), th0).median())
         res["mpc_pytorch_defect_max"] = float(pb.defects(xm.detach(), um.detach()).abs().amax((1, 2)).max())
@@ -192,7 +183,7 @@ def bench_ipopt(system, reps):
     x0, theta = make_batch(system, 1, 5)
     f = ref.casadi_dynamics(system)
     Q, R = np.diag(system.Q_diag), np.diag(system.R_diag)
-    return timeit(lambda: ref.ipopt_solve(system, f, x0[0].numpy(), theta[0].numpy(), Q, R,
+    return median_time(lambda: ref.ipopt_solve(system, f, x0[0].numpy(), theta[0].numpy(), Q, R,
                                          np.asarray(system.u_low), np.asarray(system.u_high)), reps)
 
 
