@@ -301,7 +301,8 @@ _BATCHED_TRIAL_KNOTS = 2048
 
 
 def _first_trial_steps(problem: MPCProblem, sub: _Batch, x: torch.Tensor, u: torch.Tensor, dx: torch.Tensor,
-                       du: torch.Tensor, m0: torch.Tensor):
+                       du: torch.Tensor, m0: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
     """Evaluate the merit at ``alpha = 1, 1/2, ..., 2^-(K-1)`` (``K`` trials in one call) and pick per sample
     the largest alpha with a strict decrease. Returns ``(alpha (B,), ok (B,), K, d, g)``; a sample without a
     decrease keeps the smallest tried alpha (the caller continues halving from there). ``d (B,T-1,nx)`` and
@@ -393,12 +394,12 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, s
             dn = torch.where(ok[:, None, None], dn, lin.d.detach())
             gn = torch.where(ok[:, None, None], gn, lin.g.detach())
             # Contraction estimate (as for simplified Newton in implicit ODE solvers): a full step after a
-            # contraction theta = |dz_k| / |dz_{k-1}| < 1 leaves about theta / (1 - theta) |dz_k| to go; when
+            # contraction rate r = |dz_k| / |dz_{k-1}| < 1 leaves about r / (1 - r) |dz_k| to go; when
             # that is below the step test's tolerance the next (confirming) step is skipped.
             prev = prev_step if all_active else prev_step[idx]
-            theta = step_norm / prev
-            small = small | ((alpha == 1.0) & torch.isfinite(prev) & (theta < 1.0)
-                             & (theta / (1.0 - theta) * step_norm <= tol_s))
+            rate = step_norm / prev
+            small = small | ((alpha == 1.0) & torch.isfinite(prev) & (rate < 1.0)
+                             & (rate / (1.0 - rate) * step_norm <= tol_s))
             if exit_residual > 0.0:  # the reference implementation's test: constraint residual small enough
                 res = torch.sqrt((dn * dn).sum((1, 2)) + (gn.clamp_min(0.0) ** 2).sum((1, 2)))
                 small = small | (ok & (res <= exit_residual))
