@@ -158,6 +158,13 @@ class _SameConv1d(nn.Conv1d):
     Same parameters and state-dict keys as ``nn.Conv1d``; ``x: (B, c_in, L) -> (B, c_out, L)``.
     """
 
+    def __init__(self, c_in: int, c_out: int, kernel: int, **kwargs) -> None:
+        super().__init__(c_in, c_out, kernel, **kwargs)
+        if kernel % 2 == 0 or self.padding != (kernel // 2,) or self.stride != (1,) or self.dilation != (1,) \
+                or self.groups != 1:
+            raise ConfigError("_SameConv1d needs an odd kernel with padding kernel // 2, stride 1, dilation 1 and "
+                              f"groups 1, got kernel={kernel} {kwargs}")
+
     def forward(self, x: Tensor) -> Tensor:
         b, c_in, length = x.shape
         if b * length >= _MATMUL_CONV_MAX_POSITIONS:
