@@ -32,6 +32,8 @@ def _add_expert(sub: Any) -> None:
                    help="training-only reward bonus near the goal (default: per-env; see ExpertConfig)")
     t.add_argument("--goal-bonus-width", type=float, default=None,
                    help="width of the goal bonus in success tolerances (default: per-env)")
+    t.add_argument("--collision-penalty", type=float, default=None,
+                   help="training-only reward penalty on a step that ends in a collision (default: per-env)")
     t.add_argument("--out", default=None, help="output dir (default: runs/experts/<env>)")
     t.add_argument("--slices", type=int, default=None, help="stop after this many checkpoint slices")
     t.add_argument("--no-resume", action="store_true")
@@ -107,7 +109,7 @@ def _expert(args: argparse.Namespace) -> int:
             overrides["total_steps"] = args.steps
         if args.n_envs:
             overrides["n_envs"] = args.n_envs
-        for key in ("goal_bonus", "goal_bonus_width"):
+        for key in ("goal_bonus", "goal_bonus_width", "collision_penalty"):
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
         cfg = default_expert_config(args.env, **overrides)

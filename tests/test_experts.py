@@ -148,9 +148,9 @@ def test_goal_bonus_shapes_only_the_training_reward() -> None:
     from stable_baselines3.common.vec_env import VecEnvWrapper
 
     from deqmpc_gym.envs import make_sb3_vec_env
-    from deqmpc_gym.experts.ppo import _make_venv, with_goal_bonus
+    from deqmpc_gym.experts.ppo import _make_venv, with_reward_shaping
 
-    plain, shaped = make_sb3_vec_env(PEND, 4, seed=0), with_goal_bonus(make_sb3_vec_env(PEND, 4, seed=0), 2.0, 3.0)
+    plain, shaped = make_sb3_vec_env(PEND, 4, seed=0), with_reward_shaping(make_sb3_vec_env(PEND, 4, seed=0), 2.0, 3.0)
     plain.reset(), shaped.reset()
     system = plain.env.system
     goal, tol = np.asarray(system.goal), np.asarray(system.success_tolerance)
@@ -166,6 +166,53 @@ def test_goal_bonus_shapes_only_the_training_reward() -> None:
     assert cfg.goal_bonus > 0
     assert isinstance(_make_venv(cfg, 0, training=True).venv, VecEnvWrapper)
     assert not isinstance(_make_venv(cfg, 0, training=False).venv, VecEnvWrapper)
+
+
+def test_collision_penalty_applies_on_cost_ending_steps_only() -> None:
+    """``reward - collision_penalty`` on a done step whose ``info["cost"]`` is 1; other steps unchanged."""
+    import gymnasium as gym
+    from stable_baselines3.common.vec_env import VecEnv
+
+    from deqmpc_gym.experts.ppo import with_reward_shaping
+    from deqmpc_gym.systems import Pendulum
+
+    class Scripted(VecEnv):  # two sub-envs: 0 ends with a collision on the 2nd step, 1 never ends
+        def __init__(self) -> None:
+            box = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+            super().__init__(2, box, gym.spaces.Box(-1.0, 1.0, (1,), np.float32))
+            self.env = type("E", (), {"system": Pendulum()})()
+            self.t = 0
+
+        def reset(self):
+            return np.zeros((2, 2), np.float32)
+
+        def step_async(self, actions):
+            pass
+
+        def step_wait(self):
+            self.t += 1
+            done = np.array([self.t == 2, False])
+            infos = [{"cost": float(self.t == 2)}, {"cost": 0.0}]
+            if done[0]:
+                infos[0]["terminal_observation"] = np.zeros(2, np.float32)
+            return np.zeros((2, 2), np.float32), np.full(2, 0.5, np.float32), done, infos
+
+        def close(self): pass
+        def get_attr(self, *a, **k): return [None, None]
+        def set_attr(self, *a, **k): pass
+        def env_method(self, *a, **k): return [None, None]
+        def env_is_wrapped(self, *a, **k): return [False, False]
+
+    shaped = with_reward_shaping(Scripted(), 0.0, 1.0, collision_penalty=7.0)
+    shaped.reset()
+    r1 = shaped.step(np.zeros((2, 1), np.float32))[1]
+    r2 = shaped.step(np.zeros((2, 1), np.float32))[1]
+    np.testing.assert_allclose(r1, [0.5, 0.5])
+    np.testing.assert_allclose(r2, [0.5 - 7.0, 0.5])
+    with pytest.raises(ConfigError, match="collision_penalty"):
+        ExpertConfig(PEND, collision_penalty=-1.0)
+    with pytest.raises(ConfigError, match="collision_penalty"):
+        FinetunePhase(5, collision_penalty=-1.0)
 
 
 # ---------------------------------------------------------------------------------------------- collection

@@ -81,11 +81,13 @@ class Linearization:
 
     Attributes: ``merit (B,)``, ``cost (B,)``, ``grad (B,T,n)`` pinned merit gradient, ``D (B,T,n,n)`` and
     ``L (B,T-1,n,n)`` pinned Hessian blocks, ``d (B,T-1,nx)`` defects, ``g (B,T,mi)`` inequality residuals,
-    ``act (B,T,mi)`` active mask, ``A (B,T-1,nx,nx)``, ``Bu (B,T-1,nx,nu)``, ``G (B,T,mi,n)``,
+    ``act (B,T,mi)`` active mask, ``fx (B,T-1,nx)`` the discrete map of knots ``0..T-2``, ``A (B,T-1,nx,nx)``,
+    ``Bu (B,T-1,nx,nu)``, ``G (B,T,mi,n)``,
     ``D0x (B,n,nx)`` / ``L0x (B,n,nx)``: unpinned couplings of ``x_0`` with knot 0 / knot 1 (for ``d/dx0``).
     """
 
-    __slots__ = ("merit", "cost", "grad", "D", "L", "d", "g", "act", "A", "Bu", "G", "D0x", "L0x", "cgrad", "rho", "mu_max", "s")
+    __slots__ = ("merit", "cost", "grad", "D", "L", "d", "g", "act", "fx", "A", "Bu", "G", "D0x", "L0x", "cgrad", "rho",
+                 "mu_max", "s")
 
 
 class MPCProblem:
@@ -153,6 +155,14 @@ class MPCProblem:
             return cfg.linear_solver
         size = self.T * self.n
         return "dense" if batch * size ** 3 <= cfg.dense_max_work or (batch == 1 and size <= 400) else "banded"
+
+    def trial_dynamics(self, batch: int) -> bool:
+        """Whether the solver's line search evaluates the dynamics' Jacobians with the full-step trial (reused as
+        the next linearisation when the step is accepted). Not when the Jacobians of ``batch`` problems leave the
+        system's numpy fast path that its step keeps: one Jacobian evaluation then costs several merit
+        evaluations (the rigid bodies at ``batch (T - 1) > numpy_jacobian_max_batch``)."""
+        s = self.system
+        return not (s.numpy_fast_path and batch * (self.T - 1) > s.numpy_jacobian_max_batch)
 
     # ------------------------------------------------------------------ constants
     @property
@@ -282,14 +292,19 @@ class MPCProblem:
         return torch.maximum(d.abs().amax((1, 2)), g.clamp_min(0).amax((1, 2)))
 
     # ------------------------------------------------------------------ Gauss-Newton model
-    def linearize(self, x, u, theta, lam_eq, lam_in, rho, obs_idx) -> Linearization:
-        """Merit, pinned gradient and pinned Gauss-Newton Hessian blocks at ``(x (B,T,nx), u (B,T,nu))``."""
+    def dynamics(self, x: torch.Tensor, u: torch.Tensor):
+        """``(f (B,T-1,nx), A (B,T-1,nx,nx), Bu (B,T-1,nx,nu))``: the discrete map of knots ``0..T-2`` and its
+        Jacobians at ``(x (B,T,nx), u (B,T,nu))``."""
+        b, t, nx, nu = x.shape[0], self.T, self.nx, self.nu
+        fx, A, Bu = self.system.step_and_jacobians(x[:, :-1].reshape(-1, nx), u[:, :-1].reshape(-1, nu))
+        return fx.reshape(b, t - 1, nx), A.reshape(b, t - 1, nx, nx), Bu.reshape(b, t - 1, nx, nu)
+
+    def linearize(self, x, u, theta, lam_eq, lam_in, rho, obs_idx, dyn=None) -> Linearization:
+        """Merit, pinned gradient and pinned Gauss-Newton Hessian blocks at ``(x (B,T,nx), u (B,T,nu))``;
+        ``dyn``: :meth:`dynamics` at the same point if already known (e.g. from a line-search trial)."""
         c = self.consts(x)
         b, t, nx, nu, n = x.shape[0], self.T, self.nx, self.nu, self.n
-        fx, A, Bu = self.system.step_and_jacobians(x[:, :-1].reshape(-1, nx), u[:, :-1].reshape(-1, nu))
-        fx = fx.reshape(b, t - 1, nx)
-        A = A.reshape(b, t - 1, nx, nx)
-        Bu = Bu.reshape(b, t - 1, nx, nu)
+        fx, A, Bu = self.dynamics(x, u) if dyn is None else dyn
         d = x[:, 1:] - fx
         g, G = self.ineq(x, u, obs_idx, jac=True)
         r = rho[:, None, None]
@@ -323,7 +338,7 @@ class MPCProblem:
         lin.cgrad = cgrad * pin
         lin.D = D * (pin[:, :, None] * pin[:, None, :]) + torch.diag_embed(1.0 - pin)
         lin.L = L * pin[:-1, None, :]
-        lin.d, lin.g, lin.act, lin.A, lin.Bu, lin.G = d, g, act, A, Bu, G
+        lin.d, lin.g, lin.act, lin.fx, lin.A, lin.Bu, lin.G = d, g, act, fx, A, Bu, G
         lin.rho = rho
         lin.s = s
         lin.mu_max = torch.maximum(mu.abs().amax((1, 2)), mu_in.abs().amax((1, 2)))

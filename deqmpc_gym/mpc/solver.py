@@ -39,6 +39,15 @@ from deqmpc_gym.mpc.problem import Linearization, MPCProblem
 _REG_GROWTH = 1e3
 
 
+def _finite_rows(t: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` bool: every entry of sample ``b`` of ``t (B, ...)`` is finite. A finite per-sample sum proves it
+    (one reduction instead of an elementwise test); only if some sum is not finite are the entries tested."""
+    ok = torch.isfinite(t.reshape(t.shape[0], -1).sum(1))
+    if bool(ok.all()):
+        return ok
+    return torch.isfinite(t).reshape(t.shape[0], -1).all(1)
+
+
 # ====================================================================== state / info
 @dataclass
 class SolverState:
@@ -261,9 +270,9 @@ def _newton_direction(problem: MPCProblem, lin: Linearization, kind: str):
         ge = lin.grad[ri] + (Ge.transpose(-1, -2) @ lin.s[ri][..., None])[..., 0] * pin
         F2 = linalg.factor(De, lin.L[ri], kind)
         dz2 = -linalg.solve(F2, ge)
-        ok2 = F2.ok & torch.isfinite(dz2).reshape(dz2.shape[0], -1).all(1)
+        ok2 = F2.ok & _finite_rows(dz2)
         dz = dz.index_copy(0, ri, torch.where(ok2[:, None, None], dz2, dz[ri]))
-    good = F.ok & torch.isfinite(dz).reshape(dz.shape[0], -1).all(1)
+    good = F.ok & _finite_rows(dz)
     dz = torch.where(good[:, None, None], dz, torch.zeros_like(dz))
     return dz, F, fallback | ~good
 
@@ -329,12 +338,68 @@ def _first_trial_steps(problem: MPCProblem, sub: _Batch, x: torch.Tensor, u: tor
     return al[first], ok, k, dk[pick], gk[pick]
 
 
+def _line_search(problem: MPCProblem, sub: _Batch, x: torch.Tensor, u: torch.Tensor, dx: torch.Tensor,
+                 du: torch.Tensor, m0: torch.Tensor, with_dynamics: bool):
+    """Backtracking on the merit from ``(x, u)`` along ``(dx, du)``: per sample the largest of ``alpha = 1, 1/2,
+    ..., 2^-line_search_steps`` with a strict decrease below ``m0``, else ``alpha = 0``.
+
+    With ``with_dynamics`` the full step is tried first together with the dynamics' Jacobians, which become the
+    next linearisation when it is accepted (the usual case near a solution): one Jacobian evaluation per Newton
+    step instead of a Jacobian plus a merit evaluation.
+
+    Returns ``(alpha (B,), ok (B,), d (B,T-1,nx), g (B,T,mi), dyn)``: ``d``/``g`` at the accepted point (at
+    ``alpha = 0``: unset, the caller keeps the linearisation's) and ``dyn``: :meth:`MPCProblem.dynamics` at the
+    full step (or None), valid for the samples with ``alpha == 1``.
+    """
+    cfg = problem.config
+    dyn = None
+    if with_dynamics:
+        x1, u1 = x + dx, u + du
+        dyn = problem.dynamics(x1, u1)
+        d = x1[:, 1:] - dyn[0]
+        g, _ = problem.ineq(x1, u1, sub.obs, jac=False)
+        m1 = problem._merit_from(problem.cost(x1, u1, sub.theta), d, g, sub.lam_eq, sub.lam_in, sub.rho)
+        ok = (m1 < m0) & torch.isfinite(m1)
+        alpha = torch.ones_like(m0)
+        tried = 1
+        if cfg.line_search_steps > 0 and not bool(ok.all()):
+            ri = (~ok).nonzero()[:, 0]
+            a2, ok2, tried2, d2, g2 = _first_trial_steps(problem, sub.take(ri), x[ri], u[ri], 0.5 * dx[ri],
+                                                         0.5 * du[ri], m0[ri])
+            alpha[ri], ok[ri], d[ri], g[ri] = 0.5 * a2, ok2, d2, g2
+            tried += tried2
+    else:
+        alpha, ok, tried, d, g = _first_trial_steps(problem, sub, x, u, dx, du, m0)
+    for _ in range(cfg.line_search_steps - tried + 1):
+        pend = ~ok
+        if not bool(pend.any()):
+            break
+        pi = pend.nonzero()[:, 0]
+        alpha[pi] *= 0.5
+        a = alpha[pi][:, None, None]
+        sp = sub.take(pi)
+        mp, dp, gp = problem.merit_parts(x[pi] + a * dx[pi], u[pi] + a * du[pi], sp.theta, sp.lam_eq, sp.lam_in,
+                                         sp.rho, sp.obs)
+        ok[pi] = (mp < m0[pi]) & torch.isfinite(mp)
+        d[pi], g[pi] = dp, gp
+    return torch.where(ok, alpha, torch.zeros_like(alpha)), ok, d, g, dyn
+
+
+def _merge_dynamics(keep_new: torch.Tensor, new, old):
+    """Per sample ``new`` where ``keep_new (B,)`` else ``old`` (tuples of :meth:`MPCProblem.dynamics` arrays)."""
+    if bool(keep_new.all()):
+        return new
+    return tuple(torch.where(keep_new.reshape(-1, *([1] * (a.dim() - 1))), a, b) for a, b in zip(new, old))
+
+
 def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, stats: dict,
-                 exit_residual: float = 0.0):
+                 exit_residual: float = 0.0, dyn=None):
     """Gauss-Newton minimisation of the merit of the AL subproblem for the samples of ``bt``.
 
-    Returns updated ``(x, u)``, per-sample ``(steps, exited_by_step_test, dual_residual, fallback, nonfinite)``
-    and ``(d, g)``: the defects and inequality residuals at the returned ``(x, u)`` (no autograd graph).
+    ``dyn``: :meth:`MPCProblem.dynamics` at ``(bt.x, bt.u)`` if known (reused, not re-evaluated). Returns updated
+    ``(x, u)``, per-sample ``(steps, exited_by_step_test, dual_residual, fallback, nonfinite)``, ``(d, g)``: the
+    defects and inequality residuals at the returned ``(x, u)`` (no autograd graph), and the dynamics there
+    (or None; never with ``track_grad``).
     """
     cfg = problem.config
     b = bt.x.shape[0]
@@ -348,19 +413,25 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, s
     nf = torch.zeros(b, dtype=torch.bool, device=dev)
     prev_step = torch.full((b,), float("inf"), dtype=x.dtype, device=dev)  # ||alpha dz||_inf of the last step
     d_cur = g_cur = None  # defects / inequality residuals at (x, u) once every sample has taken a step
+    # an accepted full step's dynamics become the next linearisation
+    reuse = not track_grad and problem.trial_dynamics(b)
+    dyn_cur = dyn if reuse else None  # dynamics at (x, u), valid where dyn_ok
+    dyn_ok = torch.ones(b, dtype=torch.bool, device=dev)
     nx = problem.nx
     for _ in range(cfg.newton_steps):
         all_active = bool(active.all())
         if all_active:
             idx = None
             sub, xs, us = bt, x, u
+            dyn_s = dyn_cur if dyn_cur is not None and bool(dyn_ok.all()) else None
         else:
             idx = active.nonzero()[:, 0]
             if idx.numel() == 0:
                 break
             sub = bt.take(idx)
             xs, us = x[idx], u[idx]
-        lin = problem.linearize(xs, us, sub.theta, sub.lam_eq, sub.lam_in, sub.rho, sub.obs)
+            dyn_s = tuple(a[idx] for a in dyn_cur) if dyn_cur is not None and bool(dyn_ok[idx].all()) else None
+        lin = problem.linearize(xs, us, sub.theta, sub.lam_eq, sub.lam_in, sub.rho, sub.obs, dyn=dyn_s)
         dz, _, fbs = _newton_direction(problem, lin, kind)
         with torch.no_grad():
             gmax = lin.grad.detach().abs().amax((1, 2))
@@ -376,20 +447,11 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, s
             # line search: alpha = 1 for all, halve only the failing samples
             dzd = dz.detach()
             dx, du = dzd[..., :nx], dzd[..., nx:]
-            alpha, ok, tried, dn, gn = _first_trial_steps(problem, sub, xs.detach(), us.detach(), dx, du, m0)
-            for _ in range(cfg.line_search_steps - tried + 1):
-                pend = ~ok
-                if not bool(pend.any()):
-                    break
-                pi = pend.nonzero()[:, 0]
-                alpha[pi] *= 0.5
-                a = alpha[pi][:, None, None]
-                sp = sub.take(pi)
-                mp, dp, gp = problem.merit_parts(xs.detach()[pi] + a * dx[pi], us.detach()[pi] + a * du[pi],
-                                                 sp.theta, sp.lam_eq, sp.lam_in, sp.rho, sp.obs)
-                ok[pi] = (mp < m0[pi]) & torch.isfinite(mp)
-                dn[pi], gn[pi] = dp, gp
-            alpha = torch.where(ok, alpha, torch.zeros_like(alpha))
+            alpha, ok, dn, gn, dyn1 = _line_search(problem, sub, xs.detach(), us.detach(), dx, du, m0, reuse)
+            if reuse:  # dynamics at the new iterate: the full step's, or the linearisation's where alpha = 0
+                full = alpha == 1.0
+                dyn_n = _merge_dynamics(full, dyn1, (lin.fx, lin.A, lin.Bu))
+                dyn_nok = full | (alpha == 0.0)
             # defects / inequality residuals at the new iterate (a failed search keeps the linearisation point)
             dn = torch.where(ok[:, None, None], dn, lin.d.detach())
             gn = torch.where(ok[:, None, None], gn, lin.g.detach())
@@ -405,7 +467,7 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, s
                 small = small | (ok & (res <= exit_residual))
             # a zero step that is "small" still counts as converged (already at the minimiser)
             done = small | ~ok
-            nfs = ~finite0 | ~torch.isfinite(dzd).reshape(dzd.shape[0], -1).all(1)
+            nfs = ~finite0 | ~_finite_rows(dzd)
         a = alpha[:, None, None]
         xn = xs + a * dz[..., :nx]
         un = us + a * dz[..., nx:]
@@ -419,6 +481,8 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, s
             active = ~done
             prev_step = alpha * step_norm
             d_cur, g_cur = dn, gn
+            if reuse:
+                dyn_cur, dyn_ok = dyn_n, dyn_nok
         else:
             x = x.index_copy(0, idx, xn)
             u = u.index_copy(0, idx, un)
@@ -430,7 +494,11 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, s
             active = active.index_copy(0, idx, ~done)
             prev_step = prev_step.index_copy(0, idx, alpha * step_norm)
             d_cur, g_cur = d_cur.index_copy(0, idx, dn), g_cur.index_copy(0, idx, gn)
-    return x, u, steps, small_exit, dres, fb, nf, (d_cur, g_cur)
+            if reuse:
+                dyn_cur = tuple(a.index_copy(0, idx, an) for a, an in zip(dyn_cur, dyn_n))
+                dyn_ok = dyn_ok.index_copy(0, idx, dyn_nok)
+    dyn_out = dyn_cur if dyn_cur is not None and bool(dyn_ok.all()) else None
+    return x, u, steps, small_exit, dres, fb, nf, (d_cur, g_cur), dyn_out
 
 
 def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: int, stop_at_rho_max: bool,
@@ -456,6 +524,8 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     d_all = g_all = None  # residuals at the current iterate, valid where `seen` (saves re-evaluating f at the end)
     seen = torch.zeros(b, dtype=torch.bool, device=dev)
+    dyn_all = None  # problem.dynamics at the current iterate (from the last line search), valid where dyn_ok
+    dyn_ok = torch.zeros(b, dtype=torch.bool, device=dev)
     for _ in range(iters):
         run = rho <= cfg.rho_max if stop_at_rho_max else torch.ones(b, dtype=torch.bool, device=dev)
         run = run & ~done
@@ -466,10 +536,23 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
             x, u = x.detach(), u.detach()
         if all_run:
             bt = _Batch(x, u, theta, lam_eq, lam_in, rho, obs)
+            dyn_in = dyn_all if dyn_all is not None and bool(dyn_ok.all()) else None
         else:
             ridx = run.nonzero()[:, 0]
             bt = _Batch(x, u, theta, lam_eq, lam_in, rho, obs).take(ridx)
-        xr, ur, st, se, dr, f1, n1, (d, g) = _newton_loop(problem, bt, kind, track_grad, stats, exit_residual)
+            dyn_in = tuple(a[ridx] for a in dyn_all) if dyn_all is not None and bool(dyn_ok[ridx].all()) else None
+        xr, ur, st, se, dr, f1, n1, (d, g), dyn_r = _newton_loop(problem, bt, kind, track_grad, stats, exit_residual,
+                                                                 dyn_in)
+        if dyn_r is not None:
+            if all_run or dyn_all is None:
+                dyn_all = dyn_r if all_run else tuple(a.new_zeros(b, *a.shape[1:]).index_copy(0, ridx, a)
+                                                      for a in dyn_r)
+                dyn_ok = torch.ones_like(dyn_ok) if all_run else torch.zeros_like(dyn_ok).index_fill(0, ridx, True)
+            else:
+                dyn_all = tuple(a.index_copy(0, ridx, ar) for a, ar in zip(dyn_all, dyn_r))
+                dyn_ok = dyn_ok.index_fill(0, ridx, True)
+        else:
+            dyn_ok = torch.zeros_like(dyn_ok) if all_run else dyn_ok.index_fill(0, ridx, False)
         # dual and penalty update at the new iterate
         if track_grad:  # the line search's residuals carry no graph: recompute them differentiably
             d = problem.defects(xr, ur)
@@ -480,7 +563,7 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
         if not track_grad:
             leq, lin_ = leq.detach(), lin_.detach()
         # guard: a non-finite update keeps the previous multipliers
-        okm = torch.isfinite(leq).reshape(leq.shape[0], -1).all(1) & torch.isfinite(lin_).reshape(leq.shape[0], -1).all(1)
+        okm = _finite_rows(leq) & _finite_rows(lin_)
         leq = torch.where(okm[:, None, None], leq, bt.lam_eq)
         lin_ = torch.where(okm[:, None, None], lin_, bt.lam_in)
         n1 = n1 | ~okm
@@ -555,7 +638,7 @@ class _ImplicitFn(torch.autograd.Function):
             F = linalg.factor(lin.D, lin.L, ctx.kind)
             rhs = torch.cat([gx, gu], -1) * problem.consts(x).pin
             v = linalg.solve(F, rhs)
-            good = F.ok & torch.isfinite(v).reshape(v.shape[0], -1).all(1) & ran
+            good = F.ok & _finite_rows(v) & ran
             v = torch.where(good[:, None, None], v, torch.zeros_like(v))
             Q = problem.consts(x).Q
             g_theta = v[..., :nx] @ Q
@@ -686,8 +769,7 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
         _check_state(problem, state, b)
         state = SolverState(state.x.detach().to(x0c), state.u.detach().to(x0c), state.lam_eq.detach().to(x0c),
                             state.lam_ineq.detach().to(x0c), state.rho.detach().to(x0c), state.obstacle_idx)
-        bad = ~(torch.isfinite(state.x).reshape(b, -1).all(1) & torch.isfinite(state.u).reshape(b, -1).all(1)
-                & torch.isfinite(state.lam).all(1) & torch.isfinite(state.rho))
+        bad = ~(_finite_rows(state.x) & _finite_rows(state.u) & _finite_rows(state.lam) & torch.isfinite(state.rho))
         if bool(bad.any()):
             state = cold.where(bad, state)
     needs_grad = torch.is_grad_enabled() and (x0.requires_grad or theta.requires_grad)

@@ -108,6 +108,10 @@ class System:
     #: largest batch whose RK4 Jacobians take the numpy path (above it torch's kernels are faster;
     #: benchmarks/jacobians.py: the quadrotors cross over near B = 700, the cart-pole near B = 1500)
     numpy_jacobian_max_batch: ClassVar[int] = 512
+    #: largest batch whose RK4 Jacobians on the numpy path are taken by the complex step (one complex RK4 step
+    #: of ``nx + nu`` perturbed copies, :func:`complex_step_jacobians_numpy`) instead of the analytic chain rule:
+    #: fewer numpy calls, so cheaper while per-call overhead dominates (a warm ``act()``); 0 disables it.
+    complex_step_max_batch: ClassVar[int] = 0
 
     # ------------------------------------------------------------------ dynamics
     def _step(self, x: Any, u: Any, ops: Any) -> Any:
@@ -176,6 +180,9 @@ class System:
         """RK4 step and Jacobians from :meth:`_deriv_and_jac` (see :func:`rk4_with_jacobians`), on numpy when
         :attr:`numpy_fast_path` allows it for these inputs."""
         if self.numpy_fast_path and x.shape[0] <= self.numpy_jacobian_max_batch and numpy_eligible(x, u):
+            if x.shape[0] <= self.complex_step_max_batch:
+                out = complex_step_jacobians_numpy(lambda a, b: self._step(a, b, NUMPY), x.numpy(), u.numpy())
+                return tuple(torch.from_numpy(a) for a in out)  # type: ignore[return-value]
             out = rk4_with_jacobians_numpy(self._deriv_and_jac, x.numpy(), u.numpy(), self.dt, n_free=n_free)
             return tuple(torch.from_numpy(a) for a in out)  # type: ignore[return-value]
         return rk4_with_jacobians(self._deriv_and_jac, x, u, self.dt, n_free=n_free)
@@ -185,7 +192,9 @@ class System:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Hook behind :meth:`step_and_jacobians` (inputs already validated); default: :func:`autodiff_jacobians`.
 
-        Override it with analytic Jacobians. ``x_next`` must equal :meth:`step` bit for bit. An RK4 system only
+        Override it with analytic Jacobians. ``x_next`` must equal :meth:`step` bit for bit (the complex-step
+        path of :meth:`_rk4_step_and_jacobians`, for batches up to :attr:`complex_step_max_batch`, equals it up to
+        one rounding). An RK4 system only
         needs :meth:`continuous_jacobians` and::
 
             def _step_and_jacobians(self, x, u):
@@ -359,6 +368,45 @@ def rk4_with_jacobians_numpy(
     A = jac[..., :nx]
     A[:, np.arange(nx), np.arange(nx)] += 1.0
     return x_next, A, jac[..., nx:]
+
+
+#: imaginary perturbation of :func:`complex_step_jacobians_numpy` (any tiny value: no cancellation error).
+COMPLEX_STEP = 1e-30
+
+
+def complex_step_jacobians_numpy(
+    step: Any, x: np.ndarray, u: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Jacobians of a real-analytic discrete map by the complex step (Squire & Trapp 1998):
+    ``df/dz_j = Im f(z + i h e_j) / h`` is exact to round-off for any tiny ``h`` (no subtraction).
+
+    All ``nx + nu`` perturbed copies of the batch go through ``step`` in one complex call, so the cost is one
+    step of ``(nx + nu) B`` rows: cheaper than the analytic chain rule while per-call overhead dominates.
+    ``step`` must use only analytic operations (``+ - * /``, ``sin``, ``cos``, ``sqrt``, ...; no ``abs``,
+    comparisons or ``where``).
+
+    Args:
+        step: ``(x (N, nx), u (N, nu)) -> (N, nx)`` on numpy arrays (complex-safe).
+        x: ``(B, nx)``, u: ``(B, nu)`` float64 arrays.
+
+    Returns:
+        ``x_next (B, nx)`` (the real part of the first copy: equal to ``step(x, u)`` up to one rounding of the
+        complex arithmetic), ``A (B, nx, nx)``, ``B (B, nx, nu)``.
+    """
+    b, nx = x.shape
+    nu = u.shape[1]
+    n = nx + nu
+    xs = np.empty((n, b, nx), dtype=np.complex128)
+    xs[:] = x
+    us = np.empty((n, b, nu), dtype=np.complex128)
+    us[:] = u
+    ix, iu = np.arange(nx), np.arange(nu)
+    xs[ix, :, ix] += 1j * COMPLEX_STEP
+    us[nx + iu, :, iu] += 1j * COMPLEX_STEP
+    y = step(xs.reshape(n * b, nx), us.reshape(n * b, nu)).reshape(n, b, nx)
+    jac = y.imag.transpose(1, 2, 0) * (1.0 / COMPLEX_STEP)  # (B, nx, n)
+    return (np.ascontiguousarray(y[0].real), np.ascontiguousarray(jac[..., :nx]),
+            np.ascontiguousarray(jac[..., nx:]))
 
 
 def autodiff_jacobians(
