@@ -8,7 +8,9 @@ Prints, per system and batch size, the median wall time [ms] of the analytic Jac
 (``system.step_and_jacobians``), of the generic reverse-mode reference (``autodiff_jacobians``) and of a plain
 ``system.step``, plus the speed-up ``autodiff / analytic``. The minimum is shown too (robust to other load).
 For systems with ``numpy_fast_path`` (float64 CPU no-grad calls run numpy), the analytic Jacobians are also
-timed with the fast path switched off (``torch path``) and the ratio ``torch / numpy`` is printed.
+timed with the fast path switched off (``torch path``) and the ratio ``torch / numpy`` is printed. For batches up
+to ``complex_step_max_batch`` (the complex-step Jacobians), the analytic chain rule on numpy is timed beside it
+(``chain/cstep``: how much the complex step saves).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.dtype}; times in ms (median / min)")
     header = (f"{'system':<10} {'B':>5} | {'analytic':>15} | {'autodiff':>15} | {'step':>15} | {'speed-up':>8} | "
-              f"{'torch path':>15} | {'torch/numpy':>11}")
+              f"{'torch path':>15} | {'torch/numpy':>11} | {'chain/cstep':>11}")
     print(header)
     print("-" * len(header))
     for name in args.systems:
@@ -69,6 +71,14 @@ def main() -> None:
                 finally:
                     type(system).numpy_fast_path = True
                 extra = f" | {tp[0]:7.3f} /{tp[1]:7.3f} | {tp[0] / an[0]:10.1f}x"
+                if nb <= system.complex_step_max_batch:
+                    limit = type(system).complex_step_max_batch
+                    type(system).complex_step_max_batch = 0
+                    try:
+                        ch = _time(lambda: system.step_and_jacobians(x, u), args.repeats)
+                    finally:
+                        type(system).complex_step_max_batch = limit
+                    extra += f" | {ch[0] / an[0]:10.1f}x"
             print(f"{name:<10} {nb:>5} | {an[0]:7.3f} /{an[1]:7.3f} | {ad[0]:7.3f} /{ad[1]:7.3f} | "
                   f"{st[0]:7.3f} /{st[1]:7.3f} | {ad[0] / an[0]:7.1f}x{extra}")
 

@@ -359,3 +359,43 @@ def test_finetune_phase_switches_settings_and_resumes(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError):
         train_expert(_tiny_config(total_steps=1024, finetune={**phase.__dict__, "learning_rate": 1e-3}), out,
                      progress=False, max_slices=1)
+
+
+def test_obstacle_features_expert_trains_exports_and_acts_on_raw_observations(tmp_path: Path) -> None:
+    """With ``obstacle_features = k`` the policy sees the observation followed by the offsets to the k nearest
+    obstacles; the exported card records them and the loaded expert computes them from raw observations."""
+    from deqmpc_gym.envs import make_sb3_vec_env
+    from deqmpc_gym.experts.ppo import obstacle_features, with_obstacle_features
+    from deqmpc_gym.systems import OBSTACLE_CENTERS
+
+    obs = np.zeros((2, 12))
+    obs[1, :3] = OBSTACLE_CENTERS[7] + 0.1
+    f = obstacle_features(obs, OBSTACLE_CENTERS, (0, 3), 2)
+    d = np.linalg.norm(OBSTACLE_CENTERS[None] - obs[:, None, :3], axis=-1)
+    assert f.shape == (2, 6)
+    np.testing.assert_allclose(np.linalg.norm(f.reshape(2, 2, 3), axis=-1), np.sort(d, axis=1)[:, :2])
+    np.testing.assert_allclose(f[1, :3], -0.1)
+
+    env_id = "DEQMPC/QuadrotorObs-v0"
+    venv = with_obstacle_features(make_sb3_vec_env(env_id, 2, seed=0), 3)
+    o = venv.reset()
+    assert o.shape == (2, 21) and venv.observation_space.shape == (21,)
+    np.testing.assert_allclose(o[:, 12:], obstacle_features(o[:, :12], OBSTACLE_CENTERS, (0, 3), 3), rtol=1e-6)
+    with pytest.raises(ConfigError, match="obstacle_features"):
+        with_obstacle_features(make_sb3_vec_env(PEND, 2, seed=0), 3)
+    with pytest.raises(ConfigError, match="obstacle_features"):
+        ExpertConfig(env_id, obstacle_features=-1)
+
+    cfg = ExpertConfig(env_id, total_steps=256, n_envs=8, n_steps=32, batch_size=64, n_epochs=1, slice_steps=256,
+                       eval_episodes=2, net_arch=(8, 8), obstacle_features=3)
+    card = train_expert(cfg, tmp_path / "obs", progress=False)
+    assert card["obs_dim"] == 21 and card["obstacle_features"]["k"] == 3
+    expert = load_expert(tmp_path / "obs")
+    assert expert.obs_dim == 12
+    raw = np.random.default_rng(0).normal(size=(3, 12))
+    a, _ = expert.predict(raw)
+    a1, _ = expert.predict(raw[0])
+    assert a.shape == (3, 4) and np.all(np.abs(a) <= 1.0)
+    np.testing.assert_allclose(a1, a[0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ShapeError, match=r"\(12,\)"):
+        expert.predict(np.zeros((3, 21)))

@@ -91,6 +91,11 @@ class ExpertConfig:
         collision_penalty: training-only shaping: PPO sees ``reward - collision_penalty`` on a step that ends its
             episode with ``info["cost"] == 1`` (an obstacle collision or a state-envelope exit). Termination alone
             only forfeits the remaining reward, which is small while the vehicle is still far from the goal.
+        obstacle_features: ``k``; for the obstacle variants, the policy's input is the observation followed by the
+            offsets ``(3 k)`` [m] from the vehicle's position to the ``k`` nearest obstacle centres (nearest first;
+            :func:`obstacle_features`). The env observes only the state, so without them the policy must learn
+            where 40 fixed spheres are from the state alone. 0: the observation only. The loaded
+            :class:`Expert` computes them itself (its ``predict`` still takes raw observations).
         finetune: an optional :class:`FinetunePhase` (a dict is converted); it may be added to or changed in a
             checkpoint whose training has not reached its ``start_step`` yet.
     """
@@ -114,6 +119,7 @@ class ExpertConfig:
     goal_bonus: float = 0.0
     goal_bonus_width: float = 1.0
     collision_penalty: float = 0.0
+    obstacle_features: int = 0
     finetune: FinetunePhase | None = None
 
     def __post_init__(self) -> None:
@@ -126,6 +132,8 @@ class ExpertConfig:
                               f"got {self.goal_bonus}, {self.goal_bonus_width} and {self.collision_penalty}")
         require_at_least_one(self, ("total_steps", "n_envs", "n_steps", "batch_size", "n_epochs", "slice_steps",
                                     "eval_episodes"))
+        if not (isinstance(self.obstacle_features, int) and self.obstacle_features >= 0):
+            raise ConfigError(f"ExpertConfig.obstacle_features must be an int >= 0, got {self.obstacle_features!r}")
         object.__setattr__(self, "net_arch", tuple(int(h) for h in self.net_arch))
 
 
@@ -141,17 +149,13 @@ EXPERT_DEFAULTS: dict[str, dict[str, Any]] = {
                         "goal_bonus_width": 3.0,
                         "finetune": FinetunePhase(start_step=10_000_000, goal_bonus=2.0, goal_bonus_width=1.0,
                                                   learning_rate=1e-3, log_std=-2.0, freeze_normalization=True)},
-    # Obstacle variants: the same kind of phase, with a collision penalty (termination alone forfeits little reward
-    # far from the goal; without it 6 % / 11 % of the episodes ended in a collision).
-    "DEQMPC/QuadrotorObs-v0": {"total_steps": 12_000_000,
-                               "finetune": FinetunePhase(start_step=9_000_000, goal_bonus=2.0, goal_bonus_width=1.0,
-                                                         learning_rate=1e-3, log_std=-2.0, freeze_normalization=True,
-                                                         collision_penalty=25.0)},
+    # Obstacle variants: the policy also sees the offsets to the 3 nearest obstacles (the observation is the state
+    # only; without them 6 % / 11 % of the episodes ended in a collision).
+    "DEQMPC/QuadrotorObs-v0": {"total_steps": 6_000_000, "obstacle_features": 3},
     "DEQMPC/QPoleObs-v0": {"total_steps": 14_500_000, "net_arch": (256, 256), "goal_bonus": 1.0,
-                           "goal_bonus_width": 3.0,
+                           "goal_bonus_width": 3.0, "obstacle_features": 3,
                            "finetune": FinetunePhase(start_step=10_000_000, goal_bonus=2.0, goal_bonus_width=1.0,
-                                                     learning_rate=1e-3, log_std=-2.0, freeze_normalization=True,
-                                                     collision_penalty=25.0)},
+                                                     learning_rate=1e-3, log_std=-2.0, freeze_normalization=True)},
 }
 
 
@@ -163,6 +167,35 @@ def default_expert_config(env_id: str, **overrides: Any) -> ExpertConfig:
 def pretrained_dir(env_id: str) -> Path:
     """Directory of the shipped expert of ``env_id`` (e.g. ``.../pretrained/QPole-v0``)."""
     return PRETRAINED_DIR / env_id.split("/")[-1]
+
+
+# ---------------------------------------------------------------------------------------------- features
+def obstacle_features(obs: np.ndarray, centers: np.ndarray, position_slice: tuple[int, int], k: int) -> np.ndarray:
+    """Offsets ``(n, 3 k)`` [m] from the position ``obs[:, a:b]`` to the ``k`` nearest of ``centers (K, 3)``,
+    nearest first (``obs: (n, obs_dim)``; ``k <= K``)."""
+    a, b = position_slice
+    diff = np.asarray(centers, dtype=np.float64)[None] - np.asarray(obs, dtype=np.float64)[:, None, a:b]
+    nearest = np.argsort((diff * diff).sum(-1), axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(diff, nearest[..., None], axis=1).reshape(obs.shape[0], 3 * k)
+
+
+def _feature_spec(env: Any, k: int) -> dict[str, Any] | None:
+    """The card entry describing the policy's obstacle features on ``env`` (a batched env), or None for ``k = 0``."""
+    if k == 0:
+        return None
+    centers = np.asarray(env.obstacle_centers, dtype=np.float64)
+    if centers.shape[0] < k or env.system.position_slice is None:
+        raise ConfigError(f"obstacle_features = {k} needs an env with at least {k} obstacles (e.g. "
+                          f"DEQMPC/QuadrotorObs-v0); this one has {centers.shape[0]}")
+    return {"k": int(k), "position_slice": list(env.system.position_slice), "centers": centers.tolist()}
+
+
+def _with_features(obs: np.ndarray, spec: dict[str, Any] | None) -> np.ndarray:
+    """``obs (n, obs_dim)`` followed by the obstacle features of ``spec`` (unchanged without a spec)."""
+    if spec is None:
+        return obs
+    feats = obstacle_features(obs, np.asarray(spec["centers"]), tuple(spec["position_slice"]), int(spec["k"]))
+    return np.concatenate([obs, feats.astype(obs.dtype, copy=False)], axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -183,6 +216,9 @@ class Expert:
         self._var = np.asarray(norm["var"], dtype=np.float64)
         self._clip = float(norm["clip_obs"])
         self._eps = float(norm["epsilon"])
+        self._features: dict[str, Any] | None = card.get("obstacle_features")
+        #: dimension of the raw observations ``predict`` takes
+        self.obs_dim: int = self._mean.shape[0] - (3 * int(self._features["k"]) if self._features else 0)
 
     def normalize(self, obs: np.ndarray) -> np.ndarray:
         """``clip((obs - mean) / sqrt(var + eps), -clip_obs, clip_obs)`` as float32."""
@@ -192,10 +228,11 @@ class Expert:
                 deterministic: bool = True) -> tuple[np.ndarray, Any]:
         """SB3 ``PolicyPredictor``: raw ``(n, obs_dim)`` or ``(obs_dim,)`` observations -> normalized actions."""
         obs = np.asarray(observation, dtype=np.float64)
-        if obs.shape[-1] != self._mean.shape[0] or obs.ndim not in (1, 2):
-            raise ShapeError(f"observation must have shape ({self._mean.shape[0]},) or (n, {self._mean.shape[0]}), "
-                             f"got {obs.shape}")
-        actions, _ = self.policy.predict(self.normalize(obs), deterministic=deterministic)
+        if obs.shape[-1] != self.obs_dim or obs.ndim not in (1, 2):
+            raise ShapeError(f"observation must have shape ({self.obs_dim},) or (n, {self.obs_dim}), got {obs.shape}")
+        single = obs.ndim == 1
+        inputs = _with_features(obs[None] if single else obs, self._features)
+        actions, _ = self.policy.predict(self.normalize(inputs[0] if single else inputs), deterministic=deterministic)
         return np.clip(actions, -1.0, 1.0).astype(np.float32), state
 
 
@@ -299,12 +336,40 @@ def with_reward_shaping(venv: Any, bonus: float, width: float, collision_penalty
     return wrapped
 
 
+def with_obstacle_features(venv: Any, k: int) -> Any:
+    """Wrap an :class:`~deqmpc_gym.envs.SB3VecEnvAdapter` of an obstacle env so that observations (and terminal
+    observations) are followed by :func:`obstacle_features` of its ``k`` nearest obstacles."""
+    import gymnasium as gym
+    from stable_baselines3.common.vec_env import VecEnvWrapper
+
+    spec = _feature_spec(venv.env, k)
+    space = venv.observation_space
+    low = np.concatenate([space.low, np.full(3 * k, -np.inf, dtype=space.dtype)])
+    high = np.concatenate([space.high, np.full(3 * k, np.inf, dtype=space.dtype)])
+
+    class ObstacleFeatures(VecEnvWrapper):
+        def reset(self) -> np.ndarray:
+            return _with_features(self.venv.reset(), spec)
+
+        def step_wait(self) -> Any:
+            obs, rewards, dones, infos = self.venv.step_wait()
+            for i in np.flatnonzero(dones).tolist():
+                infos[i]["terminal_observation"] = _with_features(infos[i]["terminal_observation"][None], spec)[0]
+            return _with_features(obs, spec), rewards, dones, infos
+
+    wrapped = ObstacleFeatures(venv, observation_space=gym.spaces.Box(low, high, dtype=space.dtype))
+    wrapped.feature_spec = spec
+    return wrapped
+
+
 def _make_venv(config: ExpertConfig, seed: int, training: bool) -> Any:
     from stable_baselines3.common.vec_env import VecNormalize
 
     from deqmpc_gym.envs import make_sb3_vec_env
 
     venv = make_sb3_vec_env(config.env_id, config.n_envs, seed=seed)
+    if config.obstacle_features:
+        venv = with_obstacle_features(venv, config.obstacle_features)
     phase = config.finetune
     if training and (config.goal_bonus > 0.0 or config.collision_penalty > 0.0
                      or (phase is not None and (phase.goal_bonus or phase.collision_penalty))):
@@ -436,6 +501,7 @@ def export_expert(model: Any, venv: Any, config: ExpertConfig, out_dir: Path, st
         "net_arch": list(config.net_arch), "log_std_init": config.log_std_init,
         "obs_norm": {"mean": rms.mean.tolist(), "var": rms.var.tolist(), "clip_obs": float(venv.clip_obs),
                      "epsilon": float(venv.epsilon)},
+        "obstacle_features": _feature_spec(venv.unwrapped.env, config.obstacle_features),
         "config": json.loads(json.dumps(dataclasses.asdict(config))),
         "command": f"deqmpc-gym expert train --env {config.env_id} --seed {config.seed} --steps {config.total_steps}",
     }

@@ -74,6 +74,9 @@ class _Consts:
     G_box: torch.Tensor  # (2nu, n)
     pin: torch.Tensor  # (T, n) 0 on the x_0 entries, 1 elsewhere
     eye_n: torch.Tensor
+    pin2: torch.Tensor  # (T, n, n) pin_i pin_j: pins the Hessian blocks
+    unpin_diag: torch.Tensor  # (T, n, n) diag(1 - pin): unit diagonal on the pinned x_0 entries
+    eye_x: torch.Tensor  # (n, n) identity on the state block, 0 on the control block
 
 
 class Linearization:
@@ -184,9 +187,12 @@ class MPCProblem:
             G_box[self.nu:, self.nx:] = -eye_u
             pin = torch.ones(self.T, self.n, **kw)
             pin[0, : self.nx] = 0.0
+            eye_x = torch.zeros(self.n, self.n, **kw)
+            eye_x[: self.nx, : self.nx] = torch.eye(self.nx, **kw)
             c = _Consts(Q, R, W, torch.as_tensor(self._u_low, **kw), torch.as_tensor(self._u_high, **kw),
                         None if self._centers is None else torch.as_tensor(self._centers, **kw), G_box, pin,
-                        torch.eye(self.n, **kw))
+                        torch.eye(self.n, **kw), pin[:, :, None] * pin[:, None, :], torch.diag_embed(1.0 - pin),
+                        eye_x)
             self._cache[key] = c
         return c
 
@@ -317,26 +323,28 @@ class MPCProblem:
         act = s > 0
         mu_in = s.clamp_min(0.0)
         AB = torch.cat([A, Bu], -1)  # (B,T-1,nx,n)
+        ABt = AB.transpose(-1, -2)
         cgrad = torch.cat([(x - theta) @ c.Q, u @ c.R], -1)
-        zero_knot = x.new_zeros(b, 1, n)
-        gdyn = torch.cat([-(AB.transpose(-1, -2) @ mu[..., None])[..., 0], zero_knot], 1)
-        gdyn = gdyn + torch.cat([zero_knot, torch.cat([mu, x.new_zeros(b, t - 1, nu)], -1)], 1)
+        # dynamics part of the gradient: -[A B]^T mu_t on knot t, +mu_t on the state of knot t+1
+        gdyn = x.new_zeros(b, t, n)
+        gdyn[:, :-1] = -(ABt @ mu[..., None])[..., 0]
+        gdyn[:, 1:, :nx] += mu
         grad = cgrad + gdyn + (G.transpose(-1, -2) @ mu_in[..., None])[..., 0]
         Ga = G * act[..., None].to(G.dtype)
         r4 = rho[:, None, None, None]
-        zero_blk = x.new_zeros(b, 1, n, n)
-        Iy = torch.zeros(n, n, dtype=x.dtype, device=x.device)
-        Iy[:nx, :nx] = torch.eye(nx, dtype=x.dtype, device=x.device)
-        D = c.W + r4 * (Ga.transpose(-1, -2) @ Ga)
-        D = D + r4 * torch.cat([AB.transpose(-1, -2) @ AB, zero_blk], 1)
-        D = D + r4 * torch.cat([zero_blk, Iy.expand(b, t - 1, n, n)], 1)
-        L = -r4 * torch.cat([AB, x.new_zeros(b, t - 1, nu, n)], -2)  # H[t+1, t]
+        # penalty curvature: active inequalities, [A B]^T [A B] on knot t and the state identity on knot t+1
+        curv = Ga.transpose(-1, -2) @ Ga
+        curv[:, :-1] += ABt @ AB
+        curv[:, 1:] += c.eye_x
+        D = c.W + r4 * curv
+        L = x.new_zeros(b, t - 1, n, n)  # H[t+1, t]
+        L[:, :, :nx] = -r4 * AB
         lin.D0x = D[:, 0, :, :nx]
         lin.L0x = L[:, 0, :, :nx]
         pin = c.pin
         lin.grad = grad * pin
         lin.cgrad = cgrad * pin
-        lin.D = D * (pin[:, :, None] * pin[:, None, :]) + torch.diag_embed(1.0 - pin)
+        lin.D = D * c.pin2 + c.unpin_diag
         lin.L = L * pin[:-1, None, :]
         lin.d, lin.g, lin.act, lin.fx, lin.A, lin.Bu, lin.G = d, g, act, fx, A, Bu, G
         lin.rho = rho

@@ -41,6 +41,24 @@ def quat_rotate(q: Quat, r: Vec3) -> Vec3:
     return tuple(a * r[i] + b * qv[i] + 2.0 * qs * c[i] for i in range(3))  # type: ignore[return-value]
 
 
+def quat_matrix(q: Quat) -> tuple[Vec3, Vec3, Vec3]:
+    """Rows of ``R(q) = (q_s^2 - q_v.q_v) I + 2 q_v q_v^T + 2 q_s [q_v]_x`` (the map of :func:`quat_rotate`): one
+    matrix serves several rotations by the same quaternion with fewer operations."""
+    qs, qx, qy, qz = q
+    xx, yy, zz = qx * qx, qy * qy, qz * qz
+    xy, xz, yz = qx * qy, qx * qz, qy * qz
+    sx, sy, sz = qs * qx, qs * qy, qs * qz
+    a = qs * qs - (xx + yy + zz)
+    return ((a + 2.0 * xx, 2.0 * (xy - sz), 2.0 * (xz + sy)),
+            (2.0 * (xy + sz), a + 2.0 * yy, 2.0 * (yz - sx)),
+            (2.0 * (xz - sy), 2.0 * (yz + sx), a + 2.0 * zz))
+
+
+def matvec(m: tuple[Vec3, Vec3, Vec3], r: Vec3) -> Vec3:
+    """``m r`` for a 3x3 matrix given by its rows (components may be arrays or floats)."""
+    return tuple(m[i][0] * r[0] + m[i][1] * r[1] + m[i][2] * r[2] for i in range(3))  # type: ignore[return-value]
+
+
 def quat_rotate_inv(q: Quat, r: Vec3) -> Vec3:
     """``R(q)^T r`` (rotation by the conjugate quaternion)."""
     return quat_rotate((q[0], -q[1], -q[2], -q[3]), r)
