@@ -261,17 +261,22 @@ def _newton_direction(problem: MPCProblem, lin: Linearization, kind: str):
         if not bool(redo.any()):
             break
         extra_all = extra_all | new_rows
-        ri = redo.nonzero()[:, 0]
-        ex = extra_all[ri][..., None].to(lin.G.dtype)
-        Ge = lin.G[ri] * ex
-        pin = problem.consts(lin.D).pin
-        De = lin.D[ri] + lin.rho[ri][:, None, None, None] * (Ge.transpose(-1, -2) @ Ge) * pin[None, :, :, None] \
-            * pin[None, :, None, :]
-        ge = lin.grad[ri] + (Ge.transpose(-1, -2) @ lin.s[ri][..., None])[..., 0] * pin
-        F2 = linalg.factor(De, lin.L[ri], kind)
+        every = bool(redo.all())
+        ri = None if every else redo.nonzero()[:, 0]
+
+        def pick(v: torch.Tensor) -> torch.Tensor:
+            return v if every else v[ri]
+
+        c = problem.consts(lin.D)
+        Ge = pick(lin.G) * pick(extra_all)[..., None].to(lin.G.dtype)
+        Get = Ge.transpose(-1, -2)
+        De = pick(lin.D) + pick(lin.rho)[:, None, None, None] * (Get @ Ge) * c.pin2
+        ge = pick(lin.grad) + (Get @ pick(lin.s)[..., None])[..., 0] * c.pin
+        F2 = linalg.factor(De, pick(lin.L), kind)
         dz2 = -linalg.solve(F2, ge)
         ok2 = F2.ok & _finite_rows(dz2)
-        dz = dz.index_copy(0, ri, torch.where(ok2[:, None, None], dz2, dz[ri]))
+        dz2 = torch.where(ok2[:, None, None], dz2, pick(dz))
+        dz = dz2 if every else dz.index_copy(0, ri, dz2)
     good = F.ok & _finite_rows(dz)
     dz = torch.where(good[:, None, None], dz, torch.zeros_like(dz))
     return dz, F, fallback | ~good

@@ -136,7 +136,8 @@ class System:
         if self.numpy_fast_path and numpy_eligible(x, u):
             # No graph needed on a CPU tensor: numpy evaluates the same elementwise expressions with a
             # several-times smaller per-operation overhead (this dominates at the small batches of act()).
-            return torch.from_numpy(self._step(x.numpy(), u.numpy(), NUMPY))
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # torch semantics: inf/nan, no warning
+                return torch.from_numpy(self._step(x.numpy(), u.numpy(), NUMPY))
         return self._step(x, u, ops_for(x))
 
     def jacobians(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,10 +181,12 @@ class System:
         """RK4 step and Jacobians from :meth:`_deriv_and_jac` (see :func:`rk4_with_jacobians`), on numpy when
         :attr:`numpy_fast_path` allows it for these inputs."""
         if self.numpy_fast_path and x.shape[0] <= self.numpy_jacobian_max_batch and numpy_eligible(x, u):
-            if x.shape[0] <= self.complex_step_max_batch:
-                out = complex_step_jacobians_numpy(lambda a, b: self._step(a, b, NUMPY), x.numpy(), u.numpy())
-                return tuple(torch.from_numpy(a) for a in out)  # type: ignore[return-value]
-            out = rk4_with_jacobians_numpy(self._deriv_and_jac, x.numpy(), u.numpy(), self.dt, n_free=n_free)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # as torch: inf/nan, no warning
+                if x.shape[0] <= self.complex_step_max_batch:
+                    out = complex_step_jacobians_numpy(lambda a, b: self._step(a, b, NUMPY), x.numpy(), u.numpy())
+                else:
+                    out = rk4_with_jacobians_numpy(self._deriv_and_jac, x.numpy(), u.numpy(), self.dt,
+                                                   n_free=n_free)
             return tuple(torch.from_numpy(a) for a in out)  # type: ignore[return-value]
         return rk4_with_jacobians(self._deriv_and_jac, x, u, self.dt, n_free=n_free)
 

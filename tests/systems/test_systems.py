@@ -310,3 +310,18 @@ def test_cartpole_hanging_stays_at_rest():
     for _ in range(200):
         x = system.step(x, u)
     assert (x - x0).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if get_system(n).numpy_fast_path])
+def test_numpy_fast_path_overflows_to_nan_without_warnings(name):
+    """Like the torch path, an overflowing no-grad numpy step returns inf/nan silently (the solver handles it)."""
+    import warnings
+
+    system = get_system(name)
+    x = torch.full((2, system.nx), 1e200, dtype=torch.float64)
+    u = torch.zeros(2, system.nu, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = system.step(x, u)
+        _, A, _ = system.step_and_jacobians(x, u)
+    assert not bool(torch.isfinite(y).all()) and not bool(torch.isfinite(A).all())
