@@ -168,8 +168,9 @@ def test_goal_bonus_shapes_only_the_training_reward() -> None:
     assert not isinstance(_make_venv(cfg, 0, training=False).venv, VecEnvWrapper)
 
 
-def test_collision_penalty_applies_on_cost_ending_steps_only() -> None:
-    """``reward - collision_penalty`` on a done step whose ``info["cost"]`` is 1; other steps unchanged."""
+def test_collision_and_clearance_penalties() -> None:
+    """``reward - collision_penalty`` on a done step whose ``info["cost"]`` is 1 (other steps unchanged), and the
+    dense clearance penalty on every step near an obstacle."""
     import gymnasium as gym
     from stable_baselines3.common.vec_env import VecEnv
 
@@ -192,7 +193,8 @@ def test_collision_penalty_applies_on_cost_ending_steps_only() -> None:
         def step_wait(self):
             self.t += 1
             done = np.array([self.t == 2, False])
-            infos = [{"cost": float(self.t == 2)}, {"cost": 0.0}]
+            infos = [{"cost": float(self.t == 2), "min_obstacle_distance": 0.1},
+                     {"cost": 0.0, "min_obstacle_distance": 2.0}]
             if done[0]:
                 infos[0]["terminal_observation"] = np.zeros(2, np.float32)
             return np.zeros((2, 2), np.float32), np.full(2, 0.5, np.float32), done, infos
@@ -209,6 +211,12 @@ def test_collision_penalty_applies_on_cost_ending_steps_only() -> None:
     r2 = shaped.step(np.zeros((2, 1), np.float32))[1]
     np.testing.assert_allclose(r1, [0.5, 0.5])
     np.testing.assert_allclose(r2, [0.5 - 7.0, 0.5])
+    # the clearance penalty: p * clip(1 - d / margin, 0, 1) on every step (d = 0.1 m, margin 0.5 m -> 0.8 p)
+    dense = with_reward_shaping(Scripted(), 0.0, 1.0, clearance_penalty=2.0, clearance_margin=0.5)
+    dense.reset()
+    np.testing.assert_allclose(dense.step(np.zeros((2, 1), np.float32))[1], [0.5 - 1.6, 0.5], rtol=1e-6)
+    with pytest.raises(ConfigError, match="clearance"):
+        ExpertConfig(PEND, clearance_margin=0.0)
     with pytest.raises(ConfigError, match="collision_penalty"):
         ExpertConfig(PEND, collision_penalty=-1.0)
     with pytest.raises(ConfigError, match="collision_penalty"):

@@ -91,6 +91,10 @@ class ExpertConfig:
         collision_penalty: training-only shaping: PPO sees ``reward - collision_penalty`` on a step that ends its
             episode with ``info["cost"] == 1`` (an obstacle collision or a state-envelope exit). Termination alone
             only forfeits the remaining reward, which is small while the vehicle is still far from the goal.
+        clearance_penalty, clearance_margin: training-only shaping for the obstacle variants: PPO sees
+            ``reward - clearance_penalty * clip(1 - d / clearance_margin, 0, 1)`` with ``d`` the step's
+            ``info["min_obstacle_distance"]`` [m] (signed clearance to the nearest sphere): a dense signal that
+            grows from 0 at ``clearance_margin`` to ``clearance_penalty`` at contact.
         obstacle_features: ``k``; for the obstacle variants, the policy's input is the observation followed by the
             offsets ``(3 k)`` [m] from the vehicle's position to the ``k`` nearest obstacle centres (nearest first;
             :func:`obstacle_features`). The env observes only the state, so without them the policy must learn
@@ -119,6 +123,8 @@ class ExpertConfig:
     goal_bonus: float = 0.0
     goal_bonus_width: float = 1.0
     collision_penalty: float = 0.0
+    clearance_penalty: float = 0.0
+    clearance_margin: float = 0.5
     obstacle_features: int = 0
     finetune: FinetunePhase | None = None
 
@@ -132,6 +138,9 @@ class ExpertConfig:
                               f"got {self.goal_bonus}, {self.goal_bonus_width} and {self.collision_penalty}")
         require_at_least_one(self, ("total_steps", "n_envs", "n_steps", "batch_size", "n_epochs", "slice_steps",
                                     "eval_episodes"))
+        if not (self.clearance_penalty >= 0.0 and self.clearance_margin > 0.0):
+            raise ConfigError(f"ExpertConfig needs clearance_penalty >= 0 and clearance_margin > 0, got "
+                              f"{self.clearance_penalty} and {self.clearance_margin}")
         if not (isinstance(self.obstacle_features, int) and self.obstacle_features >= 0):
             raise ConfigError(f"ExpertConfig.obstacle_features must be an int >= 0, got {self.obstacle_features!r}")
         object.__setattr__(self, "net_arch", tuple(int(h) for h in self.net_arch))
@@ -296,12 +305,15 @@ class _Paths:
         return self.ckpt / "progress.json"
 
 
-def with_reward_shaping(venv: Any, bonus: float, width: float, collision_penalty: float = 0.0) -> Any:
+def with_reward_shaping(venv: Any, bonus: float, width: float, collision_penalty: float = 0.0,
+                        clearance_penalty: float = 0.0, clearance_margin: float = 0.5) -> Any:
     """Wrap an :class:`~deqmpc_gym.envs.SB3VecEnvAdapter` so that every step's reward gets
-    ``+ bonus * exp(-0.5 * sum_i ((x_i - g_i) / (width * tol_i))**2) - collision_penalty * cost`` (``x``: the
-    state the step reached -- the terminal observation for a finished sub-env --, ``g``/``tol``: the system's
-    goal and success tolerance, ``cost``: the step's ``info["cost"]``, 1 on a collision or envelope exit).
-    Training only (see :class:`ExpertConfig`)."""
+    ``+ bonus * exp(-0.5 * sum_i ((x_i - g_i) / (width * tol_i))**2) - collision_penalty * cost
+    - clearance_penalty * clip(1 - d / clearance_margin, 0, 1)`` (``x``: the state the step reached -- the
+    terminal observation for a finished sub-env --, ``g``/``tol``: the system's goal and success tolerance,
+    ``cost``: the step's ``info["cost"]`` (1 on a collision or envelope exit) on a step that ends the episode,
+    ``d``: the step's ``info["min_obstacle_distance"]``, obstacle variants only). Training only (see
+    :class:`ExpertConfig`)."""
     from stable_baselines3.common.vec_env import VecEnvWrapper
 
     system = venv.env.system
@@ -329,6 +341,9 @@ def with_reward_shaping(venv: Any, bonus: float, width: float, collision_penalty
             if self.collision_penalty:
                 for i in done_idx:
                     shaped[i] -= self.collision_penalty * float(infos[i]["cost"])
+            if clearance_penalty > 0.0 and infos and "min_obstacle_distance" in infos[0]:
+                d = np.array([info["min_obstacle_distance"] for info in infos], dtype=np.float64)
+                shaped -= clearance_penalty * np.clip(1.0 - d / clearance_margin, 0.0, 1.0)
             return obs, shaped.astype(np.float32), dones, infos
 
     wrapped = RewardShaping(venv)
@@ -371,9 +386,10 @@ def _make_venv(config: ExpertConfig, seed: int, training: bool) -> Any:
     if config.obstacle_features:
         venv = with_obstacle_features(venv, config.obstacle_features)
     phase = config.finetune
-    if training and (config.goal_bonus > 0.0 or config.collision_penalty > 0.0
+    if training and (config.goal_bonus > 0.0 or config.collision_penalty > 0.0 or config.clearance_penalty > 0.0
                      or (phase is not None and (phase.goal_bonus or phase.collision_penalty))):
-        venv = with_reward_shaping(venv, config.goal_bonus, config.goal_bonus_width, config.collision_penalty)
+        venv = with_reward_shaping(venv, config.goal_bonus, config.goal_bonus_width, config.collision_penalty,
+                                   config.clearance_penalty, config.clearance_margin)
     return VecNormalize(venv, norm_obs=True, norm_reward=training, clip_obs=10.0, gamma=config.gamma,
                         training=training)
 
