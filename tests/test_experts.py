@@ -280,6 +280,16 @@ def test_load_or_collect_dataset_caches(tmp_path) -> None:
     assert len(first) == len(again) == 3
     for a, b in zip(first.trajectories, again.trajectories):
         np.testing.assert_array_equal(a.obs, b.obs)
+    # a cache written from another version of the shipped expert is collected again, not silently reused
+    from deqmpc_gym.data import ExpertDataset
+    from deqmpc_gym.experts.ppo import pretrained_expert_id
+
+    assert first.expert_id == pretrained_expert_id(PEND) and "@" in first.expert_id
+    path = tmp_path / "Pendulum-v0-3-s0.npz"
+    ExpertDataset(PEND, first.trajectories[:1], expert_id="pretrained:DEQMPC/Pendulum-v0@old").save(path)
+    fresh = load_or_collect_dataset(PEND, 3, cache_dir=tmp_path)
+    assert len(fresh) == 3 and fresh.expert_id == first.expert_id
+    assert ExpertDataset.load(path).expert_id == first.expert_id
 
 
 def test_collect_terminating_env_lengths() -> None:

@@ -97,11 +97,12 @@ def run_name(env_id: str, variant: str, seed: int) -> str:
 def ensure_dataset(env_id: str, num_trajectories: int, cache_dir: Path) -> Path:
     """Collect (once, cached) a dataset of ``num_trajectories`` from the shipped expert of ``env_id``."""
     from deqmpc_gym.experts import collect_dataset, load_expert
+    from deqmpc_gym.experts.ppo import pretrained_expert_id
 
     path = cache_dir / f"{_short(env_id)}-{num_trajectories}.npz"
     if not path.exists():
         expert = load_expert(env_id)
-        collect_dataset(expert, env_id, num_trajectories, seed=0, expert_id=f"pretrained:{env_id}").save(path)
+        collect_dataset(expert, env_id, num_trajectories, seed=0, expert_id=pretrained_expert_id(env_id)).save(path)
     return path
 
 

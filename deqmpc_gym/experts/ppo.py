@@ -207,6 +207,19 @@ def _with_features(obs: np.ndarray, spec: dict[str, Any] | None) -> np.ndarray:
     return np.concatenate([obs, feats.astype(obs.dtype, copy=False)], axis=-1)
 
 
+def pretrained_expert_id(env_id: str) -> str:
+    """``"pretrained:<env_id>@<hash>"``: names the shipped expert of ``env_id`` and its version (the first 12 hex
+    digits of the SHA-256 of its ``actor.pt`` and ``card.json``), recorded in the datasets collected from it."""
+    import hashlib
+
+    d = pretrained_dir(env_id)
+    try:
+        digest = hashlib.sha256((d / "actor.pt").read_bytes() + (d / "card.json").read_bytes()).hexdigest()[:12]
+    except OSError as exc:
+        raise CheckpointError(f"no shipped expert for {env_id!r} at {d} ({exc})") from exc
+    return f"pretrained:{env_id}@{digest}"
+
+
 # ---------------------------------------------------------------------------------------------- loading
 class Expert:
     """A trained PPO actor with its observation normalization; ``predict`` takes raw observations.
