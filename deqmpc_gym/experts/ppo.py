@@ -158,11 +158,9 @@ EXPERT_DEFAULTS: dict[str, dict[str, Any]] = {
                         "goal_bonus_width": 3.0,
                         "finetune": FinetunePhase(start_step=10_000_000, goal_bonus=2.0, goal_bonus_width=1.0,
                                                   learning_rate=1e-3, log_std=-2.0, freeze_normalization=True)},
-    # Obstacle variants: the policy also sees the offsets to the 3 nearest obstacles (the observation is the state
-    # only; without them 6 % / 11 % of the episodes ended in a collision).
-    "DEQMPC/QuadrotorObs-v0": {"total_steps": 6_000_000, "obstacle_features": 3},
+    "DEQMPC/QuadrotorObs-v0": {"total_steps": 6_000_000},
     "DEQMPC/QPoleObs-v0": {"total_steps": 14_500_000, "net_arch": (256, 256), "goal_bonus": 1.0,
-                           "goal_bonus_width": 3.0, "obstacle_features": 3,
+                           "goal_bonus_width": 3.0,
                            "finetune": FinetunePhase(start_step=10_000_000, goal_bonus=2.0, goal_bonus_width=1.0,
                                                      learning_rate=1e-3, log_std=-2.0, freeze_normalization=True)},
 }
