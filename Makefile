@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/envs.py
 	$(PY) benchmarks/solver.py
 	$(PY) benchmarks/policy.py
+	$(PY) benchmarks/act_ablation.py
 	$(PY) benchmarks/training.py
 	$(PY) benchmarks/experts.py
 	$(PY) benchmarks/video.py
