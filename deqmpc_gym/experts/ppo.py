@@ -354,6 +354,7 @@ def with_reward_shaping(venv: Any, bonus: float, width: float, collision_penalty
                     shaped[i] -= self.collision_penalty * float(infos[i]["cost"])
             if clearance_penalty > 0.0 and infos and "min_obstacle_distance" in infos[0]:
                 d = np.array([info["min_obstacle_distance"] for info in infos], dtype=np.float64)
+                d = np.nan_to_num(d, nan=0.0)  # a non-finite state (its episode ends) counts as contact
                 shaped -= clearance_penalty * np.clip(1.0 - d / clearance_margin, 0.0, 1.0)
             return obs, shaped.astype(np.float32), dones, infos
 
@@ -383,9 +384,7 @@ def with_obstacle_features(venv: Any, k: int) -> Any:
                 infos[i]["terminal_observation"] = _with_features(infos[i]["terminal_observation"][None], spec)[0]
             return _with_features(obs, spec), rewards, dones, infos
 
-    wrapped = ObstacleFeatures(venv, observation_space=gym.spaces.Box(low, high, dtype=space.dtype))
-    wrapped.feature_spec = spec
-    return wrapped
+    return ObstacleFeatures(venv, observation_space=gym.spaces.Box(low, high, dtype=space.dtype))
 
 
 def _make_venv(config: ExpertConfig, seed: int, training: bool) -> Any:
