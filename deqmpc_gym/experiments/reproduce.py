@@ -66,15 +66,16 @@ def _per_env(small: int, quad: int) -> dict[str, int]:
 
 # "cpu": sized so that one seed of the table fits a 2-core CPU session (the quadrotor solver is ~10x more
 # expensive per step than the pendulum's, hence smaller steps there). The Quadrotor gets 3600 steps (at 600 its
-# DEQ-MPC-DEQ policy scored 0.12, at 1800 0.68: same run extended), QPole 1800 (at 600 its variants scored
-# 0.02-0.04; a QPole step costs twice a Quadrotor step) and QPoleObs 600 (its expert is the weak link).
+# DEQ-MPC-DEQ policy scored 0.12, at 1800 0.68: same run extended), QPole and QPoleObs 1800 (at 600 their variants
+# scored 0.02-0.06; a QPole step costs about twice a Quadrotor step).
 SCALES: dict[str, Scale] = {
     "paper": Scale(hidden=_PAPER_HIDDEN, steps=_per_env(20000, 20000), batch_size=_per_env(200, 200),
                    val_batches=100, val_every=100,
                    num_trajectories={"Pendulum": 300, "Cartpole": 300, "Quadrotor": 2000, "QPole": 2000,
                                      "QPoleObs": 2000},
                    eval_episodes=_per_env(200, 200), seeds={k: (0, 1, 2) for k in _ALL}),
-    "cpu": Scale(hidden={k: 64 for k in _ALL}, steps={**_per_env(1000, 600), "Quadrotor": 3600, "QPole": 1800},
+    "cpu": Scale(hidden={k: 64 for k in _ALL},
+                 steps={**_per_env(1000, 600), "Quadrotor": 3600, "QPole": 1800, "QPoleObs": 1800},
                  batch_size=_per_env(64, 32),
                  val_batches=10, val_every=100, num_trajectories={k: 300 for k in _ALL},
                  eval_episodes=_per_env(100, 50),
