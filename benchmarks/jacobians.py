@@ -16,9 +16,10 @@ to ``complex_step_max_batch`` (the complex-step Jacobians), the analytic chain r
 from __future__ import annotations
 
 import argparse
-import time
+import statistics
 
 import torch
+from _timing import call_times
 
 from deqmpc_gym.systems import SYSTEMS, get_system
 from deqmpc_gym.systems.base import autodiff_jacobians
@@ -26,15 +27,8 @@ from deqmpc_gym.systems.base import autodiff_jacobians
 
 def _time(fn, repeats: int) -> tuple[float, float]:
     """``(median, min)`` wall time of ``fn()`` in ms after two warm-up calls."""
-    fn()
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return 1e3 * ts[len(ts) // 2], 1e3 * ts[0]
+    ts = call_times(fn, repeats, warmup=2)
+    return 1e3 * statistics.median(ts), 1e3 * min(ts)
 
 
 def main() -> None:

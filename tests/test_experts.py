@@ -417,3 +417,10 @@ def test_obstacle_features_expert_trains_exports_and_acts_on_raw_observations(tm
     np.testing.assert_allclose(a1, a[0], rtol=1e-6, atol=1e-6)
     with pytest.raises(ShapeError, match=r"\(12,\)"):
         expert.predict(np.zeros((3, 21)))
+
+
+def test_expert_rejects_non_finite_observations(pendulum_expert: Expert) -> None:
+    obs = np.zeros((3, pendulum_expert.obs_dim))
+    obs[1, 0] = np.nan
+    with pytest.raises(ShapeError, match=r"non-finite values in rows \[1\]"):
+        pendulum_expert.predict(obs)

@@ -248,8 +248,12 @@ class Expert:
                 deterministic: bool = True) -> tuple[np.ndarray, Any]:
         """SB3 ``PolicyPredictor``: raw ``(n, obs_dim)`` or ``(obs_dim,)`` observations -> normalized actions."""
         obs = np.asarray(observation, dtype=np.float64)
-        if obs.shape[-1] != self.obs_dim or obs.ndim not in (1, 2):
+        if obs.ndim not in (1, 2) or obs.shape[-1] != self.obs_dim:
             raise ShapeError(f"observation must have shape ({self.obs_dim},) or (n, {self.obs_dim}), got {obs.shape}")
+        if not np.all(np.isfinite(obs)):
+            bad = np.flatnonzero(~np.all(np.isfinite(obs.reshape(-1, self.obs_dim)), axis=1)).tolist()
+            raise ShapeError(f"observation has non-finite values in rows {bad[:10]}; an expert acts on finite "
+                             "states only")
         single = obs.ndim == 1
         inputs = _with_features(obs[None] if single else obs, self._features)
         actions, _ = self.policy.predict(self.normalize(inputs[0] if single else inputs), deterministic=deterministic)
