@@ -34,6 +34,9 @@ def _add_expert(sub: Any) -> None:
                    help="width of the goal bonus in success tolerances (default: per-env)")
     t.add_argument("--collision-penalty", type=float, default=None,
                    help="training-only reward penalty on a step that ends in a collision (default: per-env)")
+    t.add_argument("--train-obstacle-radius", type=float, default=None,
+                   help="training-only obstacle radius [m] for the obstacle variants, a safety margin "
+                        "(default: per-env; evaluation uses the env's own 0.5 m)")
     t.add_argument("--out", default=None, help="output dir (default: runs/experts/<env>)")
     t.add_argument("--slices", type=int, default=None, help="stop after this many checkpoint slices")
     t.add_argument("--no-resume", action="store_true")
@@ -109,7 +112,7 @@ def _expert(args: argparse.Namespace) -> int:
             overrides["total_steps"] = args.steps
         if args.n_envs:
             overrides["n_envs"] = args.n_envs
-        for key in ("goal_bonus", "goal_bonus_width", "collision_penalty"):
+        for key in ("goal_bonus", "goal_bonus_width", "collision_penalty", "train_obstacle_radius"):
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
         cfg = default_expert_config(args.env, **overrides)

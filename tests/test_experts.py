@@ -419,6 +419,55 @@ def test_obstacle_features_expert_trains_exports_and_acts_on_raw_observations(tm
         expert.predict(np.zeros((3, 21)))
 
 
+def test_train_obstacle_radius_is_training_only_and_a_phase_can_change_it(tmp_path: Path) -> None:
+    """``train_obstacle_radius`` enlarges the spheres of PPO's training env only (evaluation keeps 0.5 m); a
+    fine-tune phase can change it mid-run (a curriculum); both are refused on envs without obstacles."""
+    from deqmpc_gym.envs import make_batched_env
+    from deqmpc_gym.experts.ppo import _make_venv
+
+    env_id = "DEQMPC/QuadrotorObs-v0"
+    cfg = ExpertConfig(env_id, total_steps=512, n_envs=8, n_steps=32, batch_size=64, n_epochs=1, slice_steps=256,
+                       eval_episodes=2, net_arch=(8, 8), train_obstacle_radius=0.7,
+                       finetune=FinetunePhase(start_step=256, obstacle_radius=0.6))
+    assert _make_venv(cfg, 0, training=True).unwrapped.env.obstacle_radius == 0.7
+    assert _make_venv(cfg, 0, training=False).unwrapped.env.obstacle_radius == 0.5
+    import deqmpc_gym.experts.ppo as ppo_mod
+
+    radii = []
+    orig = ppo_mod._start_finetune
+
+    def spy(model, venv, ph, *, reset_log_std):
+        orig(model, venv, ph, reset_log_std=reset_log_std)
+        radii.append(venv.unwrapped.env.obstacle_radius)
+
+    ppo_mod._start_finetune = spy
+    try:
+        card = train_expert(cfg, tmp_path / "r", progress=False)
+    finally:
+        ppo_mod._start_finetune = orig
+    assert radii == [0.6] and card["config"]["train_obstacle_radius"] == 0.7
+    # a larger training radius really changes collisions: a position 0.55 m from a centre collides at 0.6 m only
+    from deqmpc_gym.systems import OBSTACLE_CENTERS
+
+    env = make_batched_env(env_id, 1, seed=0)
+    x = np.zeros((1, 12))
+    x[0, :3] = OBSTACLE_CENTERS[0] + np.array([0.55, 0.0, 0.0])
+    for radius, hit in ((0.5, False), (0.6, True)):
+        env.set_obstacle_radius(radius)
+        env.reset(seed=0, options={"state": x})
+        _, _, term, _, info = env.step(np.zeros((1, 4), dtype=np.float32))
+        final = info["final_info"] if hit else info  # a collision ends the episode (same-step autoreset)
+        assert bool(term[0]) == hit and (final["min_obstacle_distance"][0] < 0) == hit
+    with pytest.raises(ConfigError, match="obstacle_radius"):
+        env.set_obstacle_radius(-1.0)
+    with pytest.raises(ConfigError, match="train_obstacle_radius"):
+        ExpertConfig(env_id, train_obstacle_radius=0.0)
+    with pytest.raises(ConfigError, match="FinetunePhase.obstacle_radius"):
+        FinetunePhase(5, obstacle_radius=float("nan"))
+    with pytest.raises(ConfigError, match="no obstacles"):
+        _make_venv(ExpertConfig(PEND, train_obstacle_radius=0.6), 0, training=True)
+
+
 def test_expert_rejects_non_finite_observations(pendulum_expert: Expert) -> None:
     obs = np.zeros((3, pendulum_expert.obs_dim))
     obs[1, 0] = np.nan

@@ -166,6 +166,12 @@ class BatchedSystemEnv(VectorEnv):
         """The per-sub-env numpy generators (sub-env ``i`` seeded ``seed + i``)."""
         return self._rngs
 
+    def set_obstacle_radius(self, radius: float) -> None:
+        """Change the obstacle radius [m] (collisions and the start rejection use it from the next step/reset on);
+        e.g. a curriculum of obstacle size during training. Raises ``ConfigError`` for a non-positive radius."""
+        check_obstacle_config(self.system, self.obstacles, radius)
+        self.obstacle_radius = float(radius)
+
     def to_physical(self, action: Any) -> np.ndarray:
         """Normalized action ``(..., nu)`` -> physical control (float64 numpy, no clipping)."""
         return self.action_offset + self.action_scale * np.asarray(action, dtype=np.float64)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,12 @@ PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 CARD_FORMAT = "deqmpc_gym.expert"
 
 
+def check_radius(name: str, value: float | None) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is ``None`` or a positive finite radius [m]."""
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0.0):
+        raise ConfigError(f"{name} must be a positive finite radius in metres or None, got {value!r}")
+
+
 @dataclass(frozen=True)
 class FinetunePhase:
     """Settings that take over from the first checkpoint at or after ``start_step`` env steps (a second phase of
@@ -47,6 +54,8 @@ class FinetunePhase:
         freeze_normalization: stop updating the ``VecNormalize`` observation and return statistics, so that the
             policy's inputs keep their meaning while it moves.
         collision_penalty: replaces :class:`ExpertConfig`'s (``None``: keep).
+        obstacle_radius: replaces :class:`ExpertConfig`'s ``train_obstacle_radius`` [m] (``None``: keep): a
+            curriculum step of the training env's obstacle size.
     """
 
     start_step: int
@@ -56,9 +65,11 @@ class FinetunePhase:
     log_std: float | None = None
     freeze_normalization: bool = False
     collision_penalty: float | None = None
+    obstacle_radius: float | None = None
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("start_step",))
+        check_radius("FinetunePhase.obstacle_radius", self.obstacle_radius)
         for name in ("goal_bonus", "learning_rate", "collision_penalty"):
             v = getattr(self, name)
             if v is not None and not v >= 0.0:
@@ -100,6 +111,9 @@ class ExpertConfig:
             :func:`obstacle_features`). The env observes only the state, so without them the policy must learn
             where 40 fixed spheres are from the state alone. 0: the observation only. The loaded
             :class:`Expert` computes them itself (its ``predict`` still takes raw observations).
+        train_obstacle_radius: training-only, obstacle variants: the radius [m] of the spheres in PPO's training env
+            (``None``: the env's own, 0.5 m). A larger radius is a safety margin: PPO learns to keep clear of
+            spheres larger than the ones it is evaluated on (the card and every evaluation use the env's own).
         finetune: an optional :class:`FinetunePhase` (a dict is converted); it may be added to or changed in a
             checkpoint whose training has not reached its ``start_step`` yet.
     """
@@ -126,6 +140,7 @@ class ExpertConfig:
     clearance_penalty: float = 0.0
     clearance_margin: float = 0.5
     obstacle_features: int = 0
+    train_obstacle_radius: float | None = None
     finetune: FinetunePhase | None = None
 
     def __post_init__(self) -> None:
@@ -143,6 +158,7 @@ class ExpertConfig:
                               f"{self.clearance_penalty} and {self.clearance_margin}")
         if not (isinstance(self.obstacle_features, int) and self.obstacle_features >= 0):
             raise ConfigError(f"ExpertConfig.obstacle_features must be an int >= 0, got {self.obstacle_features!r}")
+        check_radius("ExpertConfig.train_obstacle_radius", self.train_obstacle_radius)
         object.__setattr__(self, "net_arch", tuple(int(h) for h in self.net_arch))
 
 
@@ -395,11 +411,18 @@ def _make_venv(config: ExpertConfig, seed: int, training: bool) -> Any:
     from stable_baselines3.common.vec_env import VecNormalize
 
     from deqmpc_gym.envs import make_sb3_vec_env
+    from deqmpc_gym.envs.registration import env_kwargs
 
-    venv = make_sb3_vec_env(config.env_id, config.n_envs, seed=seed)
+    phase = config.finetune
+    if ((config.train_obstacle_radius is not None or (phase is not None and phase.obstacle_radius is not None))
+            and not env_kwargs(config.env_id).get("obstacles", False)):
+        raise ConfigError(f"an obstacle radius for training needs an obstacle variant (e.g. DEQMPC/QPoleObs-v0); "
+                          f"{config.env_id} has no obstacles")
+    kw = {} if not training or config.train_obstacle_radius is None else \
+        {"obstacle_radius": float(config.train_obstacle_radius)}
+    venv = make_sb3_vec_env(config.env_id, config.n_envs, seed=seed, **kw)
     if config.obstacle_features:
         venv = with_obstacle_features(venv, config.obstacle_features)
-    phase = config.finetune
     if training and (config.goal_bonus > 0.0 or config.collision_penalty > 0.0 or config.clearance_penalty > 0.0
                      or (phase is not None and (phase.goal_bonus or phase.collision_penalty))):
         venv = with_reward_shaping(venv, config.goal_bonus, config.goal_bonus_width, config.collision_penalty,
@@ -509,6 +532,8 @@ def _start_finetune(model: Any, venv: Any, phase: FinetunePhase, *, reset_log_st
         wrapper.set_shaping(wrapper.bonus if phase.goal_bonus is None else phase.goal_bonus,
                             wrapper.width if phase.goal_bonus_width is None else phase.goal_bonus_width,
                             wrapper.collision_penalty if phase.collision_penalty is None else phase.collision_penalty)
+    if phase.obstacle_radius is not None:
+        venv.unwrapped.env.set_obstacle_radius(phase.obstacle_radius)
     if phase.learning_rate is not None:
         model.learning_rate = phase.learning_rate
         model.lr_schedule = constant(phase.learning_rate)
