@@ -37,6 +37,8 @@ def _add_expert(sub: Any) -> None:
     t.add_argument("--train-obstacle-radius", type=float, default=None,
                    help="training-only obstacle radius [m] for the obstacle variants, a safety margin "
                         "(default: per-env; evaluation uses the env's own 0.5 m)")
+    t.add_argument("--no-teacher", action="store_true",
+                   help="skip the MPC-teacher refinement after PPO (default on for the obstacle variants)")
     t.add_argument("--out", default=None, help="output dir (default: runs/experts/<env>)")
     t.add_argument("--slices", type=int, default=None, help="stop after this many checkpoint slices")
     t.add_argument("--no-resume", action="store_true")
@@ -115,13 +117,19 @@ def _expert(args: argparse.Namespace) -> int:
         for key in ("goal_bonus", "goal_bonus_width", "collision_penalty", "train_obstacle_radius"):
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
+        if args.no_teacher:
+            overrides["teacher"] = None
         cfg = default_expert_config(args.env, **overrides)
         out = Path(args.out or f"runs/experts/{args.env.split('/')[-1]}")
         card = train_expert(cfg, out, resume=not args.no_resume, max_slices=args.slices)
         if card is None:
             print(f"expert training paused at a checkpoint in {out}; run the same command again to continue")
         else:
-            print(f"expert {args.env}: success {card['success_rate']:.2%}, mean return {card['mean_return']:.1f} "
+            if "ppo_only" in card:
+                print(f"PPO alone: success {card['ppo_only']['success_rate']:.2%}, collisions "
+                      f"{card['ppo_only']['collision_rate']:.2%}; MPC-teacher round kept: {card['teacher']['kept_round']}")
+            print(f"expert {args.env}: success {card['success_rate']:.2%}, collisions {card['collision_rate']:.2%}, "
+                  f"mean return {card['mean_return']:.1f} "
                   f"(random {card['random_return']:.1f}), {card['train_steps']} steps in {card['wall_time_s']:.0f} s "
                   f"-> {out}")
         return 0

@@ -28,6 +28,7 @@ import torch
 
 from deqmpc_gym._config import config_from_dict, require_at_least_one
 from deqmpc_gym.errors import CheckpointError, ConfigError, ShapeError
+from deqmpc_gym.experts.teacher import TeacherConfig, refine_with_teacher
 from deqmpc_gym.io import atomic_write, atomic_write_text
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
@@ -116,6 +117,11 @@ class ExpertConfig:
             spheres larger than the ones it is evaluated on (the card and every evaluation use the env's own).
         finetune: an optional :class:`FinetunePhase` (a dict is converted); it may be added to or changed in a
             checkpoint whose training has not reached its ``start_step`` yet.
+        teacher: an optional :class:`~deqmpc_gym.experts.teacher.TeacherConfig` (a dict is converted; obstacle
+            variants only): after PPO, an obstacle-aware MPC safety filter around the PPO expert is distilled into
+            its actor by DAgger (:func:`~deqmpc_gym.experts.teacher.refine_with_teacher`); the card records the
+            PPO-only figures under ``ppo_only`` and the rounds under ``teacher``. It may be added to a finished
+            checkpoint.
     """
 
     env_id: str
@@ -142,12 +148,23 @@ class ExpertConfig:
     obstacle_features: int = 0
     train_obstacle_radius: float | None = None
     finetune: FinetunePhase | None = None
+    teacher: TeacherConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.finetune, dict):
             object.__setattr__(self, "finetune", config_from_dict(FinetunePhase, self.finetune))
         if self.finetune is not None and not isinstance(self.finetune, FinetunePhase):
             raise ConfigError(f"ExpertConfig.finetune must be a FinetunePhase or dict, got {self.finetune!r}")
+        if isinstance(self.teacher, dict):
+            object.__setattr__(self, "teacher", config_from_dict(TeacherConfig, self.teacher))
+        if self.teacher is not None and not isinstance(self.teacher, TeacherConfig):
+            raise ConfigError(f"ExpertConfig.teacher must be a TeacherConfig or dict, got {self.teacher!r}")
+        if self.teacher is not None:
+            from deqmpc_gym.envs.registration import env_kwargs
+
+            if not env_kwargs(self.env_id).get("obstacles", False):
+                raise ConfigError(f"ExpertConfig.teacher (the MPC safety-filter teacher) needs an obstacle variant; "
+                                  f"{self.env_id} has no obstacles")
         if not (self.goal_bonus >= 0.0 and self.goal_bonus_width > 0.0 and self.collision_penalty >= 0.0):
             raise ConfigError(f"ExpertConfig needs goal_bonus >= 0, goal_bonus_width > 0 and collision_penalty >= 0, "
                               f"got {self.goal_bonus}, {self.goal_bonus_width} and {self.collision_penalty}")
@@ -256,9 +273,16 @@ class Expert:
         #: dimension of the raw observations ``predict`` takes
         self.obs_dim: int = self._mean.shape[0] - (3 * int(self._features["k"]) if self._features else 0)
 
+    def inputs(self, obs: np.ndarray) -> np.ndarray:
+        """The actor's inputs ``(n, d)`` float32 for raw observations ``obs: (n, obs_dim)``: the obstacle
+        features appended (if any), then normalized."""
+        return self.normalize(_with_features(np.asarray(obs, dtype=np.float64), self._features))
+
     def normalize(self, obs: np.ndarray) -> np.ndarray:
         """``clip((obs - mean) / sqrt(var + eps), -clip_obs, clip_obs)`` as float32."""
-        return np.clip((obs - self._mean) / np.sqrt(self._var + self._eps), -self._clip, self._clip).astype(np.float32)
+        with np.errstate(over="ignore"):  # a huge (finite) state saturates at the clip like any other outlier
+            z = (obs - self._mean) / np.sqrt(self._var + self._eps)
+        return np.clip(z, -self._clip, self._clip).astype(np.float32)
 
     def predict(self, observation: Any, state: Any = None, episode_start: Any = None,
                 deterministic: bool = True) -> tuple[np.ndarray, Any]:
@@ -271,8 +295,8 @@ class Expert:
             raise ShapeError(f"observation has non-finite values in rows {bad[:10]}; an expert acts on finite "
                              "states only")
         single = obs.ndim == 1
-        inputs = _with_features(obs[None] if single else obs, self._features)
-        actions, _ = self.policy.predict(self.normalize(inputs[0] if single else inputs), deterministic=deterministic)
+        inputs = self.inputs(obs[None] if single else obs)
+        actions, _ = self.policy.predict(inputs[0] if single else inputs, deterministic=deterministic)
         return np.clip(actions, -1.0, 1.0).astype(np.float32), state
 
 
@@ -480,7 +504,7 @@ def train_expert(config: ExpertConfig, out_dir: str | Path, *, resume: bool = Tr
         defaults = {f.name: f.default for f in dataclasses.fields(ExpertConfig)
                     if f.default is not dataclasses.MISSING}  # keys added after the checkpoint was written
         saved = {**json.loads(json.dumps(defaults)), **(state.get("config") or {})}
-        fixed = budget_keys + ("finetune",)
+        fixed = budget_keys + ("finetune", "teacher")  # the teacher runs after PPO: it may be added or changed
         same = {k: v for k, v in saved.items() if k not in fixed} == \
             {k: v for k, v in cfg_dict.items() if k not in fixed}
         # a fine-tune phase may be added or changed as long as it has not started and an uninterrupted run would
@@ -517,7 +541,7 @@ def train_expert(config: ExpertConfig, out_dir: str | Path, *, resume: bool = Tr
         slices += 1
     if state["steps_done"] < config.total_steps:
         return None
-    return export_expert(model, venv, config, paths.root, state)
+    return export_expert(model, venv, config, paths.root, state, log=print if progress else None)
 
 
 def _start_finetune(model: Any, venv: Any, phase: FinetunePhase, *, reset_log_std: bool) -> None:
@@ -544,8 +568,11 @@ def _start_finetune(model: Any, venv: Any, phase: FinetunePhase, *, reset_log_st
         venv.training = False
 
 
-def export_expert(model: Any, venv: Any, config: ExpertConfig, out_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
-    """Write ``actor.pt`` and ``card.json`` (with 200-episode quality figures) to ``out_dir``."""
+def export_expert(model: Any, venv: Any, config: ExpertConfig, out_dir: Path, state: dict[str, Any],
+                  log: Any = None) -> dict[str, Any]:
+    """Write ``actor.pt`` and ``card.json`` (with 200-episode quality figures) to ``out_dir``; with
+    ``config.teacher``, the actor is first refined by the MPC teacher (resumable from
+    ``out_dir/checkpoint/teacher.pt``)."""
     from deqmpc_gym.evaluation import EvalConfig, rollout_batched
 
     rms = venv.obs_rms
@@ -562,9 +589,18 @@ def export_expert(model: Any, venv: Any, config: ExpertConfig, out_dir: Path, st
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().cpu() for k, v in model.policy.state_dict().items()}
-    atomic_write(out_dir / "actor.pt", lambda f: torch.save(state_dict, f))
     expert = Expert(_loaded_actor(card, state_dict), card)
     ev = EvalConfig(episodes=config.eval_episodes, max_steps=200, seed=10_000)
+    if config.teacher is not None:
+        ppo = rollout_batched(expert, config.env_id, ev)
+        card["ppo_only"] = {"mean_return": ppo.mean_return, "std_return": ppo.std_return,
+                            "success_rate": ppo.success_rate, "collision_rate": ppo.collision_rate}
+        t0 = time.perf_counter()
+        card["teacher"] = refine_with_teacher(expert, config.teacher, checkpoint=out_dir / "checkpoint" / "teacher.pt",
+                                              log=log)
+        card["teacher"]["wall_time_s"] = round(time.perf_counter() - t0, 1)
+        state_dict = {k: v.detach().cpu() for k, v in expert.policy.state_dict().items()}
+    atomic_write(out_dir / "actor.pt", lambda f: torch.save(state_dict, f))
     res = rollout_batched(expert, config.env_id, ev)
     rnd = rollout_batched(RandomPolicy(card["act_dim"], seed=config.seed), config.env_id, ev)
     card.update(mean_return=res.mean_return, std_return=res.std_return, success_rate=res.success_rate,

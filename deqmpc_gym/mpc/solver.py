@@ -229,9 +229,16 @@ def init_state(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor) -> So
 
 
 # ====================================================================== linear algebra with fallbacks
-def _newton_direction(problem: MPCProblem, lin: Linearization, kind: str):
+def _factor(problem: MPCProblem, D: torch.Tensor, L: torch.Tensor) -> linalg.Factor:
+    """Factorise with the kind that suits this batch (``MPCProblem.linear_solver_kind``): a sub-batch of a few
+    samples (an active-set redo, the last samples of a Newton loop) takes the dense factorisation even when the
+    full batch takes the banded one."""
+    return linalg.factor(D, L, problem.linear_solver_kind(D.shape[0]))
+
+
+def _newton_direction(problem: MPCProblem, lin: Linearization):
     """``dz = -H^{-1} grad`` with per-sample regularisation fallback. Returns (dz, factor, fallback (B,))."""
-    F = linalg.factor(lin.D, lin.L, kind)
+    F = _factor(problem, lin.D, lin.L)
     fallback = ~F.ok
     if bool(fallback.any()):
         scale = torch.diagonal(lin.D, dim1=-2, dim2=-1).abs().amax((1, 2)).clamp_min(1.0)
@@ -243,7 +250,7 @@ def _newton_direction(problem: MPCProblem, lin: Linearization, kind: str):
                 break
             add = (mu * scale * bad.to(D.dtype))[:, None, None, None] * torch.eye(D.shape[-1], dtype=D.dtype,
                                                                                    device=D.device)
-            F2 = linalg.factor(D + add, lin.L, kind)
+            F2 = _factor(problem, D + add, lin.L)
             F = _merge_factor(F, F2, bad & F2.ok)
             mu *= _REG_GROWTH
     dz = -linalg.solve(F, lin.grad)
@@ -272,7 +279,7 @@ def _newton_direction(problem: MPCProblem, lin: Linearization, kind: str):
         Get = Ge.transpose(-1, -2)
         De = pick(lin.D) + pick(lin.rho)[:, None, None, None] * (Get @ Ge) * c.pin2
         ge = pick(lin.grad) + (Get @ pick(lin.s)[..., None])[..., 0] * c.pin
-        F2 = linalg.factor(De, pick(lin.L), kind)
+        F2 = _factor(problem, De, pick(lin.L))
         dz2 = -linalg.solve(F2, ge)
         ok2 = F2.ok & _finite_rows(dz2)
         dz2 = torch.where(ok2[:, None, None], dz2, pick(dz))
@@ -397,7 +404,7 @@ def _merge_dynamics(keep_new: torch.Tensor, new, old):
     return tuple(torch.where(keep_new.reshape(-1, *([1] * (a.dim() - 1))), a, b) for a, b in zip(new, old))
 
 
-def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, stats: dict,
+def _newton_loop(problem: MPCProblem, bt: _Batch, track_grad: bool, stats: dict,
                  exit_residual: float = 0.0, dyn=None):
     """Gauss-Newton minimisation of the merit of the AL subproblem for the samples of ``bt``.
 
@@ -437,7 +444,7 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, kind: str, track_grad: bool, s
             xs, us = x[idx], u[idx]
             dyn_s = tuple(a[idx] for a in dyn_cur) if dyn_cur is not None and bool(dyn_ok[idx].all()) else None
         lin = problem.linearize(xs, us, sub.theta, sub.lam_eq, sub.lam_in, sub.rho, sub.obs, dyn=dyn_s)
-        dz, _, fbs = _newton_direction(problem, lin, kind)
+        dz, _, fbs = _newton_direction(problem, lin)
         with torch.no_grad():
             gmax = lin.grad.detach().abs().amax((1, 2))
             dres_s = gmax / (1.0 + torch.maximum(lin.cgrad.detach().abs().amax((1, 2)), lin.mu_max.detach()))
@@ -512,7 +519,6 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
     ``(lam_eq, lam_in, rho)`` of each sample's last subproblem and ``ran`` (B,) (ran >= 1 iteration)."""
     cfg = problem.config
     b = x0.shape[0]
-    kind = problem.linear_solver_kind(b)
     dev = x0.device
     x, u = state.x, state.u
     x = torch.cat([x0[:, None], x[:, 1:]], 1)  # x_0 is fixed to x0 exactly
@@ -546,7 +552,7 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
             ridx = run.nonzero()[:, 0]
             bt = _Batch(x, u, theta, lam_eq, lam_in, rho, obs).take(ridx)
             dyn_in = tuple(a[ridx] for a in dyn_all) if dyn_all is not None and bool(dyn_ok[ridx].all()) else None
-        xr, ur, st, se, dr, f1, n1, (d, g), dyn_r = _newton_loop(problem, bt, kind, track_grad, stats, exit_residual,
+        xr, ur, st, se, dr, f1, n1, (d, g), dyn_r = _newton_loop(problem, bt, track_grad, stats, exit_residual,
                                                                  dyn_in)
         if dyn_r is not None:
             if all_run or dyn_all is None:

@@ -1,0 +1,100 @@
+"""The MPC safety-filter teacher of the obstacle experts and its DAgger refinement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import deqmpc_gym  # noqa: F401
+from deqmpc_gym.envs import make_batched_env
+from deqmpc_gym.errors import ConfigError
+from deqmpc_gym.experts import ExpertConfig, load_expert, train_expert
+from deqmpc_gym.experts.teacher import SafetyFilterTeacher, TeacherConfig, refine_with_teacher
+from deqmpc_gym.systems import OBSTACLE_CENTERS
+
+QOBS = "DEQMPC/QuadrotorObs-v0"
+TINY = dict(rounds=2, episodes=4, steps=12, epochs=2, val_episodes=4, batch_size=64)
+
+
+def test_teacher_config_validation() -> None:
+    for bad in (dict(horizon=0), dict(rounds=0), dict(margin=-0.1), dict(trigger=float("nan")),
+                dict(learning_rate=0.0), dict(episodes=True)):
+        with pytest.raises(ConfigError, match="TeacherConfig"):
+            TeacherConfig(**bad)
+    with pytest.raises(ConfigError, match="obstacle variant"):
+        ExpertConfig("DEQMPC/Quadrotor-v0", teacher=TeacherConfig())
+    cfg = ExpertConfig(QOBS, teacher={"horizon": 6})
+    assert isinstance(cfg.teacher, TeacherConfig) and cfg.teacher.horizon == 6
+
+
+def test_teacher_intervenes_only_near_obstacles() -> None:
+    """Far from every sphere the teacher returns the PPO expert's action; heading into a sphere its MPC acts,
+    and the plan it tracks then keeps clear of the sphere where the expert's own plan enters it."""
+    expert = load_expert(QOBS)
+    env = make_batched_env(QOBS, 2, max_episode_steps=None)
+    teacher = SafetyFilterTeacher(expert, env, TeacherConfig())
+    x = np.zeros((2, 12))
+    x[0, :3] = (0.0, 0.0, 0.05)  # at the goal: the nearest sphere is > 0.8 m away and the expert hovers
+    c = OBSTACLE_CENTERS[0]
+    x[1, :3] = c + np.array([0.0, 0.0, 0.9])  # 0.4 m above a sphere, falling onto it
+    x[1, 8] = -3.0
+    xt = torch.tensor(x)
+    a, used = teacher.act(xt)
+    a0, _ = expert.predict(x)
+    assert a.shape == (2, 4) and a.dtype == np.float32 and np.all(np.abs(a) <= 1.0)
+    assert not used[0] and np.array_equal(a[0], a0[0])
+    assert used[1] and not np.allclose(a[1], a0[1])
+    # the expert's own plan from the falling state enters the sphere
+    plan = teacher.plan(xt)
+    d_plan = np.linalg.norm(plan[1, :, :3].numpy() - c, axis=-1).min()
+    assert d_plan < env.obstacle_radius
+    with pytest.raises(ConfigError, match="obstacle variant"):
+        SafetyFilterTeacher(load_expert("DEQMPC/Quadrotor-v0"), make_batched_env("DEQMPC/Quadrotor-v0", 2),
+                            TeacherConfig())
+
+
+def test_refine_with_teacher_records_rounds_and_resumes(tmp_path: Path) -> None:
+    expert = load_expert(QOBS)
+    ckpt = tmp_path / "teacher.pt"
+    before = {k: v.clone() for k, v in expert.policy.state_dict().items()}
+    lines: list[str] = []
+    rec = refine_with_teacher(expert, TeacherConfig(**TINY), checkpoint=ckpt, log=lines.append)
+    assert [r["round"] for r in rec["rounds"]] == [-1, 0, 1] and rec["rounds"][1]["driver"] == "teacher"
+    assert rec["labelled_states"] == sum(r["rollout_states"] for r in rec["rounds"][1:]) > 0
+    assert rec["kept_round"] in (-1, 0, 1) and len(lines) == 3 and ckpt.exists()
+    kept = {k: v.clone() for k, v in expert.policy.state_dict().items()}
+    if rec["kept_round"] == -1:
+        assert all(torch.equal(before[k], kept[k]) for k in before)
+    # the value network is never touched
+    assert all(torch.equal(before[k], kept[k]) for k in before if k.startswith(("mlp_extractor.value_net", "value_net")))
+    # a second call resumes after the last finished round: no new rollouts, the same kept weights
+    again = load_expert(QOBS)
+    lines2: list[str] = []
+    rec2 = refine_with_teacher(again, TeacherConfig(**TINY), checkpoint=ckpt, log=lines2.append)
+    assert rec2["rounds"] == rec["rounds"] and lines2 == [f"teacher: resumed after round 1 from {ckpt}"]
+    assert all(torch.equal(kept[k], again.policy.state_dict()[k]) for k in kept)
+    # another teacher config starts over
+    rec3 = refine_with_teacher(load_expert(QOBS), TeacherConfig(**{**TINY, "rounds": 1}), checkpoint=ckpt)
+    assert [r["round"] for r in rec3["rounds"]] == [-1, 0]
+
+
+def test_train_expert_with_teacher_writes_ppo_only_and_teacher_records(tmp_path: Path) -> None:
+    cfg = ExpertConfig(QOBS, total_steps=256, n_envs=8, n_steps=32, batch_size=64, n_epochs=1, slice_steps=256,
+                       eval_episodes=2, net_arch=(8, 8), teacher=TeacherConfig(**{**TINY, "rounds": 1}))
+    card = train_expert(cfg, tmp_path / "e", progress=False)
+    assert set(card["ppo_only"]) == {"mean_return", "std_return", "success_rate", "collision_rate"}
+    assert card["teacher"]["config"]["rounds"] == 1 and card["teacher"]["wall_time_s"] >= 0
+    assert card["config"]["teacher"]["horizon"] == TeacherConfig().horizon
+    on_disk = json.loads((tmp_path / "e" / "card.json").read_text())
+    assert on_disk["teacher"]["kept_round"] == card["teacher"]["kept_round"]
+    expert = load_expert(tmp_path / "e")
+    a, _ = expert.predict(np.zeros((3, 12)))
+    assert a.shape == (3, 4) and np.all(np.isfinite(a))
+    # the teacher may be added to (or changed in) a finished checkpoint: only the refinement reruns
+    cfg2 = ExpertConfig(**{**cfg.__dict__, "teacher": TeacherConfig(**{**TINY, "rounds": 2})})
+    card2 = train_expert(cfg2, tmp_path / "e", progress=False)
+    assert card2["train_steps"] == card["train_steps"] and len(card2["teacher"]["rounds"]) == 3
