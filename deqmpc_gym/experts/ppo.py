@@ -191,7 +191,9 @@ EXPERT_DEFAULTS: dict[str, dict[str, Any]] = {
                         "goal_bonus_width": 3.0,
                         "finetune": FinetunePhase(start_step=10_000_000, goal_bonus=2.0, goal_bonus_width=1.0,
                                                   learning_rate=1e-3, log_std=-2.0, freeze_normalization=True)},
-    "DEQMPC/QuadrotorObs-v0": {"total_steps": 6_000_000},
+    # QuadrotorObs: PPO with the offsets to the 3 nearest obstacles in its input, then the MPC teacher (DAgger):
+    # 93 % / 7 % (success / collisions) after PPO, 96 % / 4 % after the teacher.
+    "DEQMPC/QuadrotorObs-v0": {"total_steps": 6_000_000, "obstacle_features": 3, "teacher": TeacherConfig()},
     "DEQMPC/QPoleObs-v0": {"total_steps": 14_500_000, "net_arch": (256, 256), "goal_bonus": 1.0,
                            "goal_bonus_width": 3.0,
                            "finetune": FinetunePhase(start_step=10_000_000, goal_bonus=2.0, goal_bonus_width=1.0,
@@ -510,7 +512,13 @@ def train_expert(config: ExpertConfig, out_dir: str | Path, *, resume: bool = Tr
         # a fine-tune phase may be added or changed as long as it has not started and an uninterrupted run would
         # not have started it before this checkpoint (it starts at the first checkpoint at or after start_step)
         starts = [f["start_step"] for f in (saved.get("finetune"), cfg_dict.get("finetune")) if f]
-        same = same and (saved.get("finetune") == cfg_dict.get("finetune")
+        phase_defaults = {f.name: f.default for f in dataclasses.fields(FinetunePhase)
+                          if f.default is not dataclasses.MISSING}  # fields added after the checkpoint was written
+
+        def phase(d: dict[str, Any] | None) -> dict[str, Any] | None:
+            return None if d is None else {**phase_defaults, **d}
+
+        same = same and (phase(saved.get("finetune")) == phase(cfg_dict.get("finetune"))
                          or (not state.get("finetune_started")
                              and state["steps_done"] - config.slice_steps < min(starts)))
         state["config"] = cfg_dict
@@ -595,10 +603,8 @@ def export_expert(model: Any, venv: Any, config: ExpertConfig, out_dir: Path, st
         ppo = rollout_batched(expert, config.env_id, ev)
         card["ppo_only"] = {"mean_return": ppo.mean_return, "std_return": ppo.std_return,
                             "success_rate": ppo.success_rate, "collision_rate": ppo.collision_rate}
-        t0 = time.perf_counter()
         card["teacher"] = refine_with_teacher(expert, config.teacher, checkpoint=out_dir / "checkpoint" / "teacher.pt",
                                               log=log)
-        card["teacher"]["wall_time_s"] = round(time.perf_counter() - t0, 1)
         state_dict = {k: v.detach().cpu() for k, v in expert.policy.state_dict().items()}
     atomic_write(out_dir / "actor.pt", lambda f: torch.save(state_dict, f))
     res = rollout_batched(expert, config.env_id, ev)

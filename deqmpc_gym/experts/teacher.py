@@ -33,6 +33,8 @@ from deqmpc_gym.io import atomic_write
 
 #: seed of round ``r``'s initial states is ``TeacherConfig.seed + ROUND_SEED_STRIDE * r``
 ROUND_SEED_STRIDE = 1000
+#: layout version of the refinement checkpoint (another version starts over)
+CHECKPOINT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,9 @@ class TeacherConfig:
         rounds: DAgger rounds (round 0: the teacher drives; later rounds: the student drives).
         episodes, steps: episodes per round (one batch) and their length.
         epochs, batch_size, learning_rate: Adam passes over the aggregated data after each round.
-        mpc_weight: loss weight of the states the MPC labelled (the rest carry the expert's own actions and
-            mostly keep the actor where it already is; they outnumber the MPC labels about 10 to 1).
+        mpc_weight: a label's loss weight is ``1 + mpc_weight * max_i |label_i - a_i|^2`` with ``a`` the PPO
+            expert's action: the few states where the MPC overrides the expert by much (those that decide a
+            collision) count most; the rest carry the expert's own actions and keep the actor where it is.
         seed: initial states of round ``r`` use ``seed + 1000 r`` (kept apart from the card's evaluation seeds
             10000-10199 and from ``val_seed``).
         val_seed, val_episodes: validation rollouts that pick the kept round (score: success rate minus
@@ -61,13 +64,13 @@ class TeacherConfig:
     trigger: float = 0.3
     rho_init: float = 10.0
     iters: int = 10
-    rounds: int = 4
+    rounds: int = 14
     episodes: int = 200
     steps: int = 200
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 4096
-    learning_rate: float = 3e-4
-    mpc_weight: float = 10.0
+    learning_rate: float = 1e-3
+    mpc_weight: float = 30.0
     seed: int = 20_000
     val_seed: int = 40_000
     val_episodes: int = 200
@@ -169,17 +172,17 @@ def _label_loss(mean: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return (err * err).mean(-1)
 
 
-def _fit(policy: Any, inputs: np.ndarray, labels: np.ndarray, by_mpc: np.ndarray, config: TeacherConfig,
-         generator: torch.Generator) -> tuple[float, float]:
-    """Fit the actor (policy net and action head) to ``labels (M, nu)`` on ``inputs (M, d)``, the MPC-labelled
-    rows (``by_mpc (M,) bool``) weighted by ``config.mpc_weight``. Returns the last epoch's mean loss on all rows
-    and on the MPC-labelled rows."""
+def _fit(policy: Any, inputs: np.ndarray, labels: np.ndarray, by_mpc: np.ndarray, disagreement: np.ndarray,
+         config: TeacherConfig, generator: torch.Generator) -> tuple[float, float]:
+    """Fit the actor (policy net and action head) to ``labels (M, nu)`` on ``inputs (M, d)``, weighted by
+    ``1 + config.mpc_weight * disagreement**2``. Returns the mean loss on all rows and on the MPC-labelled rows
+    (``by_mpc (M,) bool``)."""
     params = list(policy.mlp_extractor.policy_net.parameters()) + list(policy.action_net.parameters())
     opt = torch.optim.Adam(params, lr=config.learning_rate)
     xin = torch.as_tensor(inputs, dtype=torch.float32)
     yl = torch.as_tensor(labels, dtype=torch.float32)
     mpc = torch.as_tensor(by_mpc, dtype=torch.bool)
-    w = torch.where(mpc, config.mpc_weight, 1.0)
+    w = 1.0 + config.mpc_weight * torch.as_tensor(disagreement, dtype=torch.float32) ** 2
     m = xin.shape[0]
     policy.set_training_mode(True)
     for _ in range(config.epochs):
@@ -197,21 +200,24 @@ def _fit(policy: Any, inputs: np.ndarray, labels: np.ndarray, by_mpc: np.ndarray
 
 
 def _rollout(env: Any, teacher: SafetyFilterTeacher, student: Any | None, seed: int, steps: int
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
     """One batch of episodes driven by the teacher (``student=None``) or the student; the teacher labels every
-    state of a live episode. Returns ``(raw observations (M, nx), labels (M, nu), by_mpc (M,) bool, stats)``."""
+    state of a live episode. Returns ``(raw observations (M, nx), labels (M, nu), by_mpc (M,) bool,
+    disagreement (M,): max |label - PPO expert's action|, stats)``."""
     obs, _ = env.reset(seed=seed)
     n = env.num_envs
     alive = np.ones(n, bool)
     crashed = np.zeros(n, bool)
     success = np.zeros(n, bool)
-    xs, ys, ms = [], [], []
+    xs, ys, ms, ds = [], [], [], []
     for _ in range(steps):
         x = env.state.to(torch.float64).cpu()
         labels, used = teacher.act(x)
+        a0, _ = teacher.expert.predict(np.nan_to_num(x.numpy()), deterministic=True)
         xs.append(x.numpy()[alive])
         ys.append(labels[alive])
         ms.append(used[alive])
+        ds.append(np.abs(labels - a0).max(1)[alive])
         if student is None:
             act = labels
         else:
@@ -227,7 +233,7 @@ def _rollout(env: Any, teacher: SafetyFilterTeacher, student: Any | None, seed: 
     by_mpc = np.concatenate(ms)
     stats = {"states": int(by_mpc.size), "interventions": int(by_mpc.sum()),
              "collision_rate": float(crashed.mean()), "success_rate": float((success & alive).mean())}
-    return np.concatenate(xs), np.concatenate(ys), by_mpc, stats
+    return np.concatenate(xs), np.concatenate(ys), by_mpc, np.concatenate(ds), stats
 
 
 def refine_with_teacher(expert: Any, config: TeacherConfig = TeacherConfig(), *,
@@ -267,7 +273,7 @@ def refine_with_teacher(expert: Any, config: TeacherConfig = TeacherConfig(), *,
     saved = _load_checkpoint(ckpt, config, base)
     if saved is not None:
         rounds, best = saved["rounds"], saved["best"]
-        data_x, data_y, data_m = saved["data_x"], saved["data_y"], saved["data_m"]
+        data_x, data_y, data_m, data_d = saved["data_x"], saved["data_y"], saved["data_m"], saved["data_d"]
         policy.load_state_dict(saved["actor"])
         gen.set_state(saved["generator"])
         log(f"teacher: resumed after round {len(rounds) - 2} from {ckpt}")
@@ -279,13 +285,15 @@ def refine_with_teacher(expert: Any, config: TeacherConfig = TeacherConfig(), *,
         data_x = np.zeros((0, env.system.nx))
         data_y = np.zeros((0, env.system.nu), dtype=np.float32)
         data_m = np.zeros(0, dtype=bool)
+        data_d = np.zeros(0, dtype=np.float32)
         log(f"teacher: PPO actor val success {v['val_success_rate']:.1%}, collisions {v['val_collision_rate']:.1%}")
     for r in range(len(rounds) - 1, config.rounds):
         t0 = time.perf_counter()
-        xs, ys, ms, st = _rollout(env, teacher, None if r == 0 else expert, config.seed + ROUND_SEED_STRIDE * r,
-                                  config.steps)
-        data_x, data_y, data_m = np.concatenate([data_x, xs]), np.concatenate([data_y, ys]), np.concatenate([data_m, ms])
-        loss, loss_mpc = _fit(policy, expert.inputs(data_x), data_y, data_m, config, gen)
+        xs, ys, ms, ds, st = _rollout(env, teacher, None if r == 0 else expert,
+                                      config.seed + ROUND_SEED_STRIDE * r, config.steps)
+        data_x, data_y = np.concatenate([data_x, xs]), np.concatenate([data_y, ys])
+        data_m, data_d = np.concatenate([data_m, ms]), np.concatenate([data_d, ds])
+        loss, loss_mpc = _fit(policy, expert.inputs(data_x), data_y, data_m, data_d, config, gen)
         v = validate()
         score = v["val_success_rate"] - v["val_collision_rate"]
         rec = {"round": r, "driver": "teacher" if r == 0 else "student",
@@ -298,12 +306,13 @@ def refine_with_teacher(expert: Any, config: TeacherConfig = TeacherConfig(), *,
             f"{st['collision_rate']:.1%}, {st['interventions']} MPC labels of {st['states']}), fit loss {loss:.4f} "
             f"(MPC labels {loss_mpc:.4f}); "
             f"val success {v['val_success_rate']:.1%}, collisions {v['val_collision_rate']:.1%}")
-        _save_checkpoint(ckpt, config, base, rounds, best, (data_x, data_y, data_m), policy.state_dict(),
+        _save_checkpoint(ckpt, config, base, rounds, best, (data_x, data_y, data_m, data_d), policy.state_dict(),
                          gen.get_state())
     policy.load_state_dict(best["actor"])
     policy.set_training_mode(False)
     return {"config": dataclasses.asdict(config), "rounds": rounds, "kept_round": best["round"],
-            "labelled_states": int(data_x.shape[0])}
+            "labelled_states": int(data_x.shape[0]),
+            "wall_time_s": round(sum(r.get("wall_time_s", 0.0) for r in rounds), 1)}
 
 
 def _fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
@@ -320,8 +329,9 @@ def _save_checkpoint(path: Path | None, config: TeacherConfig, base: str, rounds
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    blob = {"config": json.dumps(dataclasses.asdict(config)), "base": base, "rounds": rounds, "best": best,
-            **{k: torch.as_tensor(v) for k, v in zip(("data_x", "data_y", "data_m"), data)}, "actor": actor,
+    blob = {"version": CHECKPOINT_VERSION, "config": json.dumps(dataclasses.asdict(config)), "base": base,
+            "rounds": rounds, "best": best,
+            **{k: torch.as_tensor(v) for k, v in zip(("data_x", "data_y", "data_m", "data_d"), data)}, "actor": actor,
             "generator": gen_state}
     atomic_write(path, lambda f: torch.save(blob, f))
 
@@ -330,6 +340,9 @@ def _load_checkpoint(path: Path | None, config: TeacherConfig, base: str) -> dic
     if path is None or not path.exists():
         return None
     blob = torch.load(path, map_location="cpu", weights_only=True)
+    if blob.get("version") != CHECKPOINT_VERSION:
+        return None
+
     def fixed(c: dict[str, Any]) -> dict[str, Any]:  # more rounds may be asked of a finished refinement
         return {k: v for k, v in c.items() if k != "rounds"}
 
@@ -337,6 +350,6 @@ def _load_checkpoint(path: Path | None, config: TeacherConfig, base: str) -> dic
     n_done = len(blob.get("rounds", [])) - 1
     if fixed(saved) != fixed(dataclasses.asdict(config)) or blob.get("base") != base or n_done > config.rounds:
         return None  # another teacher configuration or another PPO actor: start over
-    for k in ("data_x", "data_y", "data_m"):
+    for k in ("data_x", "data_y", "data_m", "data_d"):
         blob[k] = blob[k].numpy()
     return blob
