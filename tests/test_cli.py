@@ -175,3 +175,17 @@ def test_error_exit_codes(tmp_path: Path, tiny_pendulum_dataset_file: Path, caps
 def test_invalid_eval_config_exit_code(trained: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["evaluate", "--policy", str(trained / "best"), "--episodes", "0"]) == 2
     assert "episodes >= 1" in capsys.readouterr().err
+
+
+def test_expert_train_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """``--no-teacher`` drops the obstacle variants' default MPC teacher; ``--train-obstacle-radius`` is passed on."""
+    import deqmpc_gym.experts as experts
+
+    seen = []
+    monkeypatch.setattr(experts, "train_expert", lambda cfg, out, **kw: seen.append(cfg))
+    assert main(["expert", "train", "--env", "DEQMPC/QuadrotorObs-v0", "--out", "x"]) == 0
+    assert main(["expert", "train", "--env", "DEQMPC/QuadrotorObs-v0", "--out", "x", "--no-teacher",
+                 "--train-obstacle-radius", "0.6"]) == 0
+    assert seen[0].teacher is not None and seen[0].obstacle_features == 3
+    assert seen[1].teacher is None and seen[1].train_obstacle_radius == 0.6
+    assert "paused" in capsys.readouterr().out
