@@ -1,6 +1,6 @@
 """Benchmark of the AL MPC solver (deqmpc_gym.mpc) against mpc.pytorch (Amos et al. 2018) and IPOPT.
 
-Run:  python benchmarks/solver.py [--threads 1] [--reps 5]
+Run:  python benchmarks/solver.py [--threads 1] [--reps 5] [--hard]
 Writes a markdown table to stdout and benchmarks/results/solver.json.
 
 Measured (medians over --reps, B = 200 and B = 1, T = 5):
@@ -175,6 +175,37 @@ def bench_system(system, B, reps, do_mpc_pytorch=True):
     return res
 
 
+def hard_problems(system, B, T=5, seed=0):
+    """Harder cold problems than :func:`make_batch`: waypoints with 0.5 of noise, and the goal held at every knot
+    (regulation from a random initial state). Returns ``{name: (x0, theta)}``."""
+    out = {"noise 0.5": make_batch(system, B, T, seed=seed, noise=0.5)}
+    x0, _ = make_batch(system, B, T, seed=seed)
+    goal = torch.tensor(np.asarray(system.goal), dtype=torch.float64).expand(B, T, system.nx).clone()
+    goal[:, 0] = x0
+    out["goal"] = (x0, goal)
+    return out
+
+
+def bench_hard(system, B, reps):
+    """Cold solves of :func:`hard_problems`: ours vs mpc.pytorch (times, ratio, costs)."""
+    pb = MPCProblem(system, MPCConfig(horizon=5))
+    rows = []
+    for name, (x0, th) in hard_problems(system, B).items():
+        out = {}
+        t_ours = median_time(lambda: out.__setitem__("o", solve(pb, x0, th, iters=12, stop_when_converged=True)),
+                             reps)
+        run = mpc_pytorch_solver(system, x0, th)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t_mp = median_time(lambda: out.__setitem__("m", run()), reps)
+        xm, um = out["m"]
+        rows.append({"problems": name, "ours_cold_s": t_ours, "mpc_pytorch_cold_s": t_mp,
+                     "speedup_cold": t_mp / t_ours, "ours_converged_frac": float(out["o"][3].converged.float().mean()),
+                     "ours_cost_median": float(out["o"][3].cost.median()),
+                     "mpc_pytorch_cost_median": float(pb.cost(xm.detach(), um.detach(), th).median())})
+    return rows
+
+
 def bench_ipopt(system, reps):
     try:
         import casadi_ref as ref
@@ -192,6 +223,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--systems", default="pendulum,cartpole,quadrotor")
+    ap.add_argument("--hard", action="store_true",
+                    help="also time cold solves of harder Pendulum/Cartpole problems (0.5 noise, goal regulation)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     systems = {"pendulum": Pendulum, "cartpole": Cartpole, "quadrotor": Quadrotor}
@@ -206,6 +239,12 @@ def main():
                 if r["ipopt_s"]:
                     r["ipopt_over_ours_cold"] = r["ipopt_s"] / r["ours_cold_s"]
             results["rows"].append(r)
+    if args.hard:
+        results["hard"] = []
+        for name in args.systems.split(","):
+            if name in ("pendulum", "cartpole"):
+                for r in bench_hard(systems[name](), 200, args.reps):
+                    results["hard"].append({"system": name, "B": 200, **r})
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     atomic_write_text(os.path.join(os.path.dirname(__file__), "results", "solver.json"), json.dumps(results, indent=2))
     cols = [("system", "system"), ("B", "B"), ("ours cold [ms]", "ours_cold_s"),
@@ -233,6 +272,14 @@ def main():
             else:
                 vals.append(str(v))
         print("| " + " | ".join(vals) + " |")
+    if results.get("hard"):
+        print("\nharder cold problems, B = 200:\n")
+        print("| system | problems | ours cold [ms] | mpc.pytorch cold [ms] | cold speedup | cost ours | cost mpc.pt |")
+        print("|---|---|---|---|---|---|---|")
+        for r in results["hard"]:
+            print(f"| {r['system']} | {r['problems']} | {1e3 * r['ours_cold_s']:.1f} | "
+                  f"{1e3 * r['mpc_pytorch_cold_s']:.1f} | {r['speedup_cold']:.2f} | {r['ours_cost_median']:.4g} | "
+                  f"{r['mpc_pytorch_cost_median']:.4g} |")
 
 
 if __name__ == "__main__":
