@@ -126,7 +126,7 @@ class SafetyFilterTeacher:
         return torch.stack(xs, 1)
 
     def act(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Teacher actions for states ``x: (N, nx)`` float64 [physical units].
+        """Teacher actions for states ``x: (N, nx)`` float64 CPU tensor [physical units].
 
         Returns:
             ``(actions (N, nu) float32 normalized to [-1, 1], intervened (N,) bool)``: the MPC's first control
