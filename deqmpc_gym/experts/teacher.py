@@ -84,8 +84,8 @@ class TeacherConfig:
         for name in ("margin", "trigger"):
             if not getattr(self, name) >= 0.0:
                 raise ConfigError(f"TeacherConfig.{name} must be >= 0 [m], got {getattr(self, name)!r}")
-        if not (self.rho_init > 0.0 and self.learning_rate > 0.0 and self.mpc_weight > 0.0):
-            raise ConfigError(f"TeacherConfig needs rho_init, learning_rate and mpc_weight > 0, got "
+        if not (self.rho_init > 0.0 and self.learning_rate > 0.0 and self.mpc_weight >= 0.0):
+            raise ConfigError(f"TeacherConfig needs rho_init > 0, learning_rate > 0 and mpc_weight >= 0, got "
                               f"{self.rho_init!r}, {self.learning_rate!r} and {self.mpc_weight!r}")
 
 
