@@ -631,8 +631,8 @@ class _ImplicitFn(torch.autograd.Function):
     """Identity on the solution in the forward; IFT of the last AL subproblem in the backward."""
 
     @staticmethod
-    def forward(ctx, theta, x0, x, u, problem, last, obs, kind):
-        ctx.problem, ctx.last, ctx.obs, ctx.kind = problem, last, obs, kind
+    def forward(ctx, theta, x0, x, u, problem, last, obs):
+        ctx.problem, ctx.last, ctx.obs = problem, last, obs
         ctx.save_for_backward(theta, x, u)
         return x.clone(), u.clone()
 
@@ -646,7 +646,7 @@ class _ImplicitFn(torch.autograd.Function):
         gu = torch.zeros_like(u) if gu is None else gu
         with torch.no_grad():
             lin = problem.linearize(x, u, theta, lam_eq, lam_in, rho, ctx.obs)
-            F = linalg.factor(lin.D, lin.L, ctx.kind)
+            F = _factor(problem, lin.D, lin.L)
             rhs = torch.cat([gx, gu], -1) * problem.consts(x).pin
             v = linalg.solve(F, rhs)
             good = F.ok & _finite_rows(v) & ran
@@ -659,7 +659,7 @@ class _ImplicitFn(torch.autograd.Function):
                 cross = (lin.D0x.transpose(-1, -2) @ v[:, 0, :, None])[..., 0] \
                     + (lin.L0x.transpose(-1, -2) @ v[:, 1, :, None])[..., 0]
                 g_x0 = gx[:, 0] - torch.where(good[:, None], cross, torch.zeros_like(cross))
-        return g_theta, g_x0, None, None, None, None, None, None
+        return g_theta, g_x0, None, None, None, None, None
 
 
 def _kkt_matrix(problem: MPCProblem, x, u, lam_in_final, obs):
@@ -796,8 +796,7 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
                                                      stop_at_rho_max, False, stop_when_converged, exit_residual)
     if needs_grad:
         if gradient == "implicit":
-            x, u = _ImplicitFn.apply(thc, x0c, x, u, problem, last, new_state.obstacle_idx,
-                                     problem.linear_solver_kind(x.shape[0]))
+            x, u = _ImplicitFn.apply(thc, x0c, x, u, problem, last, new_state.obstacle_idx)
         else:
             x, u = _FinalImplicitFn.apply(thc, x0c, x, u, problem, new_state.lam_ineq, new_state.obstacle_idx)
     return x, u, new_state, info
