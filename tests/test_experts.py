@@ -464,8 +464,10 @@ def test_train_obstacle_radius_is_training_only_and_a_phase_can_change_it(tmp_pa
         ExpertConfig(env_id, train_obstacle_radius=0.0)
     with pytest.raises(ConfigError, match="FinetunePhase.obstacle_radius"):
         FinetunePhase(5, obstacle_radius=float("nan"))
-    with pytest.raises(ConfigError, match="no obstacles"):
-        _make_venv(ExpertConfig(PEND, train_obstacle_radius=0.6), 0, training=True)
+    with pytest.raises(ConfigError, match="train_obstacle_radius need.*no obstacles"):
+        ExpertConfig(PEND, train_obstacle_radius=0.6)
+    with pytest.raises(ConfigError, match="finetune.obstacle_radius need.*no obstacles"):
+        ExpertConfig(PEND, finetune=FinetunePhase(5, obstacle_radius=0.6))
 
 
 def test_expert_rejects_non_finite_observations(pendulum_expert: Expert) -> None:

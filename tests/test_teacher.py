@@ -43,8 +43,9 @@ def test_teacher_intervenes_only_near_obstacles() -> None:
     x[1, :3] = c + np.array([0.0, 0.0, 0.9])  # 0.4 m above a sphere, falling onto it
     x[1, 8] = -3.0
     xt = torch.tensor(x)
-    a, used = teacher.act(xt)
+    a, used, a_expert = teacher.act(xt)
     a0, _ = expert.predict(x)
+    np.testing.assert_array_equal(a_expert, a0)
     assert a.shape == (2, 4) and a.dtype == np.float32 and np.all(np.abs(a) <= 1.0)
     assert not used[0] and np.array_equal(a[0], a0[0])
     assert used[1] and not np.allclose(a[1], a0[1])

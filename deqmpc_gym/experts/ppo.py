@@ -159,12 +159,17 @@ class ExpertConfig:
             object.__setattr__(self, "teacher", config_from_dict(TeacherConfig, self.teacher))
         if self.teacher is not None and not isinstance(self.teacher, TeacherConfig):
             raise ConfigError(f"ExpertConfig.teacher must be a TeacherConfig or dict, got {self.teacher!r}")
-        if self.teacher is not None:
+        obstacle_only = [name for name, set_ in (
+            ("teacher", self.teacher is not None),
+            ("train_obstacle_radius", self.train_obstacle_radius is not None),
+            ("finetune.obstacle_radius", self.finetune is not None and self.finetune.obstacle_radius is not None))
+            if set_]
+        if obstacle_only:
             from deqmpc_gym.envs.registration import env_kwargs
 
             if not env_kwargs(self.env_id).get("obstacles", False):
-                raise ConfigError(f"ExpertConfig.teacher (the MPC safety-filter teacher) needs an obstacle variant; "
-                                  f"{self.env_id} has no obstacles")
+                raise ConfigError(f"ExpertConfig.{', '.join(obstacle_only)} need(s) an obstacle variant (e.g. "
+                                  f"DEQMPC/QuadrotorObs-v0); {self.env_id} has no obstacles")
         if not (self.goal_bonus >= 0.0 and self.goal_bonus_width > 0.0 and self.collision_penalty >= 0.0):
             raise ConfigError(f"ExpertConfig needs goal_bonus >= 0, goal_bonus_width > 0 and collision_penalty >= 0, "
                               f"got {self.goal_bonus}, {self.goal_bonus_width} and {self.collision_penalty}")
@@ -437,13 +442,8 @@ def _make_venv(config: ExpertConfig, seed: int, training: bool) -> Any:
     from stable_baselines3.common.vec_env import VecNormalize
 
     from deqmpc_gym.envs import make_sb3_vec_env
-    from deqmpc_gym.envs.registration import env_kwargs
 
     phase = config.finetune
-    if ((config.train_obstacle_radius is not None or (phase is not None and phase.obstacle_radius is not None))
-            and not env_kwargs(config.env_id).get("obstacles", False)):
-        raise ConfigError(f"an obstacle radius for training needs an obstacle variant (e.g. DEQMPC/QPoleObs-v0); "
-                          f"{config.env_id} has no obstacles")
     kw = {} if not training or config.train_obstacle_radius is None else \
         {"obstacle_radius": float(config.train_obstacle_radius)}
     venv = make_sb3_vec_env(config.env_id, config.n_envs, seed=seed, **kw)

@@ -125,13 +125,13 @@ class SafetyFilterTeacher:
             xs.append(xc)
         return torch.stack(xs, 1)
 
-    def act(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def act(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Teacher actions for states ``x: (N, nx)`` float64 CPU tensor [physical units].
 
         Returns:
-            ``(actions (N, nu) float32 normalized to [-1, 1], intervened (N,) bool)``: the MPC's first control
-            where the expert's plan comes within ``trigger`` of the enlarged spheres (and the solve is finite),
-            the expert's action elsewhere.
+            ``(actions (N, nu) float32 normalized to [-1, 1], intervened (N,) bool, expert_actions (N, nu))``:
+            the MPC's first control where the expert's plan comes within ``trigger`` of the enlarged spheres (and
+            the solve is finite), the expert's action elsewhere; and the expert's own actions.
         """
         from deqmpc_gym.mpc import solve
 
@@ -145,18 +145,18 @@ class SafetyFilterTeacher:
         theta = torch.where(finite[:, None, None], theta, x[:, None].expand_as(theta))
         use = need & finite.numpy()
         idx = np.flatnonzero(use)
+        out = a0.astype(np.float32)
         if idx.size == 0:
-            return a0.astype(np.float32), use
+            return out, use, a0
         # a cold solve per labelled state: the label is a function of the state alone (not of a warm start's
         # history), which the student can fit
         ii = torch.as_tensor(idx)
         _, u, _, info = solve(self.problem, x[ii], theta[ii], None, iters=cfg.iters, stop_when_converged=True)
         a_mpc = np.clip(self.env.to_normalized(u[:, 0].numpy()), -1.0, 1.0)
         ok = np.isfinite(a_mpc).all(1) & ~info.nonfinite.numpy()
-        out = a0.astype(np.float32)
         out[idx[ok]] = a_mpc[ok]
         use[idx[~ok]] = False
-        return out, use
+        return out, use, a0
 
 
 def _actor_mean(policy: Any, inputs: torch.Tensor) -> torch.Tensor:
@@ -211,15 +211,15 @@ def _rollout(env: Any, teacher: SafetyFilterTeacher, student: Any | None, seed: 
     success = np.zeros(n, bool)
     xs, ys, ms, ds = [], [], [], []
     for _ in range(steps):
-        x = env.state.to(torch.float64).cpu()
-        labels, used = teacher.act(x)
-        a0, _ = teacher.expert.predict(np.nan_to_num(x.numpy()), deterministic=True)
-        xs.append(x.numpy()[alive])
-        ys.append(labels[alive])
-        ms.append(used[alive])
-        ds.append(np.abs(labels - a0).max(1)[alive])
+        x = env.state.to(torch.float64).cpu()[torch.as_tensor(alive)]  # ended episodes are not labelled
+        labels, used, a0 = teacher.act(x)
+        xs.append(x.numpy())
+        ys.append(labels)
+        ms.append(used)
+        ds.append(np.abs(labels - a0).max(1))
         if student is None:
-            act = labels
+            act = np.zeros((n, labels.shape[1]), dtype=np.float32)  # ended episodes' actions are ignored
+            act[alive] = labels
         else:
             act, _ = student.predict(np.nan_to_num(np.asarray(obs, dtype=np.float64)), deterministic=True)
         r = env.step_arrays(np.nan_to_num(np.asarray(act, dtype=np.float32)))
