@@ -84,6 +84,18 @@ def mpc_pytorch_solver(system, x0, theta, lqr_iter=20):
     return run
 
 
+def time_mpc_pytorch(system, x0, theta, reps):
+    """Median time [s] of mpc.pytorch's cold solve of ``(x0, theta)`` and its last solution ``(x, u)``
+    (detached)."""
+    run = mpc_pytorch_solver(system, x0, theta)
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = median_time(lambda: out.__setitem__("mp", run()), reps)
+    xm, um = out["mp"]
+    return t, xm.detach(), um.detach()
+
+
 #: first penalty of the "standalone" cold solve (see bench_system)
 STANDALONE_RHO_INIT = 1e3
 
@@ -161,11 +173,7 @@ def bench_system(system, B, reps, do_mpc_pytorch=True):
     res["ours_T5_iters2_s"], res["ours_T50_iters2_s"] = t5, t50
     res["T50_over_T5"] = t50 / t5
     if do_mpc_pytorch:
-        run = mpc_pytorch_solver(system, x0, th0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            res["mpc_pytorch_cold_s"] = median_time(lambda: out.__setitem__("mp", run()), reps)
-        xm, um = out["mp"]
+        res["mpc_pytorch_cold_s"], xm, um = time_mpc_pytorch(system, x0, th0, reps)
         res["mpc_pytorch_cost_median"] = float(pb.cost(xm.detach(), um.detach(), th0).median())
         res["mpc_pytorch_defect_max"] = float(pb.defects(xm.detach(), um.detach()).abs().amax((1, 2)).max())
         res["speedup_cold"] = res["mpc_pytorch_cold_s"] / res["ours_cold_s"]
@@ -194,11 +202,7 @@ def bench_hard(system, B, reps):
         out = {}
         t_ours = median_time(lambda: out.__setitem__("o", solve(pb, x0, th, iters=12, stop_when_converged=True)),
                              reps)
-        run = mpc_pytorch_solver(system, x0, th)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            t_mp = median_time(lambda: out.__setitem__("m", run()), reps)
-        xm, um = out["m"]
+        t_mp, xm, um = time_mpc_pytorch(system, x0, th, reps)
         rows.append({"problems": name, "ours_cold_s": t_ours, "mpc_pytorch_cold_s": t_mp,
                      "speedup_cold": t_mp / t_ours, "ours_converged_frac": float(out["o"][3].converged.float().mean()),
                      "ours_cost_median": float(out["o"][3].cost.median()),
