@@ -351,13 +351,15 @@ def _first_trial_steps(problem: MPCProblem, sub: _Batch, x: torch.Tensor, u: tor
 
 
 def _line_search(problem: MPCProblem, sub: _Batch, x: torch.Tensor, u: torch.Tensor, dx: torch.Tensor,
-                 du: torch.Tensor, m0: torch.Tensor, with_dynamics: bool):
+                 du: torch.Tensor, m0: torch.Tensor, with_dynamics: bool, full_first: bool = False):
     """Backtracking on the merit from ``(x, u)`` along ``(dx, du)``: per sample the largest of ``alpha = 1, 1/2,
     ..., 2^-line_search_steps`` with a strict decrease below ``m0``, else ``alpha = 0``.
 
     With ``with_dynamics`` the full step is tried first together with the dynamics' Jacobians, which become the
     next linearisation when it is accepted (the usual case near a solution): one Jacobian evaluation per Newton
-    step instead of a Jacobian plus a merit evaluation.
+    step instead of a Jacobian plus a merit evaluation. ``full_first`` (implied by ``with_dynamics``) tries the full
+    step alone before the batched trials of :func:`_first_trial_steps` (for the failing samples): cheaper where
+    the full step is almost always accepted (a last AL iteration near the solution).
 
     Returns ``(alpha (B,), ok (B,), d (B,T-1,nx), g (B,T,mi), dyn)``: ``d``/``g`` at the accepted point (at
     ``alpha = 0``: unset, the caller keeps the linearisation's) and ``dyn``: :meth:`MPCProblem.dynamics` at the
@@ -365,12 +367,15 @@ def _line_search(problem: MPCProblem, sub: _Batch, x: torch.Tensor, u: torch.Ten
     """
     cfg = problem.config
     dyn = None
-    if with_dynamics:
+    if with_dynamics or full_first:
         x1, u1 = x + dx, u + du
-        dyn = problem.dynamics(x1, u1)
-        d = x1[:, 1:] - dyn[0]
-        g, _ = problem.ineq(x1, u1, sub.obs, jac=False)
-        m1 = problem._merit_from(problem.cost(x1, u1, sub.theta), d, g, sub.lam_eq, sub.lam_in, sub.rho)
+        if with_dynamics:
+            dyn = problem.dynamics(x1, u1)
+            d = x1[:, 1:] - dyn[0]
+            g, _ = problem.ineq(x1, u1, sub.obs, jac=False)
+            m1 = problem._merit_from(problem.cost(x1, u1, sub.theta), d, g, sub.lam_eq, sub.lam_in, sub.rho)
+        else:
+            m1, d, g = problem.merit_parts(x1, u1, sub.theta, sub.lam_eq, sub.lam_in, sub.rho, sub.obs)
         ok = (m1 < m0) & torch.isfinite(m1)
         alpha = torch.ones_like(m0)
         tried = 1
@@ -405,10 +410,12 @@ def _merge_dynamics(keep_new: torch.Tensor, new, old):
 
 
 def _newton_loop(problem: MPCProblem, bt: _Batch, track_grad: bool, stats: dict,
-                 exit_residual: float = 0.0, dyn=None):
+                 exit_residual: float = 0.0, dyn=None, last: bool = False):
     """Gauss-Newton minimisation of the merit of the AL subproblem for the samples of ``bt``.
 
-    ``dyn``: :meth:`MPCProblem.dynamics` at ``(bt.x, bt.u)`` if known (reused, not re-evaluated). Returns updated
+    ``dyn``: :meth:`MPCProblem.dynamics` at ``(bt.x, bt.u)`` if known (reused, not re-evaluated). ``last``: this
+    is the call's last AL iteration, so the line search skips the dynamics' Jacobians at its full-step trial
+    (the final step's would be wasted; a further step linearises afresh). Returns updated
     ``(x, u)``, per-sample ``(steps, exited_by_step_test, dual_residual, fallback, nonfinite)``, ``(d, g)``: the
     defects and inequality residuals at the returned ``(x, u)`` (no autograd graph), and the dynamics there
     (or None; never with ``track_grad``).
@@ -427,6 +434,7 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, track_grad: bool, stats: dict,
     d_cur = g_cur = None  # defects / inequality residuals at (x, u) once every sample has taken a step
     # an accepted full step's dynamics become the next linearisation
     reuse = not track_grad and problem.trial_dynamics(b)
+    trial = reuse and not last  # the line search's full-step trial also evaluates the Jacobians
     dyn_cur = dyn if reuse else None  # dynamics at (x, u), valid where dyn_ok
     dyn_ok = torch.ones(b, dtype=torch.bool, device=dev)
     nx = problem.nx
@@ -459,8 +467,9 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, track_grad: bool, stats: dict,
             # line search: alpha = 1 for all, halve only the failing samples
             dzd = dz.detach()
             dx, du = dzd[..., :nx], dzd[..., nx:]
-            alpha, ok, dn, gn, dyn1 = _line_search(problem, sub, xs.detach(), us.detach(), dx, du, m0, reuse)
-            if reuse:  # dynamics at the new iterate: the full step's, or the linearisation's where alpha = 0
+            alpha, ok, dn, gn, dyn1 = _line_search(problem, sub, xs.detach(), us.detach(), dx, du, m0, trial,
+                                                  full_first=last)
+            if trial:  # dynamics at the new iterate: the full step's, or the linearisation's where alpha = 0
                 full = alpha == 1.0
                 dyn_n = _merge_dynamics(full, dyn1, (lin.fx, lin.A, lin.Bu))
                 dyn_nok = full | (alpha == 0.0)
@@ -493,8 +502,10 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, track_grad: bool, stats: dict,
             active = ~done
             prev_step = alpha * step_norm
             d_cur, g_cur = dn, gn
-            if reuse:
+            if trial:
                 dyn_cur, dyn_ok = dyn_n, dyn_nok
+            else:
+                dyn_cur = None
         else:
             x = x.index_copy(0, idx, xn)
             u = u.index_copy(0, idx, un)
@@ -506,9 +517,11 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, track_grad: bool, stats: dict,
             active = active.index_copy(0, idx, ~done)
             prev_step = prev_step.index_copy(0, idx, alpha * step_norm)
             d_cur, g_cur = d_cur.index_copy(0, idx, dn), g_cur.index_copy(0, idx, gn)
-            if reuse:
+            if trial and dyn_cur is not None:
                 dyn_cur = tuple(a.index_copy(0, idx, an) for a, an in zip(dyn_cur, dyn_n))
                 dyn_ok = dyn_ok.index_copy(0, idx, dyn_nok)
+            else:
+                dyn_cur = None
     dyn_out = dyn_cur if dyn_cur is not None and bool(dyn_ok.all()) else None
     return x, u, steps, small_exit, dres, fb, nf, (d_cur, g_cur), dyn_out
 
@@ -537,7 +550,7 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
     seen = torch.zeros(b, dtype=torch.bool, device=dev)
     dyn_all = None  # problem.dynamics at the current iterate (from the last line search), valid where dyn_ok
     dyn_ok = torch.zeros(b, dtype=torch.bool, device=dev)
-    for _ in range(iters):
+    for it in range(iters):
         run = rho <= cfg.rho_max if stop_at_rho_max else torch.ones(b, dtype=torch.bool, device=dev)
         run = run & ~done
         if not bool(run.any()):
@@ -552,8 +565,10 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
             ridx = run.nonzero()[:, 0]
             bt = _Batch(x, u, theta, lam_eq, lam_in, rho, obs).take(ridx)
             dyn_in = tuple(a[ridx] for a in dyn_all) if dyn_all is not None and bool(dyn_ok[ridx].all()) else None
+        # the last AL iteration of every running sample: the call's last, or (streaming) the one at rho_max
+        last = it == iters - 1 or (stop_at_rho_max and bool((bt.rho * cfg.rho_growth > cfg.rho_max).all()))
         xr, ur, st, se, dr, f1, n1, (d, g), dyn_r = _newton_loop(problem, bt, track_grad, stats, exit_residual,
-                                                                 dyn_in)
+                                                                 dyn_in, last)
         if dyn_r is not None:
             if all_run or dyn_all is None:
                 dyn_all = dyn_r if all_run else tuple(a.new_zeros(b, *a.shape[1:]).index_copy(0, ridx, a)
