@@ -49,19 +49,19 @@ def dense_factor(D: torch.Tensor, L: torch.Tensor) -> Factor:
 def banded_factor(D: torch.Tensor, L: torch.Tensor) -> Factor:
     """Block-tridiagonal Cholesky ``H = C C^T`` (sequential over knots, batched over samples)."""
     t_len = D.shape[1]
-    Cs, Ys = [], []
-    ok = torch.ones(D.shape[0], dtype=torch.bool, device=D.device)
+    Cs, Ys, infos = [], [], []
+    Lt = L.transpose(-1, -2)
     Y = None
     for t in range(t_len):
-        S = D[:, t] if Y is None else D[:, t] - Y @ Y.transpose(-1, -2)
+        S = D[:, t] if Y is None else torch.baddbmm(D[:, t], Y, Y.transpose(-1, -2), alpha=-1.0)
         C, info = torch.linalg.cholesky_ex(S)
-        ok = ok & (info == 0)
+        infos.append(info)
         Cs.append(C)
         if t < t_len - 1:
             # Y = L_t C^{-T}  <=>  C Y^T = L_t^T
-            Y = torch.linalg.solve_triangular(C, L[:, t].transpose(-1, -2), upper=False).transpose(-1, -2)
+            Y = torch.linalg.solve_triangular(C, Lt[:, t], upper=False).transpose(-1, -2)
             Ys.append(Y)
-    return Factor("banded", Cs, Ys, ok)
+    return Factor("banded", Cs, Ys, torch.stack(infos, 1).eq(0).all(1))
 
 
 def factor(D: torch.Tensor, L: torch.Tensor, kind: str) -> Factor:
@@ -78,18 +78,15 @@ def solve(F: Factor, b: torch.Tensor) -> torch.Tensor:
     t_len = len(Cs)
     ys = []
     prev = None
+    bc = b[..., None]
     for t in range(t_len):
-        rhs = b[:, t, :, None]
-        if prev is not None:
-            rhs = rhs - Ys[t - 1] @ prev
+        rhs = bc[:, t] if prev is None else torch.baddbmm(bc[:, t], Ys[t - 1], prev, alpha=-1.0)
         prev = torch.linalg.solve_triangular(Cs[t], rhs, upper=False)
         ys.append(prev)
     xs = [None] * t_len
     nxt = None
     for t in range(t_len - 1, -1, -1):
-        rhs = ys[t]
-        if nxt is not None:
-            rhs = rhs - Ys[t].transpose(-1, -2) @ nxt
+        rhs = ys[t] if nxt is None else torch.baddbmm(ys[t], Ys[t].transpose(-1, -2), nxt, alpha=-1.0)
         nxt = torch.linalg.solve_triangular(Cs[t].transpose(-1, -2), rhs, upper=True)
         xs[t] = nxt
     return torch.stack(xs, 1)[..., 0]
