@@ -787,17 +787,16 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
     dt = cfg.dtype
     x0c, thc = x0.to(dt), theta.to(dt)
     b = x0.shape[0]
-    cold = init_state(problem, x0c.detach(), thc.detach())
     cold_start = state is None
     if cold_start:
-        state = cold
+        state = init_state(problem, x0c.detach(), thc.detach())
     else:
         _check_state(problem, state, b)
         state = SolverState(state.x.detach().to(x0c), state.u.detach().to(x0c), state.lam_eq.detach().to(x0c),
                             state.lam_ineq.detach().to(x0c), state.rho.detach().to(x0c), state.obstacle_idx)
         bad = ~(_finite_rows(state.x) & _finite_rows(state.u) & _finite_rows(state.lam) & torch.isfinite(state.rho))
         if bool(bad.any()):
-            state = cold.where(bad, state)
+            state = init_state(problem, x0c.detach(), thc.detach()).where(bad, state)
     needs_grad = torch.is_grad_enabled() and (x0.requires_grad or theta.requires_grad)
     track = needs_grad and gradient == "unroll"
     if track:
