@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -475,3 +476,80 @@ def test_expert_rejects_non_finite_observations(pendulum_expert: Expert) -> None
     obs[1, 0] = np.nan
     with pytest.raises(ShapeError, match=r"non-finite values in rows \[1\]"):
         pendulum_expert.predict(obs)
+
+
+def test_a_phase_adds_obstacle_features_without_changing_the_policy(tmp_path: Path) -> None:
+    """A fine-tune phase with ``obstacle_features`` widens the policy's input at its start: the new inputs get zero
+    weights and unit normalization, so actions and values are unchanged at the switch; the earlier phases' settings
+    carry over, the checkpoint resumes with the wider input, and the card and loaded expert use the features."""
+    import deqmpc_gym.experts.ppo as ppo_mod
+    from deqmpc_gym.experts.ppo import _with_features
+
+    env_id = "DEQMPC/QuadrotorObs-v0"
+    phases = (FinetunePhase(start_step=256, learning_rate=1e-2),
+              FinetunePhase(start_step=512, obstacle_features=2, clearance_penalty=0.5, log_std=-1.0))
+    cfg = ExpertConfig(env_id, total_steps=768, n_envs=8, n_steps=32, batch_size=64, n_epochs=1, slice_steps=256,
+                       eval_episodes=2, net_arch=(8, 8), finetune=phases)
+    assert cfg.phases == phases and cfg.features_after(1) == 0 and cfg.features_after(2) == 2
+    out = tmp_path / "e"
+    assert train_expert(cfg, out, progress=False, max_slices=2) is None
+    progress = json.loads((out / "checkpoint" / "progress.json").read_text())
+    assert progress["steps_done"] == 512 and progress["phases_started"] == 1
+    # a checkpoint written before multi-phase runs (no "phases_started") resumes as well
+    del progress["phases_started"]
+    (out / "checkpoint" / "progress.json").write_text(json.dumps(progress))
+
+    raw = np.random.default_rng(0).normal(size=(5, 12)).astype(np.float32)
+    seen: dict = {}
+    orig_add, orig_start = ppo_mod._add_obstacle_features, ppo_mod._start_finetune
+
+    def add_spy(model, venv, config, earlier, k):
+        before = model.policy.predict(venv.normalize_obs(raw), deterministic=True)[0]
+        v_before = model.policy.predict_values(torch.as_tensor(venv.normalize_obs(raw))).detach()
+        new_model, new_venv = orig_add(model, venv, config, earlier, k)
+        spec = ppo_mod._feature_spec(new_venv.unwrapped.env, k)
+        wide = new_venv.normalize_obs(_with_features(raw.astype(np.float64), spec).astype(np.float32))
+        seen["same_action"] = np.allclose(new_model.policy.predict(wide, deterministic=True)[0], before, atol=1e-6)
+        seen["same_value"] = torch.allclose(new_model.policy.predict_values(torch.as_tensor(wide)), v_before,
+                                            atol=1e-6)
+        seen["lr_after_earlier_phases"] = new_model.lr_schedule(1.0)
+        return new_model, new_venv
+
+    def start_spy(model, venv, ph, *, reset_log_std):
+        orig_start(model, venv, ph, reset_log_std=reset_log_std)
+        seen.setdefault("starts", []).append((ph.start_step, reset_log_std, venv.venv.clearance_penalty,
+                                              model.lr_schedule(1.0)))
+
+    ppo_mod._add_obstacle_features, ppo_mod._start_finetune = add_spy, start_spy
+    try:
+        card = train_expert(cfg, out, progress=False)
+    finally:
+        ppo_mod._add_obstacle_features, ppo_mod._start_finetune = orig_add, orig_start
+    assert seen["same_action"] and seen["same_value"] and seen["lr_after_earlier_phases"] == 1e-2
+    # resume re-applies phase 1 (no log-std reset); phase 2 starts with its reset and the new clearance penalty
+    assert seen["starts"][0][:2] == (256, False) and seen["starts"][-1] == (512, True, 0.5, 1e-2)
+    assert card["obs_dim"] == 18 and card["obstacle_features"]["k"] == 2
+    assert [p["start_step"] for p in card["config"]["finetune"]] == [256, 512]
+    expert = load_expert(out)
+    a, _ = expert.predict(raw)
+    assert expert.obs_dim == 12 and a.shape == (5, 4)
+    # the finished run resumes with the wider input when its budget grows
+    assert train_expert(dataclasses.replace(cfg, total_steps=1024), out, progress=False, max_slices=1) is not None
+
+
+def test_phase_sequences_are_validated() -> None:
+    env_id = "DEQMPC/QuadrotorObs-v0"
+    with pytest.raises(ConfigError, match="obstacle_features must be an int >= 1"):
+        FinetunePhase(5, obstacle_features=0)
+    with pytest.raises(ConfigError, match="clearance_penalty"):
+        FinetunePhase(5, clearance_penalty=-1.0)
+    with pytest.raises(ConfigError, match="increasing start_step"):
+        ExpertConfig(env_id, finetune=(FinetunePhase(10), FinetunePhase(10)))
+    with pytest.raises(ConfigError, match="added once"):
+        ExpertConfig(env_id, obstacle_features=3, finetune=FinetunePhase(5, obstacle_features=2))
+    with pytest.raises(ConfigError, match="finetune.obstacle_features need.*no obstacles"):
+        ExpertConfig(PEND, finetune=[{"start_step": 5}, {"start_step": 6, "obstacle_features": 2}])
+    with pytest.raises(ConfigError, match="sequence of them"):
+        ExpertConfig(env_id, finetune=[FinetunePhase(5), 3])
+    cfg = ExpertConfig(env_id, finetune=[{"start_step": 5}, {"start_step": 6, "obstacle_features": 2}])
+    assert isinstance(cfg.finetune, tuple) and cfg.features_after(2) == 2

@@ -15,6 +15,7 @@ stopped (``resume=True``). The finished expert is exported as
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -43,8 +44,9 @@ def check_radius(name: str, value: float | None) -> None:
 
 @dataclass(frozen=True)
 class FinetunePhase:
-    """Settings that take over from the first checkpoint at or after ``start_step`` env steps (a second phase of
-    the same PPO run, e.g. a narrower goal bonus once the policy has found the goal region).
+    """Settings that take over from the first checkpoint at or after ``start_step`` env steps (a later phase of
+    the same PPO run, e.g. a narrower goal bonus once the policy has found the goal region). Phases apply in
+    order; a later phase's settings add to (and override) the earlier ones'.
 
     Attributes:
         start_step: env steps after which the phase starts (>= 1).
@@ -57,6 +59,13 @@ class FinetunePhase:
         collision_penalty: replaces :class:`ExpertConfig`'s (``None``: keep).
         obstacle_radius: replaces :class:`ExpertConfig`'s ``train_obstacle_radius`` [m] (``None``: keep): a
             curriculum step of the training env's obstacle size.
+        clearance_penalty: replaces :class:`ExpertConfig`'s (``None``: keep).
+        obstacle_features: ``k`` (obstacle variants; ``None``: keep): from this phase on the policy's input also
+            holds the offsets to the ``k`` nearest obstacles (as :attr:`ExpertConfig.obstacle_features`). Their
+            input weights start at zero and their normalization statistics at mean 0, variance 1 m^2, so the
+            policy and value function are unchanged at the switch; PPO then learns to use them. This teaches a
+            policy that already balances and reaches the goal where the obstacles are, instead of training with
+            the offsets from scratch.
     """
 
     start_step: int
@@ -67,11 +76,16 @@ class FinetunePhase:
     freeze_normalization: bool = False
     collision_penalty: float | None = None
     obstacle_radius: float | None = None
+    clearance_penalty: float | None = None
+    obstacle_features: int | None = None
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("start_step",))
         check_radius("FinetunePhase.obstacle_radius", self.obstacle_radius)
-        for name in ("goal_bonus", "learning_rate", "collision_penalty"):
+        k = self.obstacle_features
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ConfigError(f"FinetunePhase.obstacle_features must be an int >= 1 or None, got {k!r}")
+        for name in ("goal_bonus", "learning_rate", "collision_penalty", "clearance_penalty"):
             v = getattr(self, name)
             if v is not None and not v >= 0.0:
                 raise ConfigError(f"FinetunePhase.{name} must be >= 0, got {v!r}")
@@ -115,8 +129,9 @@ class ExpertConfig:
         train_obstacle_radius: training-only, obstacle variants: the radius [m] of the spheres in PPO's training env
             (``None``: the env's own, 0.5 m). A larger radius is a safety margin: PPO learns to keep clear of
             spheres larger than the ones it is evaluated on (the card and every evaluation use the env's own).
-        finetune: an optional :class:`FinetunePhase` (a dict is converted); it may be added to or changed in a
-            checkpoint whose training has not reached its ``start_step`` yet.
+        finetune: an optional :class:`FinetunePhase`, or a sequence of them with increasing ``start_step`` (dicts
+            are converted); a phase may be added to or changed in a checkpoint whose training has not reached its
+            ``start_step`` yet. :attr:`phases` is the sequence in either case.
         teacher: an optional :class:`~deqmpc_gym.experts.teacher.TeacherConfig` (a dict is converted; obstacle
             variants only): after PPO, an obstacle-aware MPC safety filter around the PPO expert is distilled into
             its actor by DAgger (:func:`~deqmpc_gym.experts.teacher.refine_with_teacher`); the card records the
@@ -147,14 +162,29 @@ class ExpertConfig:
     clearance_margin: float = 0.5
     obstacle_features: int = 0
     train_obstacle_radius: float | None = None
-    finetune: FinetunePhase | None = None
+    finetune: FinetunePhase | tuple[FinetunePhase, ...] | None = None
     teacher: TeacherConfig | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.finetune, dict):
-            object.__setattr__(self, "finetune", config_from_dict(FinetunePhase, self.finetune))
-        if self.finetune is not None and not isinstance(self.finetune, FinetunePhase):
-            raise ConfigError(f"ExpertConfig.finetune must be a FinetunePhase or dict, got {self.finetune!r}")
+        def phase(p: Any) -> FinetunePhase:
+            p = config_from_dict(FinetunePhase, p) if isinstance(p, dict) else p
+            if not isinstance(p, FinetunePhase):
+                raise ConfigError(f"ExpertConfig.finetune must be a FinetunePhase, a dict or a sequence of them, "
+                                  f"got {self.finetune!r}")
+            return p
+
+        if isinstance(self.finetune, (list, tuple)):
+            object.__setattr__(self, "finetune", tuple(phase(p) for p in self.finetune) or None)
+        elif self.finetune is not None:
+            object.__setattr__(self, "finetune", phase(self.finetune))
+        starts = [p.start_step for p in self.phases]
+        if any(b <= a for a, b in zip(starts, starts[1:])):
+            raise ConfigError(f"ExpertConfig.finetune phases need increasing start_step, got {starts}")
+        feature_phases = [p.obstacle_features for p in self.phases if p.obstacle_features is not None]
+        if feature_phases and (self.obstacle_features or len(feature_phases) > 1):
+            raise ConfigError("obstacle features can be added once: either ExpertConfig.obstacle_features (from the "
+                              f"start) or one FinetunePhase.obstacle_features, got {self.obstacle_features} and "
+                              f"{feature_phases}")
         if isinstance(self.teacher, dict):
             object.__setattr__(self, "teacher", config_from_dict(TeacherConfig, self.teacher))
         if self.teacher is not None and not isinstance(self.teacher, TeacherConfig):
@@ -162,7 +192,8 @@ class ExpertConfig:
         obstacle_only = [name for name, set_ in (
             ("teacher", self.teacher is not None),
             ("train_obstacle_radius", self.train_obstacle_radius is not None),
-            ("finetune.obstacle_radius", self.finetune is not None and self.finetune.obstacle_radius is not None))
+            ("finetune.obstacle_radius", any(p.obstacle_radius is not None for p in self.phases)),
+            ("finetune.obstacle_features", any(p.obstacle_features is not None for p in self.phases)))
             if set_]
         if obstacle_only:
             from deqmpc_gym.envs.registration import env_kwargs
@@ -183,6 +214,18 @@ class ExpertConfig:
         check_radius("ExpertConfig.train_obstacle_radius", self.train_obstacle_radius)
         object.__setattr__(self, "net_arch", tuple(int(h) for h in self.net_arch))
 
+    @property
+    def phases(self) -> tuple[FinetunePhase, ...]:
+        """The fine-tune phases in order (``()`` without :attr:`finetune`)."""
+        if self.finetune is None:
+            return ()
+        return self.finetune if isinstance(self.finetune, tuple) else (self.finetune,)
+
+    def features_after(self, n_phases: int) -> int:
+        """Obstacle features ``k`` of the policy's input once the first ``n_phases`` phases have started."""
+        added = [p.obstacle_features for p in self.phases[:n_phases] if p.obstacle_features is not None]
+        return added[-1] if added else self.obstacle_features
+
 
 #: Per-env overrides of :class:`ExpertConfig` (budgets measured on a 2-core CPU).
 EXPERT_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -199,10 +242,15 @@ EXPERT_DEFAULTS: dict[str, dict[str, Any]] = {
     # QuadrotorObs: PPO with the offsets to the 3 nearest obstacles in its input, then the MPC teacher (DAgger):
     # 93 % / 7 % (success / collisions) after PPO, 96 % / 4 % after the teacher.
     "DEQMPC/QuadrotorObs-v0": {"total_steps": 6_000_000, "obstacle_features": 3, "teacher": TeacherConfig()},
-    "DEQMPC/QPoleObs-v0": {"total_steps": 14_500_000, "net_arch": (256, 256), "goal_bonus": 1.0,
+    # QPoleObs: the QPole recipe to 14.5 M steps (88.5 % / 11 %), then a phase that adds the offsets to the 3
+    # nearest obstacles to the policy's input (zero weights: the policy is unchanged at the switch), renews
+    # exploration and penalises collisions and clearance below 0.5 m (4 M steps).
+    "DEQMPC/QPoleObs-v0": {"total_steps": 18_500_000, "net_arch": (256, 256), "goal_bonus": 1.0,
                            "goal_bonus_width": 3.0,
-                           "finetune": FinetunePhase(start_step=10_000_000, goal_bonus=2.0, goal_bonus_width=1.0,
-                                                     learning_rate=1e-3, log_std=-2.0, freeze_normalization=True)},
+                           "finetune": (FinetunePhase(start_step=10_000_000, goal_bonus=2.0, goal_bonus_width=1.0,
+                                                      learning_rate=1e-3, log_std=-2.0, freeze_normalization=True),
+                                        FinetunePhase(start_step=14_500_000, obstacle_features=3, learning_rate=3e-4,
+                                                      log_std=-1.0, collision_penalty=20.0, clearance_penalty=1.0))},
 }
 
 
@@ -384,10 +432,13 @@ def with_reward_shaping(venv: Any, bonus: float, width: float, collision_penalty
     nx = goal.shape[0]
 
     class RewardShaping(VecEnvWrapper):
-        def set_shaping(self, bonus: float, width: float, collision_penalty: float) -> None:
-            """Change the shaping (e.g. when a :class:`FinetunePhase` starts)."""
+        def set_shaping(self, bonus: float, width: float, collision_penalty: float,
+                        clearance_penalty: float | None = None) -> None:
+            """Change the shaping (e.g. when a :class:`FinetunePhase` starts; ``clearance_penalty`` None: keep)."""
             self.bonus, self.width, self.scale = float(bonus), float(width), 1.0 / (float(width) * tol)
             self.collision_penalty = float(collision_penalty)
+            if clearance_penalty is not None:
+                self.clearance_penalty = float(clearance_penalty)
 
         def reset(self) -> np.ndarray:
             return self.venv.reset()
@@ -403,14 +454,14 @@ def with_reward_shaping(venv: Any, bonus: float, width: float, collision_penalty
             if self.collision_penalty:
                 for i in done_idx:
                     shaped[i] -= self.collision_penalty * float(infos[i]["cost"])
-            if clearance_penalty > 0.0 and infos and "min_obstacle_distance" in infos[0]:
+            if self.clearance_penalty > 0.0 and infos and "min_obstacle_distance" in infos[0]:
                 d = np.array([info["min_obstacle_distance"] for info in infos], dtype=np.float64)
                 d = np.nan_to_num(d, nan=0.0)  # a non-finite state (its episode ends) counts as contact
-                shaped -= clearance_penalty * np.clip(1.0 - d / clearance_margin, 0.0, 1.0)
+                shaped -= self.clearance_penalty * np.clip(1.0 - d / clearance_margin, 0.0, 1.0)
             return obs, shaped.astype(np.float32), dones, infos
 
     wrapped = RewardShaping(venv)
-    wrapped.set_shaping(bonus, width, collision_penalty)
+    wrapped.set_shaping(bonus, width, collision_penalty, clearance_penalty)
     return wrapped
 
 
@@ -438,19 +489,21 @@ def with_obstacle_features(venv: Any, k: int) -> Any:
     return ObstacleFeatures(venv, observation_space=gym.spaces.Box(low, high, dtype=space.dtype))
 
 
-def _make_venv(config: ExpertConfig, seed: int, training: bool) -> Any:
+def _make_venv(config: ExpertConfig, seed: int, training: bool, features: int | None = None) -> Any:
+    """The ``VecNormalize``-wrapped training (or evaluation) env of ``config``; ``features``: the obstacle features
+    ``k`` of the policy's input (default ``config.obstacle_features``)."""
     from stable_baselines3.common.vec_env import VecNormalize
 
     from deqmpc_gym.envs import make_sb3_vec_env
 
-    phase = config.finetune
     kw = {} if not training or config.train_obstacle_radius is None else \
         {"obstacle_radius": float(config.train_obstacle_radius)}
     venv = make_sb3_vec_env(config.env_id, config.n_envs, seed=seed, **kw)
-    if config.obstacle_features:
-        venv = with_obstacle_features(venv, config.obstacle_features)
+    k = config.obstacle_features if features is None else features
+    if k:
+        venv = with_obstacle_features(venv, k)
     if training and (config.goal_bonus > 0.0 or config.collision_penalty > 0.0 or config.clearance_penalty > 0.0
-                     or (phase is not None and (phase.goal_bonus or phase.collision_penalty))):
+                     or any(p.goal_bonus or p.collision_penalty or p.clearance_penalty for p in config.phases)):
         venv = with_reward_shaping(venv, config.goal_bonus, config.goal_bonus_width, config.collision_penalty,
                                    config.clearance_penalty, config.clearance_margin)
     return VecNormalize(venv, norm_obs=True, norm_reward=training, clip_obs=10.0, gamma=config.gamma,
@@ -498,49 +551,35 @@ def train_expert(config: ExpertConfig, out_dir: str | Path, *, resume: bool = Tr
 
     paths = _Paths(Path(out_dir))
     cfg_dict = json.loads(json.dumps(dataclasses.asdict(config)))
-    state = {"steps_done": 0, "wall_time_s": 0.0, "config": cfg_dict}
-    venv = _make_venv(config, config.seed, training=True)
+    state: dict[str, Any] = {"steps_done": 0, "wall_time_s": 0.0, "config": cfg_dict, "phases_started": 0}
+    phases = config.phases
     if resume and paths.progress.exists():
         state = json.loads(paths.progress.read_text())
-        budget_keys = ("total_steps", "slice_steps", "eval_episodes")  # may change between resumed runs
-        defaults = {f.name: f.default for f in dataclasses.fields(ExpertConfig)
-                    if f.default is not dataclasses.MISSING}  # keys added after the checkpoint was written
-        saved = {**json.loads(json.dumps(defaults)), **(state.get("config") or {})}
-        fixed = budget_keys + ("finetune", "teacher")  # the teacher runs after PPO: it may be added or changed
-        same = {k: v for k, v in saved.items() if k not in fixed} == \
-            {k: v for k, v in cfg_dict.items() if k not in fixed}
-        # a fine-tune phase may be added or changed as long as it has not started and an uninterrupted run would
-        # not have started it before this checkpoint (it starts at the first checkpoint at or after start_step)
-        starts = [f["start_step"] for f in (saved.get("finetune"), cfg_dict.get("finetune")) if f]
-        phase_defaults = {f.name: f.default for f in dataclasses.fields(FinetunePhase)
-                          if f.default is not dataclasses.MISSING}  # fields added after the checkpoint was written
-
-        def phase(d: dict[str, Any] | None) -> dict[str, Any] | None:
-            return None if d is None else {**phase_defaults, **d}
-
-        same = same and (phase(saved.get("finetune")) == phase(cfg_dict.get("finetune"))
-                         or (not state.get("finetune_started")
-                             and state["steps_done"] - config.slice_steps < min(starts)))
+        # checkpoints written before multi-phase runs record ``finetune_started`` (the only phase)
+        state.setdefault("phases_started", int(bool(state.get("finetune_started"))))
+        _check_resumable(config, cfg_dict, state, paths)
         state["config"] = cfg_dict
-        if not same:
-            raise CheckpointError(f"{paths.progress} was written for another ExpertConfig; use another --out "
-                                  f"or the same settings (saved: {saved})")
+        venv = _make_venv(config, config.seed, training=True, features=config.features_after(state["phases_started"]))
         venv = VecNormalize.load(str(paths.norm), venv.venv)
         venv.training, venv.norm_reward = True, True
         model = PPO.load(paths.model, env=venv, device="cpu")
-        if state.get("finetune_started"):
-            _start_finetune(model, venv, config.finetune, reset_log_std=False)
+        for phase in phases[:state["phases_started"]]:
+            _start_finetune(model, venv, phase, reset_log_std=False)
     else:
+        venv = _make_venv(config, config.seed, training=True)
         model = _new_model(config, venv)
     slices = 0
-    phase = config.finetune
     while state["steps_done"] < config.total_steps and (max_slices is None or slices < max_slices):
-        if phase is not None and not state.get("finetune_started") and state["steps_done"] >= phase.start_step:
-            _start_finetune(model, venv, phase, reset_log_std=True)
+        n = state["phases_started"]
+        if n < len(phases) and state["steps_done"] >= phases[n].start_step:
+            if phases[n].obstacle_features is not None:
+                model, venv = _add_obstacle_features(model, venv, config, phases[:n], phases[n].obstacle_features)
+            _start_finetune(model, venv, phases[n], reset_log_std=True)
+            state["phases_started"] = n = n + 1
             state["finetune_started"] = True
         chunk = min(config.slice_steps, config.total_steps - state["steps_done"])
-        if phase is not None and state["steps_done"] < phase.start_step:
-            chunk = min(chunk, phase.start_step - state["steps_done"])
+        if n < len(phases):
+            chunk = min(chunk, max(1, phases[n].start_step - state["steps_done"]))
         t0 = time.perf_counter()
         model.learn(chunk, reset_num_timesteps=False, progress_bar=progress)
         state["steps_done"] = int(model.num_timesteps)
@@ -550,6 +589,65 @@ def train_expert(config: ExpertConfig, out_dir: str | Path, *, resume: bool = Tr
     if state["steps_done"] < config.total_steps:
         return None
     return export_expert(model, venv, config, paths.root, state, log=print if progress else None)
+
+
+def _check_resumable(config: ExpertConfig, cfg_dict: dict[str, Any], state: dict[str, Any], paths: _Paths) -> None:
+    """Raise :class:`CheckpointError` unless the checkpoint with progress ``state`` may continue as ``config``:
+    the same settings except the budget, the teacher, and fine-tune phases that have not started (nor would an
+    uninterrupted run have started them before this checkpoint: a phase starts at the first checkpoint at or
+    after its ``start_step``)."""
+    budget_keys = ("total_steps", "slice_steps", "eval_episodes")  # may change between resumed runs
+    defaults = {f.name: f.default for f in dataclasses.fields(ExpertConfig)
+                if f.default is not dataclasses.MISSING}  # keys added after the checkpoint was written
+    saved = {**json.loads(json.dumps(defaults)), **(state.get("config") or {})}
+    fixed = budget_keys + ("finetune", "teacher")  # the teacher runs after PPO: it may be added or changed
+    same = {k: v for k, v in saved.items() if k not in fixed} == {k: v for k, v in cfg_dict.items() if k not in fixed}
+    phase_defaults = {f.name: f.default for f in dataclasses.fields(FinetunePhase)
+                      if f.default is not dataclasses.MISSING}  # fields added after the checkpoint was written
+
+    def phase_list(d: Any) -> list[dict[str, Any]]:
+        items = [] if d is None else (d if isinstance(d, list) else [d])
+        return [{**phase_defaults, **p} for p in items]
+
+    old, new = phase_list(saved.get("finetune")), phase_list(cfg_dict.get("finetune"))
+    started = state["phases_started"]
+    # the started phases must be the same; the first differing phase of either list must not be due yet
+    same = same and old[:started] == new[:started]
+    diff = next((i for i in range(max(len(old), len(new))) if i >= len(old) or i >= len(new) or old[i] != new[i]),
+                None)
+    if diff is not None:
+        due = [lst[diff]["start_step"] for lst in (old, new) if diff < len(lst)]
+        same = same and diff >= started and state["steps_done"] - config.slice_steps < min(due)
+    if not same:
+        raise CheckpointError(f"{paths.progress} was written for another ExpertConfig; use another --out "
+                              f"or the same settings (saved: {saved})")
+
+
+def _add_obstacle_features(model: Any, venv: Any, config: ExpertConfig, earlier: tuple[FinetunePhase, ...],
+                           k: int) -> tuple[Any, Any]:
+    """A PPO model and training env whose observations also hold the offsets to the ``k`` nearest obstacles:
+    the same weights with zero input weights for the new inputs, the same normalization statistics with mean 0
+    and variance 1 for them, and the settings of the ``earlier`` phases applied (the caller then starts the phase
+    that adds the features)."""
+    new_venv = _make_venv(config, config.seed + 1, training=True, features=k)
+    n = venv.obs_rms.mean.shape[0]
+    rms = new_venv.obs_rms
+    rms.mean[:n], rms.var[:n], rms.count = venv.obs_rms.mean, venv.obs_rms.var, venv.obs_rms.count
+    rms.mean[n:], rms.var[n:] = 0.0, 1.0
+    new_venv.ret_rms = copy.deepcopy(venv.ret_rms)
+    new_model = _new_model(config, new_venv)
+    widened = new_model.policy.state_dict()
+    for name, value in model.policy.state_dict().items():
+        if widened[name].shape == value.shape:
+            widened[name] = value.clone()
+        else:  # the first layers of the policy and value networks: (hidden, n) -> (hidden, n + 3k)
+            widened[name] = torch.cat([value, value.new_zeros(value.shape[0], widened[name].shape[1] - n)], 1)
+    new_model.policy.load_state_dict(widened)
+    new_model.num_timesteps = model.num_timesteps
+    for phase in earlier:
+        _start_finetune(new_model, new_venv, phase, reset_log_std=False)
+    venv.close()
+    return new_model, new_venv
 
 
 def _start_finetune(model: Any, venv: Any, phase: FinetunePhase, *, reset_log_std: bool) -> None:
@@ -563,7 +661,8 @@ def _start_finetune(model: Any, venv: Any, phase: FinetunePhase, *, reset_log_st
     if hasattr(wrapper, "set_shaping"):
         wrapper.set_shaping(wrapper.bonus if phase.goal_bonus is None else phase.goal_bonus,
                             wrapper.width if phase.goal_bonus_width is None else phase.goal_bonus_width,
-                            wrapper.collision_penalty if phase.collision_penalty is None else phase.collision_penalty)
+                            wrapper.collision_penalty if phase.collision_penalty is None else phase.collision_penalty,
+                            phase.clearance_penalty)
     if phase.obstacle_radius is not None:
         venv.unwrapped.env.set_obstacle_radius(phase.obstacle_radius)
     if phase.learning_rate is not None:
@@ -591,7 +690,7 @@ def export_expert(model: Any, venv: Any, config: ExpertConfig, out_dir: Path, st
         "net_arch": list(config.net_arch), "log_std_init": config.log_std_init,
         "obs_norm": {"mean": rms.mean.tolist(), "var": rms.var.tolist(), "clip_obs": float(venv.clip_obs),
                      "epsilon": float(venv.epsilon)},
-        "obstacle_features": _feature_spec(venv.unwrapped.env, config.obstacle_features),
+        "obstacle_features": _feature_spec(venv.unwrapped.env, config.features_after(state.get("phases_started", 0))),
         "config": json.loads(json.dumps(dataclasses.asdict(config))),
         "command": f"deqmpc-gym expert train --env {config.env_id} --seed {config.seed} --steps {config.total_steps}",
     }
