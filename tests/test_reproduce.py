@@ -27,6 +27,14 @@ def test_tiny_sweep_is_resumable_and_aggregates(tmp_path) -> None:
     assert (root / "runs" / runs[0]).stat().st_mtime_ns == before
     records = json.loads((tmp_path / "table1-tiny.json").read_text())
     assert len(records) == 2  # the aggregate covers every recorded run
+    # a record normalized by another version of the shipped expert is set aside (kept) and trained again
+    stale = {**rec, "expert_return": rec["expert_return"] + 1.0, "normalized_score": -5.0}
+    (root / "runs" / runs[0]).write_text(json.dumps(stale))
+    reproduce("table1", scale="tiny", envs=[PEND], variants=["deq-mpc-nn"], out_dir=tmp_path)
+    again = json.loads((root / "runs" / runs[0]).read_text())
+    assert again["expert_return"] == rec["expert_return"] and again["normalized_score"] != -5.0
+    kept = sorted(p.name.split(".")[0] for p in (root / "stale").iterdir())
+    assert kept == ["Pendulum__deq-mpc-nn__s0", "Pendulum__deq-mpc-nn__s0"]  # its record and its training run
 
 
 def test_markdown_table_and_scales() -> None:

@@ -9,6 +9,7 @@ plot are written.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,28 +96,16 @@ def run_name(env_id: str, variant: str, seed: int) -> str:
     return f"{_short(env_id)}__{variant}__s{seed}"
 
 
-def ensure_dataset(env_id: str, num_trajectories: int, cache_dir: Path) -> Path:
-    """Collect (once, cached) a dataset of ``num_trajectories`` from the shipped expert of ``env_id``."""
-    from deqmpc_gym.experts import collect_dataset, load_expert
-    from deqmpc_gym.experts.ppo import pretrained_expert_id
-
-    path = cache_dir / f"{_short(env_id)}-{num_trajectories}.npz"
-    if not path.exists():
-        expert = load_expert(env_id)
-        collect_dataset(expert, env_id, num_trajectories, seed=0, expert_id=pretrained_expert_id(env_id)).save(path)
-    return path
-
-
 def run_one(env_id: str, variant: str, seed: int, scale: Scale, out_dir: Path, data_dir: Path) -> dict[str, Any]:
     """Train and evaluate one (env, variant, seed); returns the run record."""
-    from deqmpc_gym.data import ExpertDataset
     from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched
-    from deqmpc_gym.experts import load_expert
+    from deqmpc_gym.experts import load_expert, load_or_collect_dataset
     from deqmpc_gym.policies import DEQMPCPolicy
     from deqmpc_gym.training import ImitationTrainer, TrainConfig
 
     short = _short(env_id)
-    ds = ExpertDataset.load(ensure_dataset(env_id, scale.num_trajectories[short], data_dir), env_id=env_id)
+    # collected once from the shipped expert and cached; a cached file of another expert version is re-collected
+    ds = load_or_collect_dataset(env_id, scale.num_trajectories[short], seed=0, cache_dir=data_dir)
     run_dir = out_dir / "train" / run_name(env_id, variant, seed)
     import torch
 
@@ -200,7 +189,9 @@ def reproduce(what: str, *, scale: str = "cpu", seeds: Sequence[int] | None = No
             for variant in variants:
                 f = runs_dir / f"{run_name(env_id, variant, seed)}.json"
                 if f.exists():
-                    continue
+                    if _made_with_shipped_expert(json.loads(f.read_text())):
+                        continue
+                    _set_aside(root, run_name(env_id, variant, seed))
                 rec = run_one(env_id, variant, seed, sc, root, Path(out_dir) / "datasets")
                 atomic_write_text(f, json.dumps(rec, indent=2))
                 print(f"{run_name(env_id, variant, seed)}: score {rec['normalized_score']:.3f} "
@@ -215,6 +206,28 @@ def reproduce(what: str, *, scale: str = "cpu", seeds: Sequence[int] | None = No
     bar_plot(records, envs, variants, Path(out_dir) / f"table1-{scale}.png")
     print(table)
     return root
+
+
+def _made_with_shipped_expert(record: dict[str, Any]) -> bool:
+    """Whether a run record was normalized by the shipped expert of its env (records that predate the
+    ``expert_return`` field count as current)."""
+    from deqmpc_gym.experts import load_expert
+
+    ref = record.get("expert_return")
+    return ref is None or math.isclose(ref, load_expert(record["env_id"]).card["mean_return"], rel_tol=1e-9)
+
+
+def _set_aside(root: Path, name: str) -> None:
+    """Move the record and the training run ``name`` of a reproduction into ``root/stale/`` (kept, not deleted),
+    so that the run is trained again from scratch."""
+    stale = root / "stale"
+    stale.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for src in (root / "runs" / f"{name}.json", root / "train" / name):
+        if src.exists():
+            src.rename(stale / f"{src.name}.{stamp}")
+    print(f"{name}: its record was made with another version of the shipped expert; moved to {stale} and "
+          "training it again", flush=True)
 
 
 def warmstart_ablation(*, scale: str = "cpu", out_dir: str | Path = "results", env_id: str = "DEQMPC/Pendulum-v0",
