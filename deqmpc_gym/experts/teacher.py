@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from deqmpc_gym._config import require_at_least_one
 from deqmpc_gym.errors import ConfigError
 from deqmpc_gym.io import atomic_write
 
@@ -76,11 +77,8 @@ class TeacherConfig:
     val_episodes: int = 200
 
     def __post_init__(self) -> None:
-        for name in ("horizon", "iters", "rounds", "episodes", "steps", "epochs", "batch_size",
-                     "val_episodes"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"TeacherConfig.{name} must be an int >= 1, got {v!r}")
+        require_at_least_one(self, ("horizon", "iters", "rounds", "episodes", "steps", "epochs", "batch_size",
+                                    "val_episodes"))
         for name in ("margin", "trigger"):
             if not getattr(self, name) >= 0.0:
                 raise ConfigError(f"TeacherConfig.{name} must be >= 0 [m], got {getattr(self, name)!r}")
