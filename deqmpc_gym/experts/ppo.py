@@ -629,6 +629,7 @@ def _add_obstacle_features(model: Any, venv: Any, config: ExpertConfig, earlier:
     the same weights with zero input weights for the new inputs, the same normalization statistics with mean 0
     and variance 1 for them, and the settings of the ``earlier`` phases applied (the caller then starts the phase
     that adds the features)."""
+    # another seed than the run's first envs, so that the new envs do not replay the initial states of step 0
     new_venv = _make_venv(config, config.seed + 1, training=True, features=k)
     n = venv.obs_rms.mean.shape[0]
     rms = new_venv.obs_rms

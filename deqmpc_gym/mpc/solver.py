@@ -517,7 +517,7 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, track_grad: bool, stats: dict,
             active = active.index_copy(0, idx, ~done)
             prev_step = prev_step.index_copy(0, idx, alpha * step_norm)
             d_cur, g_cur = d_cur.index_copy(0, idx, dn), g_cur.index_copy(0, idx, gn)
-            if trial and dyn_cur is not None:
+            if trial:  # dyn_cur is set: the first Newton step runs on every sample
                 dyn_cur = tuple(a.index_copy(0, idx, an) for a, an in zip(dyn_cur, dyn_n))
                 dyn_ok = dyn_ok.index_copy(0, idx, dyn_nok)
             else:
