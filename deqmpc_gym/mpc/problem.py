@@ -305,6 +305,32 @@ class MPCProblem:
         fx, A, Bu = self.system.step_and_jacobians(x[:, :-1].reshape(-1, nx), u[:, :-1].reshape(-1, nu))
         return fx.reshape(b, t - 1, nx), A.reshape(b, t - 1, nx, nx), Bu.reshape(b, t - 1, nx, nu)
 
+    def _lagrangian_grad(self, x, u, theta, mu, mu_in, ABt, G):
+        """Unpinned ``(grad (B,T,n), cgrad (B,T,n))``: the gradient of ``C + mu^T d + mu_in^T g`` and of ``C``
+        alone, for multipliers ``mu (B,T-1,nx)``, ``mu_in (B,T,mi)``, ``ABt = [A B]^T (B,T-1,n,nx)``, ``G (B,T,mi,n)``."""
+        c = self.consts(x)
+        cgrad = torch.cat([(x - theta) @ c.Q, u @ c.R], -1)
+        # dynamics part: -[A B]^T mu_t on knot t, +mu_t on the state of knot t+1
+        gdyn = x.new_zeros(x.shape[0], self.T, self.n)
+        gdyn[:, :-1] = -(ABt @ mu[..., None])[..., 0]
+        gdyn[:, 1:, :self.nx] += mu
+        return cgrad + gdyn + (G.transpose(-1, -2) @ mu_in[..., None])[..., 0], cgrad
+
+    def stationarity(self, x, u, theta, lam_eq, lam_in, obs_idx, dyn=None) -> torch.Tensor:
+        """KKT stationarity ``(B,)`` of ``(x (B,T,nx), u (B,T,nu))`` with multipliers ``lam_eq (B,T-1,nx)``,
+        ``lam_in (B,T,mi)``: ``||grad_z L||_inf / (1 + max(||grad_z C||_inf, ||lam||_inf))`` over the free
+        variables (``x_0`` excluded), ``L = C + lam_eq^T d + lam_in^T g``. After an AL iteration with the dual
+        update ``lam <- lam + rho c`` this is the iteration's subproblem stationarity at its returned iterate, the
+        measure :class:`~deqmpc_gym.mpc.SolveInfo` reports as ``dual_residual``. ``dyn``: :meth:`dynamics` at
+        ``(x, u)`` if known."""
+        _, A, Bu = self.dynamics(x, u) if dyn is None else dyn
+        _, G = self.ineq(x, u, obs_idx, jac=True)
+        grad, cgrad = self._lagrangian_grad(x, u, theta, lam_eq, lam_in, torch.cat([A, Bu], -1).transpose(-1, -2), G)
+        pin = self.consts(x).pin
+        scale = torch.maximum((cgrad * pin).abs().amax((1, 2)),
+                              torch.maximum(lam_eq.abs().amax((1, 2)), lam_in.abs().amax((1, 2))))
+        return (grad * pin).abs().amax((1, 2)) / (1.0 + scale)
+
     def linearize(self, x, u, theta, lam_eq, lam_in, rho, obs_idx, dyn=None) -> Linearization:
         """Merit, pinned gradient and pinned Gauss-Newton Hessian blocks at ``(x (B,T,nx), u (B,T,nu))``;
         ``dyn``: :meth:`dynamics` at the same point if already known (e.g. from a line-search trial)."""
@@ -324,12 +350,7 @@ class MPCProblem:
         mu_in = s.clamp_min(0.0)
         AB = torch.cat([A, Bu], -1)  # (B,T-1,nx,n)
         ABt = AB.transpose(-1, -2)
-        cgrad = torch.cat([(x - theta) @ c.Q, u @ c.R], -1)
-        # dynamics part of the gradient: -[A B]^T mu_t on knot t, +mu_t on the state of knot t+1
-        gdyn = x.new_zeros(b, t, n)
-        gdyn[:, :-1] = -(ABt @ mu[..., None])[..., 0]
-        gdyn[:, 1:, :nx] += mu
-        grad = cgrad + gdyn + (G.transpose(-1, -2) @ mu_in[..., None])[..., 0]
+        grad, cgrad = self._lagrangian_grad(x, u, theta, mu, mu_in, ABt, G)
         Ga = G * act[..., None].to(G.dtype)
         r4 = rho[:, None, None, None]
         # penalty curvature: active inequalities, [A B]^T [A B] on knot t and the state identity on knot t+1

@@ -569,6 +569,9 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
         last = it == iters - 1 or (stop_at_rho_max and bool((bt.rho * cfg.rho_growth > cfg.rho_max).all()))
         xr, ur, st, se, dr, f1, n1, (d, g), dyn_r = _newton_loop(problem, bt, track_grad, stats, exit_residual,
                                                                  dyn_in, last)
+        if stop_when_converged and dyn_r is None:  # for the stationarity test below (and reused by the next
+            with torch.no_grad():                   # AL iteration's first linearisation)
+                dyn_r = problem.dynamics(xr.detach(), ur.detach())
         if dyn_r is not None:
             if all_run or dyn_all is None:
                 dyn_all = dyn_r if all_run else tuple(a.new_zeros(b, *a.shape[1:]).index_copy(0, ridx, a)
@@ -596,10 +599,11 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
         rnew = bt.rho * cfg.rho_growth
         if stop_when_converged:  # a sample whose new iterate meets both tolerances stops here
             with torch.no_grad():
-                nb = d.shape[0]
-                pres_r = d.detach().abs().reshape(nb, -1).amax(1)
-                if g.numel():
-                    pres_r = torch.maximum(pres_r, g.detach().clamp_min(0.0).reshape(nb, -1).amax(1))
+                pres_r = problem.violation_from(d.detach(), g.detach())
+                # stationarity at the new iterate with the updated multipliers (the Newton loop's is measured
+                # before its last step): a converged sample stops without a confirming AL iteration
+                dr = problem.stationarity(xr.detach(), ur.detach(), bt.theta, leq.detach(), lin_.detach(), bt.obs,
+                                          dyn_r)
                 conv_r = (pres_r <= cfg.tol_primal) & (dr <= cfg.tol_dual) & se & ~n1
             done = conv_r if all_run else done.index_copy(0, ridx, conv_r)
         if all_run:
