@@ -77,6 +77,9 @@ class _Consts:
     pin2: torch.Tensor  # (T, n, n) pin_i pin_j: pins the Hessian blocks
     unpin_diag: torch.Tensor  # (T, n, n) diag(1 - pin): unit diagonal on the pinned x_0 entries
     eye_x: torch.Tensor  # (n, n) identity on the state block, 0 on the control block
+    w_diag: torch.Tensor | None  # (n,) diagonal of W when Q and R are diagonal (elementwise cost), else None
+    q_half: torch.Tensor | None  # (nx,) diag(Q) / 2 when w_diag is set
+    r_half: torch.Tensor | None  # (nu,) diag(R) / 2 when w_diag is set
 
 
 class Linearization:
@@ -189,10 +192,12 @@ class MPCProblem:
             pin[0, : self.nx] = 0.0
             eye_x = torch.zeros(self.n, self.n, **kw)
             eye_x[: self.nx, : self.nx] = torch.eye(self.nx, **kw)
+            w_diag = torch.diagonal(W).clone() if bool((W == torch.diag(torch.diagonal(W))).all()) else None
             c = _Consts(Q, R, W, torch.as_tensor(self._u_low, **kw), torch.as_tensor(self._u_high, **kw),
                         None if self._centers is None else torch.as_tensor(self._centers, **kw), G_box, pin,
                         torch.eye(self.n, **kw), pin[:, :, None] * pin[:, None, :], torch.diag_embed(1.0 - pin),
-                        eye_x)
+                        eye_x, w_diag, *((None, None) if w_diag is None else
+                                         (0.5 * w_diag[: self.nx], 0.5 * w_diag[self.nx:])))
             self._cache[key] = c
         return c
 
@@ -263,6 +268,8 @@ class MPCProblem:
         """Tracking cost ``(B,)``: ``1/2 sum_t (x_t-theta_t)^T Q (x_t-theta_t) + 1/2 sum_t u_t^T R u_t``."""
         c = self.consts(x)
         e = x - theta
+        if c.w_diag is not None:  # diagonal weights: elementwise (fewer small kernels)
+            return (e * e * c.q_half).sum((1, 2)) + (u * u * c.r_half).sum((1, 2))
         return 0.5 * ((e @ c.Q) * e).sum((1, 2)) + 0.5 * ((u @ c.R) * u).sum((1, 2))
 
     def defects(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -281,11 +288,11 @@ class MPCProblem:
 
     @staticmethod
     def _merit_from(cost, d, g, lam_eq, lam_in, rho):
-        r = rho[:, None, None]
-        m = cost + (lam_eq * d).sum((1, 2)) + 0.5 * rho * (d * d).sum((1, 2))
+        r = rho.view(-1, 1, 1)
+        hr = 0.5 * r
         s = lam_in + r * g
-        term = torch.where(s > 0, lam_in * g + 0.5 * r * g * g, -0.5 * lam_in * lam_in / r)
-        return m + term.sum((1, 2))
+        term = torch.where(s > 0, (lam_in + hr * g) * g, lam_in * lam_in * (-0.5 / r))
+        return cost + ((lam_eq + hr * d) * d).sum((1, 2)) + term.sum((1, 2))
 
     def violation(self, x: torch.Tensor, u: torch.Tensor, obs_idx) -> torch.Tensor:
         """``(B,)`` max(|dynamics defect|, max(inequality residual, 0))."""
@@ -309,7 +316,10 @@ class MPCProblem:
         """Unpinned ``(grad (B,T,n), cgrad (B,T,n))``: the gradient of ``C + mu^T d + mu_in^T g`` and of ``C``
         alone, for multipliers ``mu (B,T-1,nx)``, ``mu_in (B,T,mi)``, ``ABt = [A B]^T (B,T-1,n,nx)``, ``G (B,T,mi,n)``."""
         c = self.consts(x)
-        cgrad = torch.cat([(x - theta) @ c.Q, u @ c.R], -1)
+        if c.w_diag is not None:
+            cgrad = torch.cat([x - theta, u], -1) * c.w_diag
+        else:
+            cgrad = torch.cat([(x - theta) @ c.Q, u @ c.R], -1)
         # dynamics part: -[A B]^T mu_t on knot t, +mu_t on the state of knot t+1
         gdyn = x.new_zeros(x.shape[0], self.T, self.n)
         gdyn[:, :-1] = -(ABt @ mu[..., None])[..., 0]
@@ -339,7 +349,7 @@ class MPCProblem:
         fx, A, Bu = self.dynamics(x, u) if dyn is None else dyn
         d = x[:, 1:] - fx
         g, G = self.ineq(x, u, obs_idx, jac=True)
-        r = rho[:, None, None]
+        r = rho.view(-1, 1, 1)
         cost = self.cost(x, u, theta)
         lin = Linearization()
         lin.cost = cost
@@ -352,7 +362,7 @@ class MPCProblem:
         ABt = AB.transpose(-1, -2)
         grad, cgrad = self._lagrangian_grad(x, u, theta, mu, mu_in, ABt, G)
         Ga = G * act[..., None].to(G.dtype)
-        r4 = rho[:, None, None, None]
+        r4 = rho.view(-1, 1, 1, 1)
         # penalty curvature: active inequalities, [A B]^T [A B] on knot t and the state identity on knot t+1
         curv = Ga.transpose(-1, -2) @ Ga
         curv[:, :-1] += ABt @ AB

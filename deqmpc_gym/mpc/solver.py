@@ -39,13 +39,21 @@ from deqmpc_gym.mpc.problem import Linearization, MPCProblem
 _REG_GROWTH = 1e3
 
 
-def _finite_rows(t: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` bool: every entry of sample ``b`` of ``t (B, ...)`` is finite. A finite per-sample sum proves it
-    (one reduction instead of an elementwise test); only if some sum is not finite are the entries tested."""
-    ok = torch.isfinite(t.reshape(t.shape[0], -1).sum(1))
+def _finite_rows(*ts: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` bool: every entry of sample ``b`` of every ``t (B, ...)`` is finite. A finite per-sample sum
+    proves it (one reduction per tensor instead of an elementwise test; ``v - v == 0`` is the cheapest finiteness
+    test of the sums); only if some sum is not finite are the entries tested."""
+    b = ts[0].shape[0]
+    v = ts[0].reshape(b, -1).sum(1)
+    for t in ts[1:]:
+        v = v + t.reshape(b, -1).sum(1)
+    ok = (v - v) == 0
     if bool(ok.all()):
         return ok
-    return torch.isfinite(t).reshape(t.shape[0], -1).all(1)
+    out = torch.isfinite(ts[0]).reshape(b, -1).all(1)
+    for t in ts[1:]:
+        out = out & torch.isfinite(t).reshape(b, -1).all(1)
+    return out
 
 
 # ====================================================================== state / info
@@ -182,7 +190,7 @@ def _check_inputs(problem: MPCProblem, x0, theta):
     if theta.device != x0.device:
         raise ShapeError(f"x0 and theta must be on the same device, got {x0.device} and {theta.device}")
     for name, v in (("x0", x0), ("theta", theta)):
-        bad = ~torch.isfinite(v.detach()).reshape(b, -1).all(1)
+        bad = ~_finite_rows(v.detach())
         if bool(bad.any()):
             raise ShapeError(f"{name} has non-finite values in samples {bad.nonzero()[:, 0].tolist()[:10]} "
                              f"(shape {tuple(v.shape)})")
@@ -262,7 +270,7 @@ def _newton_direction(problem: MPCProblem, lin: Linearization):
     extra_all = torch.zeros_like(lin.act)
     for _ in range(2):
         with torch.no_grad():
-            pred = lin.s + lin.rho[:, None, None] * (lin.G @ dz.detach()[..., None])[..., 0]
+            pred = lin.s + lin.rho.view(-1, 1, 1) * (lin.G @ dz.detach()[..., None])[..., 0]
             new_rows = (pred > 0) & ~lin.act & ~extra_all
             redo = new_rows.flatten(1).any(1) & F.ok
         if not bool(redo.any()):
@@ -454,28 +462,31 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, track_grad: bool, stats: dict,
         lin = problem.linearize(xs, us, sub.theta, sub.lam_eq, sub.lam_in, sub.rho, sub.obs, dyn=dyn_s)
         dz, _, fbs = _newton_direction(problem, lin)
         with torch.no_grad():
-            gmax = lin.grad.detach().abs().amax((1, 2))
-            dres_s = gmax / (1.0 + torch.maximum(lin.cgrad.detach().abs().amax((1, 2)), lin.mu_max.detach()))
-            z = torch.cat([xs.detach(), us.detach()], -1)
-            m0 = lin.merit.detach()
-            tol_s = cfg.newton_tol * (1.0 + z.abs().amax((1, 2)))
-            step_norm = dz.detach().abs().amax((1, 2))
+            if track_grad:
+                gd, dzd, xd, ud = lin.grad.detach(), dz.detach(), xs.detach(), us.detach()
+                cgd, mmax, m0, d_lin, g_lin = (lin.cgrad.detach(), lin.mu_max.detach(), lin.merit.detach(),
+                                               lin.d.detach(), lin.g.detach())
+            else:  # nothing carries a graph: skip the detach calls
+                gd, dzd, xd, ud, cgd, mmax, m0, d_lin, g_lin = (lin.grad, dz, xs, us, lin.cgrad, lin.mu_max,
+                                                                 lin.merit, lin.d, lin.g)
+            dres_s = gd.abs().amax((1, 2)) / (1.0 + torch.maximum(cgd.abs().amax((1, 2)), mmax))
+            tol_s = cfg.newton_tol * (1.0 + torch.maximum(xd.abs().amax((1, 2)), ud.abs().amax((1, 2))))
+            step_norm = dzd.abs().amax((1, 2))
             small = step_norm <= tol_s
             # or: the predicted decrease is below the merit's round-off (nothing left to gain)
-            small = small | ((lin.grad.detach() * dz.detach()).sum((1, 2)).abs() <= 1e-13 * (1.0 + m0.abs()))
+            small = small | ((gd * dzd).sum((1, 2)).abs() <= 1e-13 * (1.0 + m0.abs()))
             finite0 = torch.isfinite(m0)
             # line search: alpha = 1 for all, halve only the failing samples
-            dzd = dz.detach()
             dx, du = dzd[..., :nx], dzd[..., nx:]
-            alpha, ok, dn, gn, dyn1 = _line_search(problem, sub, xs.detach(), us.detach(), dx, du, m0, trial,
-                                                  full_first=last)
+            alpha, ok, dn, gn, dyn1 = _line_search(problem, sub, xd, ud, dx, du, m0, trial, full_first=last)
             if trial:  # dynamics at the new iterate: the full step's, or the linearisation's where alpha = 0
                 full = alpha == 1.0
                 dyn_n = _merge_dynamics(full, dyn1, (lin.fx, lin.A, lin.Bu))
                 dyn_nok = full | (alpha == 0.0)
             # defects / inequality residuals at the new iterate (a failed search keeps the linearisation point)
-            dn = torch.where(ok[:, None, None], dn, lin.d.detach())
-            gn = torch.where(ok[:, None, None], gn, lin.g.detach())
+            if not bool(ok.all()):
+                okv = ok.view(-1, 1, 1)
+                dn, gn = torch.where(okv, dn, d_lin), torch.where(okv, gn, g_lin)
             # Contraction estimate (as for simplified Newton in implicit ODE solvers): a full step after a
             # contraction rate r = |dz_k| / |dz_{k-1}| < 1 leaves about r / (1 - r) |dz_k| to go; when
             # that is below the step test's tolerance the next (confirming) step is skipped.
@@ -488,7 +499,7 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, track_grad: bool, stats: dict,
                 small = small | (ok & (res <= exit_residual))
             # a zero step that is "small" still counts as converged (already at the minimiser)
             done = small | ~ok
-            nfs = ~finite0 | ~_finite_rows(dzd)
+            nfs = ~finite0  # (a non-finite direction was zeroed and flagged as a fallback)
         a = alpha[:, None, None]
         xn = xs + a * dz[..., :nx]
         un = us + a * dz[..., nx:]
@@ -586,15 +597,16 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
         if track_grad:  # the line search's residuals carry no graph: recompute them differentiably
             d = problem.defects(xr, ur)
             g, _ = problem.ineq(xr, ur, bt.obs, jac=False)
-        r = bt.rho[:, None, None]
+        r = bt.rho.view(-1, 1, 1)
         leq = bt.lam_eq + r * d
         lin_ = (bt.lam_in + r * g).clamp_min(0.0)
         if not track_grad:
             leq, lin_ = leq.detach(), lin_.detach()
         # guard: a non-finite update keeps the previous multipliers
-        okm = _finite_rows(leq) & _finite_rows(lin_)
-        leq = torch.where(okm[:, None, None], leq, bt.lam_eq)
-        lin_ = torch.where(okm[:, None, None], lin_, bt.lam_in)
+        okm = _finite_rows(leq, lin_)
+        if not bool(okm.all()):
+            leq = torch.where(okm.view(-1, 1, 1), leq, bt.lam_eq)
+            lin_ = torch.where(okm.view(-1, 1, 1), lin_, bt.lam_in)
         n1 = n1 | ~okm
         rnew = bt.rho * cfg.rho_growth
         if stop_when_converged:  # a sample whose new iterate meets both tolerances stops here
@@ -798,7 +810,7 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
         _check_state(problem, state, b)
         state = SolverState(state.x.detach().to(x0c), state.u.detach().to(x0c), state.lam_eq.detach().to(x0c),
                             state.lam_ineq.detach().to(x0c), state.rho.detach().to(x0c), state.obstacle_idx)
-        bad = ~(_finite_rows(state.x) & _finite_rows(state.u) & _finite_rows(state.lam) & torch.isfinite(state.rho))
+        bad = ~_finite_rows(state.x, state.u, state.lam_eq, state.lam_ineq, state.rho)
         if bool(bad.any()):
             state = init_state(problem, x0c.detach(), thc.detach()).where(bad, state)
     needs_grad = torch.is_grad_enabled() and (x0.requires_grad or theta.requires_grad)

@@ -268,6 +268,50 @@ def test_reported_residuals_match_the_returned_iterate(name):
         torch.testing.assert_close(info2.primal_residual, problem.violation(x2, u2, None), rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("name,obstacles", [("cartpole", False), ("qpole", True)])
+def test_stationarity_is_the_lagrangian_gradient(name, obstacles):
+    """``MPCProblem.stationarity`` equals the autograd gradient of ``C + lam_eq^T d + lam_in^T g`` over the free
+    variables, scaled by ``1 + max(|grad C|, |lam|)``; full (non-diagonal) Q takes the matrix path."""
+    system = SYSTEMS[name]()
+    kw = dict(obstacle_centers=OBSTACLE_CENTERS, obstacle_radius=0.5) if obstacles else {}
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((system.nx, system.nx))
+    for Q in (None, a @ a.T + system.nx * np.eye(system.nx)):
+        problem = MPCProblem(system, MPCConfig(horizon=4), Q=Q, **kw)
+        x0, theta = make_batch(system, 3, 4, seed=2, noise=0.3)
+        x, u, state, _ = solve(problem, x0, theta, iters=2)
+        lam_eq = torch.tensor(rng.standard_normal(state.lam_eq.shape))
+        lam_in = torch.tensor(rng.random(state.lam_ineq.shape))
+        xg, ug = x.detach().clone().requires_grad_(), u.detach().clone().requires_grad_()
+        g, _ = problem.ineq(xg, ug, state.obstacle_idx, jac=False)
+        lag = problem.cost(xg, ug, theta) + (lam_eq * problem.defects(xg, ug)).sum((1, 2)) + (lam_in * g).sum((1, 2))
+        gx, gu = torch.autograd.grad(lag.sum(), (xg, ug))
+        c = problem.cost(xg, ug, theta)
+        cx, cu = torch.autograd.grad(c.sum(), (xg, ug))
+        free = lambda vx, vu: torch.cat([vx[:, 1:].flatten(1), vu.flatten(1)], 1).abs().amax(1)  # noqa: E731
+        scale = torch.maximum(free(cx, cu), torch.maximum(lam_eq.abs().amax((1, 2)), lam_in.abs().amax((1, 2))))
+        want = free(gx, gu) / (1.0 + scale)
+        got = problem.stationarity(x, u, theta, lam_eq, lam_in, state.obstacle_idx)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("rho_init", [1.0, 1e5])
+def test_stop_when_converged_matches_a_tight_solve(rho_init):
+    """A sample stops once its iterate meets both tolerances, its stationarity now measured at the returned
+    iterate with the returned multipliers: costs equal a tight fixed-iteration solve to 1e-5, and the reported
+    dual residual is that stationarity (within tol_dual for every converged sample)."""
+    system = Cartpole()
+    x0, theta = make_batch(system, 32, 5, seed=5)
+    tight = solve(MPCProblem(system, MPCConfig(horizon=5, **TIGHT)), x0, theta, iters=COLD_ITERS)[3]
+    problem = MPCProblem(system, MPCConfig(horizon=5, rho_init=rho_init))
+    x, u, state, info = solve(problem, x0, theta, iters=12, stop_when_converged=True)
+    assert bool(info.converged.all())
+    assert int(info.al_iters.max()) < 12
+    torch.testing.assert_close(info.cost, tight.cost, rtol=1e-5, atol=0)
+    want = problem.stationarity(x, u, theta, state.lam_eq, state.lam_ineq, state.obstacle_idx)
+    torch.testing.assert_close(info.dual_residual, want, rtol=1e-12, atol=1e-15)
+    assert float(info.dual_residual.max()) <= problem.config.tol_dual
+
 def test_exit_residual_shortens_warm_solves():
     """The reference implementation's Newton exit (constraint residual <= 1e-3) takes fewer Newton steps on
     warm-started streaming solves, and every returned iterate meets that residual."""
