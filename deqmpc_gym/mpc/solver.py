@@ -270,7 +270,7 @@ def _newton_direction(problem: MPCProblem, lin: Linearization):
     extra_all = torch.zeros_like(lin.act)
     for _ in range(2):
         with torch.no_grad():
-            pred = lin.s + lin.rho.view(-1, 1, 1) * (lin.G @ dz.detach()[..., None])[..., 0]
+            pred = lin.s + lin.rho.view(-1, 1, 1) * problem.ineq_jac(lin.G, dz.detach())
             new_rows = (pred > 0) & ~lin.act & ~extra_all
             redo = new_rows.flatten(1).any(1) & F.ok
         if not bool(redo.any()):
@@ -283,10 +283,9 @@ def _newton_direction(problem: MPCProblem, lin: Linearization):
             return v if every else v[ri]
 
         c = problem.consts(lin.D)
-        Ge = pick(lin.G) * pick(extra_all)[..., None].to(lin.G.dtype)
-        Get = Ge.transpose(-1, -2)
-        De = pick(lin.D) + pick(lin.rho)[:, None, None, None] * (Get @ Ge) * c.pin2
-        ge = pick(lin.grad) + (Get @ pick(lin.s)[..., None])[..., 0] * c.pin
+        Gp, ex = pick(lin.G), pick(extra_all)
+        De = pick(lin.D) + pick(lin.rho).view(-1, 1, 1, 1) * problem.ineq_gram(Gp, ex) * c.pin2
+        ge = pick(lin.grad) + problem.ineq_jac_t(Gp, pick(lin.s) * ex.to(Gp.dtype)) * c.pin
         F2 = _factor(problem, De, pick(lin.L))
         dz2 = -linalg.solve(F2, ge)
         ok2 = F2.ok & _finite_rows(dz2)
