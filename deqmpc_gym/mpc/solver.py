@@ -292,7 +292,8 @@ def _newton_direction(problem: MPCProblem, lin: Linearization):
         dz2 = torch.where(ok2[:, None, None], dz2, pick(dz))
         dz = dz2 if every else dz.index_copy(0, ri, dz2)
     good = F.ok & _finite_rows(dz)
-    dz = torch.where(good[:, None, None], dz, torch.zeros_like(dz))
+    if not bool(good.all()):
+        dz = torch.where(good.view(-1, 1, 1), dz, torch.zeros_like(dz))
     return dz, F, fallback | ~good
 
 
