@@ -8,8 +8,12 @@ Measured (medians over --reps, B = 200 and B = 1, T = 5):
           the primal/dual tolerances are met) vs mpc.pytorch's cold solve (lqr_iter=20,
           eps=1e-4) on the same problem (same Q, R, theta, bounds, dynamics = system.step); costs are reported
           so "same tolerance" can be checked;
-* cold rho0: the same cold solve with the first penalty a standalone MPC solver would use (rho_init = 1e3;
-          the default rho_init = 1 is the DEQ-MPC setting), reported beside the default;
+* cold rho0: the same cold solve with the first penalty a standalone MPC solver would use (rho_init = 1e5,
+          chosen among 1e3 / 1e5 / 1e7, see the README; the default rho_init = 1 is the DEQ-MPC
+          setting), reported beside the default;
+* accuracy: the largest relative cost difference of each cold solution (ours at both penalties, mpc.pytorch) to
+          a tight reference solve of the same problems (10 AL iterations, Newton steps to 1e-10), so "the same
+          tolerance" can be checked sample by sample;
 * warm:   our warm-started MPC-m call (m = 2 AL iterations from the shifted previous solution) vs mpc.pytorch cold;
 * streaming: the same call with the settings DEQMPCPolicy.act() uses (penalty restarted at rho_max / 10, stop after
           the AL iteration at rho_max, Newton exit at the reference implementation's constraint residual 1e-3);
@@ -97,7 +101,12 @@ def time_mpc_pytorch(system, x0, theta, reps):
 
 
 #: first penalty of the "standalone" cold solve (see bench_system)
-STANDALONE_RHO_INIT = 1e3
+STANDALONE_RHO_INIT = 1e5
+
+
+def max_rel_cost_error(cost: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest relative difference of the costs ``(B,)`` to the reference costs ``(B,)``."""
+    return float(((cost - ref).abs() / ref.abs().clamp_min(1e-12)).max())
 
 
 def bench_system(system, B, reps, do_mpc_pytorch=True):
@@ -113,6 +122,9 @@ def bench_system(system, B, reps, do_mpc_pytorch=True):
 
     res["ours_cold_s"] = median_time(cold, reps)
     x, u, st, info = out["cold"]
+    tight = MPCProblem(system, MPCConfig(horizon=T, newton_steps=20, newton_tol=1e-10, tol_dual=1e-9))
+    ref_cost = solve(tight, x0, th0, iters=10)[3].cost
+    res["ours_cold_rel_cost_err_max"] = max_rel_cost_error(info.cost, ref_cost)
     res["ours_cold_cost_median"] = float(info.cost.median())
     res["ours_cold_defect_max"] = float(info.primal_residual.max())
     res["ours_cold_converged_frac"] = float(info.converged.float().mean())
@@ -127,6 +139,7 @@ def bench_system(system, B, reps, do_mpc_pytorch=True):
     res["ours_cold_rho_hi_cost_median"] = float(out["cold_hi"][3].cost.median())
     res["ours_cold_rho_hi_defect_max"] = float(out["cold_hi"][3].primal_residual.max())
     res["ours_cold_rho_hi_converged_frac"] = float(out["cold_hi"][3].converged.float().mean())
+    res["ours_cold_rho_hi_rel_cost_err_max"] = max_rel_cost_error(out["cold_hi"][3].cost, ref_cost)
     warm = st.shift(pb, x_last=th1[:, -1])
     x1 = st.x[:, 1]
 
@@ -176,6 +189,7 @@ def bench_system(system, B, reps, do_mpc_pytorch=True):
         res["mpc_pytorch_cold_s"], xm, um = time_mpc_pytorch(system, x0, th0, reps)
         res["mpc_pytorch_cost_median"] = float(pb.cost(xm.detach(), um.detach(), th0).median())
         res["mpc_pytorch_defect_max"] = float(pb.defects(xm.detach(), um.detach()).abs().amax((1, 2)).max())
+        res["mpc_pytorch_rel_cost_err_max"] = max_rel_cost_error(pb.cost(xm.detach(), um.detach(), th0), ref_cost)
         res["speedup_cold"] = res["mpc_pytorch_cold_s"] / res["ours_cold_s"]
         res["speedup_cold_rho_hi"] = res["mpc_pytorch_cold_s"] / res["ours_cold_rho_hi_s"]
         res["speedup_warm_vs_mpc_pytorch_cold"] = res["mpc_pytorch_cold_s"] / res["ours_warm_m2_s"]
@@ -259,7 +273,9 @@ def main():
             ("ours streaming m=2 [ms]", "ours_stream_m2_s"),
             ("streaming vs mpc.pt cold", "speedup_stream_vs_mpc_pytorch_cold"),
             ("T50/T5", "T50_over_T5"), ("bwd/fwd", "bwd_over_fwd"), ("cost ours", "ours_cold_cost_median"),
-            ("cost mpc.pt", "mpc_pytorch_cost_median"), ("IPOPT 1 problem [ms]", "ipopt_s")]
+            ("cost mpc.pt", "mpc_pytorch_cost_median"), ("max rel. cost err. ours", "ours_cold_rel_cost_err_max"),
+            ("(rho0)", "ours_cold_rho_hi_rel_cost_err_max"), ("mpc.pt", "mpc_pytorch_rel_cost_err_max"),
+            ("IPOPT 1 problem [ms]", "ipopt_s")]
     print(f"torch threads = {args.threads}\n")
     print("| " + " | ".join(c[0] for c in cols) + " |")
     print("|" + "---|" * len(cols))
