@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(PY) -m pip install -q --no-deps mpc==0.0.6  # mpc.pytorch, only for the solver comparison
 	$(PY) benchmarks/envs.py
 	$(PY) benchmarks/solver.py
+	$(PY) benchmarks/al_floor.py
 	$(PY) benchmarks/policy.py
 	$(PY) benchmarks/act_ablation.py
 	$(PY) benchmarks/training.py
