@@ -36,6 +36,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 sys.path.insert(0, ROOT)
 
+from _timing import call_times  # noqa: E402
 from solver import make_batch  # noqa: E402
 from deqmpc_gym.mpc import MPCConfig, MPCProblem, solve  # noqa: E402
 from deqmpc_gym.systems import Pendulum  # noqa: E402
@@ -237,14 +238,8 @@ def max_defect(x, u):
 
 
 def med_ms(fn, reps, warm=20):
-    for _ in range(warm):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
+    """(median, 10th, 90th percentile) of ``reps`` call times [ms] after ``warm`` untimed calls."""
+    ts = sorted(call_times(fn, reps, warmup=warm))
     return 1e3 * statistics.median(ts), 1e3 * ts[len(ts) // 10], 1e3 * ts[9 * len(ts) // 10]
 
 
