@@ -20,7 +20,7 @@ class MPCConfig:
         horizon: ``T``, the number of knots including the current state (``x_0`` is fixed to ``x_init``).
         newton_steps: maximum Gauss-Newton steps per AL iteration (per sample).
         rho_init: cold-start penalty ``rho`` (1: the DEQ-MPC setting, loose first iterations while the network adapts;
-            a standalone cold solve to convergence is about twice as fast from 1e5, see ``benchmarks/solver.py``).
+            a standalone cold solve to convergence is 2-3x faster from 1e5, see ``benchmarks/solver.py``).
         rho_growth: ``rho <- rho_growth * rho`` after every AL iteration.
         rho_max: in streaming use (``solve(..., stop_at_rho_max=True)``) a sample stops once its ``rho``
             exceeds this value; the last AL iteration of a sample therefore runs at ``rho <= rho_max``.
