@@ -19,8 +19,11 @@ class MPCConfig:
     Attributes:
         horizon: ``T``, the number of knots including the current state (``x_0`` is fixed to ``x_init``).
         newton_steps: maximum Gauss-Newton steps per AL iteration (per sample).
-        rho_init: cold-start penalty ``rho`` (1: the DEQ-MPC setting, loose first iterations while the network adapts;
-            a standalone cold solve to convergence is 2-3x faster from 1e5, see ``benchmarks/solver.py``).
+        rho_init: cold-start penalty ``rho`` (1: the DEQ-MPC setting, loose first iterations while the network adapts).
+            A standalone cold solve to convergence of the Pendulum, Cartpole or Quadrotor is 2-3x faster from 1e5
+            (``benchmarks/solver.py``); not so with a tiny control weight (the QPole's R = 1e-8): the Hessian's
+            condition number ``rho / R`` loses the cost's curvature to round-off before the iterate nears the
+            optimum, and samples stall -- start such problems at 1.
         rho_growth: ``rho <- rho_growth * rho`` after every AL iteration.
         rho_max: in streaming use (``solve(..., stop_at_rho_max=True)``) a sample stops once its ``rho``
             exceeds this value; the last AL iteration of a sample therefore runs at ``rho <= rho_max``.

@@ -781,7 +781,8 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
         stop_when_converged: a sample stops as soon as its iterate meets ``config.tol_primal`` (dynamics defect
             and constraint violation) and ``config.tol_dual`` (KKT stationarity at the new iterate with the updated
             multipliers) -- ``iters`` becomes a maximum. For standalone cold solves a first penalty
-            ``rho_init = 1e5`` converges 2-3x faster than the DEQ-MPC default 1 (``benchmarks/solver.py``).
+            ``rho_init = 1e5`` converges 2-3x faster than the DEQ-MPC default 1 where the control weight is not
+            tiny (see :class:`MPCConfig`).
             Off by default: DEQ-MPC runs a fixed number of AL iterations per network pass.
         exit_residual: Newton-loop exit on the constraint residual (default ``config.newton_exit_residual``;
             see :class:`MPCConfig`).

@@ -37,6 +37,8 @@ def make_batch(system, B, T, seed=0, noise=0.1):
 
 # ---------------------------------------------------------------------------------------------- IPOPT
 def _compare_ipopt(name, T, B, seed=0, obstacles=False):
+    """Our tight cold solve (fixed iterations) and IPOPT's solution of each sample. Returns ``(system, problem,
+    x, u, info, rows)`` with ``rows[b] = (IPOPT cost, IPOPT success, IPOPT states)``."""
     ref = pytest.importorskip("casadi_ref")
     system = SYSTEMS[name]()
     kw = {}
@@ -57,43 +59,67 @@ def _compare_ipopt(name, T, B, seed=0, obstacles=False):
     return system, problem, x, u, info, rows
 
 
-def _check_ipopt(name, T, B, seed=0):
-    system, problem, x, u, info, rows = _compare_ipopt(name, T, B, seed)
+def _match_ipopt(label, problem, x, u, info, x0, rows):
+    """Feasibility of the samples reported converged, and >= 95 % of IPOPT's successes matched to 1e-4 relative
+    cost (or beaten). Returns ``(ok_ipopt, match)``."""
     c_ipopt = torch.tensor([r[0] for r in rows], dtype=torch.float64)
     ok_ipopt = torch.tensor([r[1] for r in rows])
-    # feasibility of the solutions the solver reports as converged (the others are counted below)
     conv = info.converged
     d = problem.defects(x, u).abs().amax((1, 2))
     lo, hi = problem.consts(x).u_low, problem.consts(x).u_high
     bound_viol = torch.maximum(u - hi, lo - u).clamp_min(0).amax((1, 2))
-    assert float(d[conv].max()) <= 1e-6, f"max dynamics defect of a converged sample {float(d[conv].max())}"
-    assert float(bound_viol[conv].max()) <= 1e-6
-    assert torch.all(x[:, 0] == torch.as_tensor(make_batch(system, B, T, seed)[0]))
+    assert float(d[conv].max()) <= 1e-6, f"{label}: max dynamics defect of a converged sample {float(d[conv].max())}"
+    assert float(bound_viol[conv].max()) <= 1e-6, label
+    assert torch.all(x[:, 0] == x0), label
     rel = (info.cost - c_ipopt).abs() / c_ipopt.abs().clamp_min(1e-8)
     match = conv & ((rel <= 1e-4) | (info.cost < c_ipopt))  # a lower cost = a better local optimum
     n_match, n_ok = int(match[ok_ipopt].sum()), int(ok_ipopt.sum())
     frac = n_match / n_ok  # exact: 190 / 200 must pass the 95 % bar (a float32 mean rounds it below)
-    print(f"{name} T={T} B={B}: IPOPT solved {int(ok_ipopt.sum())}; of those {int((~conv[ok_ipopt]).sum())} not "
-          f"converged, {int((conv & ~match)[ok_ipopt].sum())} converged to another local optimum; match {frac:.3f}")
-    assert n_match >= 0.95 * n_ok, f"{name} T={T}: only {frac:.3f} match IPOPT (rel {rel[~match].tolist()[:5]})"
-    return info, ok_ipopt, match
+    print(f"{label}: IPOPT solved {n_ok}; of those {int((~conv[ok_ipopt]).sum())} not converged, "
+          f"{int((conv & ~match)[ok_ipopt].sum())} converged to another local optimum; match {frac:.3f}")
+    assert n_match >= 0.95 * n_ok, f"{label}: only {frac:.3f} match IPOPT (rel {rel[~match].tolist()[:5]})"
+    return ok_ipopt, match
+
+
+#: settings of the early-stopping cold solve checked against IPOPT: the benchmark's standalone first penalty on its
+#: three systems. The QPole keeps the default first penalty 1 -- its control weight R = 1e-8 leaves the Gauss-Newton
+#: Hessian a condition number of rho / 1e-8, and from rho = 1e5 the cost's curvature is lost to round-off before
+#: the iterate nears the optimum (2 of the 3 samples of the small test stall; MPCConfig.rho_init) -- and takes the
+#: tight Newton loop: with the default 4 steps to 1e-3, 8.5 % (T = 10) and 14.5 % (T = 20) of its samples end
+#: above the dual tolerance (reported as not converged), against 3.5 % / 3 % with the tight loop.
+EARLY = {"pendulum": dict(rho_init=1e5), "cartpole": dict(rho_init=1e5), "quadrotor": dict(rho_init=1e5),
+         "qpole": TIGHT}
+
+
+def _check_ipopt(name, T, B, seed=0):
+    """The tight solve and a cold solve to convergence as the benchmark runs it (``stop_when_converged``,
+    default tolerances, the settings :data:`EARLY`) both match IPOPT. Returns the tight solve's
+    ``(info, ok_ipopt, match)`` and the early-stopping solve's ``info``."""
+    system, problem, x, u, info, rows = _compare_ipopt(name, T, B, seed)
+    x0, theta = make_batch(system, B, T, seed)
+    ok_ipopt, match = _match_ipopt(f"{name} T={T} B={B} tight", problem, x, u, info, x0, rows)
+    early = MPCProblem(system, MPCConfig(horizon=T, **EARLY[name]))
+    xe, ue, _, info_e = solve(early, x0, theta, iters=12, stop_when_converged=True)
+    _match_ipopt(f"{name} T={T} B={B} stop_when_converged", early, xe, ue, info_e, x0, rows)
+    return info, ok_ipopt, match, info_e
 
 
 @pytest.mark.parametrize("name,T,B", [("pendulum", 5, 6), ("cartpole", 5, 6), ("cartpole", 10, 6),
                                       ("quadrotor", 5, 4), ("qpole", 5, 3)])
 def test_matches_ipopt_small(name, T, B):
-    info, ok_ipopt, match = _check_ipopt(name, T, B=B)
+    info, ok_ipopt, match, info_e = _check_ipopt(name, T, B=B)
     if name == "cartpole":
-        assert bool(info.converged[ok_ipopt].all())
+        assert bool(info.converged[ok_ipopt].all()) and bool(info_e.converged[ok_ipopt].all())
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SYSTEMS))
 @pytest.mark.parametrize("T", [5, 10, 20])
 def test_matches_ipopt_b200(name, T):
-    info, ok_ipopt, match = _check_ipopt(name, T, B=200, seed=1)
+    info, ok_ipopt, match, info_e = _check_ipopt(name, T, B=200, seed=1)
     if name == "cartpole" and T in (10, 20):
         assert bool(info.converged[ok_ipopt].all()), (~info.converged[ok_ipopt]).sum()
+        assert bool(info_e.converged[ok_ipopt].all()), (~info_e.converged[ok_ipopt]).sum()
 
 
 def test_obstacles_collision_free_where_ipopt_is():
