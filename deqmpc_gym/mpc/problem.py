@@ -378,7 +378,7 @@ class MPCProblem:
         """Merit, pinned gradient and pinned Gauss-Newton Hessian blocks at ``(x (B,T,nx), u (B,T,nu))``;
         ``dyn``: :meth:`dynamics` at the same point if already known (e.g. from a line-search trial)."""
         c = self.consts(x)
-        b, t, nx, nu, n = x.shape[0], self.T, self.nx, self.nu, self.n
+        b, t, nx, n = x.shape[0], self.T, self.nx, self.n
         fx, A, Bu = self.dynamics(x, u) if dyn is None else dyn
         d = x[:, 1:] - fx
         g, G = self.ineq(x, u, obs_idx, jac=True)
