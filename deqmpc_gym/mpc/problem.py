@@ -370,9 +370,19 @@ class MPCProblem:
         _, G = self.ineq(x, u, obs_idx, jac=True)
         grad, cgrad = self._lagrangian_grad(x, u, theta, lam_eq, lam_in, torch.cat([A, Bu], -1).transpose(-1, -2), G)
         pin = self.consts(x).pin
-        scale = torch.maximum((cgrad * pin).abs().amax((1, 2)),
-                              torch.maximum(lam_eq.abs().amax((1, 2)), lam_in.abs().amax((1, 2))))
-        return (grad * pin).abs().amax((1, 2)) / (1.0 + scale)
+        return self.relative_stationarity(grad * pin, cgrad * pin, self._max_multiplier(lam_eq, lam_in))
+
+    @staticmethod
+    def _max_multiplier(mu: torch.Tensor, mu_in: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` largest absolute multiplier of ``mu (B,T-1,nx)`` and ``mu_in (B,T,mi)``."""
+        return torch.maximum(mu.abs().amax((1, 2)), mu_in.abs().amax((1, 2)))
+
+    @staticmethod
+    def relative_stationarity(grad: torch.Tensor, cgrad: torch.Tensor, mult_max: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` ``||grad||_inf / (1 + max(||cgrad||_inf, mult_max))`` for the pinned Lagrangian (or merit)
+        gradient ``grad (B,T,n)``, the pinned cost gradient ``cgrad (B,T,n)`` and the largest multiplier
+        ``mult_max (B,)``: the scaled stationarity that :class:`~deqmpc_gym.mpc.SolveInfo` reports."""
+        return grad.abs().amax((1, 2)) / (1.0 + torch.maximum(cgrad.abs().amax((1, 2)), mult_max))
 
     def linearize(self, x, u, theta, lam_eq, lam_in, rho, obs_idx, dyn=None) -> Linearization:
         """Merit, pinned gradient and pinned Gauss-Newton Hessian blocks at ``(x (B,T,nx), u (B,T,nu))``;
@@ -412,5 +422,5 @@ class MPCProblem:
         lin.d, lin.g, lin.act, lin.fx, lin.A, lin.Bu, lin.G = d, g, act, fx, A, Bu, G
         lin.rho = rho
         lin.s = s
-        lin.mu_max = torch.maximum(mu.abs().amax((1, 2)), mu_in.abs().amax((1, 2)))
+        lin.mu_max = self._max_multiplier(mu, mu_in)
         return lin

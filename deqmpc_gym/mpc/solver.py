@@ -471,7 +471,7 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, track_grad: bool, stats: dict,
             else:  # nothing carries a graph: skip the detach calls
                 gd, dzd, xd, ud, cgd, mmax, m0, d_lin, g_lin = (lin.grad, dz, xs, us, lin.cgrad, lin.mu_max,
                                                                  lin.merit, lin.d, lin.g)
-            dres_s = gd.abs().amax((1, 2)) / (1.0 + torch.maximum(cgd.abs().amax((1, 2)), mmax))
+            dres_s = problem.relative_stationarity(gd, cgd, mmax)
             tol_s = cfg.newton_tol * (1.0 + torch.maximum(xd.abs().amax((1, 2)), ud.abs().amax((1, 2))))
             step_norm = dzd.abs().amax((1, 2))
             small = step_norm <= tol_s
