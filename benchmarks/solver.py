@@ -17,6 +17,9 @@ Measured (medians over --reps, B = 200 and B = 1, T = 5):
 * warm:   our warm-started MPC-m call (m = 2 AL iterations from the shifted previous solution) vs mpc.pytorch cold;
 * streaming: the same call with the settings DEQMPCPolicy.act() uses (penalty restarted at rho_max / 10, stop after
           the AL iteration at rho_max, Newton exit at the reference implementation's constraint residual 1e-3);
+* compiled streaming: the streaming call through deqmpc_gym.mpc.CompiledSolver (torch.compile; Pendulum and
+          Cartpole -- the Quadrotor's T (nx + nu)^3 is above its limit); its first call (compilation, or loading
+          it from torch's disk cache) is reported separately, and its largest difference to the eager solution;
 * T50/T5: time(T=50) / time(T=5) of our solver for the same number of AL iterations (iters=2);
 * bwd/fwd: implicit backward time / forward time of a warm MPC-m call;
 * ipopt:  CasADi+IPOPT time of one problem (B = 1).
@@ -40,7 +43,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from _timing import median_time  # noqa: E402
 from deqmpc_gym.io import atomic_write_text  # noqa: E402
-from deqmpc_gym.mpc import MPCConfig, MPCProblem, solve  # noqa: E402
+from deqmpc_gym.errors import ConfigError  # noqa: E402
+from deqmpc_gym.mpc import CompiledSolver, MPCConfig, MPCProblem, solve  # noqa: E402
 from deqmpc_gym.policies import PolicyConfig  # noqa: E402
 from deqmpc_gym.systems import Cartpole, Pendulum, Quadrotor  # noqa: E402
 
@@ -158,6 +162,25 @@ def bench_system(system, B, reps, do_mpc_pytorch=True):
 
     res["ours_stream_m2_s"] = median_time(stream_call, reps)
     res["ours_stream_defect_median"] = float(out["stream"][3].primal_residual.median())
+    # the same streaming call through the compiled path (small box-constrained problems only)
+    try:
+        fast = CompiledSolver(pb)
+    except ConfigError:
+        fast = None
+    if fast is not None:
+        t0 = time.perf_counter()
+        out["compiled"] = fast(x1, th1, state=warm_s, iters=2, stop_at_rho_max=True,
+                               exit_residual=PolicyConfig().stream_exit_residual)
+        res["compiled_first_call_s"] = time.perf_counter() - t0  # includes compilation (or the disk cache)
+        res["compiled_ok"] = bool(fast.compiled_ok is not False)
+
+        def compiled_call():
+            out["compiled"] = fast(x1, th1, state=warm_s, iters=2, stop_at_rho_max=True,
+                                   exit_residual=PolicyConfig().stream_exit_residual)
+
+        res["compiled_stream_m2_s"] = median_time(compiled_call, reps)
+        res["compiled_vs_eager_max_abs_diff"] = max(float((a - b).abs().max()) for a, b in
+                                                    zip(out["compiled"][:2], out["stream"][:2]))
     # backward / forward (implicit) of the warm call
     thg = th1.clone().requires_grad_()
 
@@ -194,6 +217,8 @@ def bench_system(system, B, reps, do_mpc_pytorch=True):
         res["speedup_cold_rho_hi"] = res["mpc_pytorch_cold_s"] / res["ours_cold_rho_hi_s"]
         res["speedup_warm_vs_mpc_pytorch_cold"] = res["mpc_pytorch_cold_s"] / res["ours_warm_m2_s"]
         res["speedup_stream_vs_mpc_pytorch_cold"] = res["mpc_pytorch_cold_s"] / res["ours_stream_m2_s"]
+        if "compiled_stream_m2_s" in res:
+            res["speedup_compiled_stream_vs_mpc_pytorch_cold"] = res["mpc_pytorch_cold_s"] / res["compiled_stream_m2_s"]
     return res
 
 
@@ -272,6 +297,9 @@ def main():
             ("ours warm m=2 [ms]", "ours_warm_m2_s"), ("warm vs mpc.pt cold", "speedup_warm_vs_mpc_pytorch_cold"),
             ("ours streaming m=2 [ms]", "ours_stream_m2_s"),
             ("streaming vs mpc.pt cold", "speedup_stream_vs_mpc_pytorch_cold"),
+            ("compiled streaming [ms]", "compiled_stream_m2_s"),
+            ("compiled streaming vs mpc.pt cold", "speedup_compiled_stream_vs_mpc_pytorch_cold"),
+            ("compiled first call [s]", "compiled_first_call_s"),
             ("T50/T5", "T50_over_T5"), ("bwd/fwd", "bwd_over_fwd"), ("cost ours", "ours_cold_cost_median"),
             ("cost mpc.pt", "mpc_pytorch_cost_median"), ("max rel. cost err. ours", "ours_cold_rel_cost_err_max"),
             ("(rho0)", "ours_cold_rho_hi_rel_cost_err_max"), ("mpc.pt", "mpc_pytorch_rel_cost_err_max"),

@@ -7,10 +7,14 @@ Quick use::
     x, u, state, info = solve(problem, x0, theta, iters=2)            # cold
     x, u, state, info = solve(problem, x0, theta2, state=state)       # warm (next DEQ iteration)
     state = state.shift(problem, x_last=theta_new[:, -1])             # next control step
+
+    fast = CompiledSolver(problem)   # small box-constrained problems: the same calls, compiled (torch.compile)
+    x, u, state, info = fast(x0, theta, state=state, iters=2)
 """
 
 from deqmpc_gym.mpc.config import MPCConfig
 from deqmpc_gym.mpc.problem import MPCProblem
+from deqmpc_gym.mpc.compiled import CompiledSolver
 from deqmpc_gym.mpc.solver import SolveInfo, SolverState, init_state, solve
 
-__all__ = ["MPCConfig", "MPCProblem", "SolverState", "SolveInfo", "init_state", "solve"]
+__all__ = ["CompiledSolver", "MPCConfig", "MPCProblem", "SolverState", "SolveInfo", "init_state", "solve"]
