@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from deqmpc_gym.mpc import MPCConfig, MPCProblem, SolveInfo, SolverState, init_state, solve
+from deqmpc_gym.errors import ConfigError
+from deqmpc_gym.mpc import CompiledSolver, MPCConfig, MPCProblem, SolveInfo, SolverState, init_state, solve
 from deqmpc_gym.nets import AndersonConfig, NetConfig, SolverStats, build_network, shift_latent
 from deqmpc_gym.policies.config import PolicyConfig
 from deqmpc_gym.systems import System
@@ -150,6 +151,12 @@ class DEQMPCLayer(nn.Module):
                                 gradient=config.gradient, dtype=self.solver_dtype)
             self.problem = MPCProblem(system, mpc_cfg, obstacle_centers=obstacle_centers,
                                       obstacle_radius=obstacle_radius, device=device)
+        self._fast: CompiledSolver | None = None
+        if config.compiled_solver:
+            if self.problem is None:
+                raise ConfigError(f"PolicyConfig.compiled_solver needs an MPC variant; {self.variant.value!r} has no "
+                                  "MPC solver")
+            self._fast = CompiledSolver(self.problem)  # ConfigError for problems it does not support
         self.register_buffer("_u_nominal", system.tensor("u_nominal", dtype=self.solver_dtype, device=device),
                              persistent=False)
         self.register_buffer("_u_low", system.tensor("u_low", dtype=self.solver_dtype, device=device),
@@ -176,6 +183,13 @@ class DEQMPCLayer(nn.Module):
         return self._network_only(x0, state)
 
     # ------------------------------------------------------------------ variants
+    def _solve(self, x0: Tensor, theta: Tensor, state: SolverState | None, **kw: Any):
+        """:func:`~deqmpc_gym.mpc.solve` on :attr:`problem`, or -- with ``PolicyConfig.compiled_solver`` and no
+        gradient needed -- the same call through :class:`~deqmpc_gym.mpc.CompiledSolver`."""
+        if self._fast is not None and not (torch.is_grad_enabled() and (x0.requires_grad or theta.requires_grad)):
+            return self._fast(x0, theta, state, **kw)
+        return solve(self.problem, x0, theta, state, **kw)
+
     def _net(self, x0: Tensor, x_prev: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor, SolverStats | None]:
         out = self.net(x0, x_prev, z)
         return out.theta.to(self.solver_dtype), out.z, out.stats
@@ -207,9 +221,9 @@ class DEQMPCLayer(nn.Module):
                 else:
                     solver_state = solver_state.shift(problem, x_last=theta[:, -1].detach(),
                                                       iters_remaining=n_iter * cfg.al_iters)
-            x, u, solver_state, info = solve(problem, x0, theta, solver_state, iters=cfg.al_iters,
-                                             gradient=cfg.gradient, stop_at_rho_max=stream,
-                                             exit_residual=cfg.stream_exit_residual if stream else None)
+            x, u, solver_state, info = self._solve(x0, theta, solver_state, iters=cfg.al_iters,
+                                                   gradient=cfg.gradient, stop_at_rho_max=stream,
+                                                   exit_residual=cfg.stream_exit_residual if stream else None)
             iters = iters + info.newton_steps.to(iters.dtype)
             thetas.append(theta)
             xs.append(x)
@@ -228,9 +242,9 @@ class DEQMPCLayer(nn.Module):
         else:
             iters, stream = cfg.stream_al_iters, True
             solver_state = state.solver.shift(problem, x_last=theta[:, -1].detach(), iters_remaining=iters)
-        x, u, solver_state, info = solve(problem, x0, theta, solver_state, iters=iters,
-                                         gradient="final_implicit", stop_at_rho_max=stream,
-                                         exit_residual=cfg.stream_exit_residual if stream else None)
+        x, u, solver_state, info = self._solve(x0, theta, solver_state, iters=iters,
+                                               gradient="final_implicit", stop_at_rho_max=stream,
+                                               exit_residual=cfg.stream_exit_residual if stream else None)
         new_state = detach_state(StreamState(plan=x, controls=u, z=z, solver=solver_state))
         return LayerOutput([theta], [x], [u], new_state, info, stats, info.newton_steps)
 

@@ -210,3 +210,39 @@ def test_config_from_dict_drops_retired_keys_and_rejects_unknown_ones() -> None:
     assert PolicyConfig.from_dict({**d, "rho_init_max": 1e7}) == PolicyConfig(hidden=32)
     with pytest.raises(ConfigError, match="hiden"):
         PolicyConfig.from_dict({**d, "hiden": 3})
+
+
+@pytest.mark.parametrize("variant", ["deq-mpc-deq", "diff-mpc-nn"])
+def test_compiled_solver_option_gives_the_same_actions(variant: str) -> None:
+    """PolicyConfig(compiled_solver=True) routes act()/predict() through CompiledSolver (its functions run
+    eagerly here: the compiled path itself is tested in tests/mpc/test_compiled.py) with the same actions, and
+    keeps the eager solver where a gradient is needed."""
+    env = gym.make(PEND)
+    ref, fast = _policy(variant, env=env), _policy(variant, env=env, compiled_solver=True)
+    assert fast.layer._fast is not None and ref.layer._fast is None
+    fast.layer._fast.compile = False
+    calls = []
+    inner = fast.layer._fast.__call__
+    fast.layer._fast = type("Spy", (), {"__call__": lambda self, *a, **k: calls.append(1) or inner(*a, **k)})()
+    obs, _ = env.reset(seed=5)
+    ref.reset()
+    fast.reset()
+    for _ in range(4):
+        a_ref, a_fast = ref.act(obs), fast.act(obs)
+        np.testing.assert_allclose(a_fast, a_ref, atol=1e-6)
+        obs, *_ = env.step(a_ref)
+    n = len(calls)
+    assert n >= 4
+    out = fast.layer(torch.tensor([[0.5, 0.1]], dtype=torch.float64))  # training: gradients flow, eager solver
+    out.controls[-1].sum().backward()
+    assert len(calls) == n
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fast.parameters())
+
+
+def test_compiled_solver_option_rejects_unsupported_problems() -> None:
+    with pytest.raises(ConfigError, match="control bounds only"):
+        _policy("deq-mpc-nn", env="DEQMPC/QuadrotorObs-v0", compiled_solver=True)
+    with pytest.raises(ConfigError, match="needs an MPC variant"):
+        _policy("nn", compiled_solver=True)
+    with pytest.raises(ConfigError, match="compiled_solver"):
+        PolicyConfig(compiled_solver="yes")
