@@ -26,7 +26,6 @@ bench: $(STAMP)
 	$(PY) benchmarks/envs.py
 	$(PY) benchmarks/solver.py
 	$(PY) benchmarks/al_floor.py
-	$(PY) benchmarks/al_struct_prototype.py
 	$(PY) benchmarks/policy.py
 	$(PY) benchmarks/act_ablation.py
 	$(PY) benchmarks/training.py

@@ -1,6 +1,7 @@
 """Benchmark of DEQMPCPolicy inference; prints a markdown table and writes ``benchmarks/results/policy.json``.
 
-For each of the four main variants on Pendulum and QPole at hidden 128 and 256:
+For each of the four main variants on Pendulum and QPole at hidden 128 and 256 (and the Pendulum's DEQ-MPC variants
+again with ``PolicyConfig(compiled_solver=True)``):
 
 * ``act()`` latency at batch 1 [ms] (median over ``--repeats`` calls along a real rollout);
 * batched ``predict`` throughput at batch 64 [env-steps/s] (median over ``--batch-repeats`` calls);
@@ -33,6 +34,8 @@ from deqmpc_gym.policies import DEQMPCPolicy
 
 VARIANTS = ("diff-mpc-nn", "diff-mpc-deq", "deq-mpc-nn", "deq-mpc-deq")
 ENVS = ("DEQMPC/Pendulum-v0", "DEQMPC/QPole-v0")
+COMPILED_VARIANTS = ("deq-mpc-nn", "deq-mpc-deq")
+COMPILED_ENVS = ("DEQMPC/Pendulum-v0",)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "policy.json")
 
 
@@ -101,11 +104,16 @@ def main() -> None:
     t_start = time.perf_counter()
     for env_id in ENVS:
         for hidden in args.hidden:
-            for variant in VARIANTS:
+            # the Pendulum's DEQ-MPC variants also with PolicyConfig(compiled_solver=True) (CompiledSolver; the
+            # QPole's problem is above its size limit); the first act()/predict() per batch size compiles
+            runs = [(v, False) for v in VARIANTS] + [(v, True) for v in COMPILED_VARIANTS if env_id in COMPILED_ENVS]
+            for variant, compiled in runs:
                 torch.manual_seed(0)
-                policy = DEQMPCPolicy.from_env(env_id, variant, hidden=hidden)
+                policy = DEQMPCPolicy.from_env(env_id, variant, hidden=hidden, compiled_solver=compiled)
                 lw, lc = act_latency_ms(policy, env_id, args.repeats)
                 tw, tc = predict_throughput(policy, env_id, args.batch, args.batch_repeats)
+                if compiled:
+                    variant = f"{variant} (compiled solver)"
                 rows.append({"env": env_id.split("/")[-1], "variant": variant, "hidden": hidden,
                              "act_ms_warm": lw, "act_ms_cold": lc, "act_speedup": lc / lw,
                              "predict_per_s_warm": tw, "predict_per_s_cold": tc, "predict_speedup": tw / tc})

@@ -20,8 +20,10 @@ Scope: control bounds only (no obstacles or user constraints), any :class:`~deqm
 ``_step`` uses the ``ops`` namespace (the Pendulum and the Cart-pole are tested), fixed numbers of AL iterations
 (``stop_at_rho_max`` streaming included, ``stop_when_converged`` not), gradients ``"implicit"`` and
 ``"final_implicit"`` (their backward is the eager solver's). Results equal :func:`~deqmpc_gym.mpc.solve`'s to
-round-off (tested). Compiling costs 10-60 s per batch size and needs a C++ compiler; without one the
-functions run eagerly (slower than :func:`solve`) after a :class:`RuntimeWarning`.
+round-off (tested). Compiling costs 30-120 s per batch size and needs a C++ compiler; without one the
+functions run eagerly (slower than :func:`solve`) after a :class:`RuntimeWarning`. GCC 12 fails with an
+internal compiler error on the Cart-pole's vectorised Newton step; the functions are then compiled again
+without SIMD code (``compile_options``), which is slower but still faster than :func:`solve`.
 
 Differences from :func:`solve` on rare paths: a sample whose factorisation fails is retried with the
 regularisation added to every factorisation of that Newton step (eager: the first one only).
@@ -179,14 +181,16 @@ class CompiledSolver:
         fast = CompiledSolver(MPCProblem(Pendulum(), MPCConfig(horizon=5)))
         x, u, state, info = fast(x0, theta, state=warm, iters=2, stop_at_rho_max=True, exit_residual=1e-3)
 
-    The first call with a new batch size compiles (10-60 s, once per process and shape); later calls take a
-    fraction of :func:`solve`'s time (``benchmarks/solver.py``: about 4x at ``B = 200`` on the Pendulum).
+    The first call with a new batch size compiles (30-120 s on 2 cores; torch's disk cache makes later processes
+    faster); later calls take a fraction of :func:`solve`'s time (``benchmarks/solver.py``: the Pendulum's
+    streaming call at ``B = 200`` in about a quarter). Compiled graphs are kept per solver and batch size.
 
     Args:
         problem: an :class:`MPCProblem` with control bounds only (no obstacles, no user constraints).
         compile: ``False`` runs the same functions eagerly (for testing; slower than :func:`solve`).
         max_unrolled_work: refuse problems with ``T (nx + nu)^3`` above this (their unrolled factorisation makes
-            the compiled graph, and its compile time, too large; use :func:`solve`).
+            the compiled graph, and its compile time, too large; use :func:`solve`). The default admits the
+            Pendulum up to ``T = 55`` and the Cart-pole up to ``T = 12``.
         line_search_trials: step lengths tried per compiled Newton step (``1, 1/2, ...``); samples without a
             decrease among them try the next ones in a further call (the accepted step is the same either way).
             Fewer is faster where the full step is almost always accepted (warm and streaming calls).
@@ -195,7 +199,7 @@ class CompiledSolver:
         ConfigError: a problem with obstacle or user constraints, or one above ``max_unrolled_work``.
     """
 
-    def __init__(self, problem: MPCProblem, *, compile: bool = True, max_unrolled_work: int = 5000,
+    def __init__(self, problem: MPCProblem, *, compile: bool = True, max_unrolled_work: int = 1500,
                  line_search_trials: int = 2) -> None:
         if not isinstance(problem, MPCProblem):
             raise ConfigError(f"problem must be an MPCProblem, got {type(problem).__name__}")
@@ -212,8 +216,7 @@ class CompiledSolver:
         self.max_unrolled_work = max_unrolled_work
         cfg = problem.config
         self._T, self._nx, self._nu, self._n = problem.T, problem.nx, problem.nu, problem.n
-        W = [[float(v) for v in row] for row in problem._Q.tolist()]
-        self._Q = W
+        self._Q = [[float(v) for v in row] for row in problem._Q.tolist()]
         self._R = [[float(v) for v in row] for row in problem._R.tolist()]
         self._lo = [float(v) for v in problem._u_low]
         self._hi = [float(v) for v in problem._u_high]
