@@ -486,7 +486,12 @@ class CompiledSolver:
         :class:`RuntimeWarning`, eagerly from now on)."""
         while True:
             try:
-                out = self._fn(name)(*args)
+                fn = self._fn(name)
+            except Exception as err:  # torch.compile is unavailable here (e.g. on an unsupported Python)
+                self._give_up(err)
+                fn = self._fns[name]
+            try:
+                out = fn(*args)
                 if self.compile and self.compiled_ok is None and len(self._compiled) == len(self._fns):
                     self.compiled_ok = True
                 return out
@@ -499,12 +504,14 @@ class CompiledSolver:
                     self.compile_options = {**self.compile_options, "cpp.simdlen": 1}
                     self._compiled.clear()
                     continue
-                self.compiled_ok = False
-                warnings.warn(f"CompiledSolver: torch.compile failed ({type(err).__name__}: {str(err)[:300]}); "
-                              "running its functions eagerly, which is slower than deqmpc_gym.mpc.solve -- install "
-                              "a C++ compiler (e.g. g++) for the compiled path, or use solve()", RuntimeWarning,
-                              stacklevel=3)
+                self._give_up(err)
                 return self._fns[name](*args)
+
+    def _give_up(self, err: BaseException) -> None:
+        self.compiled_ok = False
+        warnings.warn(f"CompiledSolver: torch.compile failed ({type(err).__name__}: {str(err)[:300]}); running its "
+                      "functions eagerly, which is slower than deqmpc_gym.mpc.solve -- install a C++ compiler (e.g. "
+                      "g++) for the compiled path, or use solve()", RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ public call
     def __call__(self, x0: torch.Tensor, theta: torch.Tensor, state: SolverState | None = None, iters: int = 2,
@@ -555,7 +562,8 @@ class CompiledSolver:
             rho_cap = self._scalar(cfg.rho_max if stop_at_rho_max else math.inf, dt, x0d.device)
             exit_t = self._scalar(exit_residual, dt, x0d.device)
             # internally batch-last: x (T, nx, B), u (T, nu, B), theta, lam_eq (T-1, nx, B), lam_in (T, 2nu, B)
-            S = dict(self._constants(b, dt, x0d.device))
+            consts = self._constants(b, dt, x0d.device)
+            S = dict(consts)
             S.update(zip(_PREP, self._call("prepare", x0d, thd, *st, rho_cap)))
             for _ in range(iters):
                 if not bool(S["run"].any()):
@@ -570,9 +578,12 @@ class CompiledSolver:
             pres, cost, converged, x, u, lam_eq, lam_in, last_eq, last_in = self._call(
                 "finish", S["x"], S["u"], S["theta"], S["lam_eq"], S["lam_in"], S["last_eq"], S["last_in"],
                 S["small_exit"], S["dres"], S["nf"])
-        rho, al_iters = S["rho"], S["al_iters"]
+        def own(k: str) -> torch.Tensor:  # never hand out a cached starting value (no AL iteration ran)
+            return S[k].clone() if S[k] is consts.get(k) else S[k]
+
+        rho, al_iters = S["rho"], own("al_iters")
         new_state = SolverState(x, u, lam_eq, lam_in, rho, None)
-        info = SolveInfo(converged, pres, S["dres"], al_iters, S["steps"], rho, cost, S["fb"], S["nf"])
+        info = SolveInfo(converged, pres, own("dres"), al_iters, own("steps"), rho, cost, own("fb"), own("nf"))
         if needs_grad:
             if gradient == "implicit":
                 x, u = _ImplicitFn.apply(thc, x0c, x, u, problem, (last_eq, last_in, S["last_rho"], al_iters > 0), None)

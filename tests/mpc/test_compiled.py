@@ -258,3 +258,29 @@ def test_bad_shapes_and_nan_inputs_raise_shape_errors():
     st.lam_ineq = st.lam_ineq[..., :1]
     with pytest.raises(ConfigError, match="rows per knot"):
         fast(x0, th0, state=st)
+
+
+def test_no_iteration_returns_fresh_tensors():
+    """A call in which no sample runs (iters = 0) returns the warm start and info tensors the caller owns."""
+    problem, x0, th0, _ = _problems("pendulum", B=4)
+    fast = CompiledSolver(problem, compile=False)
+    x, u, st, info = fast(x0, th0, iters=0)
+    ref = solve(problem, x0, th0, iters=0)
+    assert torch.equal(x, ref[0]) and torch.equal(info.al_iters, ref[3].al_iters)
+    info.fallback[0] = True
+    info.newton_steps += 5
+    _, _, _, info2 = fast(x0, th0, iters=0)
+    assert not bool(info2.fallback.any()) and int(info2.newton_steps.sum()) == 0
+
+
+def test_unavailable_torch_compile_falls_back_with_a_warning(monkeypatch):
+    def no_compile(fn, **kw):
+        raise RuntimeError("Dynamo is not supported on this Python")
+
+    monkeypatch.setattr(compiled_mod.torch, "compile", no_compile)
+    problem, x0, th0, _ = _problems("pendulum", B=4)
+    fast = CompiledSolver(problem)
+    with pytest.warns(RuntimeWarning, match="not supported"):
+        got = fast(x0, th0, iters=2)
+    assert fast.compiled_ok is False
+    _assert_same(solve(problem, x0, th0, iters=2), got)
