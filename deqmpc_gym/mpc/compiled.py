@@ -183,7 +183,7 @@ class CompiledSolver:
 
     The first call with a new batch size compiles (30-120 s on 2 cores; torch's disk cache makes later processes
     faster); later calls take a fraction of :func:`solve`'s time (``benchmarks/solver.py``: the Pendulum's
-    streaming call at ``B = 200`` in about a quarter). Compiled graphs are kept per solver and batch size.
+    streaming call at ``B = 200`` in about a third). Compiled graphs are kept per solver and batch size.
 
     Args:
         problem: an :class:`MPCProblem` with control bounds only (no obstacles, no user constraints).
