@@ -194,13 +194,16 @@ class CompiledSolver:
         line_search_trials: step lengths tried per compiled Newton step (``1, 1/2, ...``); samples without a
             decrease among them try the next ones in a further call (the accepted step is the same either way).
             Fewer is faster where the full step is almost always accepted (warm and streaming calls).
+        pad_batches: solve a batch of ``B`` problems as one of the next power of two (padded with copies of the
+            first problem, dropped from the results), so that varying batch sizes -- e.g. the sub-batches of
+            ``DEQMPCPolicy.predict`` when some envs reset -- compile at most ``log2(B_max) + 1`` times.
 
     Raises:
         ConfigError: a problem with obstacle or user constraints, or one above ``max_unrolled_work``.
     """
 
     def __init__(self, problem: MPCProblem, *, compile: bool = True, max_unrolled_work: int = 1500,
-                 line_search_trials: int = 2) -> None:
+                 line_search_trials: int = 2, pad_batches: bool = False) -> None:
         if not isinstance(problem, MPCProblem):
             raise ConfigError(f"problem must be an MPCProblem, got {type(problem).__name__}")
         if not problem.box_only:
@@ -227,6 +230,7 @@ class CompiledSolver:
         self._K = min(line_search_trials, cfg.line_search_steps + 1)
         self._cfg = cfg
         self.compile = bool(compile)
+        self.pad_batches = bool(pad_batches)
         #: None: not (fully) compiled yet; True: every function compiled; False: compilation failed, running eagerly
         self.compiled_ok: bool | None = None
         self._fns: dict[str, Callable] = {"prepare": self._prepare, "newton": self._newton, "finish": self._finish}
@@ -555,10 +559,14 @@ class CompiledSolver:
             if state.lam_ineq.shape[2] != 2 * self._nu:
                 raise ConfigError(f"state.lam_ineq has {state.lam_ineq.shape[2]} rows per knot; this problem has "
                                   f"{2 * self._nu} (control bounds)")
+        bp = 1 << (b - 1).bit_length() if self.pad_batches else b  # the compiled batch size
         with torch.no_grad():
             # contiguous inputs: the compiled functions are specialised to their inputs' strides
             st = [v.detach().to(x0d).contiguous() for v in (state.x, state.u, state.lam_eq, state.lam_ineq, state.rho)]
             x0d, thd = x0d.contiguous(), thd.contiguous()
+            if bp != b:  # pad with copies of sample 0 (dropped again below)
+                x0d, thd, *st = (torch.cat([v, v[:1].expand(bp - b, *v.shape[1:])]) for v in (x0d, thd, *st))
+            b_in, b = b, bp
             rho_cap = self._scalar(cfg.rho_max if stop_at_rho_max else math.inf, dt, x0d.device)
             exit_t = self._scalar(exit_residual, dt, x0d.device)
             # internally batch-last: x (T, nx, B), u (T, nu, B), theta, lam_eq (T-1, nx, B), lam_in (T, 2nu, B)
@@ -578,15 +586,20 @@ class CompiledSolver:
             pres, cost, converged, x, u, lam_eq, lam_in, last_eq, last_in = self._call(
                 "finish", S["x"], S["u"], S["theta"], S["lam_eq"], S["lam_in"], S["last_eq"], S["last_in"],
                 S["small_exit"], S["dres"], S["nf"])
-        def own(k: str) -> torch.Tensor:  # never hand out a cached starting value (no AL iteration ran)
-            return S[k].clone() if S[k] is consts.get(k) else S[k]
+        def own(v: torch.Tensor, k: str = "") -> torch.Tensor:
+            """The caller's samples of ``v``, never a cached starting value (when no AL iteration ran)."""
+            v = v if b == b_in else v[:b_in]
+            return v.clone() if k and S[k] is consts.get(k) else v
 
-        rho, al_iters = S["rho"], own("al_iters")
+        x, u, lam_eq, lam_in, last_eq, last_in, pres, cost, converged = (
+            own(v) for v in (x, u, lam_eq, lam_in, last_eq, last_in, pres, cost, converged))
+        rho, last_rho, al_iters = own(S["rho"]), own(S["last_rho"]), own(S["al_iters"], "al_iters")
         new_state = SolverState(x, u, lam_eq, lam_in, rho, None)
-        info = SolveInfo(converged, pres, own("dres"), al_iters, own("steps"), rho, cost, own("fb"), own("nf"))
+        info = SolveInfo(converged, pres, own(S["dres"], "dres"), al_iters, own(S["steps"], "steps"), rho, cost,
+                         own(S["fb"], "fb"), own(S["nf"], "nf"))
         if needs_grad:
             if gradient == "implicit":
-                x, u = _ImplicitFn.apply(thc, x0c, x, u, problem, (last_eq, last_in, S["last_rho"], al_iters > 0), None)
+                x, u = _ImplicitFn.apply(thc, x0c, x, u, problem, (last_eq, last_in, last_rho, al_iters > 0), None)
             else:
                 x, u = _FinalImplicitFn.apply(thc, x0c, x, u, problem, lam_in, None)
         return x, u, new_state, info

@@ -87,7 +87,8 @@ class PolicyConfig:
         solver_dtype: ``"float64"`` or ``"float32"`` for the MPC solver (the network is float32).
         compiled_solver: run the MPC calls that need no gradient (``act``, ``predict``, evaluation) through
             :class:`~deqmpc_gym.mpc.CompiledSolver` (``torch.compile``; same iterates, a fraction of the time on
-            small control-bound-only problems such as the Pendulum; each new batch size compiles once, ~1 min).
+            small control-bound-only problems such as the Pendulum). Batches are padded to the next power of two,
+            so each of those sizes compiles once per process (35-60 s; seconds from torch's disk cache).
             Training keeps the eager solver. Problems it does not support raise a ``ConfigError``.
     """
 

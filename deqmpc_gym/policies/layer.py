@@ -156,7 +156,8 @@ class DEQMPCLayer(nn.Module):
             if self.problem is None:
                 raise ConfigError(f"PolicyConfig.compiled_solver needs an MPC variant; {self.variant.value!r} has no "
                                   "MPC solver")
-            self._fast = CompiledSolver(self.problem)  # ConfigError for problems it does not support
+            # padded batches: predict()'s sub-batches (envs that reset) vary in size; each new size would compile
+            self._fast = CompiledSolver(self.problem, pad_batches=True)  # ConfigError for unsupported problems
         self.register_buffer("_u_nominal", system.tensor("u_nominal", dtype=self.solver_dtype, device=device),
                              persistent=False)
         self.register_buffer("_u_low", system.tensor("u_low", dtype=self.solver_dtype, device=device),

@@ -284,3 +284,25 @@ def test_unavailable_torch_compile_falls_back_with_a_warning(monkeypatch):
         got = fast(x0, th0, iters=2)
     assert fast.compiled_ok is False
     _assert_same(solve(problem, x0, th0, iters=2), got)
+
+
+@pytest.mark.parametrize("gradient", [None, "implicit"])
+def test_padded_batches_give_the_callers_samples(gradient):
+    """pad_batches=True solves 5 problems as 8 (copies of the first) and returns exactly the 5 solutions."""
+    problem, x0, th0, th1 = _problems("cartpole", B=5)
+    fast = CompiledSolver(problem, compile=False, pad_batches=True)
+    seen = []
+    inner = fast._fns["prepare"]
+    fast._fns["prepare"] = lambda *a: seen.append(a[0].shape[0]) or inner(*a)
+    for mode, (args, kw) in _calls(problem, x0, th0, th1).items():
+        ref, got = solve(problem, *args, **kw), fast(*args, **kw)
+        _assert_same(ref, got)
+        assert got[0].shape[0] == 5 and got[2].rho.shape == (5,) and got[3].converged.shape == (5,)
+    assert set(seen) == {8}
+    if gradient:
+        grads = []
+        for fn in (lambda th: solve(problem, x0, th, iters=4), lambda th: fast(x0, th, iters=4)):
+            th = th0.clone().requires_grad_()
+            x, u, _, _ = fn(th)
+            grads.append(torch.autograd.grad((x ** 2).sum() + u.sum(), th)[0])
+        assert torch.allclose(grads[0], grads[1], rtol=1e-6, atol=1e-9)
