@@ -2,19 +2,21 @@
 
 :func:`~deqmpc_gym.mpc.solve` is eager PyTorch: each AL iteration is a few hundred small kernels, and on a CPU
 at ``B = 200, T = 5`` their per-call overhead, not arithmetic, sets its time (``benchmarks/al_floor.py``).
-:class:`CompiledSolver` runs the same algorithm -- the same Newton steps, active-set prediction, 13-trial line
-search, exit tests and dual updates, per sample -- as four functions that ``torch.compile`` turns into a few fused
-C++ loops over the batch:
+:class:`CompiledSolver` runs the same algorithm -- the same Newton steps, active-set prediction, line search (the
+largest of ``1, 1/2, ..., 2^-12`` with a strict decrease), exit tests and dual updates, per sample -- as three
+functions (prepare, Newton step with the dual update, finish) that ``torch.compile`` turns into a few fused C++
+loops over the batch:
 
-* every quantity is a list of per-sample *scalars* (``(B,)`` tensors), one per entry of a knot's state, control,
-  Jacobian or Hessian block (:mod:`deqmpc_gym.systems.components` evaluates the system's dynamics and their
-  forward-mode Jacobians that way);
+* every quantity is a list of per-sample *scalars* (``(B,)`` tensors, stored batch-last so that the loops
+  vectorise), one per entry of a knot's state, control, Jacobian or Hessian block
+  (:mod:`deqmpc_gym.systems.components` evaluates the system's dynamics and their forward-mode Jacobians that way);
 * the Gauss-Newton system is block-tridiagonal; its Cholesky factorisation and the two substitutions are
   written out entry by entry over the knots (the graph grows as ``T (nx + nu)^3``, so this suits small
   problems: :attr:`CompiledSolver.max_unrolled_work`), with structural zeros folded away at trace time;
-* data-dependent branches become masks: a sample that has finished its Newton loop keeps its values, every
-  sample evaluates all line-search trials and both active-set re-solves. Only the loop exits (all samples
-  done) and the rare regularisation retry after a failed factorisation are decided in Python.
+* data-dependent branches become masks: a sample that has finished its Newton loop keeps its values. The rare
+  paths -- regularisation after a failed factorisation, the active-set re-solve, step lengths below the first
+  ``line_search_trials`` -- are further calls of the same compiled step, made only when some sample needs them
+  and merged per sample (:meth:`CompiledSolver._step`). The loop exits (all samples done) are decided in Python.
 
 Scope: control bounds only (no obstacles or user constraints), any :class:`~deqmpc_gym.systems.System` whose
 ``_step`` uses the ``ops`` namespace (the Pendulum and the Cart-pole are tested), fixed numbers of AL iterations

@@ -293,7 +293,8 @@ def step_components(system: Any, xs: Sequence[Any], us: Sequence[Any]) -> list[A
     return [_num(v) for v in out]
 
 
-def step_and_jacobian_components(system: Any, xs: Sequence[Any], us: Sequence[Any]) -> tuple[list[Any], list[list[Any]]]:
+def step_and_jacobian_components(system: Any, xs: Sequence[Any],
+                                 us: Sequence[Any]) -> tuple[list[Any], list[list[Any]]]:
     """``(f, J)``: ``f`` as in :func:`step_components` and ``J[i][j] = d f_i / d [x, u]_j`` (``nx`` rows of
     ``nx + nu`` scalars; structurally constant entries are python floats), by forward mode on :class:`Dual`."""
     n = len(xs) + len(us)
