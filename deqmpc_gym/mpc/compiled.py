@@ -22,10 +22,10 @@ Scope: control bounds only (no obstacles or user constraints), any :class:`~deqm
 ``_step`` uses the ``ops`` namespace (the Pendulum and the Cart-pole are tested), fixed numbers of AL iterations
 (``stop_at_rho_max`` streaming included, ``stop_when_converged`` not), gradients ``"implicit"`` and
 ``"final_implicit"`` (their backward is the eager solver's). Results equal :func:`~deqmpc_gym.mpc.solve`'s to
-round-off (tested). Compiling costs 30-120 s per batch size and needs a C++ compiler; without one the
-functions run eagerly (slower than :func:`solve`) after a :class:`RuntimeWarning`. GCC 12 fails with an
-internal compiler error on the Cart-pole's vectorised Newton step; the functions are then compiled again
-without SIMD code (``compile_options``), which is slower but still faster than :func:`solve`.
+round-off (tested). Compiling costs 30-150 s per batch size and needs a C++ compiler; without one the
+functions run eagerly (slower than :func:`solve`) after a :class:`RuntimeWarning`. If the vectorised kernels
+fail to build (GCC 12 meets an internal compiler error on the Cart-pole's Newton step with AVX-512, hence
+256-bit vectors by default), the functions are compiled again without SIMD code (``compile_options``).
 
 Differences from :func:`solve` on rare paths: a sample whose factorisation fails is retried with the
 regularisation added to every factorisation of that Newton step (eager: the first one only).
@@ -238,8 +238,8 @@ class CompiledSolver:
         self._fns: dict[str, Callable] = {"prepare": self._prepare, "newton": self._newton, "finish": self._finish}
         self._compiled: dict[str, Callable] = {}
         self._const_cache: dict = {}
-        #: inductor options of the compiled functions (``"cpp.simdlen": 1`` is added if vectorised code fails to build)
-        self.compile_options: dict = dict(_COMPILE_OPTIONS)
+        #: inductor options of the compiled functions (``"cpp.simdlen": 1`` if vectorised code fails to build)
+        self.compile_options: dict = _default_compile_options()
 
     # ------------------------------------------------------------------ model pieces on scalar lists
     def _cost(self, X: list, U: list, TH: list) -> Sc:
@@ -505,8 +505,8 @@ class CompiledSolver:
                 if not self.compile or self.compiled_ok is False or not _is_compile_error(err):
                     raise
                 if self.compile_options.get("cpp.simdlen") != 1:
-                    # GCC 12 meets an internal compiler error on some vectorised kernels (the cart-pole's Newton
-                    # step): compile every function again without SIMD code
+                    # a compiler that fails on the vectorised kernels (GCC 12 on the cart-pole's Newton step with
+                    # AVX-512): compile every function again without SIMD code
                     self.compile_options = {**self.compile_options, "cpp.simdlen": 1}
                     self._compiled.clear()
                     continue
@@ -671,9 +671,19 @@ _N_CARRY, _N_RARE = len(_CARRY), len(_RARE)
 _I_BAD, _I_REDO, _I_EXTRA, _I_LS = (_N_CARRY + i for i in range(_N_RARE))
 
 
-#: inductor options: a C++ wrapper around the fused kernels (its Python wrapper's ~100 buffer allocations per call
-#: cost as much as the Pendulum's arithmetic at B = 200; measured 0.58 vs 0.63 ms per streaming call)
-_COMPILE_OPTIONS = {"cpp_wrapper": True}
+def _default_compile_options() -> dict:
+    """Inductor options of the compiled functions.
+
+    * ``cpp_wrapper``: a C++ wrapper around the fused kernels (the Python wrapper's ~100 buffer allocations per
+      call cost as much as the Pendulum's arithmetic at B = 200; measured 0.58 vs 0.63 ms per streaming call);
+    * ``cpp.simdlen = 256`` on x86 CPUs with AVX2 or AVX-512: as fast as AVX-512 on the Pendulum (0.59 vs 0.58 ms),
+      and GCC 12 builds the Cart-pole's Newton kernel with it (with AVX-512 it stops with an internal compiler
+      error).
+    """
+    opts: dict = {"cpp_wrapper": True}
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        opts["cpp.simdlen"] = 256
+    return opts
 
 
 def _fresh(method: Callable) -> Callable:
