@@ -204,18 +204,27 @@ def test_compiled_path_matches_solve_and_does_not_recompile():
     assert dict(counters["stats"]).get("unique_graphs") == before.get("unique_graphs")
 
 
-def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
+def _broken_at_build(fn, **kw):
+    """torch.compile whose compiled function fails to build (as without a C++ compiler)."""
     import torch._inductor.exc as iexc
 
-    def broken_compile(fn, **kw):
-        def run(*a):
-            raise iexc.InvalidCxxCompiler()
-        return run
+    def run(*a):
+        raise iexc.InvalidCxxCompiler()
+    return run
 
-    monkeypatch.setattr(compiled_mod.torch, "compile", broken_compile)
+
+def _unavailable(fn, **kw):
+    """torch.compile itself unavailable (as on a Python that dynamo does not support)."""
+    raise RuntimeError("Dynamo is not supported on this Python")
+
+
+@pytest.mark.parametrize("fake_compile, message", [(_broken_at_build, "C\\+\\+ compiler"),
+                                                   (_unavailable, "not supported")])
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, fake_compile, message):
+    monkeypatch.setattr(compiled_mod.torch, "compile", fake_compile)
     problem, x0, th0, _ = _problems("pendulum", B=4)
     fast = CompiledSolver(problem)
-    with pytest.warns(RuntimeWarning, match="C\\+\\+ compiler"):
+    with pytest.warns(RuntimeWarning, match=message):
         got = fast(x0, th0, iters=3)
     assert fast.compiled_ok is False
     _assert_same(solve(problem, x0, th0, iters=3), got)
@@ -271,19 +280,6 @@ def test_no_iteration_returns_fresh_tensors():
     info.newton_steps += 5
     _, _, _, info2 = fast(x0, th0, iters=0)
     assert not bool(info2.fallback.any()) and int(info2.newton_steps.sum()) == 0
-
-
-def test_unavailable_torch_compile_falls_back_with_a_warning(monkeypatch):
-    def no_compile(fn, **kw):
-        raise RuntimeError("Dynamo is not supported on this Python")
-
-    monkeypatch.setattr(compiled_mod.torch, "compile", no_compile)
-    problem, x0, th0, _ = _problems("pendulum", B=4)
-    fast = CompiledSolver(problem)
-    with pytest.warns(RuntimeWarning, match="not supported"):
-        got = fast(x0, th0, iters=2)
-    assert fast.compiled_ok is False
-    _assert_same(solve(problem, x0, th0, iters=2), got)
 
 
 @pytest.mark.parametrize("gradient", [None, "implicit"])
