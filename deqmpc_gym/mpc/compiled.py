@@ -136,10 +136,9 @@ def _btri_solve(D: list, L: list, g: list) -> tuple[list[list[Sc]], Any]:
     return zs, ok
 
 
-def _vmax(xs: list[Sc]) -> Sc:
-    """Elementwise maximum of scalars (tensors; floats allowed)."""
-    return functools.reduce(lambda a, b: torch.maximum(a, b) if isinstance(a, torch.Tensor) or
-                            isinstance(b, torch.Tensor) else max(a, b), xs)
+def _vmax(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Elementwise maximum of ``(B,)`` tensors."""
+    return functools.reduce(torch.maximum, xs)
 
 
 def _absmax(xs: list[Sc], like: torch.Tensor) -> torch.Tensor:
