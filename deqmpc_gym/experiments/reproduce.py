@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,17 @@ def _short(env_id: str) -> str:
     return env_id.split("/")[-1].rsplit("-v", 1)[0]
 
 
+def git_commit() -> str | None:
+    """``git describe --always --dirty`` of the package's checkout (the code that made a record), or None outside
+    a git checkout."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
 def run_name(env_id: str, variant: str, seed: int) -> str:
     return f"{_short(env_id)}__{variant}__s{seed}"
 
@@ -125,7 +137,9 @@ def run_one(env_id: str, variant: str, seed: int, scale: Scale, out_dir: Path, d
             "collision_rate": ev.collision_rate, "cost_rate": ev.cost_rate, "best_val_loss": res.best_val_loss,
             "train_steps": res.steps, "hidden": scale.hidden[short], "stream_iters": k,
             "expert_return": card["mean_return"], "random_return": card["random_return"],
-            "act_latency_ms": ev.act_latency_ms, "wall_time_s": time.perf_counter() - t0}
+            "act_latency_ms": ev.act_latency_ms, "wall_time_s": time.perf_counter() - t0,
+            "batch_size": scale.batch_size[short], "num_trajectories": scale.num_trajectories[short],
+            "commit": git_commit()}
 
 
 def markdown_table(records: Sequence[dict[str, Any]], envs: Sequence[str], variants: Sequence[str]) -> str:

@@ -1,0 +1,193 @@
+"""Package trained Table 1 runs as shipped controllers (:mod:`deqmpc_gym.policies.pretrained`) with their cards.
+
+For one (env, variant) cell, every trained seed of a ``deqmpc-gym reproduce table1`` output is evaluated on the
+same ``episodes`` episodes (initial-state seeds ``seed, seed + 1, ...``), the expert is rolled out on exactly
+those episodes for the reference return, and the best seed is written to the zoo with a ``card.json``::
+
+    deqmpc-gym zoo ship --from results/table1-cpu --envs DEQMPC/Pendulum-v0
+
+Episodes that end early (a crash, or leaving the flight volume) keep the return collected until then: the
+remaining steps earn nothing, which the normalized score counts against the policy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from deqmpc_gym.errors import ConfigError
+from deqmpc_gym.experiments.reproduce import SCALES, git_commit, run_name
+from deqmpc_gym.io import atomic_write_text
+from deqmpc_gym.policies.pretrained import CARD_FORMAT, ZOO_DIR
+
+#: DEQ-MPC iterations per warm-started control step at evaluation (the paper: 1; QPoleObs: 2)
+STREAM_ITERS = {"QPoleObs-v0": 2}
+
+
+@dataclass(frozen=True)
+class ShipConfig:
+    """Settings of :func:`ship_cell`.
+
+    Attributes:
+        episodes: evaluation episodes per seed (the paper: 200).
+        seed: initial-state seed of the first episode (episode ``i`` uses ``seed + i``).
+        latency_calls: warm single-env ``act()`` calls timed for the card's latency (median).
+    """
+
+    episodes: int = 200
+    seed: int = 10_000
+    latency_calls: int = 100
+
+
+def warm_act_latency_ms(policy: Any, env_id: str, calls: int = 100, seed: int = 0) -> float:
+    """Median wall time [ms] of warm-started single-env ``policy.act(obs)`` calls along the policy's own
+    episodes (the first, cold call of each episode excluded)."""
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    times: list[float] = []
+    episode = 0
+    try:
+        while len(times) < calls:
+            obs, _ = env.reset(seed=seed + episode)
+            policy.reset()
+            policy.act(obs)  # cold
+            done = False
+            while not done and len(times) < calls:
+                t = time.perf_counter()
+                action = policy.act(obs)
+                times.append(time.perf_counter() - t)
+                obs, _, terminated, truncated, _ = env.step(action)
+                done = terminated or truncated
+            episode += 1
+    finally:
+        env.close()
+    return float(np.median(times) * 1e3)
+
+
+def _normalized(returns: np.ndarray, random_return: float, expert_return: float) -> np.ndarray:
+    return (returns - random_return) / (expert_return - random_return)
+
+
+def _evaluate(policy: Any, env_id: str, cfg: ShipConfig, reference: tuple[float, float]) -> dict[str, Any]:
+    from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched
+
+    k = STREAM_ITERS.get(env_id.split("/")[-1], 1)
+    ev = rollout_batched(policy, env_id, EvalConfig(episodes=cfg.episodes, seed=cfg.seed, stream_iters=k),
+                         reference=reference)
+    per_episode = _normalized(ev.returns, *reference)
+    return {"normalized_score": float(ev.normalized_score), "normalized_std": float(per_episode.std()),
+            "mean_return": ev.mean_return, "std_return": ev.std_return, "success_rate": ev.success_rate,
+            "early_end_rate": ev.collision_rate, "cost_rate": ev.cost_rate, "stream_iters": k,
+            "batched_act_latency_ms": ev.act_latency_ms}
+
+
+def _expert_reference(env_id: str, cfg: ShipConfig) -> dict[str, Any]:
+    """The shipped expert's return on exactly the evaluation episodes, with the card's random return."""
+    from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched
+    from deqmpc_gym.experts import load_expert
+
+    expert = load_expert(env_id)
+    ev = rollout_batched(expert, env_id, EvalConfig(episodes=cfg.episodes, seed=cfg.seed))
+    return {"expert_return": ev.mean_return, "expert_success_rate": ev.success_rate,
+            "expert_early_end_rate": ev.collision_rate, "random_return": float(expert.card["random_return"]),
+            "expert_card_return": float(expert.card["mean_return"])}
+
+
+def ship_cell(table_dir: str | Path, env_id: str, variant: str, *, config: ShipConfig = ShipConfig(),
+              out_root: str | Path | None = None, reference: dict[str, Any] | None = None,
+              batch_size: int | None = None, num_trajectories: int | None = None,
+              trained_commit: str | None = None) -> dict[str, Any]:
+    """Evaluate every trained seed of one cell of ``table_dir`` (a ``reproduce table1`` output such as
+    ``results/table1-cpu``) and write the best one to ``out_root/<Env>/<variant>/`` with its ``card.json``.
+
+    Args:
+        reference: :func:`_expert_reference` of ``env_id`` if already measured (one expert rollout per env).
+        batch_size, num_trajectories: the training batch and dataset size (default: the run record's).
+        trained_commit: the commit of the code that trained the runs, for records that do not hold it.
+
+    Returns:
+        The card (a dict).
+
+    Raises:
+        ConfigError: no finished run of the cell in ``table_dir``.
+    """
+    from deqmpc_gym.policies import DEQMPCPolicy
+
+    table_dir = Path(table_dir)
+    records = []
+    for f in sorted((table_dir / "runs").glob(f"{run_name(env_id, variant, 0).rsplit('__s', 1)[0]}__s*.json")):
+        rec = json.loads(f.read_text())
+        best = table_dir / "train" / run_name(env_id, variant, rec["seed"]) / "best"
+        if (best / "policy.pt").is_file():
+            records.append((rec, best))
+    if not records:
+        raise ConfigError(f"no finished {variant!r} run of {env_id!r} in {table_dir}; train it with "
+                          f"`deqmpc-gym reproduce table1 --envs {env_id} --variants {variant}`")
+    ref = reference or _expert_reference(env_id, config)
+    pair = (ref["random_return"], ref["expert_return"])
+    seeds = []
+    for rec, best in records:
+        policy = DEQMPCPolicy.load(best)
+        seeds.append({"seed": rec["seed"], "dir": best, "policy": policy, **_evaluate(policy, env_id, config, pair)})
+    chosen = max(seeds, key=lambda s: s["normalized_score"])
+    rec = next(r for r, _ in records if r["seed"] == chosen["seed"])
+    out = Path(out_root or ZOO_DIR) / env_id.split("/")[-1] / variant
+    policy = chosen["policy"]
+    policy.save(out)
+    scores = [s["normalized_score"] for s in seeds]
+    batch = batch_size or rec.get("batch_size") or _scale_value(rec, "batch_size")
+    card = {
+        "format": CARD_FORMAT, "env_id": env_id, "variant": variant, "hidden": rec["hidden"],
+        "batch_size": batch, "train_steps": rec["train_steps"], "windows_seen": rec["train_steps"] * batch,
+        "wall_time_s": rec["wall_time_s"], "best_val_loss": rec["best_val_loss"],
+        "dataset": {"expert": f"shipped PPO expert of {env_id}",
+                    "num_trajectories": (num_trajectories or rec.get("num_trajectories")
+                                         or _scale_value(rec, "num_trajectories"))},
+        "evaluation": {"episodes": config.episodes, "seeds": f"{config.seed}..{config.seed + config.episodes - 1}",
+                       **{k: v for k, v in chosen.items() if k not in ("seed", "dir", "policy")}, **ref},
+        "warm_act_latency_ms": warm_act_latency_ms(policy, env_id, config.latency_calls),
+        "selection": {"trained_seeds": [s["seed"] for s in seeds], "chosen_seed": chosen["seed"],
+                      "seed_scores": scores, "seed_mean": float(np.mean(scores)), "seed_std": float(np.std(scores)),
+                      "rule": "best normalized score of the trained seeds on the evaluation episodes"},
+        "commit": {"trained": rec.get("commit") or trained_commit, "evaluated": git_commit()},
+        "command": f"deqmpc-gym reproduce table1 --envs {env_id} --variants {variant} --seeds "
+                   f"{' '.join(str(s['seed']) for s in seeds)}; deqmpc-gym zoo ship --from {table_dir} "
+                   f"--envs {env_id} --variants {variant}",
+    }
+    atomic_write_text(out / "card.json", json.dumps(card, indent=2))
+    return card
+
+
+def _scale_value(record: dict[str, Any], field: str) -> int:
+    """A field of the CPU scale of ``reproduce`` for the record's env (for records that predate the field)."""
+    short = record["env_id"].split("/")[-1].rsplit("-v", 1)[0]
+    return int(getattr(SCALES["cpu"], field)[short])
+
+
+def ship(table_dir: str | Path, envs: Sequence[str], variants: Sequence[str], *, config: ShipConfig = ShipConfig(),
+         out_root: str | Path | None = None, trained_commit: str | None = None) -> list[dict[str, Any]]:
+    """:func:`ship_cell` for every (env, variant); cells without a finished run are skipped with a message."""
+    cards = []
+    for env_id in envs:
+        ref = None
+        for variant in variants:
+            try:
+                ref = ref or _expert_reference(env_id, config)
+                cards.append(ship_cell(table_dir, env_id, variant, config=config, out_root=out_root, reference=ref,
+                                       trained_commit=trained_commit))
+            except ConfigError as exc:
+                print(f"skipped: {exc}", flush=True)
+                continue
+            c = cards[-1]["evaluation"]
+            print(f"{env_id} {variant}: {c['normalized_score']:.3f} (± {c['normalized_std']:.3f} over episodes; "
+                  f"success {c['success_rate']:.2f}, early end {c['early_end_rate']:.2f})", flush=True)
+    return cards
+
+
+__all__ = ["ShipConfig", "ship", "ship_cell", "warm_act_latency_ms"]

@@ -1,0 +1,97 @@
+"""The model zoo: shipped controllers, their cards, and packaging trained runs (deqmpc_gym.experiments.zoo)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from deqmpc_gym.errors import ConfigError
+from deqmpc_gym.experiments.reproduce import run_name
+from deqmpc_gym.experiments.zoo import ShipConfig, ship, ship_cell
+from deqmpc_gym.policies import DEQMPCPolicy, pretrained
+
+PEND = "DEQMPC/Pendulum-v0"
+
+
+def _fake_table(root, variant: str, seeds=(0, 1)):
+    """A ``reproduce table1`` output with untrained tiny policies (records as run_one writes them)."""
+    for seed in seeds:
+        name = run_name(PEND, variant, seed)
+        DEQMPCPolicy.from_env(PEND, variant, hidden=8, deq_mpc_iters=2).save(root / "train" / name / "best")
+        (root / "runs").mkdir(parents=True, exist_ok=True)
+        rec = {"env_id": PEND, "variant": variant, "seed": seed, "hidden": 8, "train_steps": 4, "wall_time_s": 1.0,
+               "best_val_loss": 0.5, "batch_size": 8, "num_trajectories": 4, "commit": "abc123"}
+        (root / "runs" / f"{name}.json").write_text(json.dumps(rec))
+    return root
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """A zoo with one packaged Pendulum cell (two trained seeds, the better one shipped)."""
+    table = _fake_table(tmp_path_factory.mktemp("table"), "deq-mpc-nn")
+    out = tmp_path_factory.mktemp("zoo")
+    cards = ship(table, [PEND], ["deq-mpc-nn", "diff-mpc-nn"], config=ShipConfig(episodes=3, latency_calls=3),
+                 out_root=out)
+    return out, cards
+
+
+def test_ship_writes_the_best_seed_with_a_complete_card(zoo):
+    out, cards = zoo
+    assert len(cards) == 1  # diff-mpc-nn has no run: skipped
+    card = cards[0]
+    assert card == json.loads((out / "Pendulum-v0" / "deq-mpc-nn" / "card.json").read_text())
+    ev, sel = card["evaluation"], card["selection"]
+    assert sel["trained_seeds"] == [0, 1]
+    assert ev["normalized_score"] == max(sel["seed_scores"])
+    assert sel["seed_scores"][sel["trained_seeds"].index(sel["chosen_seed"])] == ev["normalized_score"]
+    assert card["windows_seen"] == card["train_steps"] * card["batch_size"] == 32
+    assert card["dataset"]["num_trajectories"] == 4 and card["commit"]["trained"] == "abc123"
+    for key in ("success_rate", "early_end_rate", "normalized_std", "expert_return", "random_return"):
+        assert np.isfinite(ev[key])
+    assert ev["episodes"] == 3 and card["warm_act_latency_ms"] > 0
+
+
+def test_the_score_is_normalized_by_the_expert_on_the_same_episodes(zoo):
+    from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched
+    from deqmpc_gym.experts import load_expert
+
+    card = zoo[1][0]["evaluation"]
+    expert = rollout_batched(load_expert(PEND), PEND, EvalConfig(episodes=3, seed=10_000))
+    assert card["expert_return"] == pytest.approx(expert.mean_return)
+    score = (card["mean_return"] - card["random_return"]) / (card["expert_return"] - card["random_return"])
+    assert card["normalized_score"] == pytest.approx(score)
+
+
+def test_available_and_lookup(zoo, monkeypatch):
+    out, _ = zoo
+    assert pretrained.available(out) == [(PEND, "deq-mpc-nn")]
+    assert pretrained.pretrained_dir(PEND, "DEQ_MPC_NN", root=out) == out / "Pendulum-v0" / "deq-mpc-nn"
+    assert pretrained.card(PEND, "deq-mpc-nn", root=out)["variant"] == "deq-mpc-nn"
+    for env_id, variant in ((PEND, "deq-mpc-deq"), ("DEQMPC/QPole-v0", "deq-mpc-nn")):
+        with pytest.raises(ConfigError, match="shipped: DEQMPC/Pendulum-v0: deq-mpc-nn"):
+            pretrained.pretrained_dir(env_id, variant, root=out)
+    with pytest.raises(ConfigError, match="unknown variant"):
+        pretrained.pretrained_dir(PEND, "mpc", root=out)
+    with pytest.raises(ConfigError, match="string"):
+        pretrained.pretrained_dir(3, root=out)  # type: ignore[arg-type]
+
+
+def test_ship_cell_without_runs_says_how_to_train(tmp_path):
+    with pytest.raises(ConfigError, match="reproduce table1 --envs DEQMPC/Pendulum-v0 --variants deq-mpc-deq"):
+        ship_cell(tmp_path, PEND, "deq-mpc-deq", config=ShipConfig(episodes=2))
+
+
+def test_every_shipped_card_is_complete_and_loads():
+    """The controllers shipped in the package: each card names its cell, and the weights load and act."""
+    import gymnasium as gym
+
+    for env_id, variant in pretrained.available():
+        card = pretrained.card(env_id, variant)
+        assert (card["env_id"], card["variant"]) == (env_id, variant)
+        assert card["evaluation"]["episodes"] >= 200
+        policy = DEQMPCPolicy.load(pretrained.pretrained_dir(env_id, variant))
+        assert policy.config.variant == variant and policy.config.hidden == card["hidden"]
+        obs, _ = gym.make(env_id).reset(seed=0)
+        assert np.all(np.isfinite(policy.act(obs)))
