@@ -1,10 +1,14 @@
 """Typed errors raised by deqmpc_gym.
 
-Every error subclasses a builtin (``ValueError``, ``ImportError``, ``RuntimeError``) so callers can catch
-either the specific class or the builtin one. Messages say what was wrong and how to fix it.
+Every error subclasses a builtin (``ValueError``, ``ImportError``, ``RuntimeError``, ``OSError``) so callers
+can catch either the specific class or the builtin one. Messages say what was wrong and how to fix it.
+:class:`TrainingInterrupted` is the one exception that is not a :class:`DeqmpcError`: it is a
+``KeyboardInterrupt``, so that ``except Exception`` never swallows a Ctrl-C.
 """
 
 from __future__ import annotations
+
+from gymnasium.error import ResetNeeded as _GymResetNeeded
 
 
 class DeqmpcError(Exception):
@@ -29,6 +33,58 @@ class DatasetError(DeqmpcError, ValueError):
 
 class DependencyNotInstalled(DeqmpcError, ImportError):
     """An optional dependency is missing; the message names the pip command that installs it."""
+
+
+class UntrustedEnvIdError(DeqmpcError, ValueError):
+    """An env id read from a file is not a registered ``DEQMPC/*`` id (nor the id the caller passed).
+
+    Such ids are refused before ``gym.make`` sees them: ``gym.make("module:Env-v0")`` imports ``module``.
+    """
+
+
+class ResumeMismatchError(CheckpointError):
+    """``resume`` found a run in the output folder that was defined differently (variant, configs, dataset).
+
+    Attributes:
+        fields: the names of the differing fields (``"policy.variant"``, ``"train.lr"``, ``"dataset.sha256"``...).
+    """
+
+    def __init__(self, message: str, fields: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.fields = tuple(fields)
+
+
+class RunDirError(DeqmpcError, RuntimeError):
+    """An output folder is in use by a live run, or holds a run that would be overwritten silently."""
+
+
+class OutputPathError(DeqmpcError, OSError):
+    """An output file or folder cannot be written (missing permission, a file where a folder is needed...)."""
+
+
+class DeviceError(DeqmpcError, RuntimeError):
+    """A torch device is unknown or not available on this machine."""
+
+
+class ResetNeeded(DeqmpcError, _GymResetNeeded):
+    """An environment was stepped before its first ``reset()`` (also a ``gymnasium.error.ResetNeeded``)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was interrupted (Ctrl-C); a checkpoint of the last completed step was written.
+
+    Deliberately a ``KeyboardInterrupt`` and not a :class:`DeqmpcError`, so generic ``except Exception`` handlers
+    let it through.
+
+    Attributes:
+        step: the last completed optimisation step (the checkpoint's step).
+        total: the step budget of the run.
+        out_dir: the run's output folder (holding ``checkpoint.pt``).
+    """
+
+    def __init__(self, step: int, total: int, out_dir: str) -> None:
+        super().__init__(f"training interrupted at step {step} of {total}; checkpoint saved in {out_dir}")
+        self.step, self.total, self.out_dir = int(step), int(total), str(out_dir)
 
 
 def check_shape(name: str, value, expected: tuple[int | None, ...]) -> None:
