@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from deqmpc_gym._config import check_field_types
 from deqmpc_gym.errors import ConfigError
 
 
@@ -38,6 +39,7 @@ class EvalConfig:
     stream_iters: int | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.episodes < 1 or self.max_steps < 1:
             raise ConfigError(f"EvalConfig needs episodes >= 1 and max_steps >= 1, got {self.episodes}, {self.max_steps}")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from deqmpc_gym._config import config_from_dict, require_at_least_one
+from deqmpc_gym._config import check_field_types, config_from_dict, require_at_least_one
 from deqmpc_gym.errors import ConfigError
 
 
@@ -112,6 +112,7 @@ class PolicyConfig:
     compiled_solver: bool = False
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         object.__setattr__(self, "variant", Variant.resolve(self.variant).value)
         positive = ("hidden", "deq_mpc_iters", "al_iters", "diff_mpc_al_iters", "stream_iters", "stream_al_iters")
         require_at_least_one(self, positive)
