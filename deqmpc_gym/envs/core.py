@@ -14,7 +14,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from deqmpc_gym.errors import ConfigError, ShapeError
+from deqmpc_gym.errors import ConfigError, ResetNeeded, ShapeError
 from deqmpc_gym.systems import OBSTACLE_CENTERS, System, get_system
 
 #: keyword arguments accepted by :class:`SystemEnv` (and ``gym.make`` of every ``DEQMPC/*`` id).
@@ -112,8 +112,8 @@ def sample_initial_state(system: System, rng: np.random.Generator, centers: np.n
             return x
         if obstacle_distance_np(system.position(x), centers[:, 0], centers[:, 1], centers[:, 2]) >= radius + START_MARGIN:
             return x
-    raise RuntimeError(f"could not sample a collision-free initial state in {MAX_START_TRIES} tries "
-                       f"(obstacle_radius={radius} m is too large for the initial-state box)")
+    raise ConfigError(f"could not sample a collision-free initial state in {MAX_START_TRIES} tries "
+                      f"(obstacle_radius={radius} m is too large for the initial-state box); use a smaller radius")
 
 
 def obstacle_distance_np(p: np.ndarray, cx: np.ndarray, cy: np.ndarray, cz: np.ndarray) -> float:
@@ -133,6 +133,31 @@ def check_kwargs(kwargs: dict[str, Any], valid: tuple[str, ...], where: str) -> 
                           f"{list(valid)}")
 
 
+#: the keys ``reset(options=...)`` understands.
+RESET_OPTIONS: tuple[str, ...] = ("state",)
+
+
+def check_reset_options(options: Any) -> dict[str, Any]:
+    """Validate ``reset(options=...)``: None or a dict with keys from :data:`RESET_OPTIONS` (returns a dict)."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"reset options must be a dict such as {{'state': x}} or None, got {options!r}")
+    unknown = sorted(str(k) for k in options if k not in RESET_OPTIONS)
+    if unknown:
+        raise ConfigError(f"unknown reset option(s) {unknown}; valid options: {list(RESET_OPTIONS)}")
+    return options
+
+
+def check_seed(seed: Any, name: str = "seed") -> int | None:
+    """Validate a reset seed: None or a non-negative integer (numpy integers accepted); returns an ``int``."""
+    if seed is None:
+        return None
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"{name} must be None or an integer >= 0, got {seed!r}")
+    return int(seed)
+
+
 def check_render_size(width: Any, height: Any) -> tuple[int, int]:
     """Validate the frame size (positive multiples of 16, so that H.264 encoders need no resizing)."""
     out = []
@@ -141,6 +166,23 @@ def check_render_size(width: Any, height: Any) -> tuple[int, int]:
             raise ConfigError(f"{name} must be a positive multiple of 16 pixels (<= 8192), got {v!r}")
         out.append(int(v))
     return out[0], out[1]
+
+
+def _state_array(value: Any) -> np.ndarray:
+    """``options["state"]`` as a float64 array (a :class:`ShapeError` for non-numeric values)."""
+    try:
+        x = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ShapeError(f"options['state'] must be a numeric array: {exc}") from None
+    return x
+
+
+def _action_array(action: Any) -> np.ndarray:
+    """``action`` as a float64 array (a :class:`ShapeError` for non-numeric values)."""
+    try:
+        return np.array(action, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ShapeError(f"action must be a numeric array normalized to [-1, 1]: {exc}") from None
 
 
 class SystemEnv(gym.Env):
@@ -271,6 +313,7 @@ class SystemEnv(gym.Env):
         self._quiet = sys_.mrp_slice is not None
         self._cx, self._cy, self._cz = (np.ascontiguousarray(self.obstacle_centers[:, k]) for k in range(3))
         self._x: np.ndarray = self._goal.copy()
+        self._needs_reset = True
         self._renderer: Any = None
         self._overlay: dict[str, Any] = {}
 
@@ -294,9 +337,10 @@ class SystemEnv(gym.Env):
 
         Returns ``(obs (nx,) float32, info)``.
         """
-        super().reset(seed=seed)
-        if options and options.get("state") is not None:
-            x = np.array(options["state"], dtype=np.float64)
+        options = check_reset_options(options)
+        super().reset(seed=check_seed(seed))
+        if options.get("state") is not None:
+            x = _state_array(options["state"])
             if x.shape != (self.system.nx,):
                 raise ShapeError(f"options['state'] must have shape ({self.system.nx},), got {x.shape}")
             if not np.all(np.isfinite(x)):
@@ -306,6 +350,7 @@ class SystemEnv(gym.Env):
         else:
             x = sample_initial_state(self.system, self.np_random, self.obstacle_centers, self.obstacle_radius)
         self._x = x
+        self._needs_reset = False
         cost, mind, _ = self._violation(x)
         info: dict[str, Any] = {"cost": cost, "is_success": bool(np.all(np.abs(x - self._goal) <= self._tol))}
         if self._has_obstacles:
@@ -324,8 +369,13 @@ class SystemEnv(gym.Env):
         return (1.0 if out else 0.0), mind, out
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
-        """Apply a normalized action ``(nu,)``; returns ``(obs (nx,) float32, reward, terminated, False, info)``."""
-        a = np.array(action, dtype=np.float64)
+        """Apply a normalized action ``(nu,)``; returns ``(obs (nx,) float32, reward, terminated, False, info)``.
+
+        Raises :class:`~deqmpc_gym.errors.ResetNeeded` before the first :meth:`reset`.
+        """
+        if self._needs_reset:
+            raise ResetNeeded("SystemEnv.step() called before reset(); call env.reset() to start an episode")
+        a = _action_array(action)
         if a.shape != self._act_shape:
             raise ShapeError(f"action must have shape ({self._nu},) (normalized to [-1, 1]), got {a.shape}")
         s = float(a.sum())

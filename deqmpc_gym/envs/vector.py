@@ -20,11 +20,13 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from deqmpc_gym.errors import ConfigError, ShapeError
+from deqmpc_gym.errors import ConfigError, ResetNeeded, ShapeError
 from deqmpc_gym.envs.core import (
     check_kwargs,
     check_obstacle_config,
     check_render_size,
+    check_reset_options,
+    check_seed,
     observation_bounds,
     resolve_system,
     sample_initial_state,
@@ -35,6 +37,10 @@ VALID_VECTOR_KWARGS: tuple[str, ...] = (
     "system", "num_envs", "obstacles", "obstacle_radius", "max_episode_steps", "device", "dtype",
     "return_tensors", "render_mode", "width", "height",
 )
+
+
+#: integer action dtypes accepted besides the floating ones (converted to the env's dtype).
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 @dataclass
@@ -220,15 +226,12 @@ class BatchedSystemEnv(VectorEnv):
             ``(obs (N, nx) float32, infos)``.
         """
         n = self.num_envs
-        if seed is not None:
-            seeds = [seed + i for i in range(n)] if isinstance(seed, (int, np.integer)) else list(seed)
-            if len(seeds) != n:
-                raise ConfigError(f"seed must be an int or a list of {n} seeds, got {len(seeds)}")
-            for i, s in enumerate(seeds):
-                if s is not None:
-                    self._rngs[i] = seeding.np_random(int(s))[0]
-        if options and options.get("state") is not None:
-            xs = torch.as_tensor(np.asarray(options["state"], dtype=np.float64), dtype=self.dtype, device=self.device)
+        options = check_reset_options(options)
+        for i, s in enumerate(self._seeds(seed)):
+            if s is not None:
+                self._rngs[i] = seeding.np_random(s)[0]
+        if options.get("state") is not None:
+            xs = torch.as_tensor(self._state_option(options["state"]), dtype=self.dtype, device=self.device)
             if xs.shape == (self.system.nx,):
                 xs = xs.expand(n, -1)
             if xs.shape != (n, self.system.nx) or not torch.isfinite(xs).all():
@@ -243,6 +246,28 @@ class BatchedSystemEnv(VectorEnv):
         infos = self._infos(viol.to(torch.float64), self._success(self._x), mind)
         return self._out(self._x.to(torch.float32)), infos
 
+    def _seeds(self, seed: Any) -> list[int | None]:
+        """Per-sub-env seeds of ``reset(seed=...)`` (validated; ``None`` entries keep a generator going)."""
+        n = self.num_envs
+        if seed is None:
+            return [None] * n
+        if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
+            return [check_seed(seed + i) for i in range(n)]
+        if isinstance(seed, (str, bytes)) or not hasattr(seed, "__len__"):
+            raise ConfigError(f"seed must be None, an integer >= 0 or a list of {n} of them, got {seed!r}")
+        seeds = list(seed)
+        if len(seeds) != n:
+            raise ConfigError(f"seed must be an int or a list of {n} seeds, got {len(seeds)}")
+        return [check_seed(s, f"seed[{i}]") for i, s in enumerate(seeds)]
+
+    @staticmethod
+    def _state_option(value: Any) -> np.ndarray:
+        """``options["state"]`` as float64 numpy (a :class:`ShapeError` for non-numeric values)."""
+        try:
+            return np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ShapeError(f"options['state'] must be a numeric array: {exc}") from None
+
     def _infos(self, cost: torch.Tensor, success: torch.Tensor, mind: torch.Tensor | None) -> dict[str, Any]:
         mask = np.ones(self.num_envs, dtype=bool)
         infos: dict[str, Any] = {"cost": cost.cpu().numpy(), "_cost": mask,
@@ -255,11 +280,15 @@ class BatchedSystemEnv(VectorEnv):
     def step_arrays(self, actions: Any) -> StepArrays:
         """One batched step returning raw torch results (see :class:`StepArrays`); used by the SB3 adapter."""
         if self._needs_reset:
-            raise gym.error.ResetNeeded("call reset() before step()")
-        a = torch.as_tensor(actions, device=self.device)
-        if tuple(a.shape) != self._act_shape:
-            raise ShapeError(f"actions must have shape {self._act_shape} = (num_envs, nu), normalized to [-1, 1]; "
-                             f"got {tuple(a.shape)}")
+            raise ResetNeeded("BatchedSystemEnv.step() called before reset(); call env.reset() first")
+        try:
+            a = torch.as_tensor(np.asarray(actions) if not isinstance(actions, torch.Tensor) else actions,
+                                device=self.device)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ShapeError(f"actions must be a numeric array of shape {self._act_shape}: {exc}") from None
+        if tuple(a.shape) != self._act_shape or not (a.is_floating_point() or a.dtype in _INT_DTYPES):
+            raise ShapeError(f"actions must be numeric with shape {self._act_shape} = (num_envs, nu), normalized "
+                             f"to [-1, 1]; got {tuple(a.shape)} {a.dtype}")
         a = a.to(self.dtype)
         if not bool(torch.isfinite(a).all()):
             raise ShapeError(f"actions of shape {self._act_shape} must be finite")
