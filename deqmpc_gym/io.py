@@ -1,21 +1,71 @@
-"""Atomic file writes (temp file in the same directory + ``os.replace``), shared by every writer."""
+"""Atomic file writes (temp file in the same directory + ``os.replace``), shared by every writer.
+
+The temporary file of a write to ``dir/name`` is ``dir/.name.<pid>.<random>.tmp``. A process killed mid-write
+(``kill -9``) cannot remove its temporary file; the next write of the same target removes the temporary files
+of writers that are no longer running, so none accumulate.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with id ``pid`` runs on this machine (a process of another user counts as running)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _stale_temp_files(target: Path) -> list[Path]:
+    """Temporary files of earlier writes of ``target`` whose writing process is gone."""
+    pattern = re.compile(re.escape(f".{target.name}.") + r"(\d+)\.[^.]+\.tmp$")
+    stale = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            stale.append(entry)
+    return stale
+
+
+def remove_stale_temp_files(target: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files that killed writers of ``target`` left behind; returns the removed paths."""
+    removed = []
+    for path in _stale_temp_files(Path(target)):
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:  # removed concurrently, or not ours to remove
+            pass
+    return removed
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(f)`` on a temporary binary file next to ``path``, fsync it, then rename it to ``path``.
 
-    A crash leaves either the old file or the new one, never a partial file.
+    A crash leaves either the old file or the new one, never a partial file; temporary files left by writers
+    that were killed are removed first.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    remove_stale_temp_files(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
