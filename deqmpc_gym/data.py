@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import json
-import zipfile
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -118,21 +118,28 @@ class ExpertDataset:
 
     @classmethod
     def load(cls, path: str | Path, env_id: str | None = None) -> "ExpertDataset":
-        """Read a dataset written by :meth:`save`; ``env_id`` (if given) must match the file's."""
+        """Read a dataset written by :meth:`save`; ``env_id`` (if given) must match the file's.
+
+        The file's env id must be a registered ``DEQMPC/*`` id (or ``env_id``); the arrays are validated (float
+        dtypes, finite values, consistent lengths, state and action widths of the env).
+
+        Raises:
+            DatasetError: a missing, corrupt or invalid file, or data of another env.
+            UntrustedEnvIdError: the file names an env id that is not a registered ``DEQMPC/*`` id.
+        """
+        from deqmpc_gym.envs.registration import check_env_id_from_file
+
+        if not isinstance(path, (str, os.PathLike)):
+            raise DatasetError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         p = Path(path)
-        if not p.exists():
+        if not p.is_file():
             raise DatasetError(f"no dataset file at {p}")
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"]))
-                arrays = {k: z[k] for k in ("states", "controls", "actions", "rewards", "lengths", "terminal")}
-        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-            raise DatasetError(f"{p} is not a deqmpc_gym dataset ({type(exc).__name__}: {exc})") from exc
-        if meta.get("schema") != SCHEMA or meta.get("version") != SCHEMA_VERSION:
-            raise DatasetError(f"{p} has schema {meta.get('schema')!r} v{meta.get('version')}; "
-                               f"expected {SCHEMA!r} v{SCHEMA_VERSION} — regenerate it with `deqmpc-gym expert collect`")
-        if env_id is not None and meta.get("env_id") != env_id:
-            raise DatasetError(f"{p} holds data of {meta.get('env_id')!r}, not {env_id!r}")
+        meta, arrays = _read_npz(p)
+        _check_meta(meta, p)
+        if env_id is not None and meta["env_id"] != env_id:
+            raise DatasetError(f"{p} holds data of {meta['env_id']!r}, not {env_id!r}")
+        check_env_id_from_file(meta["env_id"], f"dataset {p}", explicit=env_id)
+        arrays = _check_arrays(arrays, meta, p)
         return cls(meta["env_id"], _split_arrays(arrays), meta.get("expert_id", ""), meta.get("seed"),
                    meta.get("extra", {}))
 
@@ -152,18 +159,114 @@ class ExpertDataset:
         return ExpertDataset(self.env_id, self.trajectories[:n], self.expert_id, self.seed, dict(self.extra))
 
 
+_ARRAY_KEYS = ("states", "controls", "actions", "rewards", "lengths", "terminal")
+
+
+def _read_npz(p: Path) -> tuple[Any, dict[str, np.ndarray]]:
+    """``(meta, arrays)`` of a dataset file; any read failure is a :class:`DatasetError` (no pickle)."""
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            arrays = {k: z[k] for k in _ARRAY_KEYS}
+    except Exception as exc:  # not an npz, truncated zip, missing keys, object arrays, bad JSON...
+        raise DatasetError(f"{p} is not a deqmpc_gym dataset ({type(exc).__name__}: {exc})") from exc
+    return meta, arrays
+
+
+def _check_meta(meta: Any, p: Path) -> None:
+    """Raise :class:`DatasetError` unless ``meta`` is this schema's metadata with well-typed fields."""
+    if not isinstance(meta, dict) or meta.get("schema") != SCHEMA or meta.get("version") != SCHEMA_VERSION:
+        got = (meta.get("schema"), meta.get("version")) if isinstance(meta, dict) else (type(meta).__name__, None)
+        raise DatasetError(f"{p} has schema {got[0]!r} v{got[1]}; "
+                           f"expected {SCHEMA!r} v{SCHEMA_VERSION} — regenerate it with `deqmpc-gym expert collect`")
+    checks = {"env_id": lambda v: isinstance(v, str), "expert_id": lambda v: isinstance(v, str),
+              "seed": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
+              "extra": lambda v: isinstance(v, dict),
+              "nx": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "nu": lambda v: isinstance(v, int) and not isinstance(v, bool)}
+    for key, ok in checks.items():
+        if key in meta and not ok(meta[key]):
+            raise DatasetError(f"{p}: metadata field {key!r} has the wrong type ({meta[key]!r})")
+    if "env_id" not in meta:
+        raise DatasetError(f"{p}: metadata has no env_id")
+
+
+#: dtype kinds of the stored arrays ("f" float, "i"/"u" integer, "b" bool).
+_KINDS = {"states": "f", "controls": "f", "actions": "f", "rewards": "f", "lengths": "iu", "terminal": "b"}
+#: number of dimensions of the stored arrays.
+_NDIM = {"states": 2, "controls": 2, "actions": 2, "rewards": 1, "lengths": 1, "terminal": 1}
+
+
+def _check_arrays(a: dict[str, np.ndarray], meta: dict[str, Any], p: Path) -> dict[str, np.ndarray]:
+    """Validate dtypes, shapes, finiteness and widths; returns the arrays in the dtypes of :meth:`save`."""
+    for key, kinds in _KINDS.items():
+        if a[key].dtype.kind not in kinds or a[key].ndim != _NDIM[key]:
+            raise DatasetError(f"{p}: {key!r} must be a {_NDIM[key]}-D {_kind_name(kinds)} array, got "
+                               f"{a[key].ndim}-D {a[key].dtype}")
+    n, nx, nu = len(a["lengths"]), a["states"].shape[1], a["actions"].shape[1]
+    if n == 0 or a["terminal"].shape != (n,) or (n and int(a["lengths"].min()) < 1):
+        raise DatasetError(f"{p}: needs >= 1 trajectory with >= 1 action each, and one terminal flag per trajectory")
+    if a["controls"].shape != a["actions"].shape or a["rewards"].shape != (len(a["actions"]),):
+        raise DatasetError(f"{p}: controls {a['controls'].shape} and rewards {a['rewards'].shape} must match the "
+                           f"actions {a['actions'].shape}")
+    for key in ("states", "actions", "rewards"):
+        if not np.all(np.isfinite(a[key])):
+            raise DatasetError(f"{p}: {key!r} has NaN or inf values; the dataset is damaged — collect it again")
+    if np.any(np.isinf(a["controls"])):
+        raise DatasetError(f"{p}: 'controls' has inf values; the dataset is damaged — collect it again")
+    _check_widths(p, meta, nx, nu)
+    out = dict(a)
+    for key in ("states", "controls", "rewards"):
+        out[key] = a[key].astype(np.float64)
+    out["actions"] = a["actions"].astype(np.float32)
+    return out
+
+
+def _kind_name(kinds: str) -> str:
+    return {"f": "float", "iu": "integer", "b": "bool"}[kinds]
+
+
+def _check_widths(p: Path, meta: dict[str, Any], nx: int, nu: int) -> None:
+    """State / action widths must match the metadata and, for ``DEQMPC/*`` ids, the env's system."""
+    if meta.get("nx", nx) != nx or meta.get("nu", nu) != nu:
+        raise DatasetError(f"{p}: arrays are {nx} states / {nu} actions wide but the metadata says "
+                           f"{meta.get('nx')} / {meta.get('nu')}")
+    want = _env_widths(meta["env_id"])
+    if want is not None and want != (nx, nu):
+        raise DatasetError(f"{p}: states/actions are {nx}/{nu} wide, but {meta['env_id']} has nx={want[0]}, "
+                           f"nu={want[1]}; the file does not hold data of this env")
+
+
+def _env_widths(env_id: str) -> tuple[int, int] | None:
+    """``(nx, nu)`` of a built-in ``DEQMPC/*`` id, else None."""
+    from deqmpc_gym.envs.registration import ENV_SPECS
+
+    if env_id not in ENV_SPECS:
+        return None
+    from deqmpc_gym.systems import get_system
+
+    system = get_system(ENV_SPECS[env_id]["system"])
+    return int(system.nx), int(system.nu)
+
+
 def _split_arrays(a: dict[str, np.ndarray]) -> list[Trajectory]:
+    """Cut the concatenated arrays into trajectories (controls: all finite, or all NaN = not recorded)."""
+    lengths = a["lengths"].astype(np.int64)
+    if int(lengths.sum()) != len(a["actions"]) or int((lengths + 1).sum()) != len(a["states"]):
+        raise DatasetError("dataset arrays are inconsistent with the stored trajectory lengths")
     out: list[Trajectory] = []
     s = c = 0
-    for length, term in zip(a["lengths"].tolist(), a["terminal"].tolist()):
+    for length, term in zip(lengths.tolist(), a["terminal"].tolist()):
         ctrl = a["controls"][c:c + length]
+        missing = np.isnan(ctrl)
+        if missing.any() and not missing.all():
+            raise DatasetError(f"trajectory {len(out)} has NaN controls at some steps only (NaN marks a trajectory "
+                               "without recorded controls); the dataset is damaged")
         out.append(Trajectory(obs=a["states"][s:s + length + 1], acts=a["actions"][c:c + length],
                               rews=a["rewards"][c:c + length], terminal=bool(term),
-                              controls=None if np.isnan(ctrl).all() else ctrl))
+                              controls=None if missing.all() else ctrl))
         s += length + 1
         c += length
-    if s != len(a["states"]) or c != len(a["actions"]):
-        raise DatasetError("dataset arrays are inconsistent with the stored trajectory lengths")
     return out
 
 

@@ -50,3 +50,26 @@ def make_system_env(env_id: str, **kwargs: Any) -> Any:
 
     register_envs()
     return gym.make(env_id, **kwargs)
+
+
+def check_env_id_from_file(env_id: Any, source: str, explicit: str | None = None) -> str:
+    """Return ``env_id`` read from ``source`` (a checkpoint, dataset or expert card) if it is safe to make.
+
+    Accepted: the id the caller passed explicitly (``explicit``), or a ``DEQMPC/*`` id registered with Gymnasium.
+    Anything else raises :class:`~deqmpc_gym.errors.UntrustedEnvIdError` *before* ``gym.make`` sees it (an id
+    of the form ``"module:Env-v0"`` makes ``gym.make`` import ``module``, i.e. run code named by the file).
+    """
+    from deqmpc_gym.errors import UntrustedEnvIdError
+
+    if explicit is not None and env_id == explicit:
+        return explicit
+    if isinstance(env_id, str) and env_id.startswith("DEQMPC/") and ":" not in env_id:
+        from gymnasium.envs.registration import registry
+
+        register_envs()
+        if env_id in registry:
+            return env_id
+    raise UntrustedEnvIdError(
+        f"{source} names the env id {env_id!r}, which is not a registered DEQMPC/* id; it was refused without "
+        f"importing or running anything (gym.make('module:Env') would import 'module'). Use a file made for one "
+        f"of {list(ENV_IDS)}, or pass the env id explicitly if you trust the file")
