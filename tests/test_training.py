@@ -318,13 +318,13 @@ def test_foreign_checkpoint_raises(small: ExpertDataset, tmp_path: Path) -> None
 def test_checkpoint_of_other_architecture_raises(small: ExpertDataset, tmp_path: Path) -> None:
     cfg = _cfg(steps=5, val_every=5)
     ImitationTrainer(_policy(hidden=16), small, cfg, tmp_path, progress=False).train()
-    with pytest.raises(CheckpointError, match="do not fit"):
+    with pytest.raises(CheckpointError, match="policy.hidden: 16 -> 32"):
         ImitationTrainer(_policy(hidden=32), small, cfg, tmp_path, progress=False).train(resume=True)
 
 
-def test_without_resume_starts_over(small: ExpertDataset, tmp_path: Path) -> None:
+def test_overwrite_starts_over(small: ExpertDataset, tmp_path: Path) -> None:
     cfg = _cfg(steps=5, val_every=5)
     ImitationTrainer(_policy(), small, cfg, tmp_path, progress=False).train()
-    (tmp_path / "checkpoint.pt").write_bytes(b"corrupt")  # ignored when resume=False
-    res = ImitationTrainer(_policy(), small, cfg, tmp_path, progress=False).train(resume=False)
+    (tmp_path / "checkpoint.pt").write_bytes(b"corrupt")  # deleted by overwrite=True
+    res = ImitationTrainer(_policy(), small, cfg, tmp_path, progress=False).train(overwrite=True)
     assert res.steps == 5

@@ -11,6 +11,12 @@ each call's iterates are supervised with their own ``T``-knot sub-window, and th
 Optimisation: Adam (lr 1e-3), gradient-norm clipping 2.0, batch 200, validation on fixed batches every
 ``val_every`` steps keeping the best checkpoint; checkpoints are written atomically and ``resume=True``
 continues a killed run from the last one with the same result as an uninterrupted run.
+
+The output folder belongs to one run: a live trainer holds ``train.lock`` (a second one is refused), ``resume``
+refuses a checkpoint written for another run definition (variant, policy or train config, dataset) and names
+the differing fields, a folder holding a run is only reused with ``resume=True`` or ``overwrite=True``, and
+Ctrl-C finishes the current step, writes a checkpoint and raises
+:class:`~deqmpc_gym.errors.TrainingInterrupted`.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import dataclasses
 import importlib.util
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +35,26 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from deqmpc_gym._config import config_from_dict, require_at_least_one
+from deqmpc_gym._config import check_field_types, config_from_dict, require_at_least_one
 from deqmpc_gym.data import ExpertDataset
-from deqmpc_gym.errors import CheckpointError, ConfigError, DatasetError
+from deqmpc_gym.errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    ResumeMismatchError,
+    RunDirError,
+    TrainingInterrupted,
+)
 from deqmpc_gym.io import atomic_write, atomic_write_text
 from deqmpc_gym.policies import DEQMPCPolicy, LayerOutput
+from deqmpc_gym.training.rundir import (
+    RunLock,
+    definition_differences,
+    existing_run_files,
+    remove_run_files,
+    run_definition,
+    write_progress,
+)
 from deqmpc_gym.training.windows import WindowBatch, WindowSampler
 
 CKPT_FORMAT = "deqmpc_gym.train_checkpoint"
@@ -68,6 +91,7 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         require_at_least_one(self, ("steps", "batch_size", "val_every", "val_batches", "log_every"))
         if self.streaming_steps < 0:
             raise ConfigError(f"TrainConfig.streaming_steps must be >= 0, got {self.streaming_steps}")
@@ -144,13 +168,15 @@ class ImitationTrainer:
     """Train ``policy`` on ``dataset`` with :class:`TrainConfig`; files go to ``out_dir``.
 
     Files: ``checkpoint.pt`` (last state, for ``resume``), ``best/`` (best policy by validation loss),
-    ``final/`` (policy at the end), ``progress.csv`` (SB3 logger) and ``result.json``.
+    ``final/`` (policy at the end), ``progress.csv`` (one row per validation, fixed columns
+    :data:`~deqmpc_gym.training.rundir.PROGRESS_COLUMNS`, every row kept across resumes), ``result.json`` and,
+    while training, ``train.lock``.
 
     Args:
         callbacks: callables ``fn(trainer, step, metrics) -> None`` run after every validation.
         progress: show a tqdm progress bar with loss and ETA.
-        log_formats: SB3 logger formats (``"stdout"``, ``"csv"``); ``"tensorboard"`` is added when TensorBoard is
-            installed.
+        log_formats: ``"csv"`` writes ``progress.csv``; ``"stdout"`` (and ``"tensorboard"``, added when
+            TensorBoard is installed) go through SB3's logger.
     """
 
     def __init__(self, policy: DEQMPCPolicy, dataset: ExpertDataset, config: TrainConfig, out_dir: str | Path,
@@ -159,6 +185,8 @@ class ImitationTrainer:
         if policy.env_id is not None and dataset.env_id != policy.env_id:
             raise DatasetError(f"dataset was collected on {dataset.env_id!r} but the policy controls "
                                f"{policy.env_id!r}; collect a dataset for {policy.env_id!r}")
+        if not isinstance(config, TrainConfig):
+            raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.policy, self.config, self.out_dir = policy, config, Path(out_dir)
         self.callbacks, self.progress = callbacks, progress
         window = policy.config.horizon + config.streaming_steps
@@ -170,10 +198,14 @@ class ImitationTrainer:
         self.optimizer = torch.optim.Adam(policy.layer.net.parameters(), lr=config.lr)
         self.step, self.best_val, self.best_step = 0, math.inf, 0
         self.history: list[dict[str, float]] = []
+        self.progress_rows: list[dict[str, Any]] = []
+        self._pending: dict[str, float] = {}
         self.log_formats = tuple(log_formats)
         if "tensorboard" not in self.log_formats and importlib.util.find_spec("tensorboard") is not None:
             self.log_formats += ("tensorboard",)  # SB3's logger writes TensorBoard events when it is installed
+        self.definition = run_definition(policy.config, policy.env_id, config, dataset)
         self._elapsed = 0.0
+        self._saved_step: int | None = None
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -181,7 +213,7 @@ class ImitationTrainer:
         return self.out_dir / "checkpoint.pt"
 
     def save_checkpoint(self) -> None:
-        """Atomically write the full training state (weights, optimizer, RNG, bookkeeping)."""
+        """Atomically write the full training state (weights, optimizer, RNG, bookkeeping, run definition)."""
         payload = {
             "format": CKPT_FORMAT, "step": self.step, "best_val": self.best_val, "best_step": self.best_step,
             "elapsed": self._elapsed,
@@ -190,11 +222,38 @@ class ImitationTrainer:
             "rng_json": json.dumps(self.sampler.rng.bit_generator.state),
             "history_json": json.dumps(self.history),
             "config_json": json.dumps(dataclasses.asdict(self.config)),
+            "run_json": json.dumps(self.definition),
+            "progress_json": json.dumps({"rows": self.progress_rows, "pending": self._pending}),
         }
         atomic_write(self.checkpoint_path, lambda f: torch.save(payload, f))
+        self._saved_step = self.step
 
     def load_checkpoint(self) -> None:
-        """Restore the state written by :meth:`save_checkpoint` (weights_only load)."""
+        """Restore the state written by :meth:`save_checkpoint` (weights_only load).
+
+        Raises :class:`~deqmpc_gym.errors.ResumeMismatchError` (a ``CheckpointError``) naming the fields when the
+        checkpoint was written for another run definition; only ``steps`` (and the inference-only
+        ``compiled_solver``) may change.
+        """
+        payload = self._read_checkpoint()
+        self._check_definition(payload)
+        try:
+            self.policy.layer.load_state_dict(payload["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint weights do not fit this policy: {exc}") from exc
+        try:
+            self.optimizer.load_state_dict(payload["optimizer"])
+            self.sampler.rng.bit_generator.state = json.loads(payload["rng_json"])
+            self.history = json.loads(payload["history_json"])
+            self.step, self.best_val = int(payload["step"]), float(payload["best_val"])
+            self.best_step, self._elapsed = int(payload["best_step"]), float(payload["elapsed"])
+            self._restore_progress(payload.get("progress_json"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{self.checkpoint_path} is damaged ({type(exc).__name__}: {exc}); delete it "
+                                  "(or pass overwrite=True / --overwrite) to start over") from exc
+        self._saved_step = self.step
+
+    def _read_checkpoint(self) -> dict[str, Any]:
         try:
             payload = torch.load(self.checkpoint_path, map_location=self.policy.device, weights_only=True)
         except Exception as exc:
@@ -202,23 +261,33 @@ class ImitationTrainer:
                                   f"({type(exc).__name__}: {exc}); delete it to start over") from exc
         if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
             raise CheckpointError(f"{self.checkpoint_path} is not a deqmpc_gym training checkpoint")
-        saved = json.loads(payload["config_json"])
-        # the step budget may grow between resumed runs (nothing else depends on it): extending a finished run
-        # gives the weights of an uninterrupted run with the larger budget
-        if {k: v for k, v in saved.items() if k != "steps"} != \
-                {k: v for k, v in dataclasses.asdict(self.config).items() if k != "steps"}:
-            raise CheckpointError(f"{self.checkpoint_path} was written with another TrainConfig {saved}; "
-                                  "resume with the same settings (only `steps` may change) or use a new output "
-                                  "directory")
-        try:
-            self.policy.layer.load_state_dict(payload["model"])
-        except RuntimeError as exc:
-            raise CheckpointError(f"checkpoint weights do not fit this policy: {exc}") from exc
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.sampler.rng.bit_generator.state = json.loads(payload["rng_json"])
-        self.history = json.loads(payload["history_json"])
-        self.step, self.best_val, self.best_step = int(payload["step"]), float(payload["best_val"]), int(payload["best_step"])
-        self._elapsed = float(payload["elapsed"])
+        return payload
+
+    def _check_definition(self, payload: dict[str, Any]) -> None:
+        """Compare the stored run definition (or, for older checkpoints, the TrainConfig) with this run's."""
+        if "run_json" in payload:
+            saved = json.loads(payload["run_json"])
+        else:  # written before run definitions were stored: only the TrainConfig can be compared
+            saved = {f"train.{k}": v for k, v in json.loads(payload["config_json"]).items()}
+            saved.update({k: v for k, v in self.definition.items() if not k.startswith("train.")})
+        diffs = definition_differences(saved, self.definition)
+        if diffs:
+            raise ResumeMismatchError(
+                f"{self.checkpoint_path} belongs to another run (policy config, TrainConfig or dataset differ): "
+                f"{'; '.join(diffs)}. Resume with the same settings (only steps may change), pass "
+                "overwrite=True (--overwrite) to start over, or use another output folder",
+                tuple(d.split(":", 1)[0] for d in diffs))
+
+    def _restore_progress(self, progress_json: str | None) -> None:
+        """The ``progress.csv`` rows (and not yet written train metrics) stored in a checkpoint."""
+        if progress_json is None:  # older checkpoints: rebuild the rows from the validation history
+            self.progress_rows = [{"time/steps": int(h["step"]), "time/elapsed_s": h.get("time_s"),
+                                   "train/loss": h.get("train_loss"), "val/loss_end": h.get("val_loss")}
+                                  for h in self.history]
+            self._pending = {}
+            return
+        data = json.loads(progress_json)
+        self.progress_rows, self._pending = list(data["rows"]), dict(data["pending"])
 
     # ------------------------------------------------------------------ loop
     def train_step(self) -> dict[str, float]:
@@ -237,42 +306,106 @@ class ImitationTrainer:
             metrics["skipped_nonfinite"] = 1.0
         return metrics
 
-    def train(self, resume: bool = False) -> TrainResult:
-        """Run (or, with ``resume=True`` and an existing checkpoint, continue) training to ``config.steps``."""
-        from stable_baselines3.common.logger import configure
+    def train(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
+        """Run training to ``config.steps`` in ``out_dir``.
 
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        Args:
+            resume: continue the run in ``out_dir`` from its checkpoint (a finished run is extended to a larger
+                ``steps`` or returned as is). The checkpoint must have been written for the same run definition.
+            overwrite: delete the run files in ``out_dir`` (``checkpoint.pt``, ``best/``, ``final/``,
+                ``progress.csv``, ``result.json``) and start over.
+
+        Raises:
+            RunDirError: another live trainer uses ``out_dir``, or ``out_dir`` holds a run and neither ``resume``
+                nor ``overwrite`` is set.
+            ResumeMismatchError: ``resume`` found a checkpoint of another run definition.
+            TrainingInterrupted: Ctrl-C (SIGINT) or a ``KeyboardInterrupt`` from a callback; the current step
+                was finished and checkpointed first (a second Ctrl-C stops at once, keeping the last checkpoint).
+        """
+        if resume and overwrite:
+            raise ConfigError("resume and overwrite exclude each other: resume continues the run in the output "
+                              "folder, overwrite deletes it")
+        with RunLock(self.out_dir):
+            self._prepare_folder(resume, overwrite)
+            return self._run()
+
+    def _prepare_folder(self, resume: bool, overwrite: bool) -> None:
+        """Start over, resume, or refuse to touch a folder that holds another run."""
+        if overwrite:
+            remove_run_files(self.out_dir)
+            return
         if resume and self.checkpoint_path.exists():
             self.load_checkpoint()
-        logger = configure(str(self.out_dir), list(self.log_formats))
+            return
+        found = existing_run_files(self.out_dir)
+        if found:
+            hint = ("pass resume=True (--resume) to continue it, " if "checkpoint.pt" in found else "")
+            raise RunDirError(f"output folder {self.out_dir} already holds a training run ({', '.join(found)}); "
+                              f"{hint}pass overwrite=True (--overwrite) to delete it and start over, or choose "
+                              "another output folder")
+
+    def _run(self) -> TrainResult:
+        """The training loop (the folder is locked and prepared)."""
+        from stable_baselines3.common.logger import configure
+
+        sb3_formats = [f for f in self.log_formats if f != "csv"]
+        logger = configure(str(self.out_dir), sb3_formats)
+        self._write_progress()
         bar = _progress(self.config.steps, self.step, self.progress)
         t0 = time.perf_counter() - self._elapsed
+        stop = _DeferredInterrupt()
+        at_boundary = True
         try:
-            while self.step < self.config.steps:
-                metrics = self.train_step()
-                self.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
-                if self.step % self.config.log_every == 0:
-                    for k, v in metrics.items():
-                        logger.record(f"train/{k}", v)
-                if self.step % self.config.val_every == 0 or self.step == self.config.steps:
-                    self._elapsed = time.perf_counter() - t0
-                    self._validate(logger, metrics)
+            with stop:
+                while self.step < self.config.steps and not stop.requested:
+                    at_boundary = False
+                    self._one_step(logger, bar, t0)
+                    at_boundary = True
+        except KeyboardInterrupt:
+            self._interrupted(at_boundary, t0)
         finally:
             bar.close()
             logger.close()
+        if stop.requested and self.step < self.config.steps:
+            self._interrupted(True, t0)
         final_val = self.history[-1]["val_loss"] if self.history else math.nan
         self.policy.save(self.out_dir / "final")
         result = TrainResult(self.step, self.best_val, self.best_step, final_val, self._elapsed, self.history)
         atomic_write_text(self.out_dir / "result.json", json.dumps(dataclasses.asdict(result), indent=2))
         return result
 
+    def _one_step(self, logger: Any, bar: Any, t0: float) -> None:
+        """One optimisation step, its logging, and the validation (with checkpoint) when it is due."""
+        metrics = self.train_step()
+        self.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
+        if self.step % self.config.log_every == 0:
+            for k, v in metrics.items():
+                logger.record(f"train/{k}", v)
+                self._pending[f"train/{k}"] = v
+        if self.step % self.config.val_every == 0 or self.step == self.config.steps:
+            self._elapsed = time.perf_counter() - t0
+            self._validate(logger, metrics)
+
+    def _interrupted(self, consistent: bool, t0: float) -> None:
+        """Checkpoint the last completed step (when the state is consistent) and raise TrainingInterrupted."""
+        if consistent:
+            self._elapsed = time.perf_counter() - t0
+            self.save_checkpoint()
+            self._write_progress()
+        if self._saved_step is None:
+            raise KeyboardInterrupt
+        raise TrainingInterrupted(self._saved_step, self.config.steps, str(self.out_dir))
+
     def _validate(self, logger: Any, metrics: dict[str, float]) -> None:
         val = validation_loss(self.policy, self.val_batches)
         record = {"step": float(self.step), "val_loss": val, "train_loss": metrics.get("loss", math.nan),
                   "time_s": self._elapsed}
         self.history.append(record)
+        self.progress_rows.append({"time/steps": self.step, "time/elapsed_s": self._elapsed, **self._pending,
+                                   "val/loss_end": val})
+        self._pending = {}
         logger.record("val/loss_end", val)
         logger.record("time/steps", self.step)
         logger.dump(self.step)
@@ -280,8 +413,40 @@ class ImitationTrainer:
             self.best_val, self.best_step = val, self.step
             self.policy.save(self.out_dir / "best")
         self.save_checkpoint()
+        self._write_progress()
         for cb in self.callbacks:
             cb(self, self.step, record)
+
+    def _write_progress(self) -> None:
+        if "csv" in self.log_formats:
+            write_progress(self.out_dir / "progress.csv", self.progress_rows)
+
+
+class _DeferredInterrupt:
+    """While active (in the main thread), the first SIGINT only sets :attr:`requested`; the training loop stops
+    after the current step. A second SIGINT raises ``KeyboardInterrupt`` at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._installed = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_DeferredInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:
+            previous = self._previous if self._previous is not None else signal.default_int_handler
+            signal.signal(signal.SIGINT, previous)
+            self._installed = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:
