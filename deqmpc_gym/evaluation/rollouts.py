@@ -98,6 +98,15 @@ def _with_stream_iters(policy: Any, k: int | None) -> Any:
     return old
 
 
+def check_policy_env(policy: Any, env_id: str) -> None:
+    """Raise :class:`ConfigError` naming both ids when ``policy`` (a DEQ-MPC policy or an expert, anything with
+    an ``env_id``) was made for another env than ``env_id``; policies without an env id are not checked."""
+    own = getattr(policy, "env_id", None)
+    if isinstance(own, str) and own != env_id:
+        raise ConfigError(f"the {type(policy).__name__} was made for {own!r} and cannot act on {env_id!r}; use a "
+                          f"policy or expert of {env_id!r}")
+
+
 def rollout_batched(policy: Any, env_id: str, config: EvalConfig = EvalConfig(), *,
                     env_kwargs: dict[str, Any] | None = None, reference: tuple[float, float] | None = None,
                     device: str = "cpu") -> EvalResult:
@@ -113,6 +122,7 @@ def rollout_batched(policy: Any, env_id: str, config: EvalConfig = EvalConfig(),
     """
     from deqmpc_gym.envs import make_batched_env
 
+    check_policy_env(policy, env_id)
     n, steps = config.episodes, config.max_steps
     env = make_batched_env(env_id, n, seed=config.seed, device=device, max_episode_steps=steps,
                            **(env_kwargs or {}))

@@ -10,6 +10,7 @@ import numpy as np
 
 from deqmpc_gym.data import ExpertDataset, Trajectory
 from deqmpc_gym.errors import ConfigError, DatasetError
+from deqmpc_gym.evaluation.rollouts import check_policy_env
 
 #: Paper dataset sizes (number of trajectories) per env.
 DEFAULT_NUM_TRAJECTORIES: dict[str, int] = {
@@ -34,10 +35,11 @@ def collect_dataset(expert: Any, env_id: str, num_trajectories: int | None = Non
     Returns:
         :class:`~deqmpc_gym.data.ExpertDataset` (deterministic for a given seed).
     """
-
-    n_total = int(num_trajectories or DEFAULT_NUM_TRAJECTORIES.get(env_id, 300))
-    if n_total < 1 or max_steps < 1:
-        raise ConfigError(f"num_trajectories and max_steps must be >= 1, got {n_total}, {max_steps}")
+    n_total = _num_trajectories(env_id, num_trajectories)
+    for name, value in (("max_steps", max_steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    check_policy_env(expert, env_id)
     trajectories: list[Trajectory] = []
     for start in range(0, n_total, batch_size):
         n = min(batch_size, n_total - start)
@@ -46,6 +48,15 @@ def collect_dataset(expert: Any, env_id: str, num_trajectories: int | None = Non
             progress(len(trajectories))
     return ExpertDataset(env_id, trajectories, expert_id=expert_id, seed=seed,
                          extra={"max_steps": max_steps, "collected_at": time.strftime("%Y-%m-%d")})
+
+
+def _num_trajectories(env_id: str, num_trajectories: int | None) -> int:
+    """``num_trajectories`` validated (an integer >= 1), or the paper's size for ``env_id`` when None."""
+    if num_trajectories is None:
+        return int(DEFAULT_NUM_TRAJECTORIES.get(env_id, 300))
+    if isinstance(num_trajectories, bool) or not isinstance(num_trajectories, int) or num_trajectories < 1:
+        raise ConfigError(f"num_trajectories must be an integer >= 1, got {num_trajectories!r}")
+    return num_trajectories
 
 
 def _collect_batch(expert: Any, env_id: str, n: int, seed: int, max_steps: int) -> list[Trajectory]:
@@ -98,7 +109,7 @@ def default_dataset_path(env_id: str, cache_dir: str | Path | None = None, num_t
                          seed: int = 0) -> Path:
     """Cache location of a dataset of ``env_id`` (``~/.cache/deqmpc_gym/datasets`` by default)."""
     root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "deqmpc_gym" / "datasets"
-    n = int(num_trajectories or DEFAULT_NUM_TRAJECTORIES.get(env_id, 300))
+    n = _num_trajectories(env_id, num_trajectories)
     return root / f"{env_id.split('/')[-1]}-{n}-s{seed}.npz"
 
 

@@ -367,9 +367,18 @@ def _build_actor(card: dict[str, Any]) -> Any:
                              activation_fn=torch.nn.Tanh, log_std_init=float(card.get("log_std_init", 0.0)))
 
 
-def load_expert(source: str | Path) -> Expert:
+def load_expert(source: str | Path, env_id: str | None = None) -> Expert:
     """Load an expert from a directory holding ``actor.pt`` + ``card.json``, or from a registered env id
-    (the expert shipped with the package)."""
+    (the expert shipped with the package).
+
+    Args:
+        source: the expert's directory or a registered env id.
+        env_id: the env the expert will act on; the card's env id must equal it. Without it the card's env id
+            must be a registered ``DEQMPC/*`` id (:class:`~deqmpc_gym.errors.UntrustedEnvIdError` otherwise).
+
+    Raises:
+        CheckpointError: no, a damaged, or another env's expert at ``source``.
+    """
     path = Path(source)
     if not (path / "card.json").exists() and isinstance(source, str) and "/" in source and not path.exists():
         path = pretrained_dir(source)
@@ -382,15 +391,30 @@ def load_expert(source: str | Path) -> Expert:
         state = torch.load(actor_file, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"cannot read expert at {path} ({type(exc).__name__}: {exc})") from exc
-    if card.get("format") != CARD_FORMAT:
-        raise CheckpointError(f"{card_file} is not a deqmpc_gym expert card (format {card.get('format')!r})")
-    policy = _build_actor(card)
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        got = card.get("format") if isinstance(card, dict) else type(card).__name__
+        raise CheckpointError(f"{card_file} is not a deqmpc_gym expert card (format {got!r})")
+    _check_card_env(card, card_file, env_id)
     try:
+        policy = _build_actor(card)
         policy.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"expert weights at {actor_file} do not match its card: {exc}") from exc
+        expert = Expert(policy, card)
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"expert at {path} is damaged: its weights or card do not fit "
+                              f"({type(exc).__name__}: {exc})") from exc
     policy.set_training_mode(False)
-    return Expert(policy, card)
+    return expert
+
+
+def _check_card_env(card: dict[str, Any], card_file: Path, env_id: str | None) -> None:
+    """The card's env id must be ``env_id`` (if given) and a registered ``DEQMPC/*`` id (or ``env_id``)."""
+    from deqmpc_gym.envs.registration import check_env_id_from_file
+
+    stored = card.get("env_id")
+    if env_id is not None and stored != env_id:
+        raise CheckpointError(f"the expert at {card_file.parent} was trained on {stored!r}, not {env_id!r}; use an "
+                              f"expert of {env_id!r}")
+    check_env_id_from_file(stored, f"expert card {card_file}", explicit=env_id)
 
 
 # ---------------------------------------------------------------------------------------------- training
