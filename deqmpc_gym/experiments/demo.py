@@ -22,8 +22,9 @@ DEMO_VARIANTS = ("deq-mpc-deq", "diff-mpc-nn")
 
 
 def run_demo(out_dir: str | Path = "results/demo", *, steps: int | None = None, episodes: int = 50,
-             hidden: int = 64, batch_size: int = 64, video: bool = True) -> dict[str, Any]:
-    """Run the demo; returns ``{variant: metrics}`` and writes ``results.md``, ``results.json`` and a video."""
+             hidden: int = 64, batch_size: int = 64, video: bool = True, device: str = "cpu") -> dict[str, Any]:
+    """Run the demo on ``device``; returns ``{variant: metrics}`` and writes ``results.md``, ``results.json`` and
+    a video."""
     import torch
 
     from deqmpc_gym.data import ExpertDataset
@@ -42,11 +43,11 @@ def run_demo(out_dir: str | Path = "results/demo", *, steps: int | None = None, 
     results: dict[str, Any] = {}
     for variant in DEMO_VARIANTS:
         torch.manual_seed(0)
-        policy = DEQMPCPolicy.from_env(DEMO_ENV, variant, hidden=hidden)
+        policy = DEQMPCPolicy.from_env(DEMO_ENV, variant, hidden=hidden, device=device)
         cfg = TrainConfig(steps=n_steps, batch_size=batch_size, val_every=100, val_batches=4, seed=0)
         t0 = time.perf_counter()
         res = ImitationTrainer(policy, ds, cfg, out / "train" / variant).train(resume=True)
-        best = DEQMPCPolicy.load(out / "train" / variant / "best")
+        best = DEQMPCPolicy.load(out / "train" / variant / "best", device=device)
         ev = rollout_batched(best, DEMO_ENV, EvalConfig(episodes=episodes, stream_iters=1), reference=ref)
         results[variant] = {"normalized_score": ev.normalized_score, "mean_return": ev.mean_return,
                             "std_return": ev.std_return, "success_rate": ev.success_rate,
@@ -59,7 +60,7 @@ def run_demo(out_dir: str | Path = "results/demo", *, steps: int | None = None, 
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     if video:
         paths = record_rollouts(DEMO_ENV, out / "videos", policy_path=out / "train" / "deq-mpc-deq" / "best",
-                                episodes=1, seed=7)
+                                episodes=1, seed=7, device=device)
         print("video:", ", ".join(str(p) for p in paths))
     return results
 

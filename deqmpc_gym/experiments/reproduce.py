@@ -108,8 +108,9 @@ def run_name(env_id: str, variant: str, seed: int) -> str:
     return f"{_short(env_id)}__{variant}__s{seed}"
 
 
-def run_one(env_id: str, variant: str, seed: int, scale: Scale, out_dir: Path, data_dir: Path) -> dict[str, Any]:
-    """Train and evaluate one (env, variant, seed); returns the run record."""
+def run_one(env_id: str, variant: str, seed: int, scale: Scale, out_dir: Path, data_dir: Path,
+            device: str = "cpu") -> dict[str, Any]:
+    """Train and evaluate one (env, variant, seed) on ``device``; returns the run record."""
     from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched
     from deqmpc_gym.experts import load_expert, load_or_collect_dataset
     from deqmpc_gym.policies import DEQMPCPolicy
@@ -122,12 +123,12 @@ def run_one(env_id: str, variant: str, seed: int, scale: Scale, out_dir: Path, d
     import torch
 
     torch.manual_seed(seed)
-    policy = DEQMPCPolicy.from_env(env_id, variant, hidden=scale.hidden[short])
+    policy = DEQMPCPolicy.from_env(env_id, variant, hidden=scale.hidden[short], device=device)
     cfg = TrainConfig(steps=scale.steps[short], batch_size=scale.batch_size[short], val_batches=scale.val_batches,
                       val_every=scale.val_every, seed=seed)
     t0 = time.perf_counter()
     res = ImitationTrainer(policy, ds, cfg, run_dir, progress=False).train(resume=True)
-    best = DEQMPCPolicy.load(run_dir / "best")
+    best = DEQMPCPolicy.load(run_dir / "best", device=device)
     card = load_expert(env_id).card
     k = 2 if short == "QPoleObs" else 1
     ev = rollout_batched(best, env_id, EvalConfig(episodes=scale.eval_episodes[short], stream_iters=k),
@@ -183,18 +184,37 @@ def bar_plot(records: Sequence[dict[str, Any]], envs: Sequence[str], variants: S
     plt.close(fig)
 
 
+def check_selection(envs: Sequence[str] | None, variants: Sequence[str] | None,
+                    seeds: Sequence[int] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Validate a Table 1 selection (``None`` = all); returns ``(envs, variants)`` with canonical variant names.
+
+    Raises :class:`ConfigError` naming the valid values for an env outside Table 1, an unknown variant or a seed
+    that is not an integer >= 0.
+    """
+    from deqmpc_gym.policies.config import Variant
+
+    envs = tuple(envs or TABLE1_ENVS)
+    unknown = [e for e in envs if e not in TABLE1_ENVS]
+    if unknown:
+        raise ConfigError(f"unknown Table 1 env(s) {unknown}; valid: {list(TABLE1_ENVS)}")
+    variants = tuple(Variant.resolve(v).value for v in (variants or TABLE1_VARIANTS))
+    for s in seeds or ():
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ConfigError(f"seeds must be integers >= 0, got {s!r}")
+    return envs, variants
+
+
 def reproduce(what: str, *, scale: str = "cpu", seeds: Sequence[int] | None = None, envs: Sequence[str] | None = None,
-              variants: Sequence[str] | None = None, out_dir: str | Path = "results") -> Path:
-    """Run (or resume) a reproduction; returns the directory of its results."""
+              variants: Sequence[str] | None = None, out_dir: str | Path = "results", device: str = "cpu") -> Path:
+    """Run (or resume) a reproduction on ``device``; returns the directory of its results."""
     if scale not in SCALES:
         raise ConfigError(f"unknown scale {scale!r}; valid: {sorted(SCALES)}")
     if what == "warmstart":
-        return warmstart_ablation(scale=scale, out_dir=out_dir)
+        return warmstart_ablation(scale=scale, out_dir=out_dir, device=device)
     if what != "table1":
         raise ConfigError(f"unknown reproduction {what!r}; valid: 'table1', 'warmstart'")
     sc = SCALES[scale]
-    envs = tuple(envs or TABLE1_ENVS)
-    variants = tuple(variants or TABLE1_VARIANTS)
+    envs, variants = check_selection(envs, variants, seeds)
     root = Path(out_dir) / f"table1-{scale}"
     runs_dir = root / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -206,7 +226,7 @@ def reproduce(what: str, *, scale: str = "cpu", seeds: Sequence[int] | None = No
                     if _made_with_shipped_expert(json.loads(f.read_text())):
                         continue
                     _set_aside(root, run_name(env_id, variant, seed))
-                rec = run_one(env_id, variant, seed, sc, root, Path(out_dir) / "datasets")
+                rec = run_one(env_id, variant, seed, sc, root, Path(out_dir) / "datasets", device=device)
                 atomic_write_text(f, json.dumps(rec, indent=2))
                 print(f"{run_name(env_id, variant, seed)}: score {rec['normalized_score']:.3f} "
                       f"({rec['wall_time_s']:.0f} s)", flush=True)
@@ -245,7 +265,7 @@ def _set_aside(root: Path, name: str) -> None:
 
 
 def warmstart_ablation(*, scale: str = "cpu", out_dir: str | Path = "results", env_id: str = "DEQMPC/Pendulum-v0",
-                       ks: Sequence[int] = (1, 2, 3, 4), seed: int = 0) -> Path:
+                       ks: Sequence[int] = (1, 2, 3, 4), seed: int = 0, device: str = "cpu") -> Path:
     """Paper Fig. 7: normalized return vs warm-started DEQ-MPC iterations K (Diff-MPC: 2K AL iterations).
 
     Uses the Table 1 policies of ``env_id`` and ``seed`` (trained on demand).
@@ -266,8 +286,8 @@ def warmstart_ablation(*, scale: str = "cpu", out_dir: str | Path = "results", e
     for variant in TABLE1_VARIANTS:
         best = root / "train" / run_name(env_id, variant, seed) / "best"
         if not best.exists():
-            run_one(env_id, variant, seed, sc, root, Path(out_dir) / "datasets")
-        policy = DEQMPCPolicy.load(best)
+            run_one(env_id, variant, seed, sc, root, Path(out_dir) / "datasets", device=device)
+        policy = DEQMPCPolicy.load(best, device=device)
         curves[variant] = [float(rollout_batched(policy, env_id, EvalConfig(episodes=sc.eval_episodes[_short(env_id)],
                                                                             stream_iters=k),
                                                  reference=(card["random_return"], card["mean_return"])).normalized_score)
@@ -287,5 +307,5 @@ def warmstart_ablation(*, scale: str = "cpu", out_dir: str | Path = "results", e
     return png
 
 
-__all__ = ["reproduce", "warmstart_ablation", "SCALES", "Scale", "TABLE1_ENVS", "TABLE1_VARIANTS", "PAPER_TABLE1",
+__all__ = ["reproduce", "warmstart_ablation", "check_selection", "SCALES", "Scale", "TABLE1_ENVS", "TABLE1_VARIANTS", "PAPER_TABLE1",
            "markdown_table", "run_one"]
