@@ -4,17 +4,22 @@ Subcommands::
 
     deqmpc-gym expert train   --env ID [--steps N] [--seed S] [--out DIR] [--slices K]
     deqmpc-gym expert collect --env ID --out FILE [--num-trajectories N] [--seed S] [--expert DIR]
-    deqmpc-gym train    --env ID --variant V --dataset FILE --out DIR [--steps N] [--hidden H] [--resume]
+    deqmpc-gym train    --env ID --variant V --dataset FILE --out DIR [--steps N] [--hidden H] [--resume | --overwrite]
     deqmpc-gym evaluate --policy DIR [--episodes N] [--stream-iters K] [--json FILE]
     deqmpc-gym record   --env ID [--policy DIR] [--episodes N] --out DIR [--no-overlay] [--max-steps N]
     deqmpc-gym reproduce table1 [--scale cpu|paper] [--seeds ...] [--envs ...] [--out DIR]
     deqmpc-gym demo     [--out DIR]
+
+``train``, ``evaluate``, ``record``, ``reproduce`` and ``demo`` take ``--device`` (``cpu``, ``cuda``, ``cuda:N``,
+``auto``). Output paths are checked before any work; errors print one line (exit code 2), Ctrl-C prints where it
+stopped (exit code 130; ``train`` checkpoints the current step and names the command that resumes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -50,6 +55,13 @@ def _add_expert(sub: Any) -> None:
     c.add_argument("--expert", default=None, help="expert dir (default: the shipped expert of --env)")
 
 
+DEVICE_HELP = "torch device: cpu (default), cuda, cuda:N, or auto (cuda when available, else cpu)"
+
+
+def _add_device(parser: Any) -> None:
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
+
+
 def _add_train(sub: Any) -> None:
     t = sub.add_parser("train", help="imitation-train a DEQ-MPC policy on a dataset")
     t.add_argument("--env", required=True)
@@ -62,7 +74,14 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--val-every", type=int, default=100)
     t.add_argument("--val-batches", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--resume", action="store_true")
+    mode = t.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run in --out from its checkpoint (same variant, configs and dataset; "
+                           "--steps may grow)")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="delete the run in --out (checkpoint, best/, final/, progress.csv, result.json) and "
+                           "start over")
+    _add_device(t)
     e = sub.add_parser("evaluate", help="evaluate a saved policy (normalized score vs the expert card)")
     e.add_argument("--policy", required=True)
     e.add_argument("--episodes", type=int, default=200)
@@ -70,6 +89,7 @@ def _add_train(sub: Any) -> None:
     e.add_argument("--stream-iters", type=int, default=None)
     e.add_argument("--seed", type=int, default=10_000)
     e.add_argument("--json", default=None)
+    _add_device(e)
 
 
 def _add_misc(sub: Any) -> None:
@@ -81,6 +101,7 @@ def _add_misc(sub: Any) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-overlay", action="store_true")
     r.add_argument("--max-steps", type=int, default=None, help="steps per episode (default: the env's limit)")
+    _add_device(r)
     rep = sub.add_parser("reproduce", help="reproduce the paper's experiments")
     rep.add_argument("what", choices=["table1", "warmstart"])
     rep.add_argument("--scale", choices=["cpu", "paper", "tiny"], default="cpu")
@@ -88,9 +109,11 @@ def _add_misc(sub: Any) -> None:
     rep.add_argument("--envs", nargs="+", default=None)
     rep.add_argument("--variants", nargs="+", default=None)
     rep.add_argument("--out", default="results")
+    _add_device(rep)
     d = sub.add_parser("demo", help="train a small DEQ-MPC policy on the shipped dataset, evaluate, make a video")
     d.add_argument("--out", default="results/demo")
     d.add_argument("--steps", type=int, default=None)
+    _add_device(d)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,46 +129,58 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _expert(args: argparse.Namespace) -> int:
-    from deqmpc_gym.experts import collect_dataset, default_expert_config, load_expert, train_expert
+    from deqmpc_gym.experts import default_expert_config, train_expert
+    from deqmpc_gym.io import check_writable
 
-    if args.expert_cmd == "train":
-        overrides: dict[str, Any] = {"seed": args.seed}
-        if args.steps:
-            overrides["total_steps"] = args.steps
-        if args.n_envs:
-            overrides["n_envs"] = args.n_envs
-        for key in ("goal_bonus", "goal_bonus_width", "collision_penalty", "train_obstacle_radius"):
-            if getattr(args, key) is not None:
-                overrides[key] = getattr(args, key)
-        if args.no_teacher:
-            overrides["teacher"] = None
-        cfg = default_expert_config(args.env, **overrides)
-        out = Path(args.out or f"runs/experts/{args.env.split('/')[-1]}")
-        card = train_expert(cfg, out, resume=not args.no_resume, max_slices=args.slices)
-        if card is None:
-            print(f"expert training paused at a checkpoint in {out}; run the same command again to continue")
-        else:
-            if "ppo_only" in card:
-                print(f"PPO alone: success {card['ppo_only']['success_rate']:.2%}, collisions "
-                      f"{card['ppo_only']['collision_rate']:.2%}; MPC-teacher round kept: {card['teacher']['kept_round']}")
-            print(f"expert {args.env}: success {card['success_rate']:.2%}, collisions {card['collision_rate']:.2%}, "
-                  f"mean return {card['mean_return']:.1f} "
-                  f"(random {card['random_return']:.1f}), {card['train_steps']} steps in {card['wall_time_s']:.0f} s "
-                  f"-> {out}")
+    if args.expert_cmd == "collect":
+        return _expert_collect(args)
+    overrides: dict[str, Any] = {"seed": args.seed}
+    if args.steps:
+        overrides["total_steps"] = args.steps
+    if args.n_envs:
+        overrides["n_envs"] = args.n_envs
+    for key in ("goal_bonus", "goal_bonus_width", "collision_penalty", "train_obstacle_radius"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    if args.no_teacher:
+        overrides["teacher"] = None
+    cfg = default_expert_config(args.env, **overrides)
+    out = check_writable(args.out or f"runs/experts/{args.env.split('/')[-1]}", kind="dir")
+    card = train_expert(cfg, out, resume=not args.no_resume, max_slices=args.slices)
+    if card is None:
+        print(f"expert training paused at a checkpoint in {out}; run the same command again to continue")
         return 0
+    if "ppo_only" in card:
+        print(f"PPO alone: success {card['ppo_only']['success_rate']:.2%}, collisions "
+              f"{card['ppo_only']['collision_rate']:.2%}; MPC-teacher round kept: {card['teacher']['kept_round']}")
+    print(f"expert {args.env}: success {card['success_rate']:.2%}, collisions {card['collision_rate']:.2%}, "
+          f"mean return {card['mean_return']:.1f} "
+          f"(random {card['random_return']:.1f}), {card['train_steps']} steps in {card['wall_time_s']:.0f} s "
+          f"-> {out}")
+    return 0
+
+
+def _expert_collect(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    expert = load_expert(args.expert or args.env)
-    n = args.num_trajectories
-    bar = tqdm(total=n, desc="collect")
-    last = [0]
+    from deqmpc_gym.experts import collect_dataset, load_expert
+    from deqmpc_gym.io import check_writable
+
+    check_writable(args.out, kind="file")
+    expert = load_expert(args.expert or args.env, env_id=args.env)
+    bars: list[Any] = []  # created at the first progress report: argument errors print no bar
 
     def tick(done: int) -> None:
-        bar.update(done - last[0])
-        last[0] = done
+        if not bars:
+            bars.append(tqdm(total=args.num_trajectories, desc="collect"))
+        bars[0].update(done - bars[0].n)
 
-    ds = collect_dataset(expert, args.env, n, seed=args.seed, expert_id=str(args.expert or args.env), progress=tick)
-    bar.close()
+    try:
+        ds = collect_dataset(expert, args.env, args.num_trajectories, seed=args.seed,
+                             expert_id=str(args.expert or args.env), progress=tick)
+    finally:
+        for bar in bars:
+            bar.close()
     ds.save(args.out)
     lengths = [len(t) for t in ds.trajectories]
     print(f"collected {len(ds)} trajectories ({sum(lengths)} steps, mean length {sum(lengths) / len(ds):.1f}) -> {args.out}")
@@ -153,15 +188,20 @@ def _expert(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from deqmpc_gym._device import resolve_device
     from deqmpc_gym.data import ExpertDataset
+    from deqmpc_gym.io import check_writable
     from deqmpc_gym.policies import DEQMPCPolicy
     from deqmpc_gym.training import ImitationTrainer, TrainConfig
 
-    ds = ExpertDataset.load(args.dataset, env_id=args.env)
-    policy = DEQMPCPolicy.from_env(args.env, args.variant, hidden=args.hidden)
+    device = resolve_device(args.device)
+    check_writable(args.out, kind="dir")
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, val_every=args.val_every,
                       val_batches=args.val_batches, seed=args.seed)
-    res = ImitationTrainer(policy, ds, cfg, args.out, log_formats=("stdout", "csv")).train(resume=args.resume)
+    ds = ExpertDataset.load(args.dataset, env_id=args.env)
+    policy = DEQMPCPolicy.from_env(args.env, args.variant, hidden=args.hidden, device=device)
+    trainer = ImitationTrainer(policy, ds, cfg, args.out, log_formats=("stdout", "csv"))
+    res = trainer.train(resume=args.resume, overwrite=args.overwrite)
     print(f"trained {args.variant} on {args.env}: best val loss {res.best_val_loss:.4f} at step {res.best_step} "
           f"({res.wall_time_s:.0f} s) -> {args.out}")
     return 0
@@ -170,13 +210,15 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from deqmpc_gym.evaluation import EvalConfig, rollout_batched
     from deqmpc_gym.experts import load_expert
-    from deqmpc_gym.io import atomic_write_text
+    from deqmpc_gym.io import atomic_write_text, check_writable
     from deqmpc_gym.policies import DEQMPCPolicy
 
-    policy = DEQMPCPolicy.load(args.policy)
-    card = load_expert(policy.env_id).card
-    res = rollout_batched(policy, policy.env_id, EvalConfig(args.episodes, args.steps, args.seed, args.stream_iters),
-                          reference=(card["random_return"], card["mean_return"]))
+    if args.json:
+        check_writable(args.json, kind="file")
+    eval_cfg = EvalConfig(args.episodes, args.steps, args.seed, args.stream_iters)
+    policy = DEQMPCPolicy.load(args.policy, device=args.device)
+    card = load_expert(policy.env_id, env_id=policy.env_id).card
+    res = rollout_batched(policy, policy.env_id, eval_cfg, reference=(card["random_return"], card["mean_return"]))
     print(f"{policy.env_id} {policy.config.variant}: normalized score {res.normalized_score:.3f}, "
           f"return {res.mean_return:.1f} ± {res.std_return:.1f}, success {res.success_rate:.2%}, "
           f"collisions {res.collision_rate:.2%}, act latency {res.act_latency_ms:.1f} ms")
@@ -186,28 +228,41 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _record(args: argparse.Namespace) -> int:
+    from deqmpc_gym._device import resolve_device
     from deqmpc_gym.experiments.record import record_rollouts
+    from deqmpc_gym.io import check_writable
 
+    device = resolve_device(args.device)
+    check_writable(args.out, kind="dir")
     paths = record_rollouts(args.env, args.out, policy_path=args.policy, episodes=args.episodes, seed=args.seed,
-                            overlay=not args.no_overlay, max_steps=args.max_steps)
+                            overlay=not args.no_overlay, max_steps=args.max_steps, device=device)
     for p in paths:
         print(p)
     return 0
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from deqmpc_gym.experiments.reproduce import reproduce
+    from deqmpc_gym._device import resolve_device
+    from deqmpc_gym.experiments.reproduce import check_selection, reproduce
+    from deqmpc_gym.io import check_writable
 
+    check_selection(args.envs, args.variants, args.seeds)
+    device = resolve_device(args.device)
+    check_writable(args.out, kind="dir")
     out = reproduce(args.what, scale=args.scale, seeds=args.seeds, envs=args.envs, variants=args.variants,
-                    out_dir=args.out)
+                    out_dir=args.out, device=device)
     print(f"results written to {out}")
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from deqmpc_gym._device import resolve_device
     from deqmpc_gym.experiments.demo import run_demo
+    from deqmpc_gym.io import check_writable
 
-    run_demo(args.out, steps=args.steps)
+    device = resolve_device(args.device)
+    check_writable(args.out, kind="dir")
+    run_demo(args.out, steps=args.steps, device=device)
     return 0
 
 
@@ -215,20 +270,45 @@ COMMANDS = {"expert": _expert, "train": _train, "evaluate": _evaluate, "record":
             "demo": _demo}
 
 
+def resume_command(argv: Sequence[str]) -> str:
+    """The ``deqmpc-gym`` command line that resumes the ``train`` run of ``argv`` (``--resume``, no
+    ``--overwrite``)."""
+    args = [a for a in argv if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return "deqmpc-gym " + shlex.join(args)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``deqmpc-gym`` console script; returns the exit code."""
+    """Entry point of the ``deqmpc-gym`` console script; returns the exit code.
+
+    Library errors (:class:`~deqmpc_gym.errors.DeqmpcError`) print one line to stderr and return 2; Ctrl-C
+    returns 130 (``train`` first checkpoints the current step and prints the command that resumes it).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     import torch
 
-    from deqmpc_gym.errors import DeqmpcError
+    from deqmpc_gym.errors import DeqmpcError, TrainingInterrupted
 
     torch.set_num_threads(max(1, args.threads))
 
     try:
         return COMMANDS[args.cmd](args)
     except DeqmpcError as exc:
-        print(f"deqmpc-gym: error: {exc}", file=sys.stderr)
+        print(f"deqmpc-gym: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        print(f"deqmpc-gym: training stopped at step {exc.step} of {exc.total} (checkpoint in {exc.out_dir}); "
+              f"resume with: {resume_command(argv)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"deqmpc-gym: {args.cmd} interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

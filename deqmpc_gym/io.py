@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from deqmpc_gym.errors import OutputPathError
+
 
 def pid_alive(pid: int) -> bool:
     """Whether a process with id ``pid`` runs on this machine (a process of another user counts as running)."""
@@ -85,3 +87,33 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Atomically write ``text`` (UTF-8) to ``path``."""
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def check_writable(path: str | os.PathLike[str], kind: str = "file") -> Path:
+    """Check, without writing anything, that ``path`` can be written: a file (``kind="file"``) or a folder
+    (``kind="dir"``) whose nearest existing ancestor is a folder this process can create files in.
+
+    Raises:
+        OutputPathError: one line saying what is in the way (a file where a folder is needed, a folder where a
+            file is needed, no permission).
+    """
+    if kind not in ("file", "dir"):
+        raise ValueError(f"kind must be 'file' or 'dir', got {kind!r}")
+    target = Path(path)
+    if kind == "file" and target.is_dir():
+        raise OutputPathError(f"cannot write {target}: it is a folder; give a file name")
+    if kind == "dir" and target.exists() and not target.is_dir():
+        raise OutputPathError(f"cannot use {target} as output folder: it is a file")
+    folder = target if kind == "dir" else target.parent
+    anchor = folder
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise OutputPathError(f"cannot create {folder}: {anchor} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=anchor):
+            pass
+    except OSError as exc:
+        raise OutputPathError(f"cannot write to {anchor} ({exc.strerror or exc}); choose another output "
+                              "location") from None
+    return target
