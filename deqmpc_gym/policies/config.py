@@ -143,6 +143,8 @@ class PolicyConfig:
         Keys of earlier versions that no longer have an effect (:data:`RETIRED_KEYS`) are dropped, so that
         saved policies stay loadable.
         """
+        if not isinstance(data, dict):
+            raise ConfigError(f"PolicyConfig must be built from a dict, got {type(data).__name__}")
         return config_from_dict(cls, {k: v for k, v in data.items() if k not in RETIRED_KEYS})
 
     def replace(self, **changes: Any) -> "PolicyConfig":
