@@ -451,7 +451,12 @@ def _load_weights(policy: DEQMPCPolicy, state_dict: Any, file: Path) -> None:
     """Load and check the stored weights (a dict of finite floating tensors that fits ``policy``)."""
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{file}: state_dict must be a dict of tensors")
+    expected = policy.layer.state_dict()
     for k, v in state_dict.items():
+        want = expected.get(k)
+        if want is not None and want.is_floating_point() and not v.is_floating_point():  # ints, bools, complex
+            raise CheckpointError(f"{file}: weight {k!r} has dtype {v.dtype}, expected {want.dtype}; the "
+                                  "checkpoint is damaged")
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise CheckpointError(f"{file}: weight {k!r} has NaN or inf values; the checkpoint is damaged")
     try:
