@@ -233,7 +233,7 @@ class SystemEnv(gym.Env):
     starts from an explicit ``(nx,)`` finite state instead.
 
     ## Episode End
-    ``terminated`` when the state becomes non-finite, when a system with a state envelope leaves it
+    ``terminated`` when the state becomes non-finite (or leaves the float32 range of the observation), when a system with a state envelope leaves it
     (``|x_i - goal_i| > system.state_envelope_i``; quadrotors: positions 15 m, speeds 50 m/s, body rates
     30 rad/s), or on an obstacle collision
     (``||r - o_k|| < obstacle_radius``). ``truncated`` only from the ``TimeLimit`` wrapper (200 steps for
@@ -343,8 +343,8 @@ class SystemEnv(gym.Env):
             x = _state_array(options["state"])
             if x.shape != (self.system.nx,):
                 raise ShapeError(f"options['state'] must have shape ({self.system.nx},), got {x.shape}")
-            if not np.all(np.isfinite(x)):
-                raise ShapeError("options['state'] must be finite")
+            if not np.all(np.isfinite(x.astype(np.float32))):
+                raise ShapeError("options['state'] must be finite and within the float32 range of observations")
             with np.errstate(invalid="ignore", divide="ignore"):
                 x = self.system.wrap(x)
         else:
@@ -391,18 +391,20 @@ class SystemEnv(gym.Env):
         self._x = x
         d = x - self._goal
         da = a - self._a_nom
-        cx = float(np.dot(d * d, self._w))
-        expo = -0.5 * (cx + float(np.dot(da * da, self._e)))
-        if cx - cx == 0.0 or np.all(np.isfinite(x)):
+        with np.errstate(over="ignore"):  # a huge state: reward exp(-inf) = 0 or the non-finite branch below
+            expo = -0.5 * (float(np.dot(d * d, self._w)) + float(np.dot(da * da, self._e)))
+        obs = x.astype(np.float32)
+        o = float(obs.sum(dtype=np.float64))  # finite iff the float32 observation is (no float64 overflow)
+        if o - o == 0.0:
             cost, mind, terminated = self._violation(x)
             info: dict[str, Any] = {"cost": cost, "is_success": bool(np.all(np.abs(d) <= self._tol))}
             reward = math.exp(expo)
-        else:  # non-finite state
+        else:  # non-finite state, or one beyond the float32 range of the observation
             terminated, mind, reward = True, math.nan, 0.0
             info = {"cost": 0.0, "is_success": False}
         if self._has_obstacles:
             info["min_obstacle_distance"] = mind
-        return x.astype(np.float32), reward, terminated, False, info
+        return obs, reward, terminated, False, info
 
     # ------------------------------------------------------------------ rendering
     def set_plan_overlay(self, plan: Any = None, waypoints: Any = None, highlight_obstacles: Any = None) -> None:

@@ -234,7 +234,7 @@ class BatchedSystemEnv(VectorEnv):
             xs = torch.as_tensor(self._state_option(options["state"]), dtype=self.dtype, device=self.device)
             if xs.shape == (self.system.nx,):
                 xs = xs.expand(n, -1)
-            if xs.shape != (n, self.system.nx) or not torch.isfinite(xs).all():
+            if xs.shape != (n, self.system.nx) or not torch.isfinite(xs.to(torch.float32)).all():
                 raise ShapeError(f"options['state'] must be finite with shape ({n}, {self.system.nx}) or "
                                  f"({self.system.nx},), got {tuple(xs.shape)}")
             self._x = self.system.wrap(xs)
@@ -298,7 +298,8 @@ class BatchedSystemEnv(VectorEnv):
         d = x - self._goal
         da = a - self._a_nom
         expo = -0.5 * ((d * d * self._w).sum(-1) + (da * da * self._e).sum(-1))
-        finite = torch.isfinite(x).all(-1)
+        final_obs = x.to(torch.float32)
+        finite = torch.isfinite(final_obs).all(-1)  # also False beyond the float32 range of the observation
         reward = torch.where(finite, torch.exp(expo), torch.zeros_like(expo)).to(torch.float64)
         viol, mind = self._violation(x)
         if not bool(finite.all()):  # match SystemEnv: a non-finite state is terminal with cost 0, distance NaN
@@ -313,7 +314,6 @@ class BatchedSystemEnv(VectorEnv):
         else:
             truncated = torch.zeros_like(terminated)
         done = terminated | truncated
-        final_obs = x.to(torch.float32)
         res = StepArrays(obs=final_obs, reward=reward, terminated=terminated, truncated=truncated, done=done,
                          cost=viol.to(torch.float64), is_success=success, min_obstacle_distance=mind,
                          final_obs=final_obs, any_done=bool(done.any()))
