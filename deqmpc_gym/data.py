@@ -209,16 +209,18 @@ def _check_arrays(a: dict[str, np.ndarray], meta: dict[str, Any], p: Path) -> di
     if a["controls"].shape != a["actions"].shape or a["rewards"].shape != (len(a["actions"]),):
         raise DatasetError(f"{p}: controls {a['controls'].shape} and rewards {a['rewards'].shape} must match the "
                            f"actions {a['actions'].shape}")
-    for key in ("states", "actions", "rewards"):
-        if not np.all(np.isfinite(a[key])):
-            raise DatasetError(f"{p}: {key!r} has NaN or inf values; the dataset is damaged — collect it again")
-    if np.any(np.isinf(a["controls"])):
-        raise DatasetError(f"{p}: 'controls' has inf values; the dataset is damaged — collect it again")
     _check_widths(p, meta, nx, nu)
     out = dict(a)
-    for key in ("states", "controls", "rewards"):
-        out[key] = a[key].astype(np.float64)
-    out["actions"] = a["actions"].astype(np.float32)
+    with np.errstate(over="ignore"):  # float64 values beyond the float32 range become inf: refused below
+        for key in ("states", "controls", "rewards"):
+            out[key] = a[key].astype(np.float64)
+        out["actions"] = a["actions"].astype(np.float32)
+    for key in ("states", "actions", "rewards"):
+        if not np.all(np.isfinite(out[key])):
+            raise DatasetError(f"{p}: {key!r} has NaN or inf values (in their stored dtypes: states, rewards "
+                               "float64, actions float32); the dataset is damaged — collect it again")
+    if np.any(np.isinf(out["controls"])):
+        raise DatasetError(f"{p}: 'controls' has inf values; the dataset is damaged — collect it again")
     return out
 
 
