@@ -221,6 +221,8 @@ def test_unavailable_device_is_a_one_line_typed_error(tmp_path: Path, capsys: py
     path = _policy("nn").save(tmp_path / "pol")
     with pytest.raises(DeviceError):
         DEQMPCPolicy.load(path, device="cuda")
+    with pytest.raises(DeviceError):
+        make_batched_env(PEND, 2, device="cuda")
     assert main(["evaluate", "--policy", str(path), "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "CUDA is not available" in err

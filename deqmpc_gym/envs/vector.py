@@ -20,6 +20,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from deqmpc_gym._device import resolve_device
 from deqmpc_gym.errors import ConfigError, ResetNeeded, ShapeError
 from deqmpc_gym.envs.core import (
     check_kwargs,
@@ -88,7 +89,8 @@ class BatchedSystemEnv(VectorEnv):
     Args:
         system: a system name, class or instance. num_envs: ``N >= 1``.
         obstacles, obstacle_radius: as in ``SystemEnv``. max_episode_steps: truncation length (``None``/``<= 0``:
-            never truncate). device, dtype: torch device and dtype of the state (float64 for bit-identity).
+            never truncate). device, dtype: torch device (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``; an
+            unavailable one raises ``DeviceError``) and dtype of the state (float64 for bit-identity).
         return_tensors: return torch tensors on ``device`` instead of numpy arrays (obs/rewards/flags).
         render_mode, width, height: accepted for ``gym.make_vec`` compatibility; only ``None`` is supported.
     """
@@ -121,7 +123,7 @@ class BatchedSystemEnv(VectorEnv):
         self.system: System = resolve_system(system)
         sys_ = self.system
         self.num_envs = int(num_envs)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.dtype = dtype
         self.return_tensors = bool(return_tensors)
         self.render_mode = None
