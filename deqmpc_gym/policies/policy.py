@@ -392,6 +392,21 @@ class DEQMPCPolicy(nn.Module):
         _load_weights(policy, payload.get("state_dict"), file)
         return policy
 
+    @classmethod
+    def from_pretrained(cls, env_id: str, variant: str = "deq-mpc-deq",
+                        device: torch.device | str = "cpu") -> "DEQMPCPolicy":
+        """A trained controller shipped with the package (see ``deqmpc_gym.policies.pretrained.available()``).
+
+        Its ``card.json`` (:func:`deqmpc_gym.policies.pretrained.card`) says how it was trained and how well it
+        does. ``DEQMPCPolicy.from_pretrained("DEQMPC/Pendulum-v0").act(obs)`` drives the env.
+
+        Raises:
+            ConfigError: no controller ships for ``(env_id, variant)``; the message lists what ships.
+        """
+        from deqmpc_gym.policies.pretrained import pretrained_dir
+
+        return cls.load(pretrained_dir(env_id, variant), device=device)
+
 
 def _checkpoint_file(path: Any) -> Path:
     """``path/policy.pt`` for a directory, else ``path``; raises :class:`CheckpointError` when missing."""
