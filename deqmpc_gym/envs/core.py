@@ -233,10 +233,9 @@ class SystemEnv(gym.Env):
     starts from an explicit ``(nx,)`` finite state instead.
 
     ## Episode End
-    ``terminated`` when the state becomes non-finite (or leaves the float32 range of the observation), when a system with a state envelope leaves it
-    (``|x_i - goal_i| > system.state_envelope_i``; quadrotors: positions 15 m, speeds 50 m/s, body rates
-    30 rad/s), or on an obstacle collision
-    (``||r - o_k|| < obstacle_radius``). ``truncated`` only from the ``TimeLimit`` wrapper (200 steps for
+    ``terminated`` when the state becomes non-finite (or leaves the float32 range of the observation), when a
+    system with a state envelope leaves it (``|x_i - goal_i| > system.state_envelope_i``; quadrotors: positions
+    15 m, speeds 50 m/s, body rates 30 rad/s), or on an obstacle collision (``||r - o_k|| < obstacle_radius``). ``truncated`` only from the ``TimeLimit`` wrapper (200 steps for
     the registered ids).
 
     ## Info

@@ -18,9 +18,10 @@ Usage::
 
 Fallback: if the layer cannot produce a finite control for an env of the batch (a non-finite control, a layer
 call that fails for that env, or a finite but absurd observation -- more than ``ABSURD_FACTOR`` times beyond the
-env's loose observation bounds, e.g. 1e20 -- which is not solved at all), that env gets the system's nominal control (zero torque / force, hover thrust for quadrotors), clipped to
-the bounds, and its warm start is dropped so the next call solves it cold; the other envs are unaffected (the
-rows that fail are isolated by re-solving halves of the batch). ``last_fallback`` reports which.
+env's loose observation bounds, e.g. 1e20 -- which is not solved at all), that env gets the system's nominal
+control (zero torque / force, hover thrust for quadrotors), clipped to the bounds, and its warm start is dropped
+so the next call solves it cold; the other envs are unaffected (the rows that fail are isolated by re-solving
+halves of the batch). ``last_fallback`` reports which.
 """
 
 from __future__ import annotations
@@ -425,7 +426,8 @@ def _read_checkpoint(file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         payload = torch.load(file, map_location="cpu", weights_only=True)
         meta = json.loads(payload["meta_json"])
     except Exception as exc:  # corrupt archive, wrong pickle, missing keys
-        raise CheckpointError(f"{file} is not a readable DEQMPCPolicy checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{file} is not a readable DEQMPCPolicy checkpoint "
+                              f"({type(exc).__name__}: {exc})") from exc
     if not isinstance(payload, dict) or not isinstance(meta, dict):
         raise CheckpointError(f"{file} is not a DEQMPCPolicy checkpoint (its payload or metadata is not a dict)")
     if payload.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
