@@ -5,8 +5,9 @@ Subcommands::
     deqmpc-gym expert train   --env ID [--steps N] [--seed S] [--out DIR] [--slices K]
     deqmpc-gym expert collect --env ID --out FILE [--num-trajectories N] [--seed S] [--expert DIR]
     deqmpc-gym train    --env ID --variant V --dataset FILE --out DIR [--steps N] [--hidden H] [--resume | --overwrite]
-    deqmpc-gym evaluate --policy DIR [--episodes N] [--stream-iters K] [--json FILE]
-    deqmpc-gym record   --env ID [--policy DIR] [--episodes N] --out DIR [--no-overlay] [--max-steps N]
+    deqmpc-gym evaluate (--policy DIR | --pretrained ID [--variant V]) [--episodes N] [--stream-iters K] [--json FILE]
+    deqmpc-gym record   (--env ID [--policy DIR] | --pretrained ID [--variant V]) [--episodes N] --out DIR
+    deqmpc-gym zoo list | zoo ship --from DIR --envs ID ... [--variants V ...] [--episodes N]
     deqmpc-gym reproduce table1 [--scale cpu|paper] [--seeds ...] [--envs ...] [--out DIR]
     deqmpc-gym demo     [--out DIR]
 
@@ -23,6 +24,8 @@ import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+from deqmpc_gym.errors import ConfigError
 
 
 def _add_expert(sub: Any) -> None:
@@ -82,8 +85,11 @@ def _add_train(sub: Any) -> None:
                       help="delete the run in --out (checkpoint, best/, final/, progress.csv, result.json) and "
                            "start over")
     _add_device(t)
-    e = sub.add_parser("evaluate", help="evaluate a saved policy (normalized score vs the expert card)")
-    e.add_argument("--policy", required=True)
+    e = sub.add_parser("evaluate", help="evaluate a saved or shipped policy (normalized score vs the expert card)")
+    which = e.add_mutually_exclusive_group(required=True)
+    which.add_argument("--policy", help="a directory written by DEQMPCPolicy.save (or deqmpc-gym train)")
+    which.add_argument("--pretrained", metavar="ENV_ID", help="the shipped controller of this env (see `zoo list`)")
+    e.add_argument("--variant", default="deq-mpc-deq", help="variant of the --pretrained controller")
     e.add_argument("--episodes", type=int, default=200)
     e.add_argument("--steps", type=int, default=200)
     e.add_argument("--stream-iters", type=int, default=None)
@@ -94,8 +100,11 @@ def _add_train(sub: Any) -> None:
 
 def _add_misc(sub: Any) -> None:
     r = sub.add_parser("record", help="record rollout videos (DEQ-MPC policy or the shipped PPO expert)")
-    r.add_argument("--env", required=True)
-    r.add_argument("--policy", default=None)
+    r.add_argument("--env", default=None, help="env id (default: the --pretrained env)")
+    rwhich = r.add_mutually_exclusive_group()
+    rwhich.add_argument("--policy", default=None, help="a saved policy directory (default: the env's PPO expert)")
+    rwhich.add_argument("--pretrained", metavar="ENV_ID", default=None, help="record the shipped controller of ENV_ID")
+    r.add_argument("--variant", default="deq-mpc-deq", help="variant of the --pretrained controller")
     r.add_argument("--episodes", type=int, default=1)
     r.add_argument("--out", required=True)
     r.add_argument("--seed", type=int, default=0)
@@ -110,6 +119,17 @@ def _add_misc(sub: Any) -> None:
     rep.add_argument("--variants", nargs="+", default=None)
     rep.add_argument("--out", default="results")
     _add_device(rep)
+    z = sub.add_parser("zoo", help="list the shipped controllers, or package trained Table 1 runs as controllers")
+    zsub = z.add_subparsers(dest="zoo_cmd", required=True)
+    zsub.add_parser("list", help="the shipped controllers with their scores")
+    zs = zsub.add_parser("ship", help="evaluate every trained seed of Table 1 cells and ship the best with a card")
+    zs.add_argument("--from", dest="table_dir", required=True, help="a `reproduce table1` output, e.g. "
+                    "results/table1-cpu")
+    zs.add_argument("--envs", nargs="+", required=True)
+    zs.add_argument("--variants", nargs="+", default=None, help="default: the four Table 1 variants")
+    zs.add_argument("--episodes", type=int, default=200, help="evaluation episodes (seeds 10000, 10001, ...)")
+    zs.add_argument("--out", default=None, help="zoo root (default: the package's pretrained_policies/)")
+    zs.add_argument("--trained-commit", default=None, help="commit of the training code, for records without one")
     d = sub.add_parser("demo", help="train a small DEQ-MPC policy on the shipped dataset, evaluate, make a video")
     d.add_argument("--out", default="results/demo")
     d.add_argument("--steps", type=int, default=None)
@@ -216,7 +236,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         check_writable(args.json, kind="file")
     eval_cfg = EvalConfig(args.episodes, args.steps, args.seed, args.stream_iters)
-    policy = DEQMPCPolicy.load(args.policy, device=args.device)
+    if args.pretrained is not None:
+        policy = DEQMPCPolicy.from_pretrained(args.pretrained, args.variant, device=args.device)
+    else:
+        policy = DEQMPCPolicy.load(args.policy, device=args.device)
     card = load_expert(policy.env_id, env_id=policy.env_id).card
     res = rollout_batched(policy, policy.env_id, eval_cfg, reference=(card["random_return"], card["mean_return"]))
     print(f"{policy.env_id} {policy.config.variant}: normalized score {res.normalized_score:.3f}, "
@@ -233,8 +256,17 @@ def _record(args: argparse.Namespace) -> int:
     from deqmpc_gym.io import check_writable
 
     device = resolve_device(args.device)
+    env_id, policy_path = args.env, args.policy
+    if args.pretrained is not None:
+        from deqmpc_gym.policies.pretrained import pretrained_dir
+
+        if env_id is not None and env_id != args.pretrained:
+            raise ConfigError(f"--env {env_id} and --pretrained {args.pretrained} name different envs; give one")
+        env_id, policy_path = args.pretrained, pretrained_dir(args.pretrained, args.variant)
+    if env_id is None:
+        raise ConfigError("record needs --env ENV_ID (or --pretrained ENV_ID)")
     check_writable(args.out, kind="dir")
-    paths = record_rollouts(args.env, args.out, policy_path=args.policy, episodes=args.episodes, seed=args.seed,
+    paths = record_rollouts(env_id, args.out, policy_path=policy_path, episodes=args.episodes, seed=args.seed,
                             overlay=not args.no_overlay, max_steps=args.max_steps, device=device)
     for p in paths:
         print(p)
@@ -255,6 +287,29 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zoo(args: argparse.Namespace) -> int:
+    from deqmpc_gym.policies import pretrained
+
+    if args.zoo_cmd == "list":
+        items = pretrained.available()
+        if not items:
+            print("no pretrained controller ships with this installation")
+        for env_id, variant in items:
+            ev = pretrained.card(env_id, variant)["evaluation"]
+            print(f"{env_id:24s} {variant:13s} normalized score {ev['normalized_score']:.3f} "
+                  f"(success {ev['success_rate']:.0%}, {ev['episodes']} episodes)")
+        return 0
+    from deqmpc_gym.experiments.reproduce import check_selection
+    from deqmpc_gym.experiments.zoo import ShipConfig, ship
+
+    envs, variants = check_selection(args.envs, args.variants, None)
+    if args.episodes < 1:
+        raise ConfigError(f"--episodes must be >= 1, got {args.episodes}")
+    ship(args.table_dir, envs, variants, config=ShipConfig(episodes=args.episodes), out_root=args.out,
+         trained_commit=args.trained_commit)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from deqmpc_gym._device import resolve_device
     from deqmpc_gym.experiments.demo import run_demo
@@ -267,7 +322,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"expert": _expert, "train": _train, "evaluate": _evaluate, "record": _record, "reproduce": _reproduce,
-            "demo": _demo}
+            "zoo": _zoo, "demo": _demo}
 
 
 def resume_command(argv: Sequence[str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from deqmpc_gym.errors import ConfigError
@@ -95,3 +96,42 @@ def test_every_shipped_card_is_complete_and_loads():
         assert policy.config.variant == variant and policy.config.hidden == card["hidden"]
         obs, _ = gym.make(env_id).reset(seed=0)
         assert np.all(np.isfinite(policy.act(obs)))
+
+
+@pytest.fixture
+def shipped(zoo, monkeypatch):
+    """The test zoo in place of the package's."""
+    monkeypatch.setattr(pretrained, "ZOO_DIR", zoo[0])
+    return zoo[0]
+
+
+def test_from_pretrained_loads_the_shipped_weights(shipped):
+    policy = DEQMPCPolicy.from_pretrained(PEND, "deq-mpc-nn")
+    ref = DEQMPCPolicy.load(shipped / "Pendulum-v0" / "deq-mpc-nn")
+    for a, b in zip(policy.layer.state_dict().values(), ref.layer.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="shipped: DEQMPC/Pendulum-v0: deq-mpc-nn"):
+        DEQMPCPolicy.from_pretrained(PEND)  # deq-mpc-deq does not ship in this zoo
+
+
+def test_cli_evaluate_and_list_the_pretrained_controllers(shipped, capsys):
+    from deqmpc_gym.cli import main
+
+    assert main(["zoo", "list"]) == 0
+    assert "DEQMPC/Pendulum-v0" in capsys.readouterr().out
+    assert main(["evaluate", "--pretrained", PEND, "--variant", "deq-mpc-nn", "--episodes", "2"]) == 0
+    assert "normalized score" in capsys.readouterr().out
+    assert main(["evaluate", "--pretrained", "DEQMPC/QPole-v0"]) == 2
+    err = capsys.readouterr().err
+    assert "shipped: DEQMPC/Pendulum-v0: deq-mpc-nn" in err and "Traceback" not in err
+    assert main(["record", "--pretrained", PEND, "--env", "DEQMPC/Cartpole-v0", "--out", "x"]) == 2
+    assert "name different envs" in capsys.readouterr().err
+
+
+@pytest.mark.render
+def test_cli_records_a_pretrained_controller(shipped, tmp_path):
+    from deqmpc_gym.cli import main
+
+    assert main(["record", "--pretrained", PEND, "--variant", "deq-mpc-nn", "--max-steps", "3",
+                 "--out", str(tmp_path)]) == 0
+    assert list(tmp_path.glob("Pendulum-v0-deq-mpc-nn*.mp4"))
