@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from deqmpc_gym.errors import ConfigError
 from deqmpc_gym.experiments.reproduce import run_name
@@ -135,3 +135,14 @@ def test_cli_records_a_pretrained_controller(shipped, tmp_path):
     assert main(["record", "--pretrained", PEND, "--variant", "deq-mpc-nn", "--max-steps", "3",
                  "--out", str(tmp_path)]) == 0
     assert list(tmp_path.glob("Pendulum-v0-deq-mpc-nn*.mp4"))
+
+
+def test_the_readme_lists_exactly_the_shipped_controllers():
+    """The README's table of shipped controllers is generated from their cards (`zoo.markdown_table`)."""
+    from pathlib import Path
+
+    from deqmpc_gym.experiments.zoo import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert pretrained.available(), "no controller ships"
+    assert markdown_table() in readme

@@ -92,7 +92,7 @@ SYSTEMS = ("pendulum", "cartpole", "quadrotor", "qpole")
 BAD_SEEDS = st.one_of(st.integers(-5, -1), st.floats(allow_nan=True), st.text(max_size=3), st.booleans())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _single_env(system: str) -> SystemEnv:
     return SystemEnv(system=system)
 
@@ -128,7 +128,7 @@ def test_env_reset_and_step(system: str, data: st.DataObject, broken: str | None
             break
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _batched(env_id: str, n: int) -> Any:
     return make_batched_env(env_id, n)
 
@@ -170,7 +170,7 @@ def test_batched_env_rejects_bad_sizes(num_envs: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- solver
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _problem(system: str, horizon: int) -> MPCProblem:
     return MPCProblem(get_system(system), MPCConfig(horizon=horizon))
 
@@ -202,19 +202,23 @@ def test_mpc_solve(system: str, horizon: int, b: int, data: st.DataObject, broke
     assert _finite(x) and _finite(u)
 
 
-@pytest.mark.xfail(reason="mpc.solve on an empty batch raises torch's RuntimeError (deqmpc_gym/mpc is maintained "
-                          "separately)", raises=RuntimeError)
-def test_mpc_solve_empty_batch() -> None:
+def test_mpc_solve_empty_batch_bad_state_and_exit_residual() -> None:
     problem = _problem("pendulum", 3)
-    with pytest.raises(DeqmpcError):
+    with pytest.raises(DeqmpcError, match="empty batch"):
         solve(problem, torch.zeros(0, 2, dtype=torch.float64), torch.zeros(0, 3, 2, dtype=torch.float64))
+    x0, theta = torch.zeros(1, 2, dtype=torch.float64), torch.zeros(1, 3, 2, dtype=torch.float64)
+    with pytest.raises(DeqmpcError, match="SolverState"):
+        solve(problem, x0, theta, state={"x": x0})  # type: ignore[arg-type]
+    for bad in ("1e-3", -1.0, float("nan"), True):
+        with pytest.raises(DeqmpcError, match="exit_residual"):
+            solve(problem, x0, theta, exit_residual=bad)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------- policy
 VARIANTS = ("deq-mpc-nn", "deq-mpc-deq", "diff-mpc-nn", "diff-mpc-deq", "nn", "deq")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _small_policy(variant: str) -> DEQMPCPolicy:
     torch.manual_seed(0)
     return DEQMPCPolicy.from_env(PEND, variant, hidden=8)
@@ -291,7 +295,7 @@ def test_dataset_load(lengths: list[int], data: st.DataObject, change: str) -> N
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _saved_payload() -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         path = _small_policy("deq-mpc-nn").save(Path(tmp) / "pol")

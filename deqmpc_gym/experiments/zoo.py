@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -190,4 +191,21 @@ def ship(table_dir: str | Path, envs: Sequence[str], variants: Sequence[str], *,
     return cards
 
 
-__all__ = ["ShipConfig", "ship", "ship_cell", "warm_act_latency_ms"]
+def markdown_table(root: str | Path | None = None) -> str:
+    """The shipped controllers as a markdown table (one row per card of the zoo at ``root``, default the
+    package's): normalized score over the evaluation episodes, success and early-end rates, seeds, budget."""
+    from deqmpc_gym.policies import pretrained
+
+    lines = ["| env | variant | normalized score | success | early end | seeds (mean ± std) | hidden | training "
+             "windows | warm act() |", "|---|---|---|---|---|---|---|---|---|"]
+    for env_id, variant in pretrained.available(None if root is None else Path(root)):
+        c = pretrained.card(env_id, variant, None if root is None else Path(root))
+        ev, sel = c["evaluation"], c["selection"]
+        lines.append(f"| {env_id.split('/')[-1]} | {variant} | {ev['normalized_score']:.2f} "
+                     f"(± {ev['normalized_std']:.2f}) | {ev['success_rate']:.0%} | {ev['early_end_rate']:.0%} | "
+                     f"{sel['seed_mean']:.2f} ± {sel['seed_std']:.2f} (n = {len(sel['trained_seeds'])}) | "
+                     f"{c['hidden']} | {c['windows_seen']:,} | {c['warm_act_latency_ms']:.1f} ms |")
+    return "\n".join(lines)
+
+
+__all__ = ["ShipConfig", "markdown_table", "ship", "ship_cell", "warm_act_latency_ms"]

@@ -37,7 +37,8 @@ import functools
 import math
 import types
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -49,6 +50,7 @@ from deqmpc_gym.mpc.solver import (
     SolverState,
     _check_inputs,
     _check_state,
+    _exit_residual,
     _FinalImplicitFn,
     _ImplicitFn,
     init_state,
@@ -542,9 +544,7 @@ class CompiledSolver:
             raise ConfigError(f"gradient must be 'implicit' or 'final_implicit', got {gradient!r}")
         if not isinstance(iters, int) or iters < 0:
             raise ConfigError(f"iters must be an int >= 0, got {iters!r}")
-        exit_residual = float(cfg.newton_exit_residual if exit_residual is None else exit_residual)
-        if not exit_residual >= 0.0:
-            raise ConfigError(f"exit_residual must be >= 0, got {exit_residual!r}")
+        exit_residual = _exit_residual(cfg, exit_residual)
         needs_grad = torch.is_grad_enabled() and (x0.requires_grad or theta.requires_grad)
         if needs_grad and gradient == "unroll":
             raise ConfigError("CompiledSolver does not support gradient='unroll' (autograd through the "

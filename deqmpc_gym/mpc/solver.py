@@ -87,17 +87,17 @@ class SolverState:
     def batch_size(self) -> int:
         return self.x.shape[0]
 
-    def detach(self) -> "SolverState":
+    def detach(self) -> SolverState:
         """A copy with every tensor detached from the autograd graph."""
         return SolverState(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).detach())
                               for f in fields(self)})
 
-    def index(self, mask_or_idx) -> "SolverState":
+    def index(self, mask_or_idx) -> SolverState:
         """The sub-batch selected by a ``(B,)`` bool mask or an index tensor/list."""
         return SolverState(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[mask_or_idx])
                               for f in fields(self)})
 
-    def where(self, mask: torch.Tensor, other: "SolverState") -> "SolverState":
+    def where(self, mask: torch.Tensor, other: SolverState) -> SolverState:
         """Per sample: ``self`` where ``mask (B,)`` is True, ``other`` elsewhere (e.g. reset a subset)."""
         out = {}
         for f in fields(self):
@@ -110,7 +110,7 @@ class SolverState:
         return SolverState(**out)
 
     def shift(self, problem: MPCProblem, x_last: torch.Tensor | None = None,
-              iters_remaining: int | None = None) -> "SolverState":
+              iters_remaining: int | None = None) -> SolverState:
         """Warm start for the next control step (paper 4.2.3).
 
         The primal is shifted by one knot: ``x <- [x_1..x_{T-1}, x_last]`` (``x_last (B, nx)``, e.g. the network's
@@ -152,8 +152,8 @@ class SolveInfo:
         converged: primal residual <= ``tol_primal``, stationarity <= ``tol_dual`` and the last Newton loop
             exited by its step test.
         primal_residual: max(|dynamics defect|, inequality violation) at the returned iterate.
-        dual_residual: AL stationarity ``||grad_z M||_inf / (1 + max(||grad_z C||_inf, ||lam + rho c||_inf))`` at the last
-            linearisation point of the last AL iteration (the iterate before the final step); with
+        dual_residual: AL stationarity ``||grad_z M||_inf / (1 + max(||grad_z C||_inf, ||lam + rho c||_inf))``
+            at the last linearisation point of the last AL iteration (the iterate before the final step); with
             ``stop_when_converged`` the KKT stationarity at the returned iterate with the returned multipliers
             (:meth:`MPCProblem.stationarity`).
         al_iters: AL iterations run; newton_steps: Newton steps taken (summed over AL iterations).
@@ -186,6 +186,8 @@ def _check_inputs(problem: MPCProblem, x0, theta):
     if x0.dim() != 2 or x0.shape[1] != nx:
         raise ShapeError(f"x0 must have shape (B, {nx}), got {tuple(x0.shape)}")
     b = x0.shape[0]
+    if b == 0:
+        raise ShapeError("x0 is an empty batch (shape (0, nx)); solve needs at least one problem")
     if tuple(theta.shape) != (b, T, nx):
         raise ShapeError(f"theta must have shape (B, T, nx) = ({b}, {T}, {nx}) to match x0 {tuple(x0.shape)} "
                          f"and horizon {T}, got {tuple(theta.shape)}")
@@ -199,6 +201,9 @@ def _check_inputs(problem: MPCProblem, x0, theta):
 
 
 def _check_state(problem: MPCProblem, state: SolverState, b: int) -> None:
+    if not isinstance(state, SolverState):
+        raise ShapeError(f"state must be a SolverState (from init_state or a previous solve), got "
+                         f"{type(state).__name__}")
     T, nx, nu = problem.T, problem.nx, problem.nu
     want = {"x": (b, T, nx), "u": (b, T, nu), "lam_eq": (b, T - 1, nx), "rho": (b,)}
     for name, shp in want.items():
@@ -282,7 +287,7 @@ def _newton_direction(problem: MPCProblem, lin: Linearization):
         ri = None if every else redo.nonzero()[:, 0]
 
         def pick(v: torch.Tensor) -> torch.Tensor:
-            return v if every else v[ri]
+            return v if every else v[ri]  # noqa: B023 - used only within this iteration
 
         c = problem.consts(lin.D)
         Gp, ex = pick(lin.G), pick(extra_all)
@@ -766,6 +771,15 @@ class _FinalImplicitFn(torch.autograd.Function):
         return g_theta, g_x0, None, None, None, None, None
 
 
+def _exit_residual(cfg, value) -> float:
+    """The Newton-loop exit residual of a call: ``value`` (a number >= 0) or the config's default."""
+    if value is None:
+        return float(cfg.newton_exit_residual)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0.0:
+        raise ConfigError(f"exit_residual must be a number >= 0 (or None for the config's), got {value!r}")
+    return float(value)
+
+
 # ====================================================================== public entry point
 def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: SolverState | None = None,
           iters: int = 2, gradient: str | None = None, stop_at_rho_max: bool = False,
@@ -807,9 +821,7 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
     if not isinstance(iters, int) or iters < 0:
         raise ConfigError(f"iters must be an int >= 0, got {iters!r}")
     cfg = problem.config
-    exit_residual = float(cfg.newton_exit_residual if exit_residual is None else exit_residual)
-    if not exit_residual >= 0.0:
-        raise ConfigError(f"exit_residual must be >= 0, got {exit_residual!r}")
+    exit_residual = _exit_residual(cfg, exit_residual)
     dt = cfg.dtype
     x0c, thc = x0.to(dt), theta.to(dt)
     b = x0.shape[0]
