@@ -36,11 +36,13 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 sys.path.insert(0, ROOT)
 
-from _timing import call_times  # noqa: E402
-from solver import make_batch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
 from deqmpc_gym.mpc import MPCConfig, MPCProblem, solve  # noqa: E402
 from deqmpc_gym.systems import Pendulum  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from _timing import call_times  # noqa: E402
+from solver import make_batch  # noqa: E402
 
 DT = torch.float64
 S = Pendulum()
@@ -279,8 +281,8 @@ def main():
     if args.novec:
         icfg.cpp.simdlen = 1
         print("inductor cpp.simdlen = 1 (vectorization off)")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, inductor cache {os.environ['TORCHINDUCTOR_CACHE_DIR']}"
-          f", compile_threads {icfg.compile_threads}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"inductor cache {os.environ['TORCHINDUCTOR_CACHE_DIR']}, compile_threads {icfg.compile_threads}")
 
     x0, theta = make_batch(S, 200, 5)
     x0, theta = x0.to(DT), theta.to(DT)
@@ -289,9 +291,10 @@ def main():
     xs, us = theta.reshape(-1, NX), torch.randn(theta.shape[0] * T, NU, dtype=DT) * 3
     f_ref, A_ref, B_ref = S.step_and_jacobians(xs, us)
     f_me, AB_me = pend_step_jac(xs, us)
-    print("dynamics check: |f-s.step| %.2e  |f-sj.f| %.2e  |A| %.2e  |B| %.2e" % (
-        (f_me - S.step(xs, us)).abs().max(), (f_me - f_ref).abs().max(),
-        (AB_me[..., :NX] - A_ref).abs().max(), (AB_me[..., NX:] - B_ref).abs().max()))
+    print(f"dynamics check: |f-s.step| {float((f_me - S.step(xs, us)).abs().max()):.2e}  "
+          f"|f-sj.f| {float((f_me - f_ref).abs().max()):.2e}  "
+          f"|A| {float((AB_me[..., :NX] - A_ref).abs().max()):.2e}  "
+          f"|B| {float((AB_me[..., NX:] - B_ref).abs().max()):.2e}")
 
     # --- reference solve
     pb = MPCProblem(S, MPCConfig(horizon=5, rho_init=1e3))
@@ -303,7 +306,8 @@ def main():
     print("reference solve(stop_when_converged) vs tightly converged solve (newton_tol 1e-10, 10 Newton steps, 8 AL"
           f" iters): max rel cost diff {((info.cost - info2.cost).abs() / info2.cost.abs()).max().item():.2e}")
     print(f"reference: converged {int(info.converged.sum())}/200, al_iters max {int(info.al_iters.max())}, "
-          f"newton steps median {float(info.newton_steps.median())}, max primal res {float(info.primal_residual.max()):.2e}")
+          f"newton steps median {float(info.newton_steps.median())}, "
+          f"max primal res {float(info.primal_residual.max()):.2e}")
 
     # --- eager correctness from a cold start
     states = run_iters(al_iter, cold(x0, theta), theta, args.iters)
@@ -349,10 +353,12 @@ def main():
     dz = newton_dir(H, grad)
     bd = {
         "linearize (GN grad+dense H)": med_ms(lambda: linearize(*stB, th), args.reps),
-        "cholesky_ex + cholesky_solve": med_ms(lambda: torch.cholesky_solve(grad[..., None], torch.linalg.cholesky_ex(H)[0]), args.reps),
+        "cholesky_ex + cholesky_solve": med_ms(
+            lambda: torch.cholesky_solve(grad[..., None], torch.linalg.cholesky_ex(H)[0]), args.reps),
         "cholesky_ex only": med_ms(lambda: torch.linalg.cholesky_ex(H), args.reps),
         "newton_dir (chol+solve+mask)": med_ms(lambda: newton_dir(H, grad), args.reps),
-        "line search (K=8 stacked)": med_ms(lambda: line_search(stB[0], stB[1], dz, M0, d0, g0, stB[2], stB[3], stB[4], th), args.reps),
+        "line search (K=8 stacked)": med_ms(
+            lambda: line_search(stB[0], stB[1], dz, M0, d0, g0, stB[2], stB[3], stB[4], th), args.reps),
     }
 
     # --- compiled
@@ -392,12 +398,15 @@ def main():
                     max((a - b).abs().max().item() for a, b in zip(sc_[:2], se_[:2])),
                     max((a - b).abs().max().item() for a, b in zip(sc_[2:4], se_[2:4])))
             sc = run_iters(cfn, cold(*shapes[B]), th, args.iters)[-1]
-            diffs[(mname, B, f"{args.iters} iters x,u")] = max((a - b).abs().max().item() for a, b in zip(sc[:2], se[:2]))
-            diffs[(mname, B, f"{args.iters} iters lam")] = max((a - b).abs().max().item() for a, b in zip(sc[2:4], se[2:4]))
+            diffs[(mname, B, f"{args.iters} iters x,u")] = max(
+                (a - b).abs().max().item() for a, b in zip(sc[:2], se[:2]))
+            diffs[(mname, B, f"{args.iters} iters lam")] = max(
+                (a - b).abs().max().item() for a, b in zip(sc[2:4], se[2:4]))
             if B == 200:
                 xc, uc = sc[0], sc[1]
                 rel = ((cost_fn(xc, uc, th) - info2.cost).abs() / info2.cost.abs()).max().item()
-                print(f"compiled ({mname}) after {args.iters} iters: max|d| {max_defect(xc, uc):.2e} rel cost err vs tight solve {rel:.2e}")
+                print(f"compiled ({mname}) after {args.iters} iters: max|d| {max_defect(xc, uc):.2e} "
+                      f"rel cost err vs tight solve {rel:.2e}")
             results[(mname, B)] = med_ms(lambda: cfn(*stB, th), args.reps)
         # graph-break report
         try:

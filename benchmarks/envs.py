@@ -74,7 +74,8 @@ def main() -> None:
         t = single_step_us(env_id, args.trials, n // k)
         print(f"| {env_id} | {t:.1f} | {t / ref:.2f} |")
     sizes = (1, 64, 1024)
-    print("\n| env id | " + " | ".join(f"SB3 adapter N={s} [steps/s]" for s in sizes) + " | raw N=1024 [steps/s] | SB3 N=1024, 1 thread [steps/s] |")
+    print("\n| env id | " + " | ".join(f"SB3 adapter N={s} [steps/s]" for s in sizes)
+          + " | raw N=1024 [steps/s] | SB3 N=1024, 1 thread [steps/s] |")
     print("|---|" + "---:|" * (len(sizes) + 2))
     for env_id in ENV_IDS:
         cells = []

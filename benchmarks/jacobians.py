@@ -19,10 +19,11 @@ import argparse
 import statistics
 
 import torch
-from _timing import call_times
 
 from deqmpc_gym.systems import SYSTEMS, get_system
 from deqmpc_gym.systems.base import autodiff_jacobians
+
+from _timing import call_times
 
 
 def _time(fn, repeats: int) -> tuple[float, float]:

@@ -17,9 +17,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 
 import torch
 
-from _timing import median_time  # noqa: E402  (benchmarks/ is on sys.path as the script's dir)
 from deqmpc_gym.mpc import MPCConfig, MPCProblem, linalg
 from deqmpc_gym.systems import Cartpole, Pendulum, QPole, Quadrotor
+
+from _timing import median_time  # noqa: E402  (benchmarks/ is on sys.path as the script's dir)
 
 
 def main() -> None:

@@ -124,8 +124,8 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}; warm = streaming (1 DEQ-MPC iteration), "
           f"cold = N = 6 iterations; medians over {args.repeats} act / {args.batch_repeats} predict calls")
     print()
-    print(f"| env | variant | hidden | act warm [ms] | act cold [ms] | cold/warm | predict warm [env/s, B={args.batch}] "
-          "| predict cold [env/s] | warm/cold |")
+    print(f"| env | variant | hidden | act warm [ms] | act cold [ms] | cold/warm "
+          f"| predict warm [env/s, B={args.batch}] | predict cold [env/s] | warm/cold |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['env']} | {r['variant']} | {r['hidden']} | {r['act_ms_warm']:.2f} | {r['act_ms_cold']:.2f} | "

@@ -41,12 +41,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "mpc"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from _timing import median_time  # noqa: E402
-from deqmpc_gym.io import atomic_write_text  # noqa: E402
 from deqmpc_gym.errors import ConfigError  # noqa: E402
+from deqmpc_gym.io import atomic_write_text  # noqa: E402
 from deqmpc_gym.mpc import CompiledSolver, MPCConfig, MPCProblem, solve  # noqa: E402
 from deqmpc_gym.policies import PolicyConfig  # noqa: E402
 from deqmpc_gym.systems import Cartpole, Pendulum, Quadrotor  # noqa: E402
+
+from _timing import median_time  # noqa: E402
 
 
 def make_batch(system, B, T, seed=0, noise=0.1):
@@ -268,6 +269,17 @@ def bench_ipopt(system, reps):
                                          np.asarray(system.u_low), np.asarray(system.u_high)), reps)
 
 
+def _cell(key, v):
+    """One cell of the results table: ``-`` when missing, times (keys ending in ``_s``) in ms, 3 significant digits."""
+    if v is None:
+        return "-"
+    if key.endswith("_s"):
+        return f"{1e3 * v:.3g}"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
@@ -317,18 +329,7 @@ def main():
     print("| " + " | ".join(c[0] for c in cols) + " |")
     print("|" + "---|" * len(cols))
     for r in results["rows"]:
-        vals = []
-        for title, key in cols:
-            v = r.get(key)
-            if v is None:
-                vals.append("-")
-            elif key.endswith("_s"):
-                vals.append(f"{1e3 * v:.3g}")
-            elif isinstance(v, float):
-                vals.append(f"{v:.3g}")
-            else:
-                vals.append(str(v))
-        print("| " + " | ".join(vals) + " |")
+        print("| " + " | ".join(_cell(key, r.get(key)) for _, key in cols) + " |")
     if results.get("hard"):
         print("\nharder cold problems, B = 200:\n")
         print("| system | problems | ours cold [ms] | mpc.pytorch cold [ms] | cold speedup | cost ours | cost mpc.pt |")

@@ -22,9 +22,10 @@ def __getattr__(name: str) -> Any:
         try:
             mod = importlib.import_module("deqmpc_gym.policies")
         except ImportError as exc:  # pragma: no cover - depends on the policies module being present
-            raise ImportError(f"deqmpc_gym.DEQMPCPolicy needs deqmpc_gym.policies, which failed to import: {exc}") from exc
+            raise ImportError(f"deqmpc_gym.DEQMPCPolicy needs deqmpc_gym.policies, which failed to import: "
+                              f"{exc}") from exc
         try:
-            return getattr(mod, "DEQMPCPolicy")
+            return mod.DEQMPCPolicy
         except AttributeError:
             raise AttributeError("deqmpc_gym.policies does not define DEQMPCPolicy yet") from None
     raise AttributeError(f"module 'deqmpc_gym' has no attribute {name!r}")

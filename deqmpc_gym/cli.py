@@ -22,8 +22,8 @@ import argparse
 import json
 import shlex
 import sys
-from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from deqmpc_gym.errors import ConfigError
 
@@ -203,7 +203,8 @@ def _expert_collect(args: argparse.Namespace) -> int:
             bar.close()
     ds.save(args.out)
     lengths = [len(t) for t in ds.trajectories]
-    print(f"collected {len(ds)} trajectories ({sum(lengths)} steps, mean length {sum(lengths) / len(ds):.1f}) -> {args.out}")
+    print(f"collected {len(ds)} trajectories ({sum(lengths)} steps, mean length {sum(lengths) / len(ds):.1f}) "
+          f"-> {args.out}")
     return 0
 
 
@@ -240,8 +241,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         policy = DEQMPCPolicy.from_pretrained(args.pretrained, args.variant, device=args.device)
     else:
         policy = DEQMPCPolicy.load(args.policy, device=args.device)
-    card = load_expert(policy.env_id, env_id=policy.env_id).card
-    res = rollout_batched(policy, policy.env_id, eval_cfg, reference=(card["random_return"], card["mean_return"]))
+    env_id = policy.env_id
+    if env_id is None:
+        raise ConfigError("the policy names no env id (built from a System, not an env); evaluate it in Python with "
+                          "deqmpc_gym.evaluation.rollout_batched")
+    card = load_expert(env_id, env_id=env_id).card
+    res = rollout_batched(policy, env_id, eval_cfg, reference=(card["random_return"], card["mean_return"]))
     print(f"{policy.env_id} {policy.config.variant}: normalized score {res.normalized_score:.3f}, "
           f"return {res.mean_return:.1f} ± {res.std_return:.1f}, success {res.success_rate:.2%}, "
           f"collisions {res.collision_rate:.2%}, act latency {res.act_latency_ms:.1f} ms")

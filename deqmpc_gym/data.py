@@ -20,9 +20,10 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -95,7 +96,7 @@ class ExpertDataset:
         if not self.trajectories:
             raise DatasetError("refusing to save an empty dataset")
         t = self.trajectories
-        arrays = {
+        arrays: dict[str, Any] = {
             "states": np.concatenate([x.obs for x in t]).astype(np.float64),
             "controls": np.concatenate([x.controls if x.controls is not None else np.full(x.acts.shape, np.nan)
                                         for x in t]).astype(np.float64),
@@ -117,7 +118,7 @@ class ExpertDataset:
         return atomic_write(path, write)
 
     @classmethod
-    def load(cls, path: str | Path, env_id: str | None = None) -> "ExpertDataset":
+    def load(cls, path: str | Path, env_id: str | None = None) -> ExpertDataset:
         """Read a dataset written by :meth:`save`; ``env_id`` (if given) must match the file's.
 
         The file's env id must be a registered ``DEQMPC/*`` id (or ``env_id``); the arrays are validated (float
@@ -143,18 +144,21 @@ class ExpertDataset:
         return cls(meta["env_id"], _split_arrays(arrays), meta.get("expert_id", ""), meta.get("seed"),
                    meta.get("extra", {}))
 
-    def split(self, val_fraction: float = 0.1, seed: int = 0) -> tuple["ExpertDataset", "ExpertDataset"]:
+    def split(self, val_fraction: float = 0.1, seed: int = 0) -> tuple[ExpertDataset, ExpertDataset]:
         """Seeded split by trajectory into (train, validation); validation gets ``ceil(val_fraction * n)``."""
         n = len(self.trajectories)
         if n < 2:
             raise DatasetError(f"need at least 2 trajectories to split, got {n}")
         n_val = min(n - 1, max(1, int(np.ceil(val_fraction * n))))
         perm = np.random.default_rng(seed).permutation(n)
-        pick = lambda idx: ExpertDataset(self.env_id, [self.trajectories[i] for i in sorted(idx)], self.expert_id,
-                                         self.seed, dict(self.extra))  # noqa: E731
+
+        def pick(idx: np.ndarray) -> ExpertDataset:
+            return ExpertDataset(self.env_id, [self.trajectories[i] for i in sorted(idx)], self.expert_id, self.seed,
+                                 dict(self.extra))
+
         return pick(perm[n_val:]), pick(perm[:n_val])
 
-    def subset(self, n: int) -> "ExpertDataset":
+    def subset(self, n: int) -> ExpertDataset:
         """The first ``n`` trajectories."""
         return ExpertDataset(self.env_id, self.trajectories[:n], self.expert_id, self.seed, dict(self.extra))
 
@@ -272,7 +276,8 @@ def _split_arrays(a: dict[str, np.ndarray]) -> list[Trajectory]:
     return out
 
 
-def from_trajectories(env_id: str, trajectories: Sequence[Any], expert_id: str = "", seed: int | None = None) -> ExpertDataset:
+def from_trajectories(env_id: str, trajectories: Sequence[Any], expert_id: str = "",
+                      seed: int | None = None) -> ExpertDataset:
     """Build a dataset from ``imitation``-style objects (duck-typed on ``obs``, ``acts``, ``rews``, ``terminal``)."""
     trajs = [Trajectory(obs=np.asarray(t.obs, np.float64), acts=np.asarray(t.acts, np.float32),
                         rews=np.asarray(getattr(t, "rews", np.zeros(len(t.acts))), np.float64),

@@ -32,8 +32,13 @@ import torch
 
 import deqmpc_gym  # noqa: F401  (registers the DEQMPC/* ids)
 from deqmpc_gym.data import ExpertDataset
-from deqmpc_gym.experts import (DEFAULT_NUM_TRAJECTORIES, collect_dataset, default_expert_config, load_expert,
-                                train_expert)
+from deqmpc_gym.experts import (
+    DEFAULT_NUM_TRAJECTORIES,
+    collect_dataset,
+    default_expert_config,
+    load_expert,
+    train_expert,
+)
 
 
 def parse_args() -> argparse.Namespace:

@@ -134,6 +134,6 @@ def test_policy_config_restored_after_error() -> None:
     torch.manual_seed(0)
     policy = DEQMPCPolicy.from_env(PEND, "deq-mpc-nn", hidden=16)
     before = policy.config
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - any error: the test is about the config being restored
         rollout_batched(policy, "DEQMPC/Cartpole-v0", EvalConfig(episodes=2, max_steps=3, stream_iters=3))
     assert policy.config == before and policy.layer.config == before

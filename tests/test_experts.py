@@ -132,7 +132,8 @@ def test_expert_config_validation() -> None:
     cfg = default_expert_config("DEQMPC/QPole-v0", seed=3)
     assert cfg.net_arch == (256, 256) and cfg.seed == 3 and cfg.total_steps == 14_500_000
     assert cfg.finetune is not None and cfg.finetune.start_step == 10_000_000
-    assert ExpertConfig(PEND, finetune={"start_step": 5, "goal_bonus_width": 2.0}).finetune == FinetunePhase(5, None, 2.0)
+    phase = ExpertConfig(PEND, finetune={"start_step": 5, "goal_bonus_width": 2.0}).finetune
+    assert phase == FinetunePhase(5, None, 2.0)
     with pytest.raises(ConfigError, match="goal_bonus_width"):
         FinetunePhase(5, goal_bonus_width=0.0)
     with pytest.raises(ConfigError, match="unknown FinetunePhase keys"):

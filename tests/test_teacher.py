@@ -74,7 +74,8 @@ def test_refine_with_teacher_records_rounds_and_resumes(tmp_path: Path) -> None:
     if rec["kept_round"] == -1:
         assert all(torch.equal(before[k], kept[k]) for k in before)
     # the value network is never touched
-    assert all(torch.equal(before[k], kept[k]) for k in before if k.startswith(("mlp_extractor.value_net", "value_net")))
+    value_keys = [k for k in before if k.startswith(("mlp_extractor.value_net", "value_net"))]
+    assert all(torch.equal(before[k], kept[k]) for k in value_keys)
     # a second call resumes after the last finished round: no new rollouts, the same kept weights
     again = load_expert(QOBS)
     lines2: list[str] = []

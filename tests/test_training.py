@@ -12,10 +12,10 @@ import torch
 
 import deqmpc_gym
 from deqmpc_gym.data import ExpertDataset, Trajectory
+from deqmpc_gym.envs.core import resolve_system
 from deqmpc_gym.errors import CheckpointError, ConfigError, DatasetError
 from deqmpc_gym.policies import DEQMPCPolicy, LayerOutput, StreamState
 from deqmpc_gym.systems import System
-from deqmpc_gym.envs.core import resolve_system
 from deqmpc_gym.training import (
     ImitationTrainer,
     TrainConfig,
@@ -296,7 +296,8 @@ def test_extending_a_finished_run_matches_the_longer_run(small: ExpertDataset, t
 def test_resume_with_other_config_raises(small: ExpertDataset, tmp_path: Path) -> None:
     ImitationTrainer(_policy(), small, _cfg(steps=5, val_every=5), tmp_path, progress=False).train()
     with pytest.raises(CheckpointError, match="TrainConfig"):
-        ImitationTrainer(_policy(), small, _cfg(steps=5, val_every=5, lr=0.5), tmp_path, progress=False).train(resume=True)
+        ImitationTrainer(_policy(), small, _cfg(steps=5, val_every=5, lr=0.5), tmp_path,
+                         progress=False).train(resume=True)
 
 
 @pytest.mark.parametrize("content", [b"garbage, not a torch file", b""])

@@ -13,10 +13,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import deqmpc_gym  # noqa: E402,F401
+from deqmpc_gym.envs.registration import ENV_IDS  # noqa: E402
 from deqmpc_gym.errors import ConfigError  # noqa: E402
 from deqmpc_gym.wrappers import EpisodeStatistics, FrameWriter, RecordVideo, capped_cubic_video_schedule  # noqa: E402
 
-from deqmpc_gym.envs.registration import ENV_IDS  # noqa: E402
 PEND = "DEQMPC/Pendulum-v0"
 QPOLE = "DEQMPC/QPole-v0"
 SIZE = dict(width=64, height=64)

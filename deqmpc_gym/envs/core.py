@@ -110,7 +110,8 @@ def sample_initial_state(system: System, rng: np.random.Generator, centers: np.n
             x = system.wrap(system.sample_initial_states(rng, 1)[0])
         if centers.shape[0] == 0:
             return x
-        if obstacle_distance_np(system.position(x), centers[:, 0], centers[:, 1], centers[:, 2]) >= radius + START_MARGIN:
+        clearance = obstacle_distance_np(system.position(x), centers[:, 0], centers[:, 1], centers[:, 2])
+        if clearance >= radius + START_MARGIN:
             return x
     raise ConfigError(f"could not sample a collision-free initial state in {MAX_START_TRIES} tries "
                       f"(obstacle_radius={radius} m is too large for the initial-state box); use a smaller radius")
@@ -235,8 +236,8 @@ class SystemEnv(gym.Env):
     ## Episode End
     ``terminated`` when the state becomes non-finite (or leaves the float32 range of the observation), when a
     system with a state envelope leaves it (``|x_i - goal_i| > system.state_envelope_i``; quadrotors: positions
-    15 m, speeds 50 m/s, body rates 30 rad/s), or on an obstacle collision (``||r - o_k|| < obstacle_radius``). ``truncated`` only from the ``TimeLimit`` wrapper (200 steps for
-    the registered ids).
+    15 m, speeds 50 m/s, body rates 30 rad/s), or on an obstacle collision (``||r - o_k|| < obstacle_radius``).
+    ``truncated`` only from the ``TimeLimit`` wrapper (200 steps for the registered ids).
 
     ## Info
     A fresh dict on every ``reset``/``step``: ``cost`` (float, 1.0 on a collision or an envelope exit, else
@@ -271,7 +272,8 @@ class SystemEnv(gym.Env):
         self.system: System = resolve_system(system)
         sys_ = self.system
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ConfigError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+            raise ConfigError(f"render_mode must be None or one of {self.metadata['render_modes']}, "
+                              f"got {render_mode!r}")
         self.render_mode = render_mode
         self.width, self.height = check_render_size(width, height)
         self.metadata = {**type(self).metadata, "render_fps": max(1, int(round(1.0 / sys_.dt)))}

@@ -66,8 +66,8 @@ def state_to_points(system: System, x: Any) -> np.ndarray:
 
     pendulum: the bob ``(-sin theta, y_f, cos theta)``; cart-pole: the pole tip ``(p - 2 sin theta, y_f, 2 cos
     theta)``, with ``y_f = PLANAR_FRONT`` placing the points in front of the bodies (towards the camera) so
-    that overlays are never hidden inside them; quadrotor / QPole (any system with a ``position_slice``): the 3-D position. Other systems: the
-    first (up to three) configuration coordinates padded with zeros.
+    that overlays are never hidden inside them; quadrotor / QPole (any system with a ``position_slice``): the 3-D
+    position. Other systems: the first (up to three) configuration coordinates padded with zeros.
     """
     x = np.asarray(x, dtype=np.float64)
     if x.shape[-1] != system.nx:
@@ -77,7 +77,8 @@ def state_to_points(system: System, x: Any) -> np.ndarray:
         return x[..., a:b].copy()
     if system.name == "pendulum":
         th = x[..., 0]
-        return np.stack([-PENDULUM_LENGTH * np.sin(th), np.full_like(th, PLANAR_FRONT), PENDULUM_LENGTH * np.cos(th)], -1)
+        return np.stack([-PENDULUM_LENGTH * np.sin(th), np.full_like(th, PLANAR_FRONT), PENDULUM_LENGTH * np.cos(th)],
+                        -1)
     if system.name == "cartpole":
         p, th = x[..., 0], x[..., 1]
         L = CARTPOLE_POLE_LENGTH
@@ -106,7 +107,7 @@ def _f(v: Any) -> str:
 def _quad_body(name: str, arm: float) -> str:
     la = arm / math.sqrt(2.0)
     arms, rotors = [], []
-    for k, (sx, sy) in enumerate(((1, 1), (1, -1), (-1, -1), (-1, 1))):
+    for sx, sy in ((1, 1), (1, -1), (-1, -1), (-1, 1)):
         ex, ey = sx * la, sy * la
         arms.append(f'<geom type="capsule" fromto="0 0 0 {ex:.4f} {ey:.4f} 0" size="0.012" rgba="0.2 0.2 0.2 1"/>')
         col = "0.9 0.2 0.2 0.8" if sx > 0 else "0.2 0.4 0.9 0.8"
@@ -169,7 +170,8 @@ def build_scene_xml(system: System, width: int, height: int, centers: np.ndarray
     <headlight ambient="0.4 0.4 0.4" diffuse="0.6 0.6 0.6"/></visual>
   <asset>
     {sky}
-    <texture name="grid" type="2d" builtin="checker" rgb1="0.35 0.38 0.42" rgb2="0.25 0.27 0.3" width="256" height="256"/>
+    <texture name="grid" type="2d" builtin="checker" rgb1="0.35 0.38 0.42" rgb2="0.25 0.27 0.3"
+             width="256" height="256"/>
     <material name="grid" texture="grid" texrepeat="16 16" reflectance="0"/>
   </asset>
   <worldbody>

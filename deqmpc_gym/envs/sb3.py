@@ -8,7 +8,8 @@ SB3's ``VecEnv`` semantics (numpy in/out, auto-reset on done, ``terminal_observa
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import gymnasium as gym
 import numpy as np

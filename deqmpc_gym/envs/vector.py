@@ -10,8 +10,9 @@ With the default float64 dtype the trajectories are bit-identical to the single 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -21,7 +22,6 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from deqmpc_gym._device import resolve_device
-from deqmpc_gym.errors import ConfigError, ResetNeeded, ShapeError
 from deqmpc_gym.envs.core import (
     check_kwargs,
     check_obstacle_config,
@@ -32,6 +32,7 @@ from deqmpc_gym.envs.core import (
     resolve_system,
     sample_initial_state,
 )
+from deqmpc_gym.errors import ConfigError, ResetNeeded, ShapeError
 from deqmpc_gym.systems import System
 
 VALID_VECTOR_KWARGS: tuple[str, ...] = (

@@ -41,7 +41,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_field_types(self)
         if self.episodes < 1 or self.max_steps < 1:
-            raise ConfigError(f"EvalConfig needs episodes >= 1 and max_steps >= 1, got {self.episodes}, {self.max_steps}")
+            raise ConfigError(f"EvalConfig needs episodes >= 1 and max_steps >= 1, "
+                              f"got {self.episodes}, {self.max_steps}")
 
 
 @dataclass

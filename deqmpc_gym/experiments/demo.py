@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deqmpc_gym.data import shipped_dataset
 from deqmpc_gym.io import atomic_write_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 DEMO_ENV = "DEQMPC/Pendulum-v0"
 DEMO_DATASET = shipped_dataset(DEMO_ENV)
@@ -22,7 +25,8 @@ DEMO_VARIANTS = ("deq-mpc-deq", "diff-mpc-nn")
 
 
 def run_demo(out_dir: str | Path = "results/demo", *, steps: int | None = None, episodes: int = 50,
-             hidden: int = 64, batch_size: int = 64, video: bool = True, device: str = "cpu") -> dict[str, Any]:
+             hidden: int = 64, batch_size: int = 64, video: bool = True,
+             device: str | torch.device = "cpu") -> dict[str, Any]:
     """Run the demo on ``device``; returns ``{variant: metrics}`` and writes ``results.md``, ``results.json`` and
     a video."""
     import torch

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 
 from deqmpc_gym.errors import ConfigError
 from deqmpc_gym.wrappers import RecordVideo
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 def _check_counts(**counts: int | None) -> None:
@@ -20,7 +23,7 @@ def _check_counts(**counts: int | None) -> None:
 
 def record_rollouts(env_id: str, out_dir: str | Path, *, policy_path: str | Path | None = None, episodes: int = 1,
                     seed: int = 0, overlay: bool = True, max_steps: int | None = None, width: int = 480,
-                    height: int = 480, device: str = "cpu") -> list[Path]:
+                    height: int = 480, device: str | torch.device = "cpu") -> list[Path]:
     """Record ``episodes`` rollouts of a saved DEQ-MPC policy (or the env's shipped PPO expert).
 
     Args:

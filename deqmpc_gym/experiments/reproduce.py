@@ -12,14 +12,18 @@ import json
 import math
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from deqmpc_gym.errors import ConfigError
 from deqmpc_gym.io import atomic_write, atomic_write_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 TABLE1_ENVS = ("DEQMPC/Pendulum-v0", "DEQMPC/Cartpole-v0", "DEQMPC/Quadrotor-v0", "DEQMPC/QPole-v0",
                "DEQMPC/QPoleObs-v0")
@@ -109,7 +113,7 @@ def run_name(env_id: str, variant: str, seed: int) -> str:
 
 
 def run_one(env_id: str, variant: str, seed: int, scale: Scale, out_dir: Path, data_dir: Path,
-            device: str = "cpu") -> dict[str, Any]:
+            device: str | torch.device = "cpu") -> dict[str, Any]:
     """Train and evaluate one (env, variant, seed) on ``device``; returns the run record."""
     from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched
     from deqmpc_gym.experts import load_expert, load_or_collect_dataset
@@ -205,7 +209,8 @@ def check_selection(envs: Sequence[str] | None, variants: Sequence[str] | None,
 
 
 def reproduce(what: str, *, scale: str = "cpu", seeds: Sequence[int] | None = None, envs: Sequence[str] | None = None,
-              variants: Sequence[str] | None = None, out_dir: str | Path = "results", device: str = "cpu") -> Path:
+              variants: Sequence[str] | None = None, out_dir: str | Path = "results",
+              device: str | torch.device = "cpu") -> Path:
     """Run (or resume) a reproduction on ``device``; returns the directory of its results."""
     if scale not in SCALES:
         raise ConfigError(f"unknown scale {scale!r}; valid: {sorted(SCALES)}")
@@ -265,7 +270,8 @@ def _set_aside(root: Path, name: str) -> None:
 
 
 def warmstart_ablation(*, scale: str = "cpu", out_dir: str | Path = "results", env_id: str = "DEQMPC/Pendulum-v0",
-                       ks: Sequence[int] = (1, 2, 3, 4), seed: int = 0, device: str = "cpu") -> Path:
+                       ks: Sequence[int] = (1, 2, 3, 4), seed: int = 0,
+                       device: str | torch.device = "cpu") -> Path:
     """Paper Fig. 7: normalized return vs warm-started DEQ-MPC iterations K (Diff-MPC: 2K AL iterations).
 
     Uses the Table 1 policies of ``env_id`` and ``seed`` (trained on demand).
@@ -282,6 +288,7 @@ def warmstart_ablation(*, scale: str = "cpu", out_dir: str | Path = "results", e
     sc = SCALES[scale]
     root = Path(out_dir) / f"table1-{scale}"
     card = load_expert(env_id).card
+    reference = (card["random_return"], card["mean_return"])
     curves: dict[str, list[float]] = {}
     for variant in TABLE1_VARIANTS:
         best = root / "train" / run_name(env_id, variant, seed) / "best"
@@ -290,7 +297,7 @@ def warmstart_ablation(*, scale: str = "cpu", out_dir: str | Path = "results", e
         policy = DEQMPCPolicy.load(best, device=device)
         curves[variant] = [float(rollout_batched(policy, env_id, EvalConfig(episodes=sc.eval_episodes[_short(env_id)],
                                                                             stream_iters=k),
-                                                 reference=(card["random_return"], card["mean_return"])).normalized_score)
+                                                 reference=reference).normalized_score)
                            for k in ks]
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for v, ys in curves.items():
@@ -303,9 +310,10 @@ def warmstart_ablation(*, scale: str = "cpu", out_dir: str | Path = "results", e
     png = Path(out_dir) / f"warmstart-{scale}.png"
     atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-    atomic_write_text(Path(out_dir) / f"warmstart-{scale}.json", json.dumps({"ks": list(ks), "scores": curves}, indent=2))
+    atomic_write_text(Path(out_dir) / f"warmstart-{scale}.json",
+                      json.dumps({"ks": list(ks), "scores": curves}, indent=2))
     return png
 
 
-__all__ = ["reproduce", "warmstart_ablation", "check_selection", "SCALES", "Scale", "TABLE1_ENVS", "TABLE1_VARIANTS", "PAPER_TABLE1",
-           "markdown_table", "run_one"]
+__all__ = ["reproduce", "warmstart_ablation", "check_selection", "SCALES", "Scale", "TABLE1_ENVS", "TABLE1_VARIANTS",
+           "PAPER_TABLE1", "markdown_table", "run_one"]

@@ -19,5 +19,5 @@ from deqmpc_gym.experts.ppo import (
 )
 
 __all__ = ["DEFAULT_NUM_TRAJECTORIES", "collect_dataset", "default_dataset_path", "load_or_collect_dataset",
-           "EXPERT_DEFAULTS", "Expert",
-           "ExpertConfig", "FinetunePhase", "RandomPolicy", "default_expert_config", "load_expert", "pretrained_dir", "train_expert"]
+           "EXPERT_DEFAULTS", "Expert", "ExpertConfig", "FinetunePhase", "RandomPolicy", "default_expert_config",
+           "load_expert", "pretrained_dir", "train_expert"]

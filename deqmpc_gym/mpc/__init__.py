@@ -12,9 +12,9 @@ Quick use::
     x, u, state, info = fast(x0, theta, state=state, iters=2)
 """
 
+from deqmpc_gym.mpc.compiled import CompiledSolver
 from deqmpc_gym.mpc.config import MPCConfig
 from deqmpc_gym.mpc.problem import MPCProblem
-from deqmpc_gym.mpc.compiled import CompiledSolver
 from deqmpc_gym.mpc.solver import SolveInfo, SolverState, init_state, solve
 
 __all__ = ["CompiledSolver", "MPCConfig", "MPCProblem", "SolverState", "SolveInfo", "init_state", "solve"]

@@ -23,8 +23,8 @@ the gradient. Gauss-Newton Hessian ``H = W + rho J_eq^T J_eq + rho J_act^T J_act
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -347,7 +347,8 @@ class MPCProblem:
 
     def _lagrangian_grad(self, x, u, theta, mu, mu_in, ABt, G):
         """Unpinned ``(grad (B,T,n), cgrad (B,T,n))``: the gradient of ``C + mu^T d + mu_in^T g`` and of ``C``
-        alone, for multipliers ``mu (B,T-1,nx)``, ``mu_in (B,T,mi)``, ``ABt = [A B]^T (B,T-1,n,nx)``, ``G (B,T,mi,n)``."""
+        alone, for multipliers ``mu (B,T-1,nx)``, ``mu_in (B,T,mi)``, ``ABt = [A B]^T (B,T-1,n,nx)``,
+        ``G (B,T,mi,n)``."""
         c = self.consts(x)
         if c.w_diag is not None:
             cgrad = torch.cat([x - theta, u], -1) * c.w_diag

@@ -189,7 +189,8 @@ def _mixing_weights(g: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
     return alpha, lam
 
 
-def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, config: AndersonConfig | None = None) -> tuple[Tensor, SolverStats]:
+def anderson(f: Callable[[Tensor], Tensor], z0: Tensor,
+             config: AndersonConfig | None = None) -> tuple[Tensor, SolverStats]:
     """Batched Anderson acceleration for ``z = f(z)``.
 
     Args:
@@ -206,7 +207,8 @@ def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, config: AndersonConfig |
         return _anderson(_flat(f, z0), z0.detach().reshape(z0.shape[0], -1), config, z0.shape)
 
 
-def _anderson(g: Callable[[Tensor], Tensor], x0: Tensor, cfg: AndersonConfig, shape: torch.Size) -> tuple[Tensor, SolverStats]:
+def _anderson(g: Callable[[Tensor], Tensor], x0: Tensor, cfg: AndersonConfig,
+              shape: torch.Size) -> tuple[Tensor, SolverStats]:
     bsz, n = x0.shape
     tr = _Tracker(x0, cfg)
     xs = torch.zeros(bsz, cfg.m, n, dtype=x0.dtype, device=x0.device)
@@ -235,7 +237,8 @@ def _anderson_step(xs: Tensor, fs: Tensor, k: int, lam: Tensor, cfg: AndersonCon
     return cfg.beta * mix_f + (1.0 - cfg.beta) * mix_x
 
 
-def fixed_point_iter(f: Callable[[Tensor], Tensor], z0: Tensor, config: AndersonConfig | None = None) -> tuple[Tensor, SolverStats]:
+def fixed_point_iter(f: Callable[[Tensor], Tensor], z0: Tensor,
+                     config: AndersonConfig | None = None) -> tuple[Tensor, SolverStats]:
     """Plain fixed-point iteration ``z <- f(z)`` with the same contract as :func:`anderson`.
 
     Only ``max_iter``, ``tol`` and ``stop_mode`` of ``config`` are used.

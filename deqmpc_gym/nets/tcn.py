@@ -208,6 +208,10 @@ class _InputBlock(nn.Module):
 class _TCNBase(nn.Module):
     """Shared input block, output head, (de)normalisation and boundary checks."""
 
+    state_scale: Tensor  # buffers (registered in __init__)
+    state_center: Tensor
+    input_scale: Tensor
+
     def __init__(self, cfg: NetConfig) -> None:
         super().__init__()
         self.config = cfg

@@ -23,7 +23,7 @@ class Variant(str, Enum):
     NN = "nn"
 
     @classmethod
-    def resolve(cls, value: "str | Variant") -> "Variant":
+    def resolve(cls, value: str | Variant) -> Variant:
         """Return the member for ``value`` (a member or its string, case-insensitive, ``_`` allowed)."""
         if isinstance(value, Variant):
             return value
@@ -121,7 +121,8 @@ class PolicyConfig:
         if self.hidden % 4:
             raise ConfigError(f"PolicyConfig.hidden must be divisible by 4 (GroupNorm groups), got {self.hidden}")
         if not (isinstance(self.stream_exit_residual, (int, float)) and self.stream_exit_residual >= 0):
-            raise ConfigError(f"PolicyConfig.stream_exit_residual must be a number >= 0, got {self.stream_exit_residual!r}")
+            raise ConfigError(f"PolicyConfig.stream_exit_residual must be a number >= 0, "
+                              f"got {self.stream_exit_residual!r}")
         if self.gradient not in ("implicit", "unroll"):
             raise ConfigError(f"PolicyConfig.gradient must be 'implicit' or 'unroll', got {self.gradient!r}")
         if not isinstance(self.compiled_solver, bool):
@@ -137,7 +138,7 @@ class PolicyConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PolicyConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PolicyConfig:
         """Build from a dict, rejecting unknown keys with a :class:`ConfigError`.
 
         Keys of earlier versions that no longer have an effect (:data:`RETIRED_KEYS`) are dropped, so that
@@ -147,7 +148,7 @@ class PolicyConfig:
             raise ConfigError(f"PolicyConfig must be built from a dict, got {type(data).__name__}")
         return config_from_dict(cls, {k: v for k, v in data.items() if k not in RETIRED_KEYS})
 
-    def replace(self, **changes: Any) -> "PolicyConfig":
+    def replace(self, **changes: Any) -> PolicyConfig:
         """A copy with ``changes`` applied (unknown keys raise :class:`ConfigError`)."""
         return self.from_dict({**self.to_dict(), **changes})
 

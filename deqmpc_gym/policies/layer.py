@@ -130,6 +130,10 @@ class DEQMPCLayer(nn.Module):
         device: where parameters and solver tensors live.
     """
 
+    _u_nominal: Tensor  # buffers (registered in __init__)
+    _u_low: Tensor
+    _u_high: Tensor
+
     def __init__(self, system: System, config: PolicyConfig, *, obstacle_centers: np.ndarray | None = None,
                  obstacle_radius: float | None = None, device: torch.device | str = "cpu") -> None:
         super().__init__()
@@ -211,7 +215,8 @@ class DEQMPCLayer(nn.Module):
         if state is None:
             x_prev, z, solver_state, n_iter, stream = self._repeat(x0), None, None, cfg.deq_mpc_iters, False
         else:
-            (x_prev, z), solver_state, n_iter, stream = self._warm_inputs(x0, state), state.solver, cfg.stream_iters, True
+            (x_prev, z), solver_state = self._warm_inputs(x0, state), state.solver
+            n_iter, stream = cfg.stream_iters, True
         thetas, xs, us = [], [], []
         info, stats, iters = None, None, torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
         for i in range(n_iter):

@@ -164,7 +164,7 @@ class DEQMPCPolicy(nn.Module):
     @classmethod
     def from_env(cls, env: gym.Env | str, variant: str | None = None, *, device: torch.device | str = "cpu",
                  env_kwargs: dict[str, Any] | None = None, config: PolicyConfig | None = None,
-                 **config_overrides: Any) -> "DEQMPCPolicy":
+                 **config_overrides: Any) -> DEQMPCPolicy:
         """Build a policy for ``env`` (an env or a registered id such as ``"DEQMPC/QPole-v0"``).
 
         Args:
@@ -357,7 +357,7 @@ class DEQMPCPolicy(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], env: gym.Env | str | None = None,
-             device: torch.device | str = "cpu") -> "DEQMPCPolicy":
+             device: torch.device | str = "cpu") -> DEQMPCPolicy:
         """Load a policy saved by :meth:`save` (``torch.load(weights_only=True)``: no arbitrary pickle).
 
         The env id stored in the file is only used when it is a registered ``DEQMPC/*`` id (or equals ``env``);
@@ -395,7 +395,7 @@ class DEQMPCPolicy(nn.Module):
 
     @classmethod
     def from_pretrained(cls, env_id: str, variant: str = "deq-mpc-deq",
-                        device: torch.device | str = "cpu") -> "DEQMPCPolicy":
+                        device: torch.device | str = "cpu") -> DEQMPCPolicy:
         """A trained controller shipped with the package (see ``deqmpc_gym.policies.pretrained.available()``).
 
         Its ``card.json`` (:func:`deqmpc_gym.policies.pretrained.card`) says how it was trained and how well it

@@ -57,7 +57,8 @@ class SB3ModelShim:
 def attach_eval_callback(callback: Any, policy: DEQMPCPolicy, env: Any = None, logger: Any = None) -> SB3ModelShim:
     """Initialise an SB3 callback (e.g. ``EvalCallback``) on a :class:`SB3ModelShim` of ``policy``.
 
-    ``env`` is what ``model.get_env()`` reports (default: the callback's ``eval_env``). Returns the shim; set ``shim.num_timesteps`` and call ``callback.on_step()`` to trigger evaluations.
+    ``env`` is what ``model.get_env()`` reports (default: the callback's ``eval_env``). Returns the shim; set
+    ``shim.num_timesteps`` and call ``callback.on_step()`` to trigger evaluations.
     """
     if env is None:  # SB3 callbacks require model.get_env(); the eval env stands in for a training env
         env = getattr(callback, "eval_env", None)

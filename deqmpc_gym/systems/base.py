@@ -259,7 +259,8 @@ class System:
 
     def tensor(self, name: str, like: torch.Tensor | None = None, *, dtype: torch.dtype = torch.float64,
                device: torch.device | str | None = None) -> torch.Tensor:
-        """A class constant (e.g. ``"Q_diag"``, ``"u_low"``, ``"goal"``) as a torch tensor on ``like``'s device/dtype."""
+        """A class constant (e.g. ``"Q_diag"``, ``"u_low"``, ``"goal"``) as a torch tensor on ``like``'s
+        device/dtype."""
         value = self.nominal_control if name == "u_nominal" else getattr(self, name)
         if like is not None:
             dtype, device = like.dtype, like.device

@@ -17,7 +17,8 @@ Supported in ``_step``: ``+ - * /`` and ``**`` with python numbers, unary ``-``,
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -7,7 +7,8 @@ same dynamics function with the namespace returned by :func:`ops_for`.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -10,7 +10,6 @@ import torch
 
 from deqmpc_gym.systems.base import rk4
 from deqmpc_gym.systems.ops import batch_first, batch_last, ops_for
-from deqmpc_gym.systems.rigid_body_jacobians import cached_constant, control_jacobians, rigid_body_jacobians
 from deqmpc_gym.systems.quadrotor import (
     QuadParams,
     RigidBodySystem,
@@ -18,6 +17,7 @@ from deqmpc_gym.systems.quadrotor import (
     fill_rigid_body_blocks,
     rigid_body_derivative,
 )
+from deqmpc_gym.systems.rigid_body_jacobians import cached_constant, control_jacobians, rigid_body_jacobians
 
 _MASS = 2.1
 _U_HOVER = _MASS * 9.81 / (10.0 * 1.0 * 4)

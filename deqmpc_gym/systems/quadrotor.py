@@ -15,8 +15,8 @@ from deqmpc_gym.systems.rigid_body_jacobians import control_jacobians, rigid_bod
 from deqmpc_gym.systems.rotations import (
     cross,
     euler_xyz_to_mrp,
-    mrp_kinematics,
     matvec,
+    mrp_kinematics,
     mrp_to_quat,
     quat_matrix,
 )

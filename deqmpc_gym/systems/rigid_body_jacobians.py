@@ -24,8 +24,9 @@ Identities used (quaternion ``q = (s, v)``, scalar first; ``n = sigma . sigma``)
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Hashable, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from deqmpc_gym.systems.quadrotor import QuadParams
 
-Array = Union[torch.Tensor, np.ndarray]
+Array = torch.Tensor | np.ndarray
 _S2 = 1.0 / np.sqrt(2.0)
 _CACHE: dict[tuple, Array] = {}
 

@@ -62,7 +62,7 @@ class RunLock:
         self.path = self.folder / LOCK_NAME
         self._fd: int | None = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 

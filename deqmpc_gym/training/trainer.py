@@ -28,9 +28,10 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,7 +100,7 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build from a dict, rejecting unknown keys with a :class:`ConfigError`."""
         return config_from_dict(cls, data)
 
@@ -431,7 +432,7 @@ class _DeferredInterrupt:
         self._installed = False
         self._previous: Any = None
 
-    def __enter__(self) -> "_DeferredInterrupt":
+    def __enter__(self) -> _DeferredInterrupt:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
             self._installed = True

@@ -62,16 +62,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
                 except Exception:
                     error = traceback.format_exc(limit=4)
             elif op == "close":
-                if writer is None:
-                    reply = ("error", error or "no video is open")
-                elif error is not None:
-                    writer.discard()
-                    reply = ("error", error)
-                else:
-                    try:
-                        reply = ("ok", str(writer.close()))
-                    except Exception as exc:
-                        reply = ("error", str(exc))
+                reply = _close_reply(writer, error)
                 writer, error = None, None
                 pickle.dump(reply, out, protocol=pickle.HIGHEST_PROTOCOL)
                 out.flush()
@@ -82,6 +73,19 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
             writer.discard()
         if scene is not None:
             scene.close()
+
+
+def _close_reply(writer: Any, error: str | None) -> tuple[str, str]:
+    """Finish (or, after an error, discard) the open video; the reply to ``("close",)``."""
+    if writer is None:
+        return ("error", error or "no video is open")
+    if error is not None:
+        writer.discard()
+        return ("error", error)
+    try:
+        return ("ok", str(writer.close()))
+    except Exception as exc:
+        return ("error", str(exc))
 
 
 def main() -> None:

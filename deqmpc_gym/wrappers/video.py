@@ -24,8 +24,9 @@ import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 import gymnasium as gym
 import numpy as np
@@ -61,7 +62,8 @@ class FrameWriter:
         try:
             import imageio.v2 as iio
         except ImportError as exc:  # pragma: no cover - imageio is a dependency
-            raise DependencyNotInstalled("imageio is required for video recording: pip install imageio imageio-ffmpeg") from exc
+            raise DependencyNotInstalled("imageio is required for video recording: "
+                                         "pip install imageio imageio-ffmpeg") from exc
         self.fps = float(fps)
         base = Path(path)
         self.path = base.with_suffix(".mp4" if _ffmpeg_available() else ".gif")

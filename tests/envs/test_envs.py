@@ -241,7 +241,7 @@ def test_batched_truncation_and_make_vec() -> None:
     assert venv.metadata["autoreset_mode"] == gym.vector.AutoresetMode.SAME_STEP
     obs, infos = venv.reset(seed=0)
     assert obs.shape == (4, 2) and obs.dtype == np.float32 and obs in venv.observation_space
-    for t in range(200):
+    for _ in range(200):
         obs, r, term, trunc, infos = venv.step(np.zeros((4, 1), dtype=np.float32))
     assert trunc.all() and "final_obs" in infos and infos["_final_obs"].all()
     with pytest.raises(ShapeError, match=r"\(4, 1\)"):
@@ -274,7 +274,7 @@ def test_sb3_adapter_semantics() -> None:
     obs = venv.reset()
     single = np.stack([gym.make("DEQMPC/Pendulum-v0").reset(seed=5 + i)[0] for i in range(3)])
     np.testing.assert_array_equal(obs, single)
-    for t in range(200):
+    for _ in range(200):
         obs, rew, dones, infos = venv.step(np.zeros((3, 1), dtype=np.float32))
         assert rew.dtype == np.float32 and len({id(i) for i in infos}) == 3
     assert dones.all()

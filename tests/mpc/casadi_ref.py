@@ -51,7 +51,7 @@ class CasOps:
         return cs.if_else(c, a, b)
 
 
-def casadi_dynamics(system) -> "cs.Function":
+def casadi_dynamics(system) -> cs.Function:
     x = cs.SX.sym("x", system.nx)
     u = cs.SX.sym("u", system.nu)
     y = system._step(CasVec(x), CasVec(u), CasOps())

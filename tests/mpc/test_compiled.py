@@ -14,6 +14,7 @@ from deqmpc_gym.mpc import CompiledSolver, MPCConfig, MPCProblem, solve
 from deqmpc_gym.mpc import compiled as compiled_mod
 from deqmpc_gym.systems import OBSTACLE_CENTERS, Cartpole, Pendulum, QPole, Quadrotor
 from deqmpc_gym.systems.components import COMPONENT_OPS, Vec, step_and_jacobian_components
+
 from test_solver import make_batch
 
 SYSTEMS = {"pendulum": Pendulum, "cartpole": Cartpole}
@@ -107,7 +108,7 @@ def test_same_iterates_as_solve(name, trials):
     """The branch-free functions (run eagerly here) take the same steps as the eager solver, per sample."""
     problem, x0, th0, th1 = _problems(name)
     fast = CompiledSolver(problem, compile=False, line_search_trials=trials)
-    for mode, (args, kw) in _calls(problem, x0, th0, th1).items():
+    for args, kw in _calls(problem, x0, th0, th1).values():
         _assert_same(solve(problem, *args, **kw), fast(*args, **kw))
 
 
@@ -290,7 +291,7 @@ def test_padded_batches_give_the_callers_samples(gradient):
     seen = []
     inner = fast._fns["prepare"]
     fast._fns["prepare"] = lambda *a: seen.append(a[0].shape[0]) or inner(*a)
-    for mode, (args, kw) in _calls(problem, x0, th0, th1).items():
+    for args, kw in _calls(problem, x0, th0, th1).values():
         ref, got = solve(problem, *args, **kw), fast(*args, **kw)
         _assert_same(ref, got)
         assert got[0].shape[0] == 5 and got[2].rho.shape == (5,) and got[3].converged.shape == (5,)

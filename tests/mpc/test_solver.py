@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from deqmpc_gym.errors import ConfigError, ShapeError
-from deqmpc_gym.mpc import MPCConfig, MPCProblem, init_state, solve
-from deqmpc_gym.mpc import linalg
+from deqmpc_gym.mpc import MPCConfig, MPCProblem, init_state, linalg, solve
 from deqmpc_gym.systems import OBSTACLE_CENTERS, Cartpole, Pendulum, QPole, Quadrotor, min_obstacle_distance
 
 SYSTEMS = {"pendulum": Pendulum, "cartpole": Cartpole, "quadrotor": Quadrotor, "qpole": QPole}
@@ -126,7 +125,7 @@ def test_obstacles_collision_free_where_ipopt_is():
     system, problem, x, u, info, rows = _compare_ipopt("qpole", 5, B=2, seed=3, obstacles=True)
     centers = torch.tensor(OBSTACLE_CENTERS)
     ours = min_obstacle_distance(system.position(x[:, 1:]), centers, 0.5).amin(1)
-    for b, (c, ok, xi) in enumerate(rows):
+    for b, (_c, ok, xi) in enumerate(rows):
         theirs = float(min_obstacle_distance(torch.as_tensor(xi[1:, :3]), centers, 0.5).min())
         if ok and theirs >= -1e-6:
             assert float(ours[b]) >= -1e-6, (b, float(ours[b]))

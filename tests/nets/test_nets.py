@@ -269,7 +269,8 @@ def test_invalid_net_config(kw):
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(m=0), dict(max_iter=0), dict(tol=0.0), dict(beta=0.0), dict(beta=1.5), dict(lam=-1.0), dict(stop_mode="x")]
+    "kw",
+    [dict(m=0), dict(max_iter=0), dict(tol=0.0), dict(beta=0.0), dict(beta=1.5), dict(lam=-1.0), dict(stop_mode="x")],
 )
 def test_invalid_anderson_config(kw):
     with pytest.raises(ConfigError):
