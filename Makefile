@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export MUJOCO_GL ?= egl
 
-.PHONY: demo test test-slow bench clean
+LINT_PATHS := deqmpc_gym tests benchmarks examples
+
+.PHONY: demo lint test test-slow bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,7 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m deqmpc_gym.cli demo --out results/demo
 
-test: $(STAMP)
+# ruff (rules and complexity limit in pyproject.toml) and mypy (its [tool.mypy] settings) on the package
+lint: $(STAMP)
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m mypy deqmpc_gym
+
+test: $(STAMP) lint
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
