@@ -8,9 +8,12 @@ Subcommands::
     deqmpc-gym evaluate (--policy DIR | --pretrained ID [--variant V]) [--episodes N] [--stream-iters K] [--json FILE]
     deqmpc-gym record   (--env ID [--policy DIR] | --pretrained ID [--variant V]) [--episodes N] --out DIR
     deqmpc-gym zoo list | zoo ship --from DIR --envs ID ... [--variants V ...] [--episodes N]
-    deqmpc-gym reproduce table1 [--scale cpu|paper] [--seeds ...] [--envs ...] [--out DIR]
+    deqmpc-gym reproduce table1|warmstart [--scale cpu|paper|tiny] [--seeds ...] [--envs ...] [--out DIR]
     deqmpc-gym demo     [--out DIR]
+    deqmpc-gym --version
 
+``python -m deqmpc_gym`` is the same command; without a command (or ``expert`` / ``zoo`` without theirs) it prints
+the help. ``deqmpc-gym COMMAND --help`` lists every option with its default (taken from the library's configs).
 ``train``, ``evaluate``, ``record``, ``reproduce`` and ``demo`` take ``--device`` (``cpu``, ``cuda``, ``cuda:N``,
 ``auto``). Output paths are checked before any work; errors print one line (exit code 2), Ctrl-C prints where it
 stopped (exit code 130; ``train`` checkpoints the current step and names the command that resumes).
@@ -19,6 +22,8 @@ stopped (exit code 130; ``train`` checkpoints the current step and names the com
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import shlex
 import sys
@@ -28,14 +33,69 @@ from typing import Any
 from deqmpc_gym.errors import ConfigError
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends ``(default: X)`` to the help of options that default to a value (not to flags, to None or to a
+    default the help text already names)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and default is not None and not isinstance(default, bool)
+                and default != argparse.SUPPRESS and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _default(owner: Any, name: str) -> Any:
+    """The library's default of ``name``: a field of the dataclass ``owner`` or a keyword parameter of the callable
+    ``owner`` (so that the command line and the library cannot drift apart)."""
+    if dataclasses.is_dataclass(owner):
+        field = {f.name: f for f in dataclasses.fields(owner)}[name]
+        if field.default is dataclasses.MISSING:
+            raise TypeError(f"{owner!r}.{name} has no plain default")
+        return field.default
+    default = inspect.signature(owner).parameters[name].default
+    if default is inspect.Parameter.empty:
+        raise TypeError(f"{owner.__qualname__}() has no default for {name!r}")
+    return default
+
+
+def _parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+    return parser
+
+
+def _short_names(env_ids: Sequence[str]) -> str:
+    return ", ".join(e.split("/")[-1].removesuffix("-v0") for e in env_ids)
+
+
+def _env_help() -> str:
+    from deqmpc_gym.envs.registration import ENV_IDS
+
+    return f"env id, e.g. {ENV_IDS[0]} (built in: DEQMPC/<Env>-v0 with <Env> one of {_short_names(ENV_IDS)})"
+
+
+def _variant_help(what: str) -> str:
+    from deqmpc_gym.policies.config import Variant
+
+    return f"{what}: one of {', '.join(v.value for v in Variant)}"
+
+
 def _add_expert(sub: Any) -> None:
-    p = sub.add_parser("expert", help="train PPO experts and collect datasets")
-    esub = p.add_subparsers(dest="expert_cmd", required=True)
-    t = esub.add_parser("train", help="train (or resume) a PPO expert")
-    t.add_argument("--env", required=True)
-    t.add_argument("--steps", type=int, default=None, help="total env steps (default: per-env budget)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--n-envs", type=int, default=None)
+    # defaults are read from the defining modules (tests replace the package attributes the commands call)
+    from deqmpc_gym.experts.collect import DEFAULT_NUM_TRAJECTORIES, collect_dataset
+    from deqmpc_gym.experts.ppo import ExpertConfig
+
+    p = _parser(sub, "expert", "train PPO experts and collect datasets")
+    p.set_defaults(print_help=p.print_help)
+    esub = p.add_subparsers(dest="expert_cmd", metavar="{train,collect}")
+    t = _parser(esub, "train", "train (or resume) a PPO expert")
+    t.add_argument("--env", required=True, help=_env_help())
+    t.add_argument("--steps", type=int, default=None,
+                   help="total env steps of PPO (default: the per-env budget, see EXPERT_DEFAULTS)")
+    t.add_argument("--seed", type=int, default=_default(ExpertConfig, "seed"), help="seed of PPO and its envs")
+    t.add_argument("--n-envs", type=int, default=None,
+                   help=f"envs per PPO rollout (default: per-env; ExpertConfig: {_default(ExpertConfig, 'n_envs')})")
     t.add_argument("--goal-bonus", type=float, default=None,
                    help="training-only reward bonus near the goal (default: per-env; see ExpertConfig)")
     t.add_argument("--goal-bonus-width", type=float, default=None,
@@ -47,14 +107,19 @@ def _add_expert(sub: Any) -> None:
                         "(default: per-env; evaluation uses the env's own 0.5 m)")
     t.add_argument("--no-teacher", action="store_true",
                    help="skip the MPC-teacher refinement after PPO (default on for the obstacle variants)")
-    t.add_argument("--out", default=None, help="output dir (default: runs/experts/<env>)")
-    t.add_argument("--slices", type=int, default=None, help="stop after this many checkpoint slices")
-    t.add_argument("--no-resume", action="store_true")
-    c = esub.add_parser("collect", help="roll out an expert and write a dataset (.npz)")
-    c.add_argument("--env", required=True)
-    c.add_argument("--out", required=True)
-    c.add_argument("--num-trajectories", type=int, default=None)
-    c.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default=None, help="output dir (default: runs/experts/<Env>-v0)")
+    t.add_argument("--slices", type=int, default=None,
+                   help="stop after this many checkpoint slices (default: train to the end)")
+    t.add_argument("--no-resume", action="store_true",
+                   help="start over instead of continuing from the checkpoint in --out")
+    c = _parser(esub, "collect", "roll out an expert and write a dataset (.npz)")
+    c.add_argument("--env", required=True, help=_env_help())
+    c.add_argument("--out", required=True, help="dataset file to write (.npz)")
+    sizes = ", ".join(f"{_short_names([e])} {n}" for e, n in DEFAULT_NUM_TRAJECTORIES.items())
+    c.add_argument("--num-trajectories", type=int, default=None,
+                   help=f"episodes to roll out (default: the paper's dataset size: {sizes})")
+    c.add_argument("--seed", type=int, default=_default(collect_dataset, "seed"),
+                   help="episode i starts from the env seeded with SEED + i")
     c.add_argument("--expert", default=None, help="expert dir (default: the shipped expert of --env)")
 
 
@@ -66,17 +131,27 @@ def _add_device(parser: Any) -> None:
 
 
 def _add_train(sub: Any) -> None:
-    t = sub.add_parser("train", help="imitation-train a DEQ-MPC policy on a dataset")
-    t.add_argument("--env", required=True)
-    t.add_argument("--variant", default="deq-mpc-deq")
-    t.add_argument("--dataset", required=True)
-    t.add_argument("--out", required=True)
-    t.add_argument("--steps", type=int, default=20000)
-    t.add_argument("--hidden", type=int, default=128)
-    t.add_argument("--batch-size", type=int, default=200)
-    t.add_argument("--val-every", type=int, default=100)
-    t.add_argument("--val-batches", type=int, default=100)
-    t.add_argument("--seed", type=int, default=0)
+    from deqmpc_gym.evaluation import EvalConfig
+    from deqmpc_gym.policies import DEQMPCPolicy, PolicyConfig
+    from deqmpc_gym.training import TrainConfig
+
+    t = _parser(sub, "train", "imitation-train a DEQ-MPC policy on a dataset")
+    t.add_argument("--env", required=True, help=_env_help())
+    t.add_argument("--variant", default=_default(PolicyConfig, "variant"), metavar="VARIANT",
+                   help=_variant_help("policy variant"))
+    t.add_argument("--dataset", required=True, help="expert dataset (.npz) of --env, e.g. from `expert collect`")
+    t.add_argument("--out", required=True,
+                   help="run folder (checkpoint.pt, best/, final/, progress.csv, result.json)")
+    t.add_argument("--steps", type=int, default=_default(TrainConfig, "steps"), help="optimisation steps")
+    t.add_argument("--hidden", type=int, default=_default(PolicyConfig, "hidden"),
+                   help="network width, divisible by 4")
+    t.add_argument("--batch-size", type=int, default=_default(TrainConfig, "batch_size"), help="windows per step")
+    t.add_argument("--val-every", type=int, default=_default(TrainConfig, "val_every"),
+                   help="validate (and checkpoint) every this many steps")
+    t.add_argument("--val-batches", type=int, default=_default(TrainConfig, "val_batches"),
+                   help="number of fixed validation batches")
+    t.add_argument("--seed", type=int, default=_default(TrainConfig, "seed"),
+                   help="seeds the data split, the window sampler and the validation batches")
     mode = t.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
                       help="continue the run in --out from its checkpoint (same variant, configs and dataset; "
@@ -85,63 +160,110 @@ def _add_train(sub: Any) -> None:
                       help="delete the run in --out (checkpoint, best/, final/, progress.csv, result.json) and "
                            "start over")
     _add_device(t)
-    e = sub.add_parser("evaluate", help="evaluate a saved or shipped policy (normalized score vs the expert card)")
+    e = _parser(sub, "evaluate", "evaluate a saved or shipped policy (normalized score vs the expert card)")
     which = e.add_mutually_exclusive_group(required=True)
     which.add_argument("--policy", help="a directory written by DEQMPCPolicy.save (or deqmpc-gym train)")
     which.add_argument("--pretrained", metavar="ENV_ID", help="the shipped controller of this env (see `zoo list`)")
-    e.add_argument("--variant", default="deq-mpc-deq", help="variant of the --pretrained controller")
-    e.add_argument("--episodes", type=int, default=200)
-    e.add_argument("--steps", type=int, default=200)
-    e.add_argument("--stream-iters", type=int, default=None)
-    e.add_argument("--seed", type=int, default=10_000)
-    e.add_argument("--json", default=None)
+    e.add_argument("--variant", default=_default(DEQMPCPolicy.from_pretrained, "variant"), metavar="VARIANT",
+                   help=_variant_help("variant of the --pretrained controller"))
+    e.add_argument("--episodes", type=int, default=_default(EvalConfig, "episodes"),
+                   help="rollouts, simulated as one batch")
+    e.add_argument("--steps", type=int, default=_default(EvalConfig, "max_steps"), help="steps per rollout")
+    e.add_argument("--stream-iters", type=int, default=_default(EvalConfig, "stream_iters"),
+                   help="DEQ-MPC iterations per warm-started step (default: the policy's own stream_iters)")
+    e.add_argument("--seed", type=int, default=_default(EvalConfig, "seed"),
+                   help="episode i starts from the env seeded with SEED + i")
+    e.add_argument("--json", default=None, metavar="FILE", help="also write the metrics to this JSON file")
     _add_device(e)
 
 
 def _add_misc(sub: Any) -> None:
-    r = sub.add_parser("record", help="record rollout videos (DEQ-MPC policy or the shipped PPO expert)")
-    r.add_argument("--env", default=None, help="env id (default: the --pretrained env)")
+    from deqmpc_gym.experiments.demo import DEMO_STEPS, run_demo
+    from deqmpc_gym.experiments.record import record_rollouts
+    from deqmpc_gym.experiments.reproduce import SCALES, TABLE1_ENVS, TABLE1_VARIANTS, reproduce
+    from deqmpc_gym.experiments.zoo import ShipConfig
+    from deqmpc_gym.policies import DEQMPCPolicy
+
+    r = _parser(sub, "record", "record rollout videos (DEQ-MPC policy or the shipped PPO expert)")
+    r.add_argument("--env", default=None, help=_env_help() + "; default: the --pretrained env")
     rwhich = r.add_mutually_exclusive_group()
     rwhich.add_argument("--policy", default=None, help="a saved policy directory (default: the env's PPO expert)")
     rwhich.add_argument("--pretrained", metavar="ENV_ID", default=None, help="record the shipped controller of ENV_ID")
-    r.add_argument("--variant", default="deq-mpc-deq", help="variant of the --pretrained controller")
-    r.add_argument("--episodes", type=int, default=1)
-    r.add_argument("--out", required=True)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--no-overlay", action="store_true")
+    r.add_argument("--variant", default=_default(DEQMPCPolicy.from_pretrained, "variant"), metavar="VARIANT",
+                   help=_variant_help("variant of the --pretrained controller"))
+    r.add_argument("--episodes", type=int, default=_default(record_rollouts, "episodes"),
+                   help="videos to record, one per episode")
+    r.add_argument("--out", required=True, help="folder for the videos")
+    r.add_argument("--seed", type=int, default=_default(record_rollouts, "seed"),
+                   help="episode i starts from the env seeded with SEED + i")
+    r.add_argument("--no-overlay", action="store_true", help="do not draw the policy's plan and the goal")
     r.add_argument("--max-steps", type=int, default=None, help="steps per episode (default: the env's limit)")
     _add_device(r)
-    rep = sub.add_parser("reproduce", help="reproduce the paper's experiments")
-    rep.add_argument("what", choices=["table1", "warmstart"])
-    rep.add_argument("--scale", choices=["cpu", "paper", "tiny"], default="cpu")
-    rep.add_argument("--seeds", type=int, nargs="+", default=None)
-    rep.add_argument("--envs", nargs="+", default=None)
-    rep.add_argument("--variants", nargs="+", default=None)
-    rep.add_argument("--out", default="results")
+    rep = _parser(sub, "reproduce", "reproduce the paper's experiments")
+    rep.add_argument("what", choices=["table1", "warmstart"],
+                     help="table1: the Table 1 sweep (train and evaluate every env, variant and seed); "
+                          "warmstart: the warm-start ablation (Fig. 7)")
+    rep.add_argument("--scale", choices=sorted(SCALES), default=_default(reproduce, "scale"),
+                     help="budget (SCALES in deqmpc_gym.experiments.reproduce): paper (the paper's sizes), cpu "
+                          "(smaller networks and runs, one seed of the table fits a 2-core CPU session) or tiny "
+                          "(a smoke test)")
+    rep.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the scale's)")
+    rep.add_argument("--envs", nargs="+", default=None, metavar="ENV_ID",
+                     help=f"Table 1 envs (default: all: {', '.join(TABLE1_ENVS)})")
+    rep.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
+                     help=f"variants (default: the four of Table 1: {', '.join(TABLE1_VARIANTS)})")
+    rep.add_argument("--out", default=_default(reproduce, "out_dir"),
+                     help="results folder (table1-<scale>/ and warmstart-<scale>.* go inside)")
     _add_device(rep)
-    z = sub.add_parser("zoo", help="list the shipped controllers, or package trained Table 1 runs as controllers")
-    zsub = z.add_subparsers(dest="zoo_cmd", required=True)
-    zsub.add_parser("list", help="the shipped controllers with their scores")
-    zs = zsub.add_parser("ship", help="evaluate every trained seed of Table 1 cells and ship the best with a card")
-    zs.add_argument("--from", dest="table_dir", required=True, help="a `reproduce table1` output, e.g. "
-                    "results/table1-cpu")
-    zs.add_argument("--envs", nargs="+", required=True)
-    zs.add_argument("--variants", nargs="+", default=None, help="default: the four Table 1 variants")
-    zs.add_argument("--episodes", type=int, default=200, help="evaluation episodes (seeds 10000, 10001, ...)")
+    z = _parser(sub, "zoo", "list the shipped controllers, or package trained Table 1 runs as controllers")
+    z.set_defaults(print_help=z.print_help)
+    zsub = z.add_subparsers(dest="zoo_cmd", metavar="{list,ship}")
+    _parser(zsub, "list", "the shipped controllers with their scores")
+    zs = _parser(zsub, "ship", "evaluate every trained seed of Table 1 cells and ship the best with a card")
+    zs.add_argument("--from", dest="table_dir", required=True, metavar="DIR",
+                    help="a `reproduce table1` output, e.g. results/table1-cpu")
+    zs.add_argument("--envs", nargs="+", required=True, metavar="ENV_ID",
+                    help=f"Table 1 envs to ship: any of {', '.join(TABLE1_ENVS)}")
+    zs.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
+                    help=f"variants (default: the four of Table 1: {', '.join(TABLE1_VARIANTS)})")
+    first = _default(ShipConfig, "seed")
+    zs.add_argument("--episodes", type=int, default=_default(ShipConfig, "episodes"),
+                    help=f"evaluation episodes per seed (env seeds {first}, {first + 1}, ...)")
     zs.add_argument("--out", default=None, help="zoo root (default: the package's pretrained_policies/)")
     zs.add_argument("--trained-commit", default=None, help="commit of the training code, for records without one")
-    d = sub.add_parser("demo", help="train a small DEQ-MPC policy on the shipped dataset, evaluate, make a video")
-    d.add_argument("--out", default="results/demo")
-    d.add_argument("--steps", type=int, default=None)
+    d = _parser(sub, "demo", "train a small DEQ-MPC policy on the shipped dataset, evaluate, make a video")
+    d.add_argument("--out", default=_default(run_demo, "out_dir"), help="output folder")
+    d.add_argument("--steps", type=int, default=None, help=f"training steps per variant (default: {DEMO_STEPS})")
     _add_device(d)
 
 
+DESCRIPTION = ("DEQ-MPC for Gymnasium: train PPO experts, collect datasets, imitation-train DEQ-MPC policies, "
+               "evaluate and record them, reproduce the paper's experiments.")
+
+
+def version() -> str:
+    """The installed distribution's version, or the package's own when it runs from a source tree."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("deqmpc-gym")
+    except PackageNotFoundError:
+        from deqmpc_gym import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deqmpc-gym", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="deqmpc-gym", description=DESCRIPTION,
+                                     formatter_class=_HelpFormatter,
+                                     epilog="Run `deqmpc-gym COMMAND --help` for the options of a command.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the small networks and batched solver run best on one "
                              "thread, and several threads on shared cores slow everything down by 10x or more)")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser.set_defaults(print_help=parser.print_help)
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     _add_expert(sub)
     _add_train(sub)
     _add_misc(sub)
@@ -351,6 +473,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.cmd is None or getattr(args, f"{args.cmd}_cmd", "") is None:  # no (sub)command: the help, exit code 0
+        args.print_help()
+        return 0
     import torch
 
     from deqmpc_gym.errors import DeqmpcError, TrainingInterrupted

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import deqmpc_gym
-from deqmpc_gym.cli import build_parser, main
+from deqmpc_gym.cli import build_parser, main, version
 from deqmpc_gym.data import ExpertDataset
 
 PEND = "DEQMPC/Pendulum-v0"
@@ -57,11 +59,101 @@ def test_subcommand_help_subprocess() -> None:
     assert "--max-steps" in r.stdout
 
 
-def test_missing_subcommand_is_usage_error(capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("cmd", [[], ["expert"], ["zoo"]], ids=lambda c: "-".join(c) or "bare")
+def test_missing_subcommand_prints_the_help(cmd: list[str], capsys: pytest.CaptureFixture) -> None:
+    assert main(cmd) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(" ".join(["usage: deqmpc-gym", *cmd]))
+    names = {(): ("expert", "train", "evaluate", "record", "reproduce", "zoo", "demo"),
+             ("expert",): ("train", "collect"), ("zoo",): ("list", "ship")}[tuple(cmd)]
+    assert all(name in out for name in names)
+
+
+def test_bare_command_subprocess() -> None:
+    r = _cli()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: deqmpc-gym") and "COMMAND --help" in r.stdout and not r.stderr
+
+
+def test_version(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as info:
-        main([])
-    assert info.value.code == 2
-    assert "required" in capsys.readouterr().err
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"deqmpc-gym {version()}\n"
+    try:
+        installed = importlib.metadata.version("deqmpc-gym")
+    except importlib.metadata.PackageNotFoundError:
+        installed = deqmpc_gym.__version__
+    assert version() == installed
+
+
+def test_version_without_installed_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert version() == deqmpc_gym.__version__
+
+
+def test_python_m_deqmpc_gym() -> None:
+    r = subprocess.run([sys.executable, "-m", "deqmpc_gym", "--version"], capture_output=True, text=True, env=_env(),
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"deqmpc-gym {version()}\n"
+    r = subprocess.run([sys.executable, "-m", "deqmpc_gym", "train", "--help"], capture_output=True, text=True,
+                       env=_env(), timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.startswith("usage: deqmpc-gym train"), r.stderr
+
+
+def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    out = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                out += _all_parsers(sub)
+    return out
+
+
+def test_every_option_has_help() -> None:
+    parsers = _all_parsers(build_parser())
+    assert len(parsers) == 12  # deqmpc-gym, its 7 commands, expert train/collect and zoo list/ship
+    for parser in parsers:
+        for action in parser._actions:
+            if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                assert action.help, (parser.prog, action.dest)
+
+
+def test_parser_defaults_are_the_library_defaults() -> None:
+    from deqmpc_gym.evaluation import EvalConfig
+    from deqmpc_gym.experiments.zoo import ShipConfig
+    from deqmpc_gym.policies import PolicyConfig
+    from deqmpc_gym.training import TrainConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "--env", PEND, "--dataset", "d.npz", "--out", "o"])
+    train, policy = TrainConfig(), PolicyConfig()
+    assert (args.steps, args.batch_size, args.val_every, args.val_batches, args.seed) == (
+        train.steps, train.batch_size, train.val_every, train.val_batches, train.seed)
+    assert (args.variant, args.hidden) == (policy.variant, policy.hidden)
+    args = parser.parse_args(["evaluate", "--policy", "p"])
+    ev = EvalConfig()
+    assert (args.episodes, args.steps, args.seed, args.stream_iters) == (ev.episodes, ev.max_steps, ev.seed,
+                                                                        ev.stream_iters)
+    args = parser.parse_args(["zoo", "ship", "--from", "t", "--envs", PEND])
+    assert args.episodes == ShipConfig().episodes
+
+
+def test_help_shows_defaults_and_choices(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "300")  # no line breaks inside the variant names
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 20000)" in out and "(default: deq-mpc-deq)" in out
+    assert "one of deq-mpc-deq, deq-mpc-nn, diff-mpc-deq, diff-mpc-nn, deq, nn" in out
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "{table1,warmstart}" in out and "--scale {cpu,paper,tiny}" in out and "(default: cpu)" in out
 
 
 def test_parser_defaults() -> None:

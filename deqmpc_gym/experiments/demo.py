@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # pragma: no cover
 DEMO_ENV = "DEQMPC/Pendulum-v0"
 DEMO_DATASET = shipped_dataset(DEMO_ENV)
 DEMO_VARIANTS = ("deq-mpc-deq", "diff-mpc-nn")
+#: training steps per variant when :func:`run_demo` gets ``steps=None``.
+DEMO_STEPS = 1000
 
 
 def run_demo(out_dir: str | Path = "results/demo", *, steps: int | None = None, episodes: int = 50,
@@ -39,7 +41,7 @@ def run_demo(out_dir: str | Path = "results/demo", *, steps: int | None = None, 
     from deqmpc_gym.training import ImitationTrainer, TrainConfig
 
     out = Path(out_dir)
-    n_steps = int(steps or 1000)
+    n_steps = int(steps or DEMO_STEPS)
     ds = ExpertDataset.load(DEMO_DATASET, env_id=DEMO_ENV)
     card = load_expert(DEMO_ENV).card
     ref = (card["random_return"], card["mean_return"])
