@@ -157,12 +157,19 @@ def ship_cell(table_dir: str | Path, env_id: str, variant: str, *, config: ShipC
                       "seed_scores": scores, "seed_mean": float(np.mean(scores)), "seed_std": float(np.std(scores)),
                       "rule": "best normalized score of the trained seeds on the evaluation episodes"},
         "commit": {"trained": rec.get("commit") or trained_commit, "evaluated": git_commit()},
-        "command": f"deqmpc-gym reproduce table1 --envs {env_id} --variants {variant} --seeds "
+        "command": f"deqmpc-gym reproduce table1 --scale {_scale_name(table_dir)} --envs {env_id} --variants {variant} "
+                   f"--seeds "
                    f"{' '.join(str(s['seed']) for s in seeds)}; deqmpc-gym zoo ship --from {table_dir} "
                    f"--envs {env_id} --variants {variant}",
     }
     atomic_write_text(out / "card.json", json.dumps(card, indent=2))
     return card
+
+
+def _scale_name(table_dir: Path) -> str:
+    """The ``reproduce`` scale of an output folder named ``table1-<scale>`` (``cpu`` otherwise)."""
+    name = table_dir.name
+    return name.split("-", 1)[1] if name.startswith("table1-") else "cpu"
 
 
 def _scale_value(record: dict[str, Any], field: str) -> int:
