@@ -81,7 +81,7 @@ SCALES: dict[str, Scale] = {
                                      "QPoleObs": 2000},
                    eval_episodes=_per_env(200, 200), seeds={k: (0, 1, 2) for k in _ALL}),
     "cpu": Scale(hidden={k: 64 for k in _ALL},
-                 steps={**_per_env(1000, 600), "Quadrotor": 3600, "QPole": 1800, "QPoleObs": 1800},
+                 steps={**_per_env(1000, 600), "Cartpole": 4000, "Quadrotor": 3600, "QPole": 1800, "QPoleObs": 1800},
                  batch_size=_per_env(64, 32),
                  val_batches=10, val_every=100, num_trajectories={k: 300 for k in _ALL},
                  eval_episodes=_per_env(100, 50),
