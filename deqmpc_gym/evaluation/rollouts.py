@@ -87,8 +87,9 @@ def normalized_score(mean_return: float, random_return: float, expert_return: fl
     return float((mean_return - random_return) / denom)
 
 
-def _with_stream_iters(policy: Any, k: int | None) -> Any:
-    """Temporarily set a DEQMPCPolicy's streaming iterations (returns the previous config or None)."""
+def set_stream_iters(policy: Any, k: int | None) -> Any:
+    """Set a DEQMPCPolicy's warm-started iterations per control step to ``k`` (DEQ-MPC: ``k`` iterations,
+    Diff-MPC: ``2 k`` AL iterations); returns the previous config to restore, or None when nothing changed."""
     if k is None or not hasattr(policy, "config") or not hasattr(policy, "layer"):
         return None
     old = policy.config
@@ -127,7 +128,7 @@ def rollout_batched(policy: Any, env_id: str, config: EvalConfig = EvalConfig(),
     n, steps = config.episodes, config.max_steps
     env = make_batched_env(env_id, n, seed=config.seed, device=device, max_episode_steps=steps,
                            **(env_kwargs or {}))
-    old_cfg = _with_stream_iters(policy, config.stream_iters)
+    old_cfg = set_stream_iters(policy, config.stream_iters)
     try:
         obs, _ = env.reset(seed=config.seed)
         alive = np.ones(n, bool)

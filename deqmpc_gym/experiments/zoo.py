@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from deqmpc_gym.errors import ConfigError
+from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched, set_stream_iters
 from deqmpc_gym.experiments.reproduce import SCALES, git_commit, run_name
 from deqmpc_gym.io import atomic_write_text
 from deqmpc_gym.policies.pretrained import CARD_FORMAT, ZOO_DIR
@@ -76,8 +77,6 @@ def _normalized(returns: np.ndarray, random_return: float, expert_return: float)
 
 
 def _evaluate(policy: Any, env_id: str, cfg: ShipConfig, reference: tuple[float, float]) -> dict[str, Any]:
-    from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched
-
     k = STREAM_ITERS.get(env_id.split("/")[-1], 1)
     ev = rollout_batched(policy, env_id, EvalConfig(episodes=cfg.episodes, seed=cfg.seed, stream_iters=k),
                          reference=reference)
@@ -90,7 +89,6 @@ def _evaluate(policy: Any, env_id: str, cfg: ShipConfig, reference: tuple[float,
 
 def _expert_reference(env_id: str, cfg: ShipConfig) -> dict[str, Any]:
     """The shipped expert's return on exactly the evaluation episodes, with the card's random return."""
-    from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched
     from deqmpc_gym.experts import load_expert
 
     expert = load_expert(env_id)
@@ -140,6 +138,7 @@ def ship_cell(table_dir: str | Path, env_id: str, variant: str, *, config: ShipC
     rec = next(r for r, _ in records if r["seed"] == chosen["seed"])
     out = Path(out_root or ZOO_DIR) / env_id.split("/")[-1] / variant
     policy = chosen["policy"]
+    set_stream_iters(policy, chosen["stream_iters"])  # ship it acting as it was evaluated (QPoleObs: K = 2)
     policy.save(out)
     scores = [s["normalized_score"] for s in seeds]
     batch = batch_size or rec.get("batch_size") or _scale_value(rec, "batch_size")
