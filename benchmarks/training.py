@@ -1,10 +1,11 @@
 """Benchmark of imitation training per env and variant at the CPU scale of Table 1; prints markdown tables.
 
-1. Training steps/s of :meth:`ImitationTrainer.train_step` per env and variant with the CPU-scale sizes of
-   ``deqmpc-gym reproduce table1 --scale cpu`` (hidden 64; batch 64 for Pendulum / Cartpole, 32 for the
-   quadrotors; streaming L = 2: one cold and two warm-started layer calls per window), median over ``--trials``
-   chunks of ``--steps`` steps (validation and checkpoints excluded). Pendulum uses the shipped dataset, the other
-   envs a small dataset collected from their shipped experts (``--trajectories``).
+1. Training windows/s of :meth:`ImitationTrainer.train_step` with the compiled kernels (new path) beside the eager
+   path (``kernels.disabled()``), the two alternating chunk by chunk in one run, per env and variant with the
+   CPU-scale sizes of ``deqmpc-gym reproduce table1 --scale cpu`` (hidden 64; batch 64 for Pendulum / Cartpole, 32
+   for the quadrotors; streaming L = 2: one cold and two warm-started layer calls per window), median over
+   ``--trials`` chunks of ``--steps`` steps (validation and checkpoints excluded). Pendulum uses the shipped
+   dataset, the other envs a small dataset collected from their shipped experts (``--trajectories``).
 2. Time-share profile of the same steps, with wall-clock timers wrapped (in this script only) around
    ``WindowSampler.sample`` (data), the network's ``forward`` (network fwd, incl. DEQ fixed-point solves),
    ``deqmpc_gym.policies.layer.solve`` (MPC solver fwd), the solver's implicit-gradient ``backward``
@@ -39,6 +40,7 @@ from deqmpc_gym.experts import collect_dataset, load_expert
 from deqmpc_gym.io import atomic_write_text
 from deqmpc_gym.mpc import solver as solver_mod
 from deqmpc_gym.policies import DEQMPCPolicy
+from deqmpc_gym.systems import kernels
 from deqmpc_gym.training import ImitationTrainer, TrainConfig, WindowSampler
 
 VARIANTS = ("diff-mpc-nn", "diff-mpc-deq", "deq-mpc-nn", "deq-mpc-deq")
@@ -112,37 +114,48 @@ def main() -> None:
             hidden, batch = scale.hidden[short], scale.batch_size[short]
             for variant in args.variants:
                 trainer = make_trainer(env_id, variant, ds, hidden, batch, os.path.join(tmp, short + variant))
-                trainer.train_step()  # warm-up
-                rates, total = [], 0.0
+                base = make_trainer(env_id, variant, ds, hidden, batch, os.path.join(tmp, short + variant + "-b"))
+                trainer.train_step()  # warm-up (compiles or loads the kernels)
+                with kernels.disabled():
+                    base.train_step()
+                rates, base_rates, total = [], [], 0.0
                 TIMES.clear()
-                ENABLED[0] = True
-                for _ in range(args.trials):
+                for _ in range(args.trials):  # the two paths alternate, so both see the same machine load
+                    with kernels.disabled():
+                        t = time.perf_counter()
+                        for _ in range(args.steps):
+                            base.train_step()
+                        base_rates.append(args.steps / (time.perf_counter() - t))
+                    ENABLED[0] = True
                     t = time.perf_counter()
                     for _ in range(args.steps):
                         trainer.train_step()
                     dt = time.perf_counter() - t
+                    ENABLED[0] = False
                     total += dt
                     rates.append(args.steps / dt)
-                ENABLED[0] = False
                 shares = dict(TIMES)
                 shares["network bwd"] = shares.pop("backward (total)", 0.0) - shares.get("solver bwd", 0.0)
                 shares["other"] = total - sum(shares.values())
+                rate, base_rate = float(np.median(rates)), float(np.median(base_rates))
                 rows.append({"env": short, "variant": variant, "hidden": hidden, "batch": batch,
-                             "steps_per_s": float(np.median(rates)),
+                             "steps_per_s": rate, "windows_per_s": rate * batch,
+                             "baseline_windows_per_s": base_rate * batch, "speedup": rate / base_rate,
                              "share": {k: v / total for k, v in shares.items()}})
-                print(f"  {short} {variant}: {rows[-1]['steps_per_s']:.2f} steps/s", file=sys.stderr, flush=True)
+                print(f"  {short} {variant}: {rate * batch:.1f} windows/s, eager {base_rate * batch:.1f} "
+                      f"({rate / base_rate:.2f}x)", file=sys.stderr, flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS, json.dumps({"threads": args.threads, "torch": torch.__version__,
                                            "steps": args.steps, "trials": args.trials, "rows": rows}, indent=2))
     print(f"Imitation training at the CPU scale of Table 1 (streaming L = 2), {args.threads} torch thread(s); "
           f"median of {args.trials} x {args.steps} steps")
     print()
-    print("| env | variant | hidden | batch | steps/s | ms/step | windows/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| env | variant | hidden | batch | ms/step | windows/s | eager windows/s | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         rate = r["steps_per_s"]
-        print(f"| {r['env']} | {r['variant']} | {r['hidden']} | {r['batch']} | {rate:.2f} | {1e3 / rate:.0f} | "
-              f"{rate * r['batch']:.0f} |")
+        print(f"| {r['env']} | {r['variant']} | {r['hidden']} | {r['batch']} | {1e3 / rate:.0f} | "
+              f"{r['windows_per_s']:.0f} | {r['baseline_windows_per_s']:.0f} | {r['speedup']:.2f}x |")
     cols = ["data", "network fwd", "solver fwd", "network bwd", "solver bwd", "optimizer", "other"]
     print()
     print("Time share per training step (manual timers around the library calls):")

@@ -10,13 +10,20 @@ diagonal blocks ``H[t, t]`` and ``L: (B, T-1, n, n)`` the sub-diagonal blocks ``
 
 Both return per-sample ``ok: (B,) bool`` (factorisation succeeded) instead of raising. All functions are
 differentiable by autograd (used by the ``"unroll"`` gradient).
+
+:func:`factor` and :func:`solve` calls that need no autograd graph on float64 CPU tensors run the compiled block
+Cholesky of :mod:`deqmpc_gym.mpc.linalg_kernels` instead (one numba loop per sample, whatever ``kind``; a
+``"banded"`` factor whose ``blocks`` hold the stacked ``C`` and ``Y``), unless compiled kernels are off
+(:func:`deqmpc_gym.systems.kernels.set_enabled`) or numba is missing.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
+
+from deqmpc_gym.systems import kernels as _kernels
 
 
 class Factor(NamedTuple):
@@ -26,6 +33,7 @@ class Factor(NamedTuple):
     C: object  # dense: (B, Tn, Tn) lower factor; banded: list of T (B, n, n) lower factors
     Y: object  # banded: list of T-1 (B, n, n) sub-diagonal blocks; dense: None
     ok: torch.Tensor  # (B,) bool
+    blocks: object = None  # compiled banded factor: (C (B, T, n, n), Y (B, T-1, n, n)) tensors, else None
 
 
 def assemble_dense(D: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
@@ -64,8 +72,38 @@ def banded_factor(D: torch.Tensor, L: torch.Tensor) -> Factor:
     return Factor("banded", Cs, Ys, torch.stack(infos, 1).eq(0).all(1))
 
 
+def _compiled() -> object | None:
+    """The numba kernels module, or None when compiled kernels are off or numba is missing."""
+    if not _kernels.enabled():
+        return None
+    try:
+        from deqmpc_gym.mpc import linalg_kernels
+    except ImportError:
+        return None
+    return linalg_kernels
+
+
+def _plain(*ts: torch.Tensor) -> bool:
+    """float64 CPU tensors whose result needs no autograd graph."""
+    grad = torch.is_grad_enabled()
+    return all(t.dtype == torch.float64 and t.device.type == "cpu" and not (grad and t.requires_grad) for t in ts)
+
+
+def compiled_factor(D: torch.Tensor, L: torch.Tensor) -> Factor | None:
+    """The compiled block Cholesky of ``H`` (a ``"banded"`` factor with ``blocks``), or None when the inputs or
+    the installation do not allow it."""
+    mod = _compiled() if _plain(D, L) else None
+    if mod is None:
+        return None
+    C, Y, ok = (torch.from_numpy(a) for a in mod.factor(D.detach().numpy(), L.detach().numpy()))  # type: ignore
+    return Factor("banded", list(C.unbind(1)), list(Y.unbind(1)), ok, (C, Y))
+
+
 def factor(D: torch.Tensor, L: torch.Tensor, kind: str) -> Factor:
-    """Factorise with ``kind`` in ``{"dense", "banded"}``."""
+    """Factorise with ``kind`` in ``{"dense", "banded"}`` (compiled when possible, see the module docstring)."""
+    F = compiled_factor(D, L)
+    if F is not None:
+        return F
     return dense_factor(D, L) if kind == "dense" else banded_factor(D, L)
 
 
@@ -74,6 +112,12 @@ def solve(F: Factor, b: torch.Tensor) -> torch.Tensor:
     if F.kind == "dense":
         bs, t, n = b.shape
         return torch.cholesky_solve(b.reshape(bs, t * n, 1), F.C).reshape(bs, t, n)
+    if F.blocks is not None and _plain(b):
+        mod = _compiled()
+        if mod is not None:
+            C_all, Y_all = cast("tuple[torch.Tensor, torch.Tensor]", F.blocks)
+            out = mod.solve(C_all.numpy(), Y_all.numpy(), b.detach().numpy())  # type: ignore[attr-defined]
+            return torch.from_numpy(out)
     Cs, Ys = F.C, F.Y
     t_len = len(Cs)
     ys = []

@@ -310,6 +310,9 @@ def _merge_factor(F, F2, take):
         C = torch.where(take[:, None, None], F2.C, F.C)
         return linalg.Factor("dense", C, None, F.ok | take)
     m = take[:, None, None]
+    if F.blocks is not None and F2.blocks is not None:
+        C, Y = (torch.where(take.view(-1, 1, 1, 1), a, b) for a, b in zip(F2.blocks, F.blocks))
+        return linalg.Factor("banded", list(C.unbind(1)), list(Y.unbind(1)), F.ok | take, (C, Y))
     Cs = [torch.where(m, a, b) for a, b in zip(F2.C, F.C)]
     Ys = [torch.where(m, a, b) for a, b in zip(F2.Y, F.Y)]
     return linalg.Factor("banded", Cs, Ys, F.ok | take)

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from deqmpc_gym.errors import ShapeError
+from deqmpc_gym.systems import kernels
 from deqmpc_gym.systems.ops import NUMPY, TORCH, ops_for
 
 
@@ -133,6 +134,8 @@ class System:
         otherwise the torch ops run.
         """
         self._check_xu(x, u)
+        if numpy_eligible(x, u) and x.shape[:-1] == u.shape[:-1] and (k := kernels.kernels_for(self)) is not None:
+            return torch.from_numpy(k.step(_rows(x), _rows(u)).reshape(x.shape))
         if self.numpy_fast_path and numpy_eligible(x, u):
             # No graph needed on a CPU tensor: numpy evaluates the same elementwise expressions with a
             # several-times smaller per-operation overhead (this dominates at the small batches of act()).
@@ -168,6 +171,8 @@ class System:
             raise ShapeError(f"u must be a torch tensor of shape (B, {self.nu}), got {type(u).__name__} "
                              f"{tuple(getattr(u, 'shape', ()))}")
         self._check_xu(x, u)
+        if numpy_eligible(x, u) and (k := kernels.kernels_for(self)) is not None:
+            return tuple(torch.from_numpy(a) for a in k.step_and_jacobians(_rows(x), _rows(u)))  # type: ignore
         return self._step_and_jacobians(x, u)
 
     def _deriv_and_jac(self, x: Any, u: Any) -> Any:
@@ -282,6 +287,11 @@ def numpy_eligible(x: Any, u: Any) -> bool:
     return (isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dtype == torch.float64
             and isinstance(u, torch.Tensor) and u.device.type == "cpu" and u.dtype == torch.float64
             and not (torch.is_grad_enabled() and (x.requires_grad or u.requires_grad)))
+
+
+def _rows(t: torch.Tensor) -> np.ndarray:
+    """``(..., n)`` CPU float64 tensor -> C-contiguous ``(N, n)`` numpy array (shares memory when it can)."""
+    return np.ascontiguousarray(t.detach().reshape(-1, t.shape[-1]).numpy())
 
 
 def rk4(f: Any, x: Any, u: Any, dt: float) -> Any:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deqmpc_gym.errors import ShapeError
-from deqmpc_gym.systems import SYSTEMS, Cartpole, Pendulum, QPole, Quadrotor, get_system
+from deqmpc_gym.systems import SYSTEMS, Cartpole, Pendulum, QPole, Quadrotor, get_system, kernels
 from deqmpc_gym.systems.base import autodiff_jacobians
 from deqmpc_gym.systems.ops import TORCH
 from deqmpc_gym.systems.rotations import euler_xyz_to_mrp
@@ -83,6 +83,11 @@ def test_complex_step_jacobians_match_the_analytic_chain_rule(name):
     (forced by a batch above the threshold, split into the same rows) to round-off."""
     system = get_system(name)
     nb = system.complex_step_max_batch
+    with kernels.disabled():  # the numpy fallback paths
+        _check_complex_step(system, nb)
+
+
+def _check_complex_step(system, nb: int) -> None:
     xn, un = _random_xu(system, 2 * nb + 1, seed=5)
     x, u = torch.from_numpy(xn), torch.from_numpy(un)
     analytic = system.step_and_jacobians(x, u)  # above the threshold: analytic
@@ -115,7 +120,10 @@ def test_analytic_jacobians_match_finite_differences_and_autodiff(name):
         scale = fd.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1.0)
         assert ((an - fd).abs() / scale).max() < 1e-6
     x_ad, A_ad, B_ad = autodiff_jacobians(system, x, u)
-    _assert_same_step(system, x_ad, x_next)
+    if kernels.kernels_for(system) is None:
+        _assert_same_step(system, x_ad, x_next)
+    else:  # the compiled kernel evaluates the same expressions in another order
+        torch.testing.assert_close(x_ad, x_next, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(A, A_ad, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(B, B_ad, rtol=1e-10, atol=1e-10)
     A2, B2 = system.jacobians(x, u)
@@ -134,10 +142,19 @@ def test_numpy_and_torch_steps_agree_exactly(name):
     assert np.array_equal(system.step(xn[0], un[0]), y_np[0])
 
 
+@pytest.fixture(params=["kernels", "numpy"])
+def no_grad_path(request):
+    """Run a test with the compiled kernels and again with the numpy fallback (kernels off)."""
+    prev = kernels.set_enabled(request.param == "kernels")
+    yield request.param
+    kernels.set_enabled(prev)
+
+
 @pytest.mark.parametrize("name", [n for n in NAMES if get_system(n).numpy_fast_path])
-def test_no_grad_numpy_fast_path_matches_the_torch_graph_path(name):
-    """A float64 CPU call without autograd runs the dynamics (and the rigid-body Jacobians) on numpy; with
-    ``requires_grad`` the torch path runs. Both give the same step and Jacobians (to round-off)."""
+def test_no_grad_numpy_fast_path_matches_the_torch_graph_path(name, no_grad_path):
+    """A float64 CPU call without autograd runs the compiled kernel (or, with kernels off, the dynamics and the
+    rigid-body Jacobians on numpy); with ``requires_grad`` the torch path runs. Both give the same step and
+    Jacobians (to round-off)."""
     system = get_system(name)
     xn, un = _random_xu(system, 37, seed=3)
     x, u = torch.from_numpy(xn), torch.from_numpy(un)
