@@ -190,14 +190,15 @@ def _rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def test_a_training_step_equals_the_eager_path(env: str, variant: str) -> None:
     """Per-iterate states and controls and the parameter gradients of a cold plus a warm layer call (float64 end to
     end) agree with the eager path to 1e-6 relative -- or, where the eager path itself is more sensitive than that
-    to round-off (its answers move by more when x0 moves by 1e-15 relative: the partly converged DEQ-MPC iterates
-    of the untrained quadrotors, whose exit tests and line searches flip), to within 20x that sensitivity."""
+    to round-off (its answers move by more when x0 moves by a few 1e-15 relative: the partly converged DEQ-MPC
+    iterates of the untrained quadrotors, whose exit tests and line searches flip), to within 20x that
+    sensitivity."""
     system = get_system(env.replace("Obs", "").lower())
     x0, _ = _xu(system, 3, seed=11)
     iterates, grads = _layer_step(env, variant, x0)
     with kernels.disabled():
         iterates0, grads0 = _layer_step(env, variant, x0)
-        noise = [_layer_step(env, variant, x0 * (1.0 + eps)) for eps in (1e-15, -1e-15)]
+        noise = [_layer_step(env, variant, x0 * (1.0 + eps)) for eps in (1e-15, -1e-15, 3e-15, -3e-15)]
     assert len(iterates) == len(iterates0) and len(grads) == len(grads0) > 0
     sens_it = max(_rel(it, iterates0) for it, _ in noise)
     sens_gr = max(_rel(gr, grads0) for _, gr in noise)
@@ -242,3 +243,73 @@ def test_a_corrupt_numba_cache_is_rebuilt(tmp_path, monkeypatch) -> None:
         k2 = kernels._checked(system)
     x, u = _xu(system, 4)
     np.testing.assert_array_equal(k2.step(x.numpy(), u.numpy()), k.step(x.numpy(), u.numpy()))
+
+
+# ---------------------------------------------------------------------------------------------- fused Newton loop
+def _solve_both(problem: Any, x0: torch.Tensor, theta: torch.Tensor) -> tuple[Any, Any]:
+    from deqmpc_gym.mpc import solve
+
+    out = solve(problem, x0, theta)
+    with kernels.disabled():
+        ref = solve(problem, x0, theta)
+    return out, ref
+
+
+@pytest.mark.parametrize("name", ["pendulum", "cartpole", "quadrotor", "qpole", "qpole-obstacles"])
+def test_the_fused_newton_loop_gives_the_eager_solve(name: str) -> None:
+    from deqmpc_gym.mpc import MPCConfig, MPCProblem, fused
+    from deqmpc_gym.systems import OBSTACLE_CENTERS
+
+    system = get_system(name.split("-")[0])
+    kw: dict[str, Any] = {}
+    if name.endswith("obstacles"):  # spheres on the straight path to the goal: obstacle rows become active
+        kw = {"obstacle_centers": OBSTACLE_CENTERS, "obstacle_radius": 1.5}
+    problem = MPCProblem(system, MPCConfig(), **kw)
+    x0, _ = _xu(system, 12, seed=4)
+    theta = torch.as_tensor(np.asarray(system.goal)).expand(12, 5, -1).clone()
+    theta[:, 0] = x0
+    assert fused.usable(problem, x0, track_grad=False)
+    out, ref = _solve_both(problem, x0, theta)
+    x, u, info, info0 = out[0], out[1], out[3], ref[3]
+    torch.testing.assert_close(x, ref[0], rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(u, ref[1], rtol=1e-8, atol=1e-8)
+    assert torch.equal(info.newton_steps, info0.newton_steps) and torch.equal(info.converged, info0.converged)
+    if kw:
+        g, _ = problem.ineq(x, u, out[2].obstacle_idx, jac=False)
+        assert bool((g[:, 1:, 2 * system.nu:] > -0.5).any()), "the obstacle rows matter in this test"
+
+
+def test_the_fused_loop_contains_a_nan_sample_and_skips_user_constraints() -> None:
+    from deqmpc_gym.mpc import MPCConfig, MPCProblem, fused
+
+    system = get_system("quadrotor")
+    problem = MPCProblem(system, MPCConfig())
+    x0, _ = _xu(system, 5, seed=2)
+    theta = torch.as_tensor(np.asarray(system.goal)).expand(5, 5, -1).clone()
+    theta[1, 2:, 0] = 1e300  # finite input whose cost overflows: the sample's merit is not finite
+    out, ref = _solve_both(problem, x0, theta)
+    info = out[3]
+    assert bool(info.nonfinite[1]) and not bool(info.nonfinite[[0, 2, 3, 4]].any())
+    keep = [0, 2, 3, 4]
+    torch.testing.assert_close(out[0][keep], ref[0][keep], rtol=1e-8, atol=1e-8)
+    assert torch.isfinite(out[1][keep]).all()
+    # a user constraint's Jacobian comes from autograd: the batched torch loop runs
+    limited = MPCProblem(system, MPCConfig(), constraints=[lambda x, u: x[..., 2:3] - 10.0])
+    assert not fused.usable(limited, x0, track_grad=False)
+    assert not fused.usable(problem, x0, track_grad=True)
+    assert not fused.usable(problem, x0.float(), track_grad=False)
+
+
+def test_a_fused_loop_that_cannot_compile_falls_back_with_a_warning(monkeypatch) -> None:
+    from deqmpc_gym.mpc import MPCConfig, MPCProblem, fused
+
+    system = _DoubleIntegrator()
+    problem = MPCProblem(system, MPCConfig())
+    monkeypatch.setattr(fused, "_source", lambda: "\n\ndef newton_loop(:\n")  # a broken kernel source
+    monkeypatch.setattr(fused, "_FUNCS", {})
+    x0, _ = _xu(system, 3)
+    with pytest.warns(RuntimeWarning, match="no fused Newton loop for _DoubleIntegrator"):
+        assert not fused.usable(problem, x0, track_grad=False)
+    theta = torch.zeros(3, 5, 2, dtype=torch.float64)
+    out, ref = _solve_both(problem, x0, theta)
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-12, atol=1e-12)

@@ -40,67 +40,79 @@ def _chol(S, C):  # pragma: no cover - compiled
 
 
 @njit(**_OPTS)
+def factor_one(D, L, C, Y, S):  # pragma: no cover - compiled
+    """One sample: ``D (T, n, n)``, ``L (T-1, n, n)`` -> ``C``, ``Y`` (``S (n, n)``: work space); returns ok.
+    A failed factorisation leaves NaN blocks."""
+    t_len, n = D.shape[0], D.shape[1]
+    for t in range(t_len):
+        for i in range(n):
+            for j in range(n):
+                S[i, j] = D[t, i, j]
+        if t > 0:  # S -= Y_{t-1} Y_{t-1}^T
+            Yp = Y[t - 1]
+            for i in range(n):
+                for j in range(i + 1):
+                    s = 0.0
+                    for k in range(n):
+                        s += Yp[i, k] * Yp[j, k]
+                    S[i, j] -= s
+        Ct = C[t]
+        if not _chol(S, Ct):
+            C[:, :, :] = np.nan
+            Y[:, :, :] = np.nan
+            return False
+        if t < t_len - 1:  # row r of Y_t solves C_t y = (row r of L_t)
+            Lt, Yt = L[t], Y[t]
+            for r in range(n):
+                for i in range(n):
+                    s = Lt[r, i]
+                    for k in range(i):
+                        s -= Ct[i, k] * Yt[r, k]
+                    Yt[r, i] = s / Ct[i, i]
+    return True
+
+
+@njit(**_OPTS)
+def solve_one(C, Y, rhs, out, z):  # pragma: no cover - compiled
+    """One sample: ``out (T, n) = H^{-1} rhs`` (``z (T, n)``: work space)."""
+    t_len, n = C.shape[0], C.shape[1]
+    for t in range(t_len):  # forward: C_t z_t = rhs_t - Y_{t-1} z_{t-1}
+        Ct = C[t]
+        for i in range(n):
+            s = rhs[t, i]
+            if t > 0:
+                for k in range(n):
+                    s -= Y[t - 1, i, k] * z[t - 1, k]
+            for k in range(i):
+                s -= Ct[i, k] * z[t, k]
+            z[t, i] = s / Ct[i, i]
+    for t in range(t_len - 1, -1, -1):  # backward: C_t^T x_t = z_t - Y_t^T x_{t+1}
+        Ct = C[t]
+        for i in range(n - 1, -1, -1):
+            s = z[t, i]
+            if t < t_len - 1:
+                for k in range(n):
+                    s -= Y[t, k, i] * out[t + 1, k]
+            for k in range(i + 1, n):
+                s -= Ct[k, i] * out[t, k]
+            out[t, i] = s / Ct[i, i]
+
+
+@njit(**_OPTS)
 def banded_factor(D, L, C, Y, ok):  # pragma: no cover - compiled
     """Fill ``C``, ``Y`` and ``ok`` (see the module docstring); a failed sample's blocks are NaN."""
-    nb, t_len, n = D.shape[0], D.shape[1], D.shape[2]
+    n = D.shape[2]
     S = np.empty((n, n))
-    for b in range(nb):
-        ok[b] = True
-        for t in range(t_len):
-            for i in range(n):
-                for j in range(n):
-                    S[i, j] = D[b, t, i, j]
-            if t > 0:  # S -= Y_{t-1} Y_{t-1}^T
-                Yp = Y[b, t - 1]
-                for i in range(n):
-                    for j in range(i + 1):
-                        s = 0.0
-                        for k in range(n):
-                            s += Yp[i, k] * Yp[j, k]
-                        S[i, j] -= s
-            Ct = C[b, t]
-            if not _chol(S, Ct):
-                ok[b] = False
-                C[b, :, :, :] = np.nan
-                Y[b, :, :, :] = np.nan
-                break
-            if t < t_len - 1:  # row r of Y_t solves C_t y = (row r of L_t)
-                Lt, Yt = L[b, t], Y[b, t]
-                for r in range(n):
-                    for i in range(n):
-                        s = Lt[r, i]
-                        for k in range(i):
-                            s -= Ct[i, k] * Yt[r, k]
-                        Yt[r, i] = s / Ct[i, i]
+    for b in range(D.shape[0]):
+        ok[b] = factor_one(D[b], L[b], C[b], Y[b], S)
 
 
 @njit(**_OPTS)
 def banded_solve(C, Y, rhs, out):  # pragma: no cover - compiled
     """``out (B, T, n) = H^{-1} rhs`` with the factor from :func:`banded_factor`."""
-    nb, t_len, n = C.shape[0], C.shape[1], C.shape[2]
-    z = np.empty((t_len, n))
-    for b in range(nb):
-        for t in range(t_len):  # forward: C_t z_t = rhs_t - Y_{t-1} z_{t-1}
-            Ct = C[b, t]
-            for i in range(n):
-                s = rhs[b, t, i]
-                if t > 0:
-                    for k in range(n):
-                        s -= Y[b, t - 1, i, k] * z[t - 1, k]
-                for k in range(i):
-                    s -= Ct[i, k] * z[t, k]
-                z[t, i] = s / Ct[i, i]
-        for t in range(t_len - 1, -1, -1):  # backward: C_t^T x_t = z_t - Y_t^T x_{t+1}
-            Ct = C[b, t]
-            xb = out[b, t]
-            for i in range(n - 1, -1, -1):
-                s = z[t, i]
-                if t < t_len - 1:
-                    for k in range(n):
-                        s -= Y[b, t, k, i] * out[b, t + 1, k]
-                for k in range(i + 1, n):
-                    s -= Ct[k, i] * xb[k]
-                xb[i] = s / Ct[i, i]
+    z = np.empty((C.shape[1], C.shape[2]))
+    for b in range(C.shape[0]):
+        solve_one(C[b], Y[b], rhs[b], out[b], z)
 
 
 def factor(D: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

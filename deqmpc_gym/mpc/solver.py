@@ -33,7 +33,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from deqmpc_gym.errors import ConfigError, ShapeError
-from deqmpc_gym.mpc import linalg
+from deqmpc_gym.mpc import fused, linalg
 from deqmpc_gym.mpc.problem import Linearization, MPCProblem
 
 _REG_GROWTH = 1e3
@@ -438,6 +438,8 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, track_grad: bool, stats: dict,
     defects and inequality residuals at the returned ``(x, u)`` (no autograd graph), and the dynamics there
     (or None; never with ``track_grad``).
     """
+    if fused.usable(problem, bt.x, track_grad):  # the same loop, compiled (deqmpc_gym.mpc.fused)
+        return fused.newton_loop(problem, bt, exit_residual, _REG_GROWTH)
     cfg = problem.config
     b = bt.x.shape[0]
     dev = bt.x.device

@@ -49,6 +49,7 @@ KERNEL_FORMAT = 1
 
 _ENABLED = [os.environ.get("DEQMPC_GYM_KERNELS", "1").strip() not in ("0", "false", "no", "off")]
 _CACHE: dict[Any, Kernels | None] = {}
+_SOURCES: dict[Any, str] = {}
 _LOCK = threading.Lock()
 
 
@@ -292,9 +293,24 @@ def cache_dir() -> Path:
 
 def _load(system: System, fresh: bool = False) -> Kernels:
     """Generate, write and import the kernel module; ``fresh``: drop its numba cache and module first."""
-    src = generate_source(system)
+    mod, path = load_module(system, fresh=fresh)
+    k = Kernels(system.nx, system.nu, path, mod.step, mod.step_jac)
+    one = np.zeros((1, system.nx)), np.zeros((1, system.nu))
+    k.step_and_jacobians(*one)  # compile (or load from the disk cache) now, inside the caller's fallback
+    k.step(*one)
+    return k
+
+
+def load_module(system: System, extra: str = "", tag: str = "", fresh: bool = False) -> tuple[Any, Path]:
+    """Import the generated module of ``system`` with the source ``extra`` appended (e.g. a solver kernel that
+    calls ``step`` / ``step_jac``); returns ``(module, path)``. The module is written to :func:`cache_dir` under a
+    name hashed from its source; ``fresh``: drop its numba cache and loaded module first."""
+    key = _key(system)
+    if key not in _SOURCES:
+        _SOURCES[key] = generate_source(system)
+    src = _SOURCES[key] + extra
     digest = hashlib.sha256(src.encode()).hexdigest()[:16]
-    name = f"dq_{type(system).__name__.lower()}_{digest}"
+    name = f"dq_{type(system).__name__.lower()}_{tag}{digest}"
     path = cache_dir() / f"{name}.py"
     if fresh:
         sys.modules.pop(name, None)
@@ -317,11 +333,7 @@ def _load(system: System, fresh: bool = False) -> Kernels:
         except BaseException:
             del sys.modules[name]
             raise
-    k = Kernels(system.nx, system.nu, path, mod.step, mod.step_jac)
-    one = np.zeros((1, system.nx)), np.zeros((1, system.nu))
-    k.step_and_jacobians(*one)  # compile (or load from the disk cache) now, inside the caller's fallback
-    k.step(*one)
-    return k
+    return mod, path
 
 
 def _self_check(system: System, k: Kernels) -> None:

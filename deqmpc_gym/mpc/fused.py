@@ -1,0 +1,90 @@
+"""The fused Gauss-Newton loop: :func:`deqmpc_gym.mpc.solver._newton_loop` as one compiled call per AL iteration.
+
+:mod:`deqmpc_gym.mpc.newton_kernel` holds the per-sample loop; it is appended to the system's generated dynamics
+module and compiled with numba (:func:`deqmpc_gym.systems.kernels.load_module`), once per system and machine.
+The solver takes this path for calls that need no autograd graph on float64 CPU tensors (the forward of the
+implicit and final-implicit gradients, streaming ``act()``), when compiled kernels are on and the problem has no
+user constraints (their Jacobians come from autograd); otherwise, and where compiling fails (one warning), the
+batched torch loop runs. Both are the same algorithm: answers agree to round-off.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deqmpc_gym.mpc.problem import MPCProblem
+from deqmpc_gym.systems import kernels
+
+_SENTINEL = "# --- kernel source: everything below this line is appended to the generated dynamics module ---\n"
+_FUNCS: dict[Any, Any] = {}
+
+
+def _source() -> str:
+    text = (Path(__file__).with_name("newton_kernel.py")).read_text()
+    return "\n\n" + text.split(_SENTINEL, 1)[1]
+
+
+def _loop_fn(problem: MPCProblem) -> Any:
+    """The compiled ``newton_loop`` of ``problem.system`` (None if it cannot be built; warned once)."""
+    key = kernels._key(problem.system)
+    if key in _FUNCS:
+        return _FUNCS[key]
+    fn = None
+    if kernels.kernels_for(problem.system) is not None:  # the dynamics compile and pass their check
+        try:
+            try:
+                mod, _ = kernels.load_module(problem.system, _source(), tag="newton_")
+            except (ImportError, OSError, EOFError, AttributeError, TypeError):  # e.g. a stale numba cache
+                mod, _ = kernels.load_module(problem.system, _source(), tag="newton_", fresh=True)
+            fn = mod.newton_loop
+        except Exception as exc:  # noqa: BLE001 -- any failure falls back to the torch loop, with a warning
+            warnings.warn(f"no fused Newton loop for {type(problem.system).__name__} ({type(exc).__name__}: {exc}); "
+                          "using the batched torch loop", RuntimeWarning, stacklevel=3)
+    _FUNCS[key] = fn
+    return fn
+
+
+def usable(problem: MPCProblem, x: torch.Tensor, track_grad: bool) -> bool:
+    """Whether the fused loop serves a Newton loop on ``x`` (see the module docstring)."""
+    return (not track_grad and kernels.enabled() and x.dtype == torch.float64 and x.device.type == "cpu"
+            and not problem.constraints and _loop_fn(problem) is not None)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().numpy())
+
+
+def newton_loop(problem: MPCProblem, bt: Any, exit_residual: float, reg_growth: float) -> tuple:
+    """The fused equivalent of ``_newton_loop(problem, bt, track_grad=False, ...)``; returns the same tuple (the
+    dynamics at the new iterate are not returned: None)."""
+    cfg, fn = problem.config, _loop_fn(problem)
+    b, t = bt.x.shape[:2]
+    c = problem.consts(bt.x)
+    X, U = _np(bt.x), _np(bt.u)
+    if problem.k:
+        obs = _np(bt.obs.to(torch.int64))
+        centers, radius2 = _np(c.centers), float(problem.obstacle_radius) ** 2
+        pos0 = problem.system.position_slice[0]
+    else:
+        obs, centers, radius2, pos0 = np.zeros((b, t, 0), np.int64), np.zeros((0, 3)), 0.0, 0
+    W = _np(c.W)
+    XO, UO = np.empty_like(X), np.empty_like(U)
+    steps = np.zeros(b, np.int64)
+    small, fb, nf = np.zeros(b, np.bool_), np.zeros(b, np.bool_), np.zeros(b, np.bool_)
+    dres = np.full(b, np.inf)
+    DO = np.empty((b, t - 1, problem.nx))
+    GO = np.empty((b, t, problem.n_ineq))
+    P = (centers, W, c.w_diag is not None, _np(c.u_low), _np(c.u_high), radius2, pos0)
+    settings = (cfg.newton_steps, float(cfg.newton_tol), float(exit_residual), cfg.line_search_steps,
+                float(cfg.reg_min), float(reg_growth))
+    with np.errstate(all="ignore"):
+        fn(X, U, _np(bt.theta), _np(bt.lam_eq), _np(bt.lam_in), _np(bt.rho), obs, P, settings, XO, UO, steps, small,
+           dres, fb, nf, DO, GO)
+    f = torch.from_numpy
+    return f(XO), f(UO), f(steps), f(small), f(dres), f(fb), f(nf), (f(DO), f(GO)), None
+

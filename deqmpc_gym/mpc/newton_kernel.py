@@ -1,0 +1,477 @@
+"""Source of the fused Gauss-Newton loop: one AL subproblem of every sample in one compiled call.
+
+This file is not imported to run. :mod:`deqmpc_gym.mpc.fused` appends its text to a system's generated dynamics
+module (:mod:`deqmpc_gym.systems.kernels`, which defines ``step(X, U, Y)`` and ``step_jac(X, U, Y, J)`` on rows)
+and compiles the result with numba, so that numba's disk cache holds one module per system.
+
+The loop is the algorithm of :func:`deqmpc_gym.mpc.solver._newton_loop` (with :meth:`~deqmpc_gym.mpc.MPCProblem.
+linearize`, :func:`~deqmpc_gym.mpc.solver._newton_direction` and :func:`~deqmpc_gym.mpc.solver._line_search`)
+written per sample instead of per batch: the same merit, Gauss-Newton model, regularisation fallback, active-set
+prediction, backtracking and exit tests, on float64 numpy arrays. Inequality rows per knot: the ``2 nu`` control
+bounds, then ``k`` obstacle rows (nearest obstacles ``obs``; knot 0 holds inactive dummies).
+"""
+# ruff: noqa: N803, N806 -- the maths' matrix names (A, D, G, ...)
+
+from __future__ import annotations
+
+
+def step(X, U, Y):  # placeholder: the generated dynamics module defines the compiled one
+    raise NotImplementedError("newton_kernel.py is kernel source, appended to a generated dynamics module")
+
+
+def step_jac(X, U, Y, J):  # placeholder (see step)
+    raise NotImplementedError("newton_kernel.py is kernel source, appended to a generated dynamics module")
+
+
+# --- kernel source: everything below this line is appended to the generated dynamics module ---
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+from numba import njit  # noqa: E402
+
+from deqmpc_gym.mpc.linalg_kernels import factor_one, solve_one  # noqa: E402
+
+_NOPTS = {"cache": True, "error_model": "numpy", "nogil": True}
+
+
+@njit(**_NOPTS)
+def _nmax(a, b):  # pragma: no cover - compiled
+    """``max`` that propagates NaN (as torch's ``amax``)."""
+    if a != a or b != b:
+        return np.nan
+    return a if a >= b else b
+
+
+@njit(**_NOPTS)
+def _ineq(x, u, obs, centers, u_low, u_high, radius2, pos0, g, G, jac):  # pragma: no cover - compiled
+    """Residuals ``g (T, mi)`` (feasible <= 0) and, if ``jac``, Jacobians ``G (T, mi, n)``."""
+    T, nx, nu = x.shape[0], x.shape[1], u.shape[1]
+    k = obs.shape[1]
+    for t in range(T):
+        for j in range(nu):
+            g[t, j] = u[t, j] - u_high[j]
+            g[t, nu + j] = u_low[j] - u[t, j]
+        for q in range(k):
+            c = obs[t, q]
+            s = 0.0
+            for a in range(3):
+                dd = x[t, pos0 + a] - centers[c, a]
+                s += dd * dd
+            go = radius2 - s
+            g[t, 2 * nu + q] = go * 0.0 - 1.0 if t == 0 else go
+        if jac:
+            G[t, :, :] = 0.0
+            for j in range(nu):
+                G[t, j, nx + j] = 1.0
+                G[t, nu + j, nx + j] = -1.0
+            if t > 0:
+                for q in range(k):
+                    c = obs[t, q]
+                    for a in range(3):
+                        G[t, 2 * nu + q, pos0 + a] = -2.0 * (x[t, pos0 + a] - centers[c, a])
+
+
+@njit(**_NOPTS)
+def _cost(x, u, th, W, wdiag):  # pragma: no cover - compiled
+    T, nx, nu = x.shape[0], x.shape[1], u.shape[1]
+    if wdiag:
+        a = 0.0
+        for t in range(T):
+            for i in range(nx):
+                e = x[t, i] - th[t, i]
+                a += e * e * (0.5 * W[i, i])
+        b = 0.0
+        for t in range(T):
+            for j in range(nu):
+                b += u[t, j] * u[t, j] * (0.5 * W[nx + j, nx + j])
+        return a + b
+    a = 0.0
+    for t in range(T):
+        for i in range(nx):
+            s = 0.0
+            for j in range(nx):
+                s += (x[t, j] - th[t, j]) * W[j, i]
+            a += s * (x[t, i] - th[t, i])
+    b = 0.0
+    for t in range(T):
+        for i in range(nu):
+            s = 0.0
+            for j in range(nu):
+                s += u[t, j] * W[nx + j, nx + i]
+            b += s * u[t, i]
+    return 0.5 * a + 0.5 * b
+
+
+@njit(**_NOPTS)
+def _merit(cost, d, g, leq, lin, rho):  # pragma: no cover - compiled
+    hr = 0.5 * rho
+    a = 0.0
+    for t in range(d.shape[0]):
+        for i in range(d.shape[1]):
+            a += (leq[t, i] + hr * d[t, i]) * d[t, i]
+    b = 0.0
+    for t in range(g.shape[0]):
+        for i in range(g.shape[1]):
+            if lin[t, i] + rho * g[t, i] > 0:
+                b += (lin[t, i] + hr * g[t, i]) * g[t, i]
+            else:
+                b += lin[t, i] * lin[t, i] * (-0.5 / rho)
+    return cost + a + b
+
+
+@njit(**_NOPTS)
+def _merit_at(x, u, th, leq, lin, rho, obs, centers, u_low, u_high, radius2, pos0, W, wdiag, fx, d, g,
+              G):  # pragma: no cover - compiled
+    """Merit at ``(x, u)``; fills the defects ``d`` and residuals ``g`` (``fx``, ``G``: work space)."""
+    T = x.shape[0]
+    step(x[: T - 1], u[: T - 1], fx)
+    for t in range(T - 1):
+        for i in range(x.shape[1]):
+            d[t, i] = x[t + 1, i] - fx[t, i]
+    _ineq(x, u, obs, centers, u_low, u_high, radius2, pos0, g, G, False)
+    return _merit(_cost(x, u, th, W, wdiag), d, g, leq, lin, rho)
+
+
+@njit(**_NOPTS)
+def _add_gram(D, G, rows):  # pragma: no cover - compiled
+    """``D_t += G_r^T G_r`` over the rows selected by ``rows (T, mi)``."""
+    T, mi, n = G.shape
+    for t in range(T):
+        for r in range(mi):
+            if rows[t, r]:
+                for i in range(n):
+                    gi = G[t, r, i]
+                    if gi != 0.0:
+                        for j in range(n):
+                            D[t, i, j] += gi * G[t, r, j]
+
+
+@njit(**_NOPTS)
+def _cost_grad(x, u, th, W, wdiag, grad):  # pragma: no cover - compiled
+    """Cost gradient ``[(x - theta) Q, u R]`` into ``grad (T, n)``; returns its inf-norm without x_0."""
+    T, nx, nu = x.shape[0], x.shape[1], u.shape[1]
+    for t in range(T):
+        for i in range(nx):
+            s = 0.0
+            if wdiag:
+                s = (x[t, i] - th[t, i]) * W[i, i]
+            else:
+                for j in range(nx):
+                    s += (x[t, j] - th[t, j]) * W[j, i]
+            grad[t, i] = s
+        for i in range(nu):
+            s = 0.0
+            if wdiag:
+                s = u[t, i] * W[nx + i, nx + i]
+            else:
+                for j in range(nu):
+                    s += u[t, j] * W[nx + j, nx + i]
+            grad[t, nx + i] = s
+    cnorm = 0.0
+    for t in range(T):
+        for i in range(nx + nu):
+            if t > 0 or i >= nx:
+                cnorm = _nmax(cnorm, abs(grad[t, i]))
+    return cnorm
+
+
+@njit(**_NOPTS)
+def _merit_grad(J, d, G, g, leq, lin, rho, grad, gd, sv, act):  # pragma: no cover - compiled
+    """Adds the constraint terms to ``grad`` (``(cgrad + gdyn) + G^T mu_in``, pinned at x_0); fills the shifted
+    residuals ``sv = lam_in + rho g`` and the active set; returns the largest multiplier."""
+    T, mi, n = G.shape
+    nx = J.shape[1]
+    mu_max = 0.0
+    gd[:, :] = 0.0  # dynamics: -[A B]^T mu_t on knot t, +mu_t on x_{t+1}
+    for t in range(T - 1):
+        for j in range(n):
+            s = 0.0
+            for i in range(nx):
+                s += J[t, i, j] * (leq[t, i] + rho * d[t, i])
+            gd[t, j] = -s
+    for t in range(T - 1):
+        for i in range(nx):
+            mu = leq[t, i] + rho * d[t, i]
+            gd[t + 1, i] += mu
+            mu_max = _nmax(mu_max, abs(mu))
+    for t in range(T):
+        for r in range(mi):
+            sv[t, r] = lin[t, r] + rho * g[t, r]
+            act[t, r] = sv[t, r] > 0
+            mu_max = _nmax(mu_max, abs(max(sv[t, r], 0.0)))
+        for j in range(n):
+            s = 0.0
+            for r in range(mi):
+                s += G[t, r, j] * max(sv[t, r], 0.0)
+            grad[t, j] = (grad[t, j] + gd[t, j]) + s
+    for i in range(nx):
+        grad[0, i] = 0.0
+    return mu_max
+
+
+@njit(**_NOPTS)
+def _hessian(J, G, act, W, rho, D, L):  # pragma: no cover - compiled
+    """Pinned Gauss-Newton blocks: ``D_t = W + rho (active G^T G + [A B]^T [A B] (t < T-1) + I_x (t >= 1))`` and
+    ``L_t = H[t+1, t] = -rho [A B]`` on the state rows; knot 0's x_0 rows / columns pinned (unit diagonal)."""
+    T, n = D.shape[0], D.shape[1]
+    nx = J.shape[1]
+    D[:, :, :] = 0.0
+    _add_gram(D, G, act)
+    for t in range(T - 1):
+        for i in range(n):
+            for j in range(n):
+                s = 0.0
+                for q in range(nx):
+                    s += J[t, q, i] * J[t, q, j]
+                D[t, i, j] += s
+        for i in range(nx):
+            D[t + 1, i, i] += 1.0
+            for j in range(n):
+                L[t, i, j] = -rho * J[t, i, j]
+    for t in range(T):
+        for i in range(n):
+            for j in range(n):
+                D[t, i, j] = W[i, j] + rho * D[t, i, j]
+    for i in range(n):
+        for j in range(n):
+            if i < nx or j < nx:
+                D[0, i, j] = 1.0 if i == j else 0.0
+    for i in range(nx):
+        for j in range(nx):
+            L[0, i, j] = 0.0
+
+
+@njit(**_NOPTS)
+def _factor_regularised(D, L, C, Y, S, D2, reg_min, reg_growth):  # pragma: no cover - compiled
+    """Factor; on failure retry with ``mu max|diag D| I`` added, ``mu = reg_min`` grown by ``reg_growth`` (3
+    tries). Returns ``(ok, fell_back)``."""
+    if factor_one(D, L, C, Y, S):
+        return True, False
+    T, n = D.shape[0], D.shape[1]
+    scale = 1.0
+    for t in range(T):
+        for i in range(n):
+            scale = _nmax(scale, abs(D[t, i, i]))
+    mu = reg_min
+    for _ in range(3):
+        D2[:, :, :] = D
+        for t in range(T):
+            for i in range(n):
+                D2[t, i, i] = D[t, i, i] + mu * scale
+        if factor_one(D2, L, C, Y, S):
+            return True, True
+        mu *= reg_growth
+    return False, True
+
+
+@njit(**_NOPTS)
+def _solve_neg(C, Y, rhs, out, zw):  # pragma: no cover - compiled
+    """``out = -H^{-1} rhs``; returns whether every entry is finite."""
+    solve_one(C, Y, rhs, out, zw)
+    fin = True
+    for t in range(out.shape[0]):
+        for i in range(out.shape[1]):
+            out[t, i] = -out[t, i]
+            fin = fin and math.isfinite(out[t, i])
+    return fin
+
+
+@njit(**_NOPTS)
+def _predict_new_rows(G, dz, sv, act, extra, rho, new_rows):  # pragma: no cover - compiled
+    """Inactive rows that the step would make active (``sv + rho G dz > 0``), not yet added; returns any."""
+    T, mi, n = G.shape
+    redo = False
+    for t in range(T):
+        for r in range(mi):
+            s = 0.0
+            for j in range(n):
+                s += G[t, r, j] * dz[t, j]
+            new_rows[t, r] = (sv[t, r] + rho * s > 0) and not act[t, r] and not extra[t, r]
+            redo = redo or new_rows[t, r]
+    return redo
+
+
+@njit(**_NOPTS)
+def _with_extra_rows(D, grad, G, sv, extra, rho, nx, D2, ge):  # pragma: no cover - compiled
+    """The local model with the ``extra`` rows' full PHR quadratic: ``D2 = D + rho G_e^T G_e`` (pinned) and
+    ``ge = grad + G_e^T sv_e`` (pinned)."""
+    T, mi, n = G.shape
+    D2[:, :, :] = 0.0
+    _add_gram(D2, G, extra)
+    for t in range(T):
+        for i in range(n):
+            pi = 0.0 if (t == 0 and i < nx) else 1.0
+            for j in range(n):
+                pj = 0.0 if (t == 0 and j < nx) else 1.0
+                D2[t, i, j] = D[t, i, j] + rho * D2[t, i, j] * (pi * pj)
+        for j in range(n):
+            s = 0.0
+            for r in range(mi):
+                if extra[t, r]:
+                    s += G[t, r, j] * sv[t, r]
+            ge[t, j] = grad[t, j] + s * (0.0 if (t == 0 and j < nx) else 1.0)
+
+
+@njit(**_NOPTS)
+def _direction(D, L, G, grad, sv, act, rho, nx, reg_min, reg_growth, ws, dz):  # pragma: no cover - compiled
+    """Newton direction ``dz = -H^{-1} grad`` with the regularisation fallback and up to two active-set
+    predictions (as :func:`deqmpc_gym.mpc.solver._newton_direction`); returns the fallback flag."""
+    C, Y, C2, Y2, S, D2, ge, dz2, zw, extra, new_rows = ws
+    ok_f, fbs = _factor_regularised(D, L, C, Y, S, D2, reg_min, reg_growth)
+    _solve_neg(C, Y, grad, dz, zw)
+    extra[:, :] = False
+    for _ in range(2):
+        if not (_predict_new_rows(G, dz, sv, act, extra, rho, new_rows) and ok_f):
+            break
+        for t in range(extra.shape[0]):
+            for r in range(extra.shape[1]):
+                extra[t, r] = extra[t, r] or new_rows[t, r]
+        _with_extra_rows(D, grad, G, sv, extra, rho, nx, D2, ge)
+        if factor_one(D2, L, C2, Y2, S) and _solve_neg(C2, Y2, ge, dz2, zw):
+            dz[:, :] = dz2
+    good = ok_f
+    for t in range(dz.shape[0]):
+        for i in range(dz.shape[1]):
+            good = good and math.isfinite(dz[t, i])
+    if not good:
+        dz[:, :] = 0.0
+    return fbs or not good
+
+
+@njit(**_NOPTS)
+def _line_search(x, u, dz, m0, ls_steps, th, leq, lin, rho, obs, P, xt, ut, fx, dn, gn,
+                 Gw):  # pragma: no cover - compiled
+    """Largest ``alpha = 1, 1/2, ..., 2^-ls_steps`` with a strict finite decrease of the merit below ``m0``
+    (``dn``, ``gn``: the residuals there); returns ``(alpha, ok)``, ``(0, False)`` when none."""
+    centers, W, wdiag, u_low, u_high, radius2, pos0 = P
+    T, nx, nu = x.shape[0], x.shape[1], u.shape[1]
+    alpha = 1.0
+    for j in range(ls_steps + 1):
+        for t in range(T):
+            for i in range(nx):
+                xt[t, i] = x[t, i] + alpha * dz[t, i]
+            for i in range(nu):
+                ut[t, i] = u[t, i] + alpha * dz[t, nx + i]
+        m1 = _merit_at(xt, ut, th, leq, lin, rho, obs, centers, u_low, u_high, radius2, pos0, W, wdiag, fx, dn, gn,
+                       Gw)
+        if m1 < m0 and math.isfinite(m1):
+            return alpha, True
+        if j < ls_steps:
+            alpha *= 0.5
+    return 0.0, False
+
+
+@njit(**_NOPTS)
+def _norms(grad, dz, x, u):  # pragma: no cover - compiled
+    """``(||grad||_inf, ||dz||_inf, grad . dz, max(||x||_inf, ||u||_inf))`` (NaN-propagating)."""
+    gnorm, snorm, gdz, xnorm = 0.0, 0.0, 0.0, 0.0
+    for t in range(grad.shape[0]):
+        for i in range(grad.shape[1]):
+            gnorm = _nmax(gnorm, abs(grad[t, i]))
+            snorm = _nmax(snorm, abs(dz[t, i]))
+            gdz += grad[t, i] * dz[t, i]
+        for i in range(x.shape[1]):
+            xnorm = _nmax(xnorm, abs(x[t, i]))
+        for i in range(u.shape[1]):
+            xnorm = _nmax(xnorm, abs(u[t, i]))
+    return gnorm, snorm, gdz, xnorm
+
+
+@njit(**_NOPTS)
+def _residual_norm(dn, gn):  # pragma: no cover - compiled
+    """``||[d; max(g, 0)]||_2``."""
+    res = 0.0
+    for t in range(dn.shape[0]):
+        for i in range(dn.shape[1]):
+            res += dn[t, i] * dn[t, i]
+    for t in range(gn.shape[0]):
+        for r in range(gn.shape[1]):
+            v = max(gn[t, r], 0.0)
+            res += v * v
+    return math.sqrt(res)
+
+
+@njit(**_NOPTS)
+def _linearize(x, u, th, leq, lin, rho, obs, P, ws):  # pragma: no cover - compiled
+    """Merit, pinned gradient and Hessian blocks at ``(x, u)`` into the work arrays ``ws``; returns
+    ``(merit, ||cost grad||_inf, largest multiplier)``."""
+    centers, W, wdiag, u_low, u_high, radius2, pos0 = P
+    fx, J, d, g, G, gd, grad, sv, act, D, L = ws
+    T, nx = x.shape
+    step_jac(x[: T - 1], u[: T - 1], fx, J)
+    for t in range(T - 1):
+        for i in range(nx):
+            d[t, i] = x[t + 1, i] - fx[t, i]
+    _ineq(x, u, obs, centers, u_low, u_high, radius2, pos0, g, G, True)
+    m0 = _merit(_cost(x, u, th, W, wdiag), d, g, leq, lin, rho)
+    cnorm = _cost_grad(x, u, th, W, wdiag, grad)
+    mu_max = _merit_grad(J, d, G, g, leq, lin, rho, grad, gd, sv, act)
+    _hessian(J, G, act, W, rho, D, L)
+    return m0, cnorm, mu_max
+
+
+@njit(**_NOPTS)
+def _workspace(T, nx, nu, mi):  # pragma: no cover - compiled
+    n = nx + nu
+    lin_ws = (np.empty((T - 1, nx)), np.empty((T - 1, nx, n)), np.empty((T - 1, nx)), np.empty((T, mi)),
+              np.empty((T, mi, n)), np.empty((T, n)), np.empty((T, n)), np.empty((T, mi)),
+              np.empty((T, mi), dtype=np.bool_), np.empty((T, n, n)), np.zeros((T - 1, n, n)))
+    dir_ws = (np.empty((T, n, n)), np.empty((max(T - 1, 0), n, n)), np.empty((T, n, n)),
+              np.empty((max(T - 1, 0), n, n)), np.empty((n, n)), np.empty((T, n, n)), np.empty((T, n)),
+              np.empty((T, n)), np.empty((T, n)), np.empty((T, mi), dtype=np.bool_),
+              np.empty((T, mi), dtype=np.bool_))
+    ls_ws = (np.empty((T, nx)), np.empty((T, nu)), np.empty((T - 1, nx)), np.empty((T - 1, nx)), np.empty((T, mi)),
+             np.empty((T, mi, n)))
+    return lin_ws, dir_ws, ls_ws, np.empty((T, n))
+
+
+@njit(**_NOPTS)
+def newton_loop(X, U, TH, LEQ, LIN, RHO, OBS, P, settings, XO, UO, STEPS, SMALL, DRES, FB, NF, DO,
+                GO):  # pragma: no cover - compiled
+    """Gauss-Newton on the AL merit of every sample (see the module docstring).
+
+    Inputs ``X (B, T, nx)``, ``U (B, T, nu)``, ``TH (B, T, nx)``, ``LEQ (B, T-1, nx)``, ``LIN (B, T, mi)``,
+    ``RHO (B,)``, ``OBS (B, T, k)`` int64; ``P = (centers (K, 3), W (n, n), W is diagonal, u_low, u_high,
+    radius^2, first position index)``; ``settings = (newton_steps, newton_tol, exit_residual, line_search_steps,
+    reg_min, reg_growth)``. Outputs ``XO``, ``UO`` (the new iterate), ``STEPS``, ``SMALL`` (exited by the step
+    test), ``DRES`` (stationarity before the last step), ``FB`` (factorisation fallback), ``NF`` (non-finite
+    merit), ``DO``, ``GO`` (defects and residuals at the new iterate).
+    """
+    newton_steps, newton_tol, exit_residual, ls_steps, reg_min, reg_growth = settings
+    T, nx = X.shape[1], X.shape[2]
+    lin_ws, dir_ws, ls_ws, dz = _workspace(T, nx, U.shape[2], LIN.shape[2])
+    d, g, grad, sv, act, D, L, G = lin_ws[2], lin_ws[3], lin_ws[6], lin_ws[7], lin_ws[8], lin_ws[9], lin_ws[10], \
+        lin_ws[4]
+    xt, ut, fx2, dn, gn, Gw = ls_ws
+    for b in range(X.shape[0]):
+        x, u = XO[b], UO[b]
+        x[:, :] = X[b]
+        u[:, :] = U[b]
+        th, leq, lin, rho, obs = TH[b], LEQ[b], LIN[b], RHO[b], OBS[b]
+        STEPS[b], SMALL[b], DRES[b], FB[b], NF[b] = 0, False, np.inf, False, False
+        prev_step = np.inf
+        for _ in range(newton_steps):
+            m0, cnorm, mu_max = _linearize(x, u, th, leq, lin, rho, obs, P, lin_ws)
+            fbs = _direction(D, L, G, grad, sv, act, rho, nx, reg_min, reg_growth, dir_ws, dz)
+            gnorm, snorm, gdz, xnorm = _norms(grad, dz, x, u)
+            tol_s = newton_tol * (1.0 + xnorm)
+            small = snorm <= tol_s or abs(gdz) <= 1e-13 * (1.0 + abs(m0))
+            alpha, ok = _line_search(x, u, dz, m0, ls_steps, th, leq, lin, rho, obs, P, xt, ut, fx2, dn, gn, Gw)
+            if not ok:
+                dn[:, :] = d
+                gn[:, :] = g
+            rate = snorm / prev_step  # contraction estimate: the confirming step would be below tolerance
+            small = small or (alpha == 1.0 and math.isfinite(prev_step) and rate < 1.0
+                              and rate / (1.0 - rate) * snorm <= tol_s)
+            if exit_residual > 0.0:
+                small = small or (ok and _residual_norm(dn, gn) <= exit_residual)
+            x += alpha * dz[:, :nx]
+            u += alpha * dz[:, nx:]
+            STEPS[b] += 1 if ok else 0
+            SMALL[b], DRES[b] = small, gnorm / (1.0 + _nmax(cnorm, mu_max))
+            FB[b], NF[b] = FB[b] or fbs, NF[b] or not math.isfinite(m0)
+            prev_step = alpha * snorm
+            DO[b, :, :] = dn
+            GO[b, :, :] = gn
+            if small or not ok:
+                break
