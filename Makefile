@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/policy.py
 	$(PY) benchmarks/act_ablation.py
 	$(PY) benchmarks/training.py
+	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/batch_scaling.py
 	$(PY) benchmarks/experts.py
 	$(PY) benchmarks/video.py

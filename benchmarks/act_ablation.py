@@ -1,11 +1,13 @@
-"""Ablation of the two dynamics savings of the solver on warm ``act()`` latency (paired, one process).
+"""Ablation of the solver's savings on warm ``act()`` latency (paired, one process).
 
-Replays one recorded observation sequence through ``DEQMPCPolicy.act`` with each combination of
+Replays one recorded observation sequence through ``DEQMPCPolicy.act`` with the compiled kernels (the default,
+``deqmpc_gym.systems.kernels``) and, on the batched torch loop (kernels off), with each combination of
 * the full-step Jacobians of the line search (``MPCProblem.trial_dynamics``; off: a merit evaluation per trial and
   a separate Jacobian evaluation per linearisation), and
 * the complex-step RK4 Jacobians of small rigid-body batches (``complex_step_max_batch``; off: the analytic chain
   rule),
-interleaving the four settings ``--rounds`` times, and prints the median latency of each and its speed-up.
+interleaving the five settings ``--rounds`` times, and prints the median latency of each and its speed-up over the
+torch loop with neither saving.
 
 Usage: ``python benchmarks/act_ablation.py [--env DEQMPC/QPole-v0] [--variant deq-mpc-nn] [--hidden 256]``.
 """
@@ -26,6 +28,7 @@ import torch
 import deqmpc_gym  # noqa: F401  (registers the ids)
 from deqmpc_gym.mpc import MPCProblem
 from deqmpc_gym.policies import DEQMPCPolicy
+from deqmpc_gym.systems import kernels
 
 
 def main() -> None:
@@ -47,19 +50,24 @@ def main() -> None:
         seq.append(obs)
     trial, cstep = MPCProblem.trial_dynamics, system_cls.complex_step_max_batch
     settings = {"neither": (False, 0), "complex step": (False, cstep), "full-step Jacobians": (True, 0),
-                "both (default)": (True, cstep)}
+                "both (torch loop)": (True, cstep), "compiled kernels (default)": None}
     times: dict[str, list[float]] = {k: [] for k in settings}
     try:
         for _ in range(args.rounds):
-            for name, (use_trial, limit) in settings.items():
+            for name, setting in settings.items():
+                use_trial, limit = setting if setting is not None else (True, cstep)
                 MPCProblem.trial_dynamics = trial if use_trial else (lambda self, batch: False)
                 system_cls.complex_step_max_batch = limit
-                policy.reset()
-                policy.act(seq[0])
-                for o in seq[1:]:
-                    t0 = time.perf_counter()
-                    policy.act(o)
-                    times[name].append(time.perf_counter() - t0)
+                prev = kernels.set_enabled(setting is None)
+                try:
+                    policy.reset()
+                    policy.act(seq[0])
+                    for o in seq[1:]:
+                        t0 = time.perf_counter()
+                        policy.act(o)
+                        times[name].append(time.perf_counter() - t0)
+                finally:
+                    kernels.set_enabled(prev)
     finally:
         MPCProblem.trial_dynamics, system_cls.complex_step_max_batch = trial, cstep
     base = float(np.median(times["neither"]))

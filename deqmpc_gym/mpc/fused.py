@@ -42,11 +42,25 @@ def _loop_fn(problem: MPCProblem) -> Any:
             except (ImportError, OSError, EOFError, AttributeError, TypeError):  # e.g. a stale numba cache
                 mod, _ = kernels.load_module(problem.system, _source(), tag="newton_", fresh=True)
             fn = mod.newton_loop
+            _warm_up(problem, fn)  # compile (or load from numba's disk cache) now, inside this fallback
         except Exception as exc:  # noqa: BLE001 -- any failure falls back to the torch loop, with a warning
             warnings.warn(f"no fused Newton loop for {type(problem.system).__name__} ({type(exc).__name__}: {exc}); "
                           "using the batched torch loop", RuntimeWarning, stacklevel=3)
     _FUNCS[key] = fn
     return fn
+
+
+def _warm_up(problem: MPCProblem, fn: Any) -> None:
+    """One call on a single all-zero sample with the problem's shapes (compiles the kernel for these types)."""
+    from deqmpc_gym.mpc.solver import _Batch  # the solver imports this module: import at call time
+
+    t, nx, nu = problem.T, problem.nx, problem.nu
+    z = torch.zeros
+    f64 = torch.float64
+    obs = z(1, t, problem.k, dtype=torch.int64) if problem.k else None
+    bt = _Batch(z(1, t, nx, dtype=f64), z(1, t, nu, dtype=f64), z(1, t, nx, dtype=f64), z(1, t - 1, nx, dtype=f64),
+                z(1, t, problem.n_ineq, dtype=f64), torch.ones(1, dtype=f64), obs)
+    _run(problem, fn, bt, 0.0, 1e3)
 
 
 def usable(problem: MPCProblem, x: torch.Tensor, track_grad: bool) -> bool:
@@ -62,7 +76,11 @@ def _np(t: torch.Tensor) -> np.ndarray:
 def newton_loop(problem: MPCProblem, bt: Any, exit_residual: float, reg_growth: float) -> tuple:
     """The fused equivalent of ``_newton_loop(problem, bt, track_grad=False, ...)``; returns the same tuple (the
     dynamics at the new iterate are not returned: None)."""
-    cfg, fn = problem.config, _loop_fn(problem)
+    return _run(problem, _loop_fn(problem), bt, exit_residual, reg_growth)
+
+
+def _run(problem: MPCProblem, fn: Any, bt: Any, exit_residual: float, reg_growth: float) -> tuple:
+    cfg = problem.config
     b, t = bt.x.shape[:2]
     c = problem.consts(bt.x)
     X, U = _np(bt.x), _np(bt.u)

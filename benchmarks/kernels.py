@@ -1,0 +1,164 @@
+"""Benchmark of the compiled kernels (``deqmpc_gym.systems.kernels``, ``deqmpc_gym.mpc.fused``); prints markdown
+tables and writes ``benchmarks/results/kernels.json``.
+
+1. Warm ``act()`` latency on QPole (hidden ``--hidden``, default 256) for every variant, with the compiled kernels
+   and with the eager path (``kernels.disabled()``) side by side in one run: the policy is warm-started along
+   ``--episodes`` expert episodes (the shipped PPO expert drives, the policy acts on the visited states; at least
+   ``--calls`` calls per path), the two paths alternating episode by episode. Medians in ms and their ratio.
+2. Cold compile time per system: a fresh process with an empty kernel cache (``DEQMPC_GYM_CACHE``) builds the
+   dynamics kernels and the fused Newton loop; then a second fresh process loads them from numba's disk cache.
+
+Usage: ``python benchmarks/kernels.py [--hidden 256] [--episodes 3] [--calls 100] [--skip-compile]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))  # run from a checkout
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import deqmpc_gym  # noqa: F401  (registers the ids)
+from deqmpc_gym.experts import load_expert
+from deqmpc_gym.io import atomic_write_text
+from deqmpc_gym.policies import DEQMPCPolicy
+from deqmpc_gym.systems import kernels
+
+VARIANTS = ("diff-mpc-nn", "diff-mpc-deq", "deq-mpc-nn", "deq-mpc-deq")
+SYSTEMS = ("pendulum", "cartpole", "quadrotor", "qpole")
+RESULTS = Path(__file__).resolve().parent / "results" / "kernels.json"
+
+_COMPILE_SNIPPET = """
+import time, torch
+from deqmpc_gym.mpc import MPCConfig, MPCProblem, fused
+from deqmpc_gym.systems import get_system, kernels
+s = get_system({name!r})
+t = time.perf_counter()
+assert kernels.kernels_for(s) is not None
+t1 = time.perf_counter()
+assert fused.usable(MPCProblem(s, MPCConfig()), torch.zeros(1, s.nx, dtype=torch.float64), False)
+print(t1 - t, time.perf_counter() - t1)
+"""
+
+
+def expert_states(env_id: str, episodes: int, steps: int) -> list[np.ndarray]:
+    """Observations of ``episodes`` expert episodes (seeds 0..), at most ``steps`` each."""
+    expert = load_expert(env_id)
+    env = gym.make(env_id)
+    out = []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=ep)
+        seq = [obs]
+        for _ in range(steps - 1):
+            a, _ = expert.predict(obs, deterministic=True)
+            obs, _, term, trunc, _ = env.step(a)
+            if term or trunc:
+                break
+            seq.append(obs)
+        out.append(np.asarray(seq))
+    env.close()
+    return out
+
+
+def act_times(policy: DEQMPCPolicy, states: np.ndarray) -> list[float]:
+    """Seconds per warm ``act()`` along one episode's states (the first, cold call excluded)."""
+    policy.reset()
+    policy.act(states[0])
+    times = []
+    for obs in states[1:]:
+        t = time.perf_counter()
+        policy.act(obs)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def act_rows(env_id: str, hidden: int, episodes: int, calls: int) -> list[dict]:
+    steps = max(2, calls // episodes + 2)
+    eps = expert_states(env_id, episodes, steps)
+    rows = []
+    for variant in VARIANTS:
+        torch.manual_seed(0)
+        policy = DEQMPCPolicy.from_env(env_id, variant, hidden=hidden)
+        act_times(policy, eps[0][:3])  # warm-up: compiles / loads the kernels
+        with kernels.disabled():
+            act_times(policy, eps[0][:3])
+        new: list[float] = []
+        old: list[float] = []
+        for seq in eps:  # alternate the paths episode by episode
+            new += act_times(policy, seq)
+            with kernels.disabled():
+                old += act_times(policy, seq)
+        rows.append({"env": env_id.split("/")[-1], "variant": variant, "hidden": hidden, "calls": len(new),
+                     "act_ms": float(np.median(new) * 1e3), "baseline_act_ms": float(np.median(old) * 1e3),
+                     "speedup": float(np.median(old) / np.median(new))})
+        r = rows[-1]
+        print(f"  {r['env']} {variant} h{hidden}: {r['act_ms']:.2f} ms, eager {r['baseline_act_ms']:.2f} ms "
+              f"({r['speedup']:.2f}x, {r['calls']} calls)", file=sys.stderr, flush=True)
+    return rows
+
+
+def compile_rows() -> list[dict]:
+    rows = []
+    for name in SYSTEMS:
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**os.environ, "DEQMPC_GYM_CACHE": tmp, "OMP_NUM_THREADS": "1"}
+            runs = []
+            for _ in range(2):  # cold (empty cache), then warm (numba's disk cache)
+                t = time.perf_counter()
+                out = subprocess.run([sys.executable, "-c", _COMPILE_SNIPPET.format(name=name)], env=env,
+                                     capture_output=True, text=True, check=True)
+                total = time.perf_counter() - t
+                dyn, loop = (float(v) for v in out.stdout.split())
+                runs.append((dyn, loop, total))
+        rows.append({"system": name, "cold_dynamics_s": runs[0][0], "cold_newton_s": runs[0][1],
+                     "warm_dynamics_s": runs[1][0], "warm_newton_s": runs[1][1]})
+        r = rows[-1]
+        print(f"  {name}: cold {r['cold_dynamics_s']:.1f} + {r['cold_newton_s']:.1f} s, warm "
+              f"{r['warm_dynamics_s']:.2f} + {r['warm_newton_s']:.2f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--episodes", type=int, default=3)
+    ap.add_argument("--calls", type=int, default=100, help="at least this many warm act() calls per path")
+    ap.add_argument("--skip-compile", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    acts = act_rows("DEQMPC/QPole-v0", args.hidden, args.episodes, args.calls)
+    comp = [] if args.skip_compile else compile_rows()
+    print(f"Warm act() on QPole, hidden {args.hidden}, 1 thread, {platform.processor() or platform.machine()}: "
+          f"medians along {args.episodes} expert episodes, compiled kernels beside the eager path in one run")
+    print()
+    print("| variant | calls | act [ms] | eager act [ms] | speed-up |")
+    print("|---|---|---|---|---|")
+    for r in acts:
+        print(f"| {r['variant']} | {r['calls']} | {r['act_ms']:.2f} | {r['baseline_act_ms']:.2f} | "
+              f"{r['speedup']:.2f}x |")
+    if comp:
+        print()
+        print("Compile time per system (fresh process; cold = empty kernel cache, warm = numba's disk cache):")
+        print()
+        print("| system | cold: dynamics [s] | cold: Newton loop [s] | warm: dynamics [s] | warm: Newton loop [s] |")
+        print("|---|---|---|---|---|")
+        for r in comp:
+            print(f"| {r['system']} | {r['cold_dynamics_s']:.1f} | {r['cold_newton_s']:.1f} | "
+                  f"{r['warm_dynamics_s']:.2f} | {r['warm_newton_s']:.2f} |")
+    atomic_write_text(RESULTS, json.dumps({"torch": torch.__version__, "threads": 1, "act": acts, "compile": comp},
+                                          indent=2))
+
+
+if __name__ == "__main__":
+    main()
