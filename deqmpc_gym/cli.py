@@ -152,6 +152,12 @@ def _add_train(sub: Any) -> None:
                    help="number of fixed validation batches")
     t.add_argument("--seed", type=int, default=_default(TrainConfig, "seed"),
                    help="seeds the data split, the window sampler and the validation batches")
+    t.add_argument("--state-noise", type=float, default=_default(TrainConfig, "state_noise"),
+                   help="Gaussian noise on the policy's input states during training, as a fraction of each "
+                        "coordinate's standard deviation over the data (0: off, the paper's protocol)")
+    t.add_argument("--init", metavar="DIR", default=None,
+                   help="start from the weights of a saved policy (e.g. runs/x/best) of the same env, variant "
+                        "and hidden size instead of a random initialisation (fine-tuning)")
     mode = t.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
                       help="continue the run in --out from its checkpoint (same variant, configs and dataset; "
@@ -340,9 +346,16 @@ def _train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     check_writable(args.out, kind="dir")
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, val_every=args.val_every,
-                      val_batches=args.val_batches, seed=args.seed)
+                      val_batches=args.val_batches, seed=args.seed, state_noise=args.state_noise)
     ds = ExpertDataset.load(args.dataset, env_id=args.env)
-    policy = DEQMPCPolicy.from_env(args.env, args.variant, hidden=args.hidden, device=device)
+    if args.init is not None:  # fine-tuning: the saved policy's weights and config
+        policy = DEQMPCPolicy.load(args.init, env=args.env, device=device)
+        if (policy.config.variant, policy.config.hidden) != (args.variant, args.hidden):
+            raise ConfigError(f"--init {args.init} holds a {policy.config.variant} policy of hidden "
+                              f"{policy.config.hidden}; pass --variant {policy.config.variant} --hidden "
+                              f"{policy.config.hidden} (or another --init)")
+    else:
+        policy = DEQMPCPolicy.from_env(args.env, args.variant, hidden=args.hidden, device=device)
     trainer = ImitationTrainer(policy, ds, cfg, args.out, log_formats=("stdout", "csv"))
     res = trainer.train(resume=args.resume, overwrite=args.overwrite)
     print(f"trained {args.variant} on {args.env}: best val loss {res.best_val_loss:.4f} at step {res.best_step} "

@@ -191,6 +191,27 @@ def test_train(trained: Path, capsys: pytest.CaptureFixture) -> None:
     assert cfg["env_id"] == PEND and cfg["config"]["hidden"] == 16 and cfg["config"]["variant"] == "deq-mpc-nn"
 
 
+def test_train_fine_tunes_from_a_saved_policy_with_state_noise(trained: Path, tiny_pendulum_dataset_file: Path,
+                                                                tmp_path: Path, capsys) -> None:
+    import torch
+
+    from deqmpc_gym.policies import DEQMPCPolicy
+
+    base = ["train", "--env", PEND, "--variant", "deq-mpc-nn", "--dataset", str(tiny_pendulum_dataset_file),
+            "--steps", "2", "--batch-size", "8", "--val-every", "2", "--val-batches", "1", "--init",
+            str(trained / "best")]
+    assert main([*base, "--hidden", "16", "--state-noise", "0.05", "--out", str(tmp_path / "ft")]) == 0
+    run = json.loads((tmp_path / "ft" / "result.json").read_text())
+    assert run["steps"] == 2
+    start = DEQMPCPolicy.load(trained / "best")
+    tuned = DEQMPCPolicy.load(tmp_path / "ft" / "final")
+    changed = [not torch.equal(a, b) for a, b in zip(start.layer.net.parameters(), tuned.layer.net.parameters())]
+    assert any(changed)  # trained on from the saved weights (same shapes: the config came from --init)
+    capsys.readouterr()
+    assert main([*base, "--hidden", "32", "--out", str(tmp_path / "bad")]) != 0
+    assert "--hidden 16" in capsys.readouterr().err
+
+
 def test_train_resume_finished(trained: Path, tiny_pendulum_dataset_file: Path, capsys) -> None:
     code = main(["train", "--env", PEND, "--variant", "deq-mpc-nn", "--dataset", str(tiny_pendulum_dataset_file),
                  "--out", str(trained), "--steps", "4", "--hidden", "16", "--batch-size", "8", "--val-every", "2",

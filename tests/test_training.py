@@ -329,3 +329,48 @@ def test_overwrite_starts_over(small: ExpertDataset, tmp_path: Path) -> None:
     (tmp_path / "checkpoint.pt").write_bytes(b"corrupt")  # deleted by overwrite=True
     res = ImitationTrainer(_policy(), small, cfg, tmp_path, progress=False).train(overwrite=True)
     assert res.steps == 5
+
+
+# ---------------------------------------------------------------------------------------------- state noise
+def test_state_noise_perturbs_the_inputs_not_the_targets(small: ExpertDataset, tmp_path: Path, monkeypatch) -> None:
+    seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    import deqmpc_gym.training.trainer as trainer_mod
+
+    real = trainer_mod.batch_loss
+
+    def spy(policy, batch, config, inputs=None):
+        seen.append((batch.states.clone(), None if inputs is None else inputs.clone()))
+        return real(policy, batch, config, inputs)
+
+    monkeypatch.setattr(trainer_mod, "batch_loss", spy)
+    cfg = TrainConfig(steps=2, batch_size=4, val_batches=1, val_every=2, state_noise=0.1)
+    ImitationTrainer(_policy(), small, cfg, tmp_path / "a", progress=False).train()
+    states, inputs = seen[0]
+    assert inputs is not None and inputs.shape == states.shape
+    std = np.concatenate([t.obs for t in small.trajectories]).std(0)
+    rel = ((inputs - states).abs() / torch.as_tensor(std)).mean().item()
+    assert 0.03 < rel < 0.2  # mean |N(0, 0.1)| = 0.08 of a coordinate's spread
+    seen.clear()
+    ImitationTrainer(_policy(), small, TrainConfig(steps=1, batch_size=4, val_batches=1, val_every=1), tmp_path / "b",
+                     progress=False).train()
+    assert seen[0][1] is None  # off by default (the paper's protocol)
+    with pytest.raises(ConfigError, match="state_noise"):
+        TrainConfig(state_noise=-0.1)
+
+
+def test_a_checkpoint_from_before_state_noise_resumes(small: ExpertDataset, tmp_path: Path) -> None:
+    """Run definitions written without ``train.state_noise`` resume as state_noise = 0."""
+    cfg = TrainConfig(steps=2, batch_size=4, val_batches=1, val_every=2)
+    ImitationTrainer(_policy(), small, cfg, tmp_path, progress=False).train()
+    ckpt = tmp_path / "checkpoint.pt"
+    payload = torch.load(ckpt, weights_only=True)
+    run = json.loads(payload["run_json"])
+    del run["train.state_noise"]
+    payload["run_json"] = json.dumps(run)
+    torch.save(payload, ckpt)
+    res = ImitationTrainer(_policy(), small, TrainConfig(steps=4, batch_size=4, val_batches=1, val_every=2), tmp_path,
+                           progress=False).train(resume=True)
+    assert res.steps == 4
+    with pytest.raises(CheckpointError, match="state_noise"):
+        ImitationTrainer(_policy(), small, TrainConfig(steps=6, batch_size=4, val_batches=1, val_every=2,
+                                                       state_noise=0.05), tmp_path, progress=False).train(resume=True)

@@ -45,6 +45,10 @@ RESUMABLE_POLICY_FIELDS = frozenset({"compiled_solver"})
 #: TrainConfig fields that may change between a run and its resume (extending a run's budget).
 RESUMABLE_TRAIN_FIELDS = frozenset({"steps"})
 
+#: fields added to the run definition after checkpoints were written without them, with the value such a
+#: checkpoint was trained with (compared instead of "<missing>")
+ADDED_FIELDS: dict[str, Any] = {"train.state_noise": 0.0}
+
 #: files and folders a training run writes into its output folder (``overwrite`` removes exactly these).
 RUN_FILES: tuple[str, ...] = ("checkpoint.pt", "best", "final", "progress.csv", "result.json")
 
@@ -185,7 +189,7 @@ def definition_differences(saved: dict[str, Any], current: dict[str, Any]) -> li
     for key in sorted(set(saved) | set(current)):
         if key in skip:
             continue
-        a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
+        a, b = saved.get(key, ADDED_FIELDS.get(key, "<missing>")), current.get(key, "<missing>")
         if a != b:
             diffs.append(f"{key}: {a!r} -> {b!r}")
     return diffs

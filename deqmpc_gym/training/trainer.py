@@ -77,6 +77,10 @@ class TrainConfig:
         val_fraction: share of trajectories held out for validation.
         seed: seeds the data split, the window sampler and the validation batches.
         log_every: log training metrics every this many steps.
+        state_noise: standard deviation of Gaussian noise added to the states the policy is given during training
+            (each window's cold and warm-started ``x0``), as a fraction of each state coordinate's standard
+            deviation over the training trajectories; the targets stay the expert's. 0 (the paper's protocol)
+            disables it; the reference code's observation-noise injection uses 0.05 (absolute).
     """
 
     steps: int = 20000
@@ -90,12 +94,15 @@ class TrainConfig:
     val_fraction: float = 0.1
     seed: int = 0
     log_every: int = 10
+    state_noise: float = 0.0
 
     def __post_init__(self) -> None:
         check_field_types(self)
         require_at_least_one(self, ("steps", "batch_size", "val_every", "val_batches", "log_every"))
         if self.streaming_steps < 0:
             raise ConfigError(f"TrainConfig.streaming_steps must be >= 0, got {self.streaming_steps}")
+        if not (math.isfinite(self.state_noise) and self.state_noise >= 0.0):
+            raise ConfigError(f"TrainConfig.state_noise must be a finite number >= 0, got {self.state_noise}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"TrainConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
 
@@ -121,17 +128,22 @@ def iterate_loss(out: LayerOutput, target: torch.Tensor, mask: torch.Tensor, deq
     return loss, window_l1(out.states[-1], target, mask).detach()  # type: ignore[return-value]
 
 
-def batch_loss(policy: DEQMPCPolicy, batch: WindowBatch, config: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of one batch of windows ``(B, T + L, nx)`` (cold solve plus ``L`` warm-started solves)."""
+def batch_loss(policy: DEQMPCPolicy, batch: WindowBatch, config: TrainConfig,
+               inputs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one batch of windows ``(B, T + L, nx)`` (cold solve plus ``L`` warm-started solves).
+
+    ``inputs``: ``(B, T + L, nx)`` states given to the policy as ``x0`` (e.g. noisy copies of ``batch.states``);
+    default the window's own states. The targets are always ``batch.states``."""
     layer, T = policy.layer, policy.config.horizon
     final_only = layer.variant.diff_mpc
     states, mask = batch.states, batch.mask
+    x_in = states if inputs is None else inputs
     n_calls = 1 + min(config.streaming_steps, states.shape[1] - T)
-    out = layer(states[:, 0], None)
+    out = layer(x_in[:, 0], None)
     total, end = iterate_loss(out, states[:, :T], mask[:, :T], config.deq_reg, final_only)
     stream = out.state
     for s in range(1, n_calls):
-        out = layer(states[:, s], stream)
+        out = layer(x_in[:, s], stream)
         loss_s, _ = iterate_loss(out, states[:, s:s + T], mask[:, s:s + T], config.deq_reg, final_only)
         total = total + loss_s
         stream = out.state
@@ -193,6 +205,8 @@ class ImitationTrainer:
         window = policy.config.horizon + config.streaming_steps
         train, val = dataset.split(config.val_fraction, seed=config.seed)
         self.sampler = WindowSampler(train, policy.system, window, seed=config.seed)
+        obs = np.concatenate([t.obs for t in train.trajectories])
+        self._state_std = torch.as_tensor(obs.std(0), dtype=torch.float64, device=policy.device)
         val_sampler = WindowSampler(val, policy.system, policy.config.horizon, seed=config.seed + 1)
         self.val_batches = val_sampler.fixed_batches(config.val_batches, config.batch_size, seed=config.seed + 1,
                                                      device=policy.device)
@@ -295,7 +309,12 @@ class ImitationTrainer:
         """One optimisation step on a freshly sampled batch."""
         self.policy.layer.train()
         batch = self.sampler.sample(self.config.batch_size, device=self.policy.device)
-        loss, metrics = batch_loss(self.policy, batch, self.config)
+        inputs = None
+        if self.config.state_noise > 0.0:  # drawn from the sampler's generator: resumes reproduce it
+            noise = torch.as_tensor(self.sampler.rng.standard_normal(tuple(batch.states.shape)),
+                                    device=batch.states.device)
+            inputs = batch.states + (self.config.state_noise * self._state_std * noise).to(batch.states.dtype)
+        loss, metrics = batch_loss(self.policy, batch, self.config, inputs)
         self.optimizer.zero_grad(set_to_none=True)
         if torch.isfinite(loss):
             loss.backward()
