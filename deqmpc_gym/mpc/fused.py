@@ -31,23 +31,28 @@ def _source() -> str:
 
 def _loop_fn(problem: MPCProblem) -> Any:
     """The compiled ``newton_loop`` of ``problem.system`` (None if it cannot be built; warned once)."""
-    key = kernels._key(problem.system)
+    key = kernels.system_key(problem.system)
     if key in _FUNCS:
         return _FUNCS[key]
     fn = None
     if kernels.kernels_for(problem.system) is not None:  # the dynamics compile and pass their check
         try:
             try:
-                mod, _ = kernels.load_module(problem.system, _source(), tag="newton_")
+                fn = _build(problem, fresh=False)
             except (ImportError, OSError, EOFError, AttributeError, TypeError):  # e.g. a stale numba cache
-                mod, _ = kernels.load_module(problem.system, _source(), tag="newton_", fresh=True)
-            fn = mod.newton_loop
-            _warm_up(problem, fn)  # compile (or load from numba's disk cache) now, inside this fallback
+                fn = _build(problem, fresh=True)
         except Exception as exc:  # noqa: BLE001 -- any failure falls back to the torch loop, with a warning
             warnings.warn(f"no fused Newton loop for {type(problem.system).__name__} ({type(exc).__name__}: {exc}); "
                           "using the batched torch loop", RuntimeWarning, stacklevel=3)
     _FUNCS[key] = fn
     return fn
+
+
+def _build(problem: MPCProblem, fresh: bool) -> Any:
+    """Import the kernel module and compile (or load from numba's disk cache) its loop by one call."""
+    mod, _ = kernels.load_module(problem.system, _source(), tag="newton_", fresh=fresh)
+    _warm_up(problem, mod.newton_loop)
+    return mod.newton_loop
 
 
 def _warm_up(problem: MPCProblem, fn: Any) -> None:

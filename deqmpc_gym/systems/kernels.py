@@ -305,7 +305,7 @@ def load_module(system: System, extra: str = "", tag: str = "", fresh: bool = Fa
     """Import the generated module of ``system`` with the source ``extra`` appended (e.g. a solver kernel that
     calls ``step`` / ``step_jac``); returns ``(module, path)``. The module is written to :func:`cache_dir` under a
     name hashed from its source; ``fresh``: drop its numba cache and loaded module first."""
-    key = _key(system)
+    key = system_key(system)
     if key not in _SOURCES:
         _SOURCES[key] = generate_source(system)
     src = _SOURCES[key] + extra
@@ -366,7 +366,7 @@ def _checked(system: System) -> Kernels:
     return k
 
 
-def _key(system: System) -> Any:
+def system_key(system: System) -> Any:
     """The class and the instance's own settings (values cached by ``cached_property`` excluded)."""
     cls = type(system)
     own = ((k, repr(v)) for k, v in vars(system).items() if not isinstance(getattr(cls, k, None), cached_property))
@@ -378,7 +378,7 @@ def kernels_for(system: System) -> Kernels | None:
     disabled, numba is missing or the system cannot be compiled (then one warning says why)."""
     if not _ENABLED[0]:
         return None
-    key = _key(system)
+    key = system_key(system)
     if key in _CACHE:
         return _CACHE[key]
     with _LOCK:
