@@ -22,6 +22,12 @@ def test_tiny_sweep_is_resumable_and_aggregates(tmp_path) -> None:
     table = (tmp_path / "table1-tiny.md").read_text()
     assert "deq-mpc-nn" in table and "paper 0.94" in table
     assert (tmp_path / "table1-tiny.png").stat().st_size > 0
+    assert (tmp_path / "table1-tiny-curves.png").stat().st_size > 0
+    rec = json.loads((root / "runs" / "Pendulum__deq-mpc-nn__s0.json").read_text())
+    curve = rec["curve"]  # the learning curve: validation loss and closed-loop score against windows seen
+    assert [c["windows"] for c in curve] == [2 * 8, 4 * 8] and all(-1.0 < c["score"] < 2.0 for c in curve)
+    header = (root / "train" / "Pendulum__deq-mpc-nn__s0" / "progress.csv").read_text().splitlines()
+    assert "eval/score" in header[0] and header[1].count(",") == header[0].count(",")
     before = (root / "runs" / runs[0]).stat().st_mtime_ns
     reproduce("table1", scale="tiny", envs=[PEND], variants=["deq-mpc-nn"], out_dir=tmp_path)  # skipped: done
     assert (root / "runs" / runs[0]).stat().st_mtime_ns == before

@@ -374,3 +374,21 @@ def test_a_checkpoint_from_before_state_noise_resumes(small: ExpertDataset, tmp_
     with pytest.raises(CheckpointError, match="state_noise"):
         ImitationTrainer(_policy(), small, TrainConfig(steps=6, batch_size=4, val_batches=1, val_every=2,
                                                        state_noise=0.05), tmp_path, progress=False).train(resume=True)
+
+
+def test_the_evaluator_records_a_learning_curve(small: ExpertDataset, tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def evaluator(policy: DEQMPCPolicy) -> dict[str, float]:
+        calls.append(1)
+        return {"score": 0.5 * len(calls), "success_rate": 0.25}
+
+    cfg = TrainConfig(steps=6, batch_size=4, val_batches=1, val_every=2, eval_every=4)
+    trainer = ImitationTrainer(_policy(), small, cfg, tmp_path, progress=False, evaluator=evaluator)
+    res = trainer.train()
+    assert len(calls) == 1 and res.history[1]["eval_score"] == 0.5 and "eval_score" not in res.history[0]
+    rows = (tmp_path / "progress.csv").read_text().splitlines()
+    cols = rows[0].split(",")
+    assert rows[2].split(",")[cols.index("eval/score")] == "0.5" and rows[1].split(",")[cols.index("eval/score")] == ""
+    with pytest.raises(ConfigError, match="eval_every"):
+        TrainConfig(val_every=100, eval_every=150)

@@ -49,6 +49,8 @@ class Scale:
     Attributes:
         hidden, steps, batch_size, num_trajectories, eval_episodes, seeds: per env (short name);
         val_batches / val_every: validation.
+        curve_every / curve_episodes: the learning curve's closed-loop score every this many steps, over this
+            many episodes (seeds 20000+, apart from the final evaluation's); ``curve_every = 0`` disables it.
     """
 
     hidden: dict[str, int]
@@ -59,6 +61,8 @@ class Scale:
     num_trajectories: dict[str, int]
     eval_episodes: dict[str, int]
     seeds: dict[str, tuple[int, ...]]
+    curve_every: int = 0
+    curve_episodes: int = 20
 
 
 _PAPER_HIDDEN = {"Pendulum": 256, "Cartpole": 512, "Quadrotor": 512, "QPole": 1024, "QPoleObs": 1024}
@@ -86,10 +90,10 @@ SCALES: dict[str, Scale] = {
                  val_batches=10, val_every=100, num_trajectories={k: 300 for k in _ALL},
                  eval_episodes=_per_env(100, 50),
                  seeds={"Pendulum": (0, 1, 2), "Cartpole": (0, 1, 2), "Quadrotor": (0,), "QPole": (0,),
-                        "QPoleObs": (0,)}),
+                        "QPoleObs": (0,)}, curve_every=500),
     "tiny": Scale(hidden={k: 16 for k in _ALL}, steps=_per_env(4, 4), batch_size=_per_env(8, 8), val_batches=1,
                   val_every=2, num_trajectories={k: 4 for k in _ALL}, eval_episodes=_per_env(2, 2),
-                  seeds={k: (0,) for k in _ALL}),
+                  seeds={k: (0,) for k in _ALL}, curve_every=2, curve_episodes=2),
 }
 
 
@@ -129,12 +133,13 @@ def run_one(env_id: str, variant: str, seed: int, scale: Scale, out_dir: Path, d
     torch.manual_seed(seed)
     policy = DEQMPCPolicy.from_env(env_id, variant, hidden=scale.hidden[short], device=device)
     cfg = TrainConfig(steps=scale.steps[short], batch_size=scale.batch_size[short], val_batches=scale.val_batches,
-                      val_every=scale.val_every, seed=seed)
-    t0 = time.perf_counter()
-    res = ImitationTrainer(policy, ds, cfg, run_dir, progress=False).train(resume=True)
-    best = DEQMPCPolicy.load(run_dir / "best", device=device)
+                      val_every=scale.val_every, seed=seed, eval_every=scale.curve_every)
     card = load_expert(env_id).card
     k = 2 if short == "QPoleObs" else 1
+    evaluator = score_evaluator(env_id, scale.curve_episodes, (card["random_return"], card["mean_return"]), k)
+    t0 = time.perf_counter()
+    res = ImitationTrainer(policy, ds, cfg, run_dir, progress=False, evaluator=evaluator).train(resume=True)
+    best = DEQMPCPolicy.load(run_dir / "best", device=device)
     ev = rollout_batched(best, env_id, EvalConfig(episodes=scale.eval_episodes[short], stream_iters=k),
                          reference=(card["random_return"], card["mean_return"]))
     return {"env_id": env_id, "variant": variant, "seed": seed, "normalized_score": ev.normalized_score,
@@ -144,7 +149,63 @@ def run_one(env_id: str, variant: str, seed: int, scale: Scale, out_dir: Path, d
             "expert_return": card["mean_return"], "random_return": card["random_return"],
             "act_latency_ms": ev.act_latency_ms, "wall_time_s": time.perf_counter() - t0,
             "batch_size": scale.batch_size[short], "num_trajectories": scale.num_trajectories[short],
-            "commit": git_commit()}
+            "curve": learning_curve(res.history, scale.batch_size[short]), "commit": git_commit()}
+
+
+def score_evaluator(env_id: str, episodes: int, reference: tuple[float, float], stream_iters: int = 1,
+                    seed: int = 20_000):
+    """``fn(policy) -> {"score", "success_rate"}``: the normalized score over ``episodes`` batched rollouts (seeds
+    ``seed``+, apart from the final evaluation's 10000+), for :class:`~deqmpc_gym.training.ImitationTrainer`'s
+    ``evaluator`` (the learning curve)."""
+    from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched
+
+    def evaluate(policy: Any) -> dict[str, float]:
+        ev = rollout_batched(policy, env_id, EvalConfig(episodes=episodes, seed=seed, stream_iters=stream_iters),
+                             reference=reference)
+        score = ev.normalized_score if ev.normalized_score is not None else math.nan  # always set: reference given
+        return {"score": score, "success_rate": ev.success_rate}
+
+    return evaluate
+
+
+def learning_curve(history: Sequence[dict[str, float]], batch_size: int) -> list[dict[str, float]]:
+    """The run's validation (and, where measured, closed-loop) figures against training windows seen."""
+    return [{"step": int(h["step"]), "windows": int(h["step"]) * batch_size, "val_loss": h["val_loss"],
+             **({"score": h["eval_score"]} if "eval_score" in h else {})} for h in history]
+
+
+def curves_plot(records: Sequence[dict[str, Any]], envs: Sequence[str], path: Path) -> bool:
+    """Learning curves (closed-loop score and validation loss against windows seen), one column per env; False
+    (nothing written) when no record holds a curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_curve = [r for r in records if r.get("curve")]
+    if not with_curve:
+        return False
+    envs = [e for e in envs if any(r["env_id"] == e for r in with_curve)]
+    fig, axes = plt.subplots(2, len(envs), figsize=(3.2 * len(envs), 5.2), squeeze=False)
+    for j, e in enumerate(envs):
+        for r in (r for r in with_curve if r["env_id"] == e):
+            label = f"{r['variant']} s{r['seed']}"
+            pts = [c for c in r["curve"] if "score" in c]
+            if pts:
+                axes[0, j].plot([c["windows"] for c in pts], [c["score"] for c in pts], marker=".", label=label)
+            axes[1, j].plot([c["windows"] for c in r["curve"]], [c["val_loss"] for c in r["curve"]], label=label)
+        axes[0, j].set_title(_short(e))
+        axes[0, j].axhline(1.0, color="k", lw=0.6, ls="--")
+        axes[1, j].set_yscale("log")
+        axes[1, j].set_xlabel("training windows")
+    axes[0, 0].set_ylabel("normalized return")
+    axes[1, 0].set_ylabel("validation loss")
+    axes[0, 0].legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+    return True
 
 
 def markdown_table(records: Sequence[dict[str, Any]], envs: Sequence[str], variants: Sequence[str]) -> str:
@@ -243,6 +304,7 @@ def reproduce(what: str, *, scale: str = "cpu", seeds: Sequence[int] | None = No
     table = markdown_table(records, envs, variants)
     atomic_write_text(Path(out_dir) / f"table1-{scale}.md", table + "\n")
     bar_plot(records, envs, variants, Path(out_dir) / f"table1-{scale}.png")
+    curves_plot(records, envs, Path(out_dir) / f"table1-{scale}-curves.png")
     print(table)
     return root
 

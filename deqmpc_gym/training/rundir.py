@@ -38,16 +38,16 @@ LOCK_NAME = "train.lock"
 
 #: the columns of ``progress.csv``, in this order (empty cells where a value was not logged).
 PROGRESS_COLUMNS: tuple[str, ...] = ("time/steps", "time/elapsed_s", "train/loss", "train/loss_end", "train/grad_norm",
-                                     "train/skipped_nonfinite", "val/loss_end")
+                                     "train/skipped_nonfinite", "val/loss_end", "eval/score", "eval/success_rate")
 
 #: PolicyConfig fields that may change between a run and its resume (inference-only settings).
 RESUMABLE_POLICY_FIELDS = frozenset({"compiled_solver"})
 #: TrainConfig fields that may change between a run and its resume (extending a run's budget).
-RESUMABLE_TRAIN_FIELDS = frozenset({"steps"})
+RESUMABLE_TRAIN_FIELDS = frozenset({"steps", "eval_every"})
 
 #: fields added to the run definition after checkpoints were written without them, with the value such a
 #: checkpoint was trained with (compared instead of "<missing>")
-ADDED_FIELDS: dict[str, Any] = {"train.state_noise": 0.0}
+ADDED_FIELDS: dict[str, Any] = {"train.state_noise": 0.0, "train.eval_every": 0}
 
 #: files and folders a training run writes into its output folder (``overwrite`` removes exactly these).
 RUN_FILES: tuple[str, ...] = ("checkpoint.pt", "best", "final", "progress.csv", "result.json")

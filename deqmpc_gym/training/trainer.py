@@ -81,6 +81,9 @@ class TrainConfig:
             (each window's cold and warm-started ``x0``), as a fraction of each state coordinate's standard
             deviation over the training trajectories; the targets stay the expert's. 0 (the paper's protocol)
             disables it; the reference code's observation-noise injection uses 0.05 (absolute).
+        eval_every: run the trainer's ``evaluator`` (closed-loop rollouts, e.g. the normalized score) every this
+            many steps, at a validation (a multiple of ``val_every``); 0 disables it. Its figures go into
+            ``progress.csv`` (``eval/*``) and the history: the run's learning curve.
     """
 
     steps: int = 20000
@@ -95,12 +98,16 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     state_noise: float = 0.0
+    eval_every: int = 0
 
     def __post_init__(self) -> None:
         check_field_types(self)
         require_at_least_one(self, ("steps", "batch_size", "val_every", "val_batches", "log_every"))
         if self.streaming_steps < 0:
             raise ConfigError(f"TrainConfig.streaming_steps must be >= 0, got {self.streaming_steps}")
+        if self.eval_every < 0 or (self.eval_every and self.eval_every % self.val_every):
+            raise ConfigError(f"TrainConfig.eval_every must be 0 or a multiple of val_every ({self.val_every}), "
+                              f"got {self.eval_every}")
         if not (math.isfinite(self.state_noise) and self.state_noise >= 0.0):
             raise ConfigError(f"TrainConfig.state_noise must be a finite number >= 0, got {self.state_noise}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -187,6 +194,9 @@ class ImitationTrainer:
 
     Args:
         callbacks: callables ``fn(trainer, step, metrics) -> None`` run after every validation.
+        evaluator: ``fn(policy) -> {"score": ..., ...}`` run every ``config.eval_every`` steps (closed-loop
+            figures of the current policy, e.g. :func:`deqmpc_gym.experiments.reproduce.score_evaluator`); its
+            values are recorded as ``eval/<key>``. It must leave the policy as it found it.
         progress: show a tqdm progress bar with loss and ETA.
         log_formats: ``"csv"`` writes ``progress.csv``; ``"stdout"`` (and ``"tensorboard"``, added when
             TensorBoard is installed) go through SB3's logger.
@@ -194,14 +204,15 @@ class ImitationTrainer:
 
     def __init__(self, policy: DEQMPCPolicy, dataset: ExpertDataset, config: TrainConfig, out_dir: str | Path,
                  callbacks: tuple[Callable[..., None], ...] = (), progress: bool = True,
-                 log_formats: tuple[str, ...] = ("csv",)) -> None:
+                 log_formats: tuple[str, ...] = ("csv",),
+                 evaluator: Callable[[DEQMPCPolicy], dict[str, float]] | None = None) -> None:
         if policy.env_id is not None and dataset.env_id != policy.env_id:
             raise DatasetError(f"dataset was collected on {dataset.env_id!r} but the policy controls "
                                f"{policy.env_id!r}; collect a dataset for {policy.env_id!r}")
         if not isinstance(config, TrainConfig):
             raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.policy, self.config, self.out_dir = policy, config, Path(out_dir)
-        self.callbacks, self.progress = callbacks, progress
+        self.callbacks, self.progress, self.evaluator = callbacks, progress, evaluator
         window = policy.config.horizon + config.streaming_steps
         train, val = dataset.split(config.val_fraction, seed=config.seed)
         self.sampler = WindowSampler(train, policy.system, window, seed=config.seed)
@@ -248,7 +259,7 @@ class ImitationTrainer:
 
         Raises :class:`~deqmpc_gym.errors.ResumeMismatchError` (a ``CheckpointError``) naming the fields when the
         checkpoint was written for another run definition; only ``steps`` (and the inference-only
-        ``compiled_solver``) may change.
+        ``compiled_solver``, and ``eval_every``) may change.
         """
         payload = self._read_checkpoint()
         self._check_definition(payload)
@@ -422,9 +433,19 @@ class ImitationTrainer:
         val = validation_loss(self.policy, self.val_batches)
         record = {"step": float(self.step), "val_loss": val, "train_loss": metrics.get("loss", math.nan),
                   "time_s": self._elapsed}
+        row = {"time/steps": self.step, "time/elapsed_s": self._elapsed, **self._pending, "val/loss_end": val}
+        if self.evaluator is not None and self.config.eval_every and self.step % self.config.eval_every == 0:
+            was = self.policy.layer.training
+            try:
+                figures = self.evaluator(self.policy)
+            finally:
+                self.policy.layer.train(was)
+            for k, v in figures.items():
+                record[f"eval_{k}"] = float(v)
+                row[f"eval/{k}"] = float(v)
+                logger.record(f"eval/{k}", float(v))
         self.history.append(record)
-        self.progress_rows.append({"time/steps": self.step, "time/elapsed_s": self._elapsed, **self._pending,
-                                   "val/loss_end": val})
+        self.progress_rows.append(row)
         self._pending = {}
         logger.record("val/loss_end", val)
         logger.record("time/steps", self.step)
