@@ -11,7 +11,7 @@ LINT_PATHS := deqmpc_gym tests benchmarks examples
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,reference]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,reference,cluster]"
 	touch $(STAMP)
 
 demo: $(STAMP)

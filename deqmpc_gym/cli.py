@@ -220,6 +220,15 @@ def _add_misc(sub: Any) -> None:
                      help=f"variants (default: the four of Table 1: {', '.join(TABLE1_VARIANTS)})")
     rep.add_argument("--out", default=_default(reproduce, "out_dir"),
                      help="results folder (table1-<scale>/ and warmstart-<scale>.* go inside)")
+    rep.add_argument("--launcher", choices=["local", "ray"], default="local",
+                     help="local: the runs one after another in this process; ray: each run a Ray task "
+                          "(pip install 'deqmpc_gym[cluster]')")
+    rep.add_argument("--address", default=None,
+                     help="with --launcher ray: the cluster to join (e.g. auto, HOST:6379, ray://HOST:10001); "
+                          "default: start a local Ray instance")
+    rep.add_argument("--cpus-per-run", type=int, default=1, help="with --launcher ray: CPUs (threads) per run")
+    rep.add_argument("--gpus-per-run", type=float, default=0.0,
+                     help="with --launcher ray: GPUs per run (> 0 trains and evaluates on cuda)")
     _add_device(rep)
     z = _parser(sub, "zoo", "list the shipped controllers, or package trained Table 1 runs as controllers")
     z.set_defaults(print_help=z.print_help)
@@ -415,14 +424,17 @@ def _record(args: argparse.Namespace) -> int:
 
 def _reproduce(args: argparse.Namespace) -> int:
     from deqmpc_gym._device import resolve_device
+    from deqmpc_gym.experiments.launch import LaunchConfig
     from deqmpc_gym.experiments.reproduce import check_selection, reproduce
     from deqmpc_gym.io import check_writable
 
     check_selection(args.envs, args.variants, args.seeds)
+    launch = LaunchConfig(launcher=args.launcher, address=args.address, cpus_per_run=args.cpus_per_run,
+                          gpus_per_run=args.gpus_per_run)
     device = resolve_device(args.device)
     check_writable(args.out, kind="dir")
     out = reproduce(args.what, scale=args.scale, seeds=args.seeds, envs=args.envs, variants=args.variants,
-                    out_dir=args.out, device=device)
+                    out_dir=args.out, device=device, launch=launch)
     print(f"results written to {out}")
     return 0
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import operator
 
+import pytest
 import torch
 
 from deqmpc_gym.experiments.reproduce import PAPER_TABLE1, SCALES, markdown_table, reproduce
@@ -50,3 +52,70 @@ def test_markdown_table_and_scales() -> None:
     assert set(SCALES) == {"paper", "cpu", "tiny"}
     assert SCALES["paper"].steps["QPole"] == 20000 and SCALES["paper"].hidden["QPole"] == 1024
     assert PAPER_TABLE1["deq-mpc-deq"]["Cartpole"] == (1.13, 0.01)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local 2-CPU Ray instance for this module's Ray tests (the launcher joins a running instance)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("launcher", ["local", "ray"])
+def test_a_failing_job_is_reported_and_the_others_finish(launcher: str, request) -> None:
+    from deqmpc_gym.experiments.launch import Job, LaunchConfig, SweepError, run_jobs
+
+    if launcher == "ray":
+        request.getfixturevalue("ray_session")
+    done: dict[str, int] = {}
+    # importable functions (Ray workers import a job's function by name): int("x") raises ValueError
+    jobs = [Job("a", operator.mul, (1, 2)), Job("bad", int, ("x",)), Job("c", operator.mul, (3, 2))]
+    with pytest.raises(SweepError, match="bad") as info:
+        run_jobs(jobs, LaunchConfig(launcher=launcher), lambda name, r: done.__setitem__(name, r))
+    assert done == {"a": 2, "c": 6} and set(info.value.failed) == {"bad"}
+
+
+def test_launch_config_and_missing_ray_errors(monkeypatch) -> None:
+    import builtins
+
+    from deqmpc_gym.errors import ConfigError, DependencyNotInstalled
+    from deqmpc_gym.experiments.launch import Job, LaunchConfig, run_jobs
+
+    with pytest.raises(ConfigError, match="launcher"):
+        LaunchConfig(launcher="slurm")
+    with pytest.raises(ConfigError, match="cpus_per_run"):
+        LaunchConfig(launcher="ray", cpus_per_run=0)
+    with pytest.raises(ConfigError, match="launcher='ray'"):
+        LaunchConfig(gpus_per_run=1)
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(DependencyNotInstalled, match="pip install"):
+        run_jobs([Job("a", operator.mul, (1, 2))], LaunchConfig(launcher="ray"), lambda *a: None)
+
+
+def test_ray_launcher_gives_the_local_records_and_refuses_missing_gpus(tmp_path, ray_session) -> None:
+    from deqmpc_gym.errors import ConfigError
+    from deqmpc_gym.experiments.launch import LaunchConfig
+
+    variants = ["diff-mpc-nn", "deq-mpc-nn"]
+    local = reproduce("table1", scale="tiny", envs=[PEND], variants=variants, out_dir=tmp_path / "local")
+    ray_root = reproduce("table1", scale="tiny", envs=[PEND], variants=variants, out_dir=tmp_path / "ray",
+                         launch=LaunchConfig(launcher="ray", cpus_per_run=1))
+    for v in variants:
+        a = json.loads((local / "runs" / f"Pendulum__{v}__s0.json").read_text())
+        b = json.loads((ray_root / "runs" / f"Pendulum__{v}__s0.json").read_text())
+        assert a["normalized_score"] == pytest.approx(b["normalized_score"], abs=1e-9), v
+        assert a["best_val_loss"] == pytest.approx(b["best_val_loss"], rel=1e-6), v
+    with pytest.raises(ConfigError, match="GPU"):
+        reproduce("table1", scale="tiny", envs=[PEND], variants=["deq-mpc-deq"], out_dir=tmp_path / "gpu",
+                  launch=LaunchConfig(launcher="ray", gpus_per_run=1))

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deqmpc_gym.errors import ConfigError
+from deqmpc_gym.experiments.launch import Job, LaunchConfig, run_jobs
 from deqmpc_gym.io import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -271,8 +272,14 @@ def check_selection(envs: Sequence[str] | None, variants: Sequence[str] | None,
 
 def reproduce(what: str, *, scale: str = "cpu", seeds: Sequence[int] | None = None, envs: Sequence[str] | None = None,
               variants: Sequence[str] | None = None, out_dir: str | Path = "results",
-              device: str | torch.device = "cpu") -> Path:
-    """Run (or resume) a reproduction on ``device``; returns the directory of its results."""
+              device: str | torch.device = "cpu", launch: LaunchConfig | None = None) -> Path:
+    """Run (or resume) a reproduction on ``device``; returns the directory of its results.
+
+    ``launch``: how the Table 1 runs are launched (:class:`~deqmpc_gym.experiments.launch.LaunchConfig`; default:
+    in this process, one after another). Each finished run's record is written as it completes; a failed run is
+    reported and the others go on (:class:`~deqmpc_gym.experiments.launch.SweepError` at the end).
+    """
+    launch = launch or LaunchConfig()
     if scale not in SCALES:
         raise ConfigError(f"unknown scale {scale!r}; valid: {sorted(SCALES)}")
     if what == "warmstart":
@@ -284,18 +291,42 @@ def reproduce(what: str, *, scale: str = "cpu", seeds: Sequence[int] | None = No
     root = Path(out_dir) / f"table1-{scale}"
     runs_dir = root / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(out_dir) / "datasets"
+    job_device = "cuda" if launch.gpus_per_run else device
+    jobs = []
     for env_id in envs:
         for seed in (seeds if seeds is not None else sc.seeds[_short(env_id)]):
             for variant in variants:
-                f = runs_dir / f"{run_name(env_id, variant, seed)}.json"
+                name = run_name(env_id, variant, seed)
+                f = runs_dir / f"{name}.json"
                 if f.exists():
                     if _made_with_shipped_expert(json.loads(f.read_text())):
                         continue
-                    _set_aside(root, run_name(env_id, variant, seed))
-                rec = run_one(env_id, variant, seed, sc, root, Path(out_dir) / "datasets", device=device)
-                atomic_write_text(f, json.dumps(rec, indent=2))
-                print(f"{run_name(env_id, variant, seed)}: score {rec['normalized_score']:.3f} "
-                      f"({rec['wall_time_s']:.0f} s)", flush=True)
+                    _set_aside(root, name)
+                jobs.append(Job(name, run_one, (env_id, variant, seed, sc, root, data_dir), {"device": job_device}))
+    _collect_datasets({j.args[0] for j in jobs}, sc, data_dir)  # once, here, before jobs run in parallel
+
+    def done(name: str, rec: dict[str, Any]) -> None:
+        atomic_write_text(runs_dir / f"{name}.json", json.dumps(rec, indent=2))
+        print(f"{name}: score {rec['normalized_score']:.3f} ({rec['wall_time_s']:.0f} s)", flush=True)
+
+    try:
+        run_jobs(jobs, launch, done)
+    finally:
+        _write_table(runs_dir, out_dir, scale, envs, variants)
+    return root
+
+
+def _collect_datasets(env_ids: set[str], sc: Scale, data_dir: Path) -> None:
+    from deqmpc_gym.experts import load_or_collect_dataset
+
+    for env_id in sorted(env_ids):
+        load_or_collect_dataset(env_id, sc.num_trajectories[_short(env_id)], seed=0, cache_dir=data_dir)
+
+
+def _write_table(runs_dir: Path, out_dir: str | Path, scale: str, envs: tuple[str, ...],
+                 variants: tuple[str, ...]) -> None:
+    """``table1-<scale>.{json,md,png}`` and the learning curves from every run recorded so far."""
     records = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
     atomic_write_text(Path(out_dir) / f"table1-{scale}.json", json.dumps(records, indent=2))
     # the table covers every run recorded so far (earlier invocations may have run other envs)
@@ -306,7 +337,6 @@ def reproduce(what: str, *, scale: str = "cpu", seeds: Sequence[int] | None = No
     bar_plot(records, envs, variants, Path(out_dir) / f"table1-{scale}.png")
     curves_plot(records, envs, Path(out_dir) / f"table1-{scale}-curves.png")
     print(table)
-    return root
 
 
 def _made_with_shipped_expert(record: dict[str, Any]) -> bool:
