@@ -230,6 +230,10 @@ def _add_misc(sub: Any) -> None:
     rep.add_argument("--gpus-per-run", type=float, default=0.0,
                      help="with --launcher ray: GPUs per run (> 0 trains and evaluates on cuda)")
     _add_device(rep)
+    pl = _parser(sub, "plot", "draw the learning curves of a training run or of a Table 1 sweep")
+    pl.add_argument("run_dir", help="a training run folder (with progress.csv) or a `reproduce table1` folder "
+                                    "(e.g. results/table1-cpu)")
+    pl.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/curves.png)")
     z = _parser(sub, "zoo", "list the shipped controllers, or package trained Table 1 runs as controllers")
     z.set_defaults(print_help=z.print_help)
     zsub = z.add_subparsers(dest="zoo_cmd", metavar="{list,ship}")
@@ -439,6 +443,13 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from deqmpc_gym.experiments.reproduce import plot_run
+
+    print(f"learning curves written to {plot_run(args.run_dir, args.out)}")
+    return 0
+
+
 def _zoo(args: argparse.Namespace) -> int:
     from deqmpc_gym.policies import pretrained
 
@@ -474,7 +485,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"expert": _expert, "train": _train, "evaluate": _evaluate, "record": _record, "reproduce": _reproduce,
-            "zoo": _zoo, "demo": _demo}
+            "plot": _plot, "zoo": _zoo, "demo": _demo}
 
 
 def resume_command(argv: Sequence[str]) -> str:

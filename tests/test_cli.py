@@ -34,7 +34,7 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 # ---------------------------------------------------------------------------------------------- help
 SUBCOMMANDS = [["expert"], ["expert", "train"], ["expert", "collect"], ["train"], ["evaluate"], ["record"],
-               ["reproduce"], ["demo"]]
+               ["reproduce"], ["plot"], ["demo"]]
 
 
 def test_top_level_help_subprocess() -> None:
@@ -64,7 +64,7 @@ def test_missing_subcommand_prints_the_help(cmd: list[str], capsys: pytest.Captu
     assert main(cmd) == 0
     out = capsys.readouterr().out
     assert out.startswith(" ".join(["usage: deqmpc-gym", *cmd]))
-    names = {(): ("expert", "train", "evaluate", "record", "reproduce", "zoo", "demo"),
+    names = {(): ("expert", "train", "evaluate", "record", "reproduce", "plot", "zoo", "demo"),
              ("expert",): ("train", "collect"), ("zoo",): ("list", "ship")}[tuple(cmd)]
     assert all(name in out for name in names)
 
@@ -116,7 +116,7 @@ def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParse
 
 def test_every_option_has_help() -> None:
     parsers = _all_parsers(build_parser())
-    assert len(parsers) == 12  # deqmpc-gym, its 7 commands, expert train/collect and zoo list/ship
+    assert len(parsers) == 13  # deqmpc-gym, its 8 commands, expert train/collect and zoo list/ship
     for parser in parsers:
         for action in parser._actions:
             if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
@@ -210,6 +210,13 @@ def test_train_fine_tunes_from_a_saved_policy_with_state_noise(trained: Path, ti
     capsys.readouterr()
     assert main([*base, "--hidden", "32", "--out", str(tmp_path / "bad")]) != 0
     assert "--hidden 16" in capsys.readouterr().err
+
+
+def test_plot_draws_a_run_and_refuses_other_folders(trained: Path, tmp_path: Path, capsys) -> None:
+    assert main(["plot", str(trained), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 0 and "c.png" in capsys.readouterr().out
+    assert main(["plot", str(tmp_path)]) != 0
+    assert "progress.csv" in capsys.readouterr().err
 
 
 def test_train_resume_finished(trained: Path, tiny_pendulum_dataset_file: Path, capsys) -> None:

@@ -209,6 +209,48 @@ def curves_plot(records: Sequence[dict[str, Any]], envs: Sequence[str], path: Pa
     return True
 
 
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Learning curves of a training run folder (its ``progress.csv``: validation loss and, where measured, the
+    closed-loop score against steps) or of a Table 1 folder (``runs/*.json`` records with curves); returns the
+    PNG written (default ``<run_dir>/curves.png``).
+
+    Raises:
+        ConfigError: ``run_dir`` holds neither a ``progress.csv`` nor run records with learning curves.
+    """
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root = Path(run_dir)
+    path = Path(out) if out is not None else root / "curves.png"
+    records = [json.loads(f.read_text()) for f in sorted((root / "runs").glob("*.json"))]
+    if records and curves_plot(records, TABLE1_ENVS, path):
+        return path
+    progress = root / "progress.csv"
+    if not progress.is_file():
+        raise ConfigError(f"{root} holds no progress.csv (a training run folder) and no runs/*.json with learning "
+                          "curves (a `reproduce table1` folder such as results/table1-cpu)")
+    with progress.open() as f:
+        rows = list(csv.DictReader(f))
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(8, 3.2))
+    val = [(int(r["time/steps"]), float(r["val/loss_end"])) for r in rows if r.get("val/loss_end")]
+    score = [(int(r["time/steps"]), float(r["eval/score"])) for r in rows if r.get("eval/score")]
+    a0.plot(*zip(*val) if val else ([], []))
+    a0.set_yscale("log")
+    a0.set(xlabel="step", ylabel="validation loss", title=root.name)
+    a1.plot(*zip(*score) if score else ([], []), marker=".")
+    a1.axhline(1.0, color="k", lw=0.6, ls="--")
+    a1.set(xlabel="step", ylabel="normalized return", title="closed loop" if score else "closed loop (not measured)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
 def markdown_table(records: Sequence[dict[str, Any]], envs: Sequence[str], variants: Sequence[str]) -> str:
     """Mean ± std of normalized scores per (variant, env), with the paper's numbers beside them."""
     names = [_short(e) for e in envs]
