@@ -392,3 +392,25 @@ def test_the_evaluator_records_a_learning_curve(small: ExpertDataset, tmp_path: 
     assert rows[2].split(",")[cols.index("eval/score")] == "0.5" and rows[1].split(",")[cols.index("eval/score")] == ""
     with pytest.raises(ConfigError, match="eval_every"):
         TrainConfig(val_every=100, eval_every=150)
+
+
+def test_dagger_adds_expert_labels_from_the_policys_own_states(small: ExpertDataset, tmp_path: Path) -> None:
+    from deqmpc_gym.experiments.dagger import DaggerConfig, dagger, visited_states
+    from deqmpc_gym.experts import load_expert
+
+    policy = _policy()
+    seqs = visited_states(policy, PEND, episodes=2, seed=0, max_steps=10)  # round 0 of the config below
+    assert [s.shape for s in seqs] == [(10, 2), (10, 2)]
+    cfg = DaggerConfig(rounds=1, episodes=2, states_per_episode=3, label_steps=5, train_steps=2, max_steps=10)
+    tcfg = TrainConfig(batch_size=4, val_batches=1, val_every=2)
+    tuned, ds = dagger(policy, load_expert(PEND), small, PEND, tmp_path, cfg, tcfg)
+    new = ds.trajectories[len(small):]
+    assert len(new) == 6 and all(len(t) == 5 for t in new)
+    starts = np.stack([t.obs[0] for t in new])
+    visited = np.concatenate(seqs)
+    assert all(np.abs(visited - s).max(1).min() < 1e-9 for s in starts)  # each label starts at a visited state
+    log = json.loads((tmp_path / "dagger.json").read_text())
+    assert log["rounds"][0]["dataset_trajectories"] == len(small) + 6
+    assert (tmp_path / "round_0" / "best" / "policy.pt").exists() and tuned is not policy
+    with pytest.raises(ConfigError, match="rounds"):
+        DaggerConfig(rounds=0)

@@ -60,13 +60,36 @@ def _num_trajectories(env_id: str, num_trajectories: int | None) -> int:
     return num_trajectories
 
 
-def _collect_batch(expert: Any, env_id: str, n: int, seed: int, max_steps: int) -> list[Trajectory]:
+def collect_from_states(expert: Any, env_id: str, states: np.ndarray, *, max_steps: int = 200,
+                        batch_size: int = 500) -> list[Trajectory]:
+    """Expert trajectories that start at given states (e.g. states a learned policy visited: DAgger labels).
+
+    Args:
+        states: ``(N, nx)`` float64 physical initial states.
+        max_steps: steps per trajectory (fewer where the episode terminates).
+
+    Returns:
+        ``N`` :class:`~deqmpc_gym.data.Trajectory` in the order of ``states``.
+    """
+    states = np.asarray(states, dtype=np.float64)
+    if states.ndim != 2 or not np.isfinite(states).all():
+        raise ConfigError(f"states must be a finite (N, nx) array, got shape {states.shape}")
+    check_policy_env(expert, env_id)
+    out: list[Trajectory] = []
+    for start in range(0, len(states), batch_size):
+        chunk = states[start:start + batch_size]
+        out.extend(_collect_batch(expert, env_id, len(chunk), start, max_steps, init_states=chunk))
+    return out
+
+
+def _collect_batch(expert: Any, env_id: str, n: int, seed: int, max_steps: int,
+                   init_states: np.ndarray | None = None) -> list[Trajectory]:
     from deqmpc_gym.envs import make_batched_env
 
     env = make_batched_env(env_id, n, seed=seed, max_episode_steps=max_steps)
     system = env.system
     try:
-        obs, _ = env.reset(seed=seed)
+        obs, _ = env.reset(seed=seed, options=None if init_states is None else {"state": init_states})
         states = [env.state.cpu().numpy().copy()]
         acts, ctrls, rews = [], [], []
         alive = np.ones(n, bool)
