@@ -1,7 +1,7 @@
 """Compiled dynamics kernels: a system's own dynamics code, traced symbolically and compiled with numba.
 
 A system's physics are written once, with the ``ops`` namespace (:mod:`deqmpc_gym.systems.ops`). This module
-runs that same code on sympy symbols (:data:`SYMBOLIC`), differentiates the result, shares common
+runs that same code on sympy symbols (an ``ops`` namespace of sympy functions), differentiates the result, shares common
 subexpressions and emits a small Python module of scalar numba functions:
 
 * the continuous dynamics ``x_dot = g(x, u)`` of an RK4 system (one that defines ``_deriv``), or the discrete map
@@ -12,9 +12,10 @@ subexpressions and emits a small Python module of scalar numba functions:
   rk4_with_jacobians`).
 
 On the small batches of MPC (``B (T - 1)`` rows of a 14-state quadrotor) one call costs a few microseconds per row
-instead of the per-operation overhead of hundreds of numpy or torch calls (``benchmarks/jacobians.py``).
+instead of the per-operation overhead of hundreds of numpy or torch calls (``benchmarks/kernels.py``).
 :class:`~deqmpc_gym.systems.System` uses the kernels for float64 CPU torch calls that need no autograd graph;
-everything else (float32, GPU tensors, autograd) keeps the torch path.
+everything else (float32, GPU tensors, autograd) keeps the torch path. :func:`load_module` also serves the MPC
+solver's compiled Newton loop (:mod:`deqmpc_gym.mpc.fused`), appended to the same generated module.
 
 The generated module is written to a cache folder (``$DEQMPC_GYM_CACHE`` or ``~/.cache/deqmpc_gym``; a temporary
 folder if neither is writable) under a name hashed from its source, so numba's own disk cache compiles it once
