@@ -41,6 +41,8 @@ class LaunchConfig:
             Ray instance with this machine's CPUs.
         cpus_per_run: CPUs reserved per job (also its torch / OpenMP threads).
         gpus_per_run: GPUs reserved per job (> 0 runs the job on ``cuda``).
+        env_vars: extra environment variables of the Ray workers (``OMP_NUM_THREADS`` is set to
+            ``cpus_per_run``); ignored by the local launcher.
     """
 
     launcher: str = "local"
