@@ -211,8 +211,8 @@ def _add_misc(sub: Any) -> None:
                           "warmstart: the warm-start ablation (Fig. 7)")
     rep.add_argument("--scale", choices=sorted(SCALES), default=_default(reproduce, "scale"),
                      help="budget (SCALES in deqmpc_gym.experiments.reproduce): paper (the paper's sizes), cpu "
-                          "(smaller networks and runs, one seed of the table fits a 2-core CPU session) or tiny "
-                          "(a smoke test)")
+                          "(smaller networks and runs, one seed of the table fits a 2-core CPU session), zoo "
+                          "(the budgets of the shipped controllers) or tiny (a smoke test)")
     rep.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the scale's)")
     rep.add_argument("--envs", nargs="+", default=None, metavar="ENV_ID",
                      help=f"Table 1 envs (default: all: {', '.join(TABLE1_ENVS)})")

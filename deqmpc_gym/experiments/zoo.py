@@ -145,7 +145,7 @@ def ship_cell(table_dir: str | Path, env_id: str, variant: str, *, config: ShipC
     card = {
         "format": CARD_FORMAT, "env_id": env_id, "variant": variant, "hidden": rec["hidden"],
         "batch_size": batch, "train_steps": rec["train_steps"], "windows_seen": rec["train_steps"] * batch,
-        "wall_time_s": rec["wall_time_s"], "best_val_loss": rec["best_val_loss"],
+        "wall_time_s": rec.get("train_time_s", rec["wall_time_s"]), "best_val_loss": rec["best_val_loss"],
         "dataset": {"expert": f"shipped PPO expert of {env_id}",
                     "num_trajectories": (num_trajectories or rec.get("num_trajectories")
                                          or _scale_value(rec, "num_trajectories"))},
