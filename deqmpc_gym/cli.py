@@ -84,7 +84,7 @@ def _variant_help(what: str) -> str:
 def _add_expert(sub: Any) -> None:
     # defaults are read from the defining modules (tests replace the package attributes the commands call)
     from deqmpc_gym.experts.collect import DEFAULT_NUM_TRAJECTORIES, collect_dataset
-    from deqmpc_gym.experts.ppo import ExpertConfig
+    from deqmpc_gym.experts.config import ExpertConfig
 
     p = _parser(sub, "expert", "train PPO experts and collect datasets")
     p.set_defaults(print_help=p.print_help)

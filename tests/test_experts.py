@@ -150,7 +150,8 @@ def test_goal_bonus_shapes_only_the_training_reward() -> None:
     from stable_baselines3.common.vec_env import VecEnvWrapper
 
     from deqmpc_gym.envs import make_sb3_vec_env
-    from deqmpc_gym.experts.ppo import _make_venv, with_reward_shaping
+    from deqmpc_gym.experts.ppo import with_reward_shaping
+    from deqmpc_gym.experts.train import _make_venv
 
     plain, shaped = make_sb3_vec_env(PEND, 4, seed=0), with_reward_shaping(make_sb3_vec_env(PEND, 4, seed=0), 2.0, 3.0)
     plain.reset(), shaped.reset()
@@ -357,21 +358,21 @@ def test_finetune_phase_switches_settings_and_resumes(tmp_path: Path) -> None:
     assert train_expert(cfg, out, progress=False, max_slices=1) is None  # 512: the phase starts next slice
     progress = json.loads((out / "checkpoint" / "progress.json").read_text())
     assert progress["steps_done"] == 512 and not progress.get("finetune_started")
-    import deqmpc_gym.experts.ppo as ppo_mod
+    import deqmpc_gym.experts.train as train_mod
 
     seen = []
-    orig = ppo_mod._start_finetune
+    orig = train_mod._start_finetune
 
     def spy(model, venv, ph, *, reset_log_std):
         orig(model, venv, ph, reset_log_std=reset_log_std)
         seen.append((model.lr_schedule(1.0), venv.training, venv.venv.bonus, venv.venv.width,
                      float(model.policy.log_std.detach().mean()), reset_log_std))
 
-    ppo_mod._start_finetune = spy
+    train_mod._start_finetune = spy
     try:
         card = train_expert(cfg, out, progress=False)
     finally:
-        ppo_mod._start_finetune = orig
+        train_mod._start_finetune = orig
     assert card is not None and card["train_steps"] == 768 and card["config"]["finetune"]["start_step"] == 512
     assert seen == [(1e-2, False, 2.0, 0.5, -3.0, True)]
     assert json.loads((out / "checkpoint" / "progress.json").read_text())["finetune_started"]
@@ -425,7 +426,7 @@ def test_train_obstacle_radius_is_training_only_and_a_phase_can_change_it(tmp_pa
     """``train_obstacle_radius`` enlarges the spheres of PPO's training env only (evaluation keeps 0.5 m); a
     fine-tune phase can change it mid-run (a curriculum); both are refused on envs without obstacles."""
     from deqmpc_gym.envs import make_batched_env
-    from deqmpc_gym.experts.ppo import _make_venv
+    from deqmpc_gym.experts.train import _make_venv
 
     env_id = "DEQMPC/QuadrotorObs-v0"
     cfg = ExpertConfig(env_id, total_steps=512, n_envs=8, n_steps=32, batch_size=64, n_epochs=1, slice_steps=256,
@@ -433,20 +434,20 @@ def test_train_obstacle_radius_is_training_only_and_a_phase_can_change_it(tmp_pa
                        finetune=FinetunePhase(start_step=256, obstacle_radius=0.6))
     assert _make_venv(cfg, 0, training=True).unwrapped.env.obstacle_radius == 0.7
     assert _make_venv(cfg, 0, training=False).unwrapped.env.obstacle_radius == 0.5
-    import deqmpc_gym.experts.ppo as ppo_mod
+    import deqmpc_gym.experts.train as train_mod
 
     radii = []
-    orig = ppo_mod._start_finetune
+    orig = train_mod._start_finetune
 
     def spy(model, venv, ph, *, reset_log_std):
         orig(model, venv, ph, reset_log_std=reset_log_std)
         radii.append(venv.unwrapped.env.obstacle_radius)
 
-    ppo_mod._start_finetune = spy
+    train_mod._start_finetune = spy
     try:
         card = train_expert(cfg, tmp_path / "r", progress=False)
     finally:
-        ppo_mod._start_finetune = orig
+        train_mod._start_finetune = orig
     assert radii == [0.6] and card["config"]["train_obstacle_radius"] == 0.7
     # a larger training radius really changes collisions: a position 0.55 m from a centre collides at 0.6 m only
     from deqmpc_gym.systems import OBSTACLE_CENTERS
@@ -483,8 +484,8 @@ def test_a_phase_adds_obstacle_features_without_changing_the_policy(tmp_path: Pa
     """A fine-tune phase with ``obstacle_features`` widens the policy's input at its start: the new inputs get zero
     weights and unit normalization, so actions and values are unchanged at the switch; the earlier phases' settings
     carry over, the checkpoint resumes with the wider input, and the card and loaded expert use the features."""
-    import deqmpc_gym.experts.ppo as ppo_mod
-    from deqmpc_gym.experts.ppo import _with_features
+    import deqmpc_gym.experts.train as train_mod
+    from deqmpc_gym.experts.features import feature_spec, with_features
 
     env_id = "DEQMPC/QuadrotorObs-v0"
     phases = (FinetunePhase(start_step=256, learning_rate=1e-2),
@@ -502,14 +503,14 @@ def test_a_phase_adds_obstacle_features_without_changing_the_policy(tmp_path: Pa
 
     raw = np.random.default_rng(0).normal(size=(5, 12)).astype(np.float32)
     seen: dict = {}
-    orig_add, orig_start = ppo_mod._add_obstacle_features, ppo_mod._start_finetune
+    orig_add, orig_start = train_mod._add_obstacle_features, train_mod._start_finetune
 
     def add_spy(model, venv, config, earlier, k):
         before = model.policy.predict(venv.normalize_obs(raw), deterministic=True)[0]
         v_before = model.policy.predict_values(torch.as_tensor(venv.normalize_obs(raw))).detach()
         new_model, new_venv = orig_add(model, venv, config, earlier, k)
-        spec = ppo_mod._feature_spec(new_venv.unwrapped.env, k)
-        wide = new_venv.normalize_obs(_with_features(raw.astype(np.float64), spec).astype(np.float32))
+        spec = feature_spec(new_venv.unwrapped.env, k)
+        wide = new_venv.normalize_obs(with_features(raw.astype(np.float64), spec).astype(np.float32))
         seen["same_action"] = np.allclose(new_model.policy.predict(wide, deterministic=True)[0], before, atol=1e-6)
         seen["same_value"] = torch.allclose(new_model.policy.predict_values(torch.as_tensor(wide)), v_before,
                                             atol=1e-6)
@@ -521,11 +522,11 @@ def test_a_phase_adds_obstacle_features_without_changing_the_policy(tmp_path: Pa
         seen.setdefault("starts", []).append((ph.start_step, reset_log_std, venv.venv.clearance_penalty,
                                               model.lr_schedule(1.0)))
 
-    ppo_mod._add_obstacle_features, ppo_mod._start_finetune = add_spy, start_spy
+    train_mod._add_obstacle_features, train_mod._start_finetune = add_spy, start_spy
     try:
         card = train_expert(cfg, out, progress=False)
     finally:
-        ppo_mod._add_obstacle_features, ppo_mod._start_finetune = orig_add, orig_start
+        train_mod._add_obstacle_features, train_mod._start_finetune = orig_add, orig_start
     assert seen["same_action"] and seen["same_value"] and seen["lr_after_earlier_phases"] == 1e-2
     # resume re-applies phase 1 (no log-std reset); phase 2 starts with its reset and the new clearance penalty
     assert seen["starts"][0][:2] == (256, False) and seen["starts"][-1] == (512, True, 0.5, 1e-2)

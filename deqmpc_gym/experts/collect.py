@@ -141,14 +141,14 @@ def load_or_collect_dataset(env_id: str, num_trajectories: int | None = None, *,
                             cache_dir: str | Path | None = None) -> ExpertDataset:
     """The dataset of ``env_id`` collected from its shipped PPO expert: read from the cache, or collected
     (deterministically for ``seed``) and cached on first use. A cached file collected from another version of the
-    shipped expert (its ``expert_id``, see :func:`~deqmpc_gym.experts.ppo.pretrained_expert_id`) is collected
+    shipped expert (its ``expert_id``, see :func:`~deqmpc_gym.experts.loader.pretrained_expert_id`) is collected
     again and replaced.
 
     Args:
         num_trajectories: number of episodes (default: the paper's size for ``env_id``).
         cache_dir: cache directory (default ``~/.cache/deqmpc_gym/datasets``).
     """
-    from deqmpc_gym.experts.ppo import load_expert, pretrained_expert_id
+    from deqmpc_gym.experts.loader import load_expert, pretrained_expert_id
 
     path = default_dataset_path(env_id, cache_dir, num_trajectories, seed)
     expert_id = pretrained_expert_id(env_id)

@@ -1,0 +1,238 @@
+"""PPO expert training (stable-baselines3) on the natively batched envs, in resumable slices.
+
+Training runs PPO with ``VecNormalize`` on :func:`deqmpc_gym.envs.make_sb3_vec_env` in slices of
+``slice_steps`` environment steps; after every slice the model, the optimizer and the normalization
+statistics are checkpointed atomically to ``out_dir/checkpoint/``, so an interrupted run resumes where it
+stopped (``resume=True``). Fine-tune phases (:class:`~deqmpc_gym.experts.FinetunePhase`) switch settings at
+their start step. The finished expert is exported by :func:`~deqmpc_gym.experts.export.export_expert`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deqmpc_gym.errors import CheckpointError
+from deqmpc_gym.experts.config import ExpertConfig, FinetunePhase
+from deqmpc_gym.experts.export import export_expert
+from deqmpc_gym.io import atomic_write_text
+
+
+@dataclass
+class _Paths:
+    root: Path
+    ckpt: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ckpt = self.root / "checkpoint"
+
+    @property
+    def model(self) -> Path:
+        return self.ckpt / "model.zip"
+
+    @property
+    def norm(self) -> Path:
+        return self.ckpt / "vecnormalize.pkl"
+
+    @property
+    def progress(self) -> Path:
+        return self.ckpt / "progress.json"
+
+
+
+
+def _make_venv(config: ExpertConfig, seed: int, training: bool, features: int | None = None) -> Any:
+    """The ``VecNormalize``-wrapped training (or evaluation) env of ``config``; ``features``: the obstacle features
+    ``k`` of the policy's input (default ``config.obstacle_features``)."""
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from deqmpc_gym.envs import make_sb3_vec_env
+    from deqmpc_gym.experts.shaping import with_obstacle_features, with_reward_shaping
+
+    kw = {} if not training or config.train_obstacle_radius is None else \
+        {"obstacle_radius": float(config.train_obstacle_radius)}
+    venv = make_sb3_vec_env(config.env_id, config.n_envs, seed=seed, **kw)
+    k = config.obstacle_features if features is None else features
+    if k:
+        venv = with_obstacle_features(venv, k)
+    if training and (config.goal_bonus > 0.0 or config.collision_penalty > 0.0 or config.clearance_penalty > 0.0
+                     or any(p.goal_bonus or p.collision_penalty or p.clearance_penalty for p in config.phases)):
+        venv = with_reward_shaping(venv, config.goal_bonus, config.goal_bonus_width, config.collision_penalty,
+                                   config.clearance_penalty, config.clearance_margin)
+    return VecNormalize(venv, norm_obs=True, norm_reward=training, clip_obs=10.0, gamma=config.gamma,
+                        training=training)
+
+
+def _new_model(config: ExpertConfig, venv: Any) -> Any:
+    from stable_baselines3 import PPO
+
+    arch = list(config.net_arch)
+    return PPO("MlpPolicy", venv, n_steps=config.n_steps, batch_size=config.batch_size, n_epochs=config.n_epochs,
+               learning_rate=config.learning_rate, gamma=config.gamma, gae_lambda=config.gae_lambda,
+               clip_range=config.clip_range, ent_coef=config.ent_coef, seed=config.seed, device="cpu", verbose=0,
+               policy_kwargs=dict(net_arch=dict(pi=arch, vf=arch), activation_fn=torch.nn.Tanh,
+                                  log_std_init=config.log_std_init))
+
+
+def _save_checkpoint(model: Any, venv: Any, paths: _Paths, progress: dict[str, Any]) -> None:
+    paths.ckpt.mkdir(parents=True, exist_ok=True)
+    tmp_model = paths.ckpt / ".model.tmp.zip"
+    model.save(tmp_model)
+    tmp_model.replace(paths.model)
+    tmp_norm = paths.ckpt / ".vecnormalize.tmp.pkl"
+    venv.save(tmp_norm)
+    tmp_norm.replace(paths.norm)
+    atomic_write_text(paths.progress, json.dumps(progress, indent=2))
+
+
+def train_expert(config: ExpertConfig, out_dir: str | Path, *, resume: bool = True, progress: bool = True,
+                 max_slices: int | None = None) -> dict[str, Any] | None:
+    """Train (or resume) a PPO expert and export it with its card.
+
+    Args:
+        config: :class:`ExpertConfig`.
+        out_dir: output directory (``checkpoint/`` inside it holds the resumable state).
+        resume: continue from ``out_dir/checkpoint`` if present (its config must match).
+        max_slices: stop after this many slices (for running long trainings in pieces); returns None if the
+            budget is not yet exhausted, otherwise the card.
+
+    Returns:
+        The expert card (dict), also written to ``out_dir/card.json``.
+    """
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    paths = _Paths(Path(out_dir))
+    cfg_dict = json.loads(json.dumps(dataclasses.asdict(config)))
+    state: dict[str, Any] = {"steps_done": 0, "wall_time_s": 0.0, "config": cfg_dict, "phases_started": 0}
+    phases = config.phases
+    if resume and paths.progress.exists():
+        state = json.loads(paths.progress.read_text())
+        # checkpoints written before multi-phase runs record ``finetune_started`` (the only phase)
+        state.setdefault("phases_started", int(bool(state.get("finetune_started"))))
+        _check_resumable(config, cfg_dict, state, paths)
+        state["config"] = cfg_dict
+        venv = _make_venv(config, config.seed, training=True, features=config.features_after(state["phases_started"]))
+        venv = VecNormalize.load(str(paths.norm), venv.venv)
+        venv.training, venv.norm_reward = True, True
+        model = PPO.load(paths.model, env=venv, device="cpu")
+        for phase in phases[:state["phases_started"]]:
+            _start_finetune(model, venv, phase, reset_log_std=False)
+    else:
+        venv = _make_venv(config, config.seed, training=True)
+        model = _new_model(config, venv)
+    slices = 0
+    while state["steps_done"] < config.total_steps and (max_slices is None or slices < max_slices):
+        n = state["phases_started"]
+        if n < len(phases) and state["steps_done"] >= phases[n].start_step:
+            if phases[n].obstacle_features is not None:
+                model, venv = _add_obstacle_features(model, venv, config, phases[:n], phases[n].obstacle_features)
+            _start_finetune(model, venv, phases[n], reset_log_std=True)
+            state["phases_started"] = n = n + 1
+            state["finetune_started"] = True
+        chunk = min(config.slice_steps, config.total_steps - state["steps_done"])
+        if n < len(phases):
+            chunk = min(chunk, max(1, phases[n].start_step - state["steps_done"]))
+        t0 = time.perf_counter()
+        model.learn(chunk, reset_num_timesteps=False, progress_bar=progress)
+        state["steps_done"] = int(model.num_timesteps)
+        state["wall_time_s"] += time.perf_counter() - t0
+        _save_checkpoint(model, venv, paths, state)
+        slices += 1
+    if state["steps_done"] < config.total_steps:
+        return None
+    return export_expert(model, venv, config, paths.root, state, log=print if progress else None)
+
+
+def _check_resumable(config: ExpertConfig, cfg_dict: dict[str, Any], state: dict[str, Any], paths: _Paths) -> None:
+    """Raise :class:`CheckpointError` unless the checkpoint with progress ``state`` may continue as ``config``:
+    the same settings except the budget, the teacher, and fine-tune phases that have not started (nor would an
+    uninterrupted run have started them before this checkpoint: a phase starts at the first checkpoint at or
+    after its ``start_step``)."""
+    budget_keys = ("total_steps", "slice_steps", "eval_episodes")  # may change between resumed runs
+    defaults = {f.name: f.default for f in dataclasses.fields(ExpertConfig)
+                if f.default is not dataclasses.MISSING}  # keys added after the checkpoint was written
+    saved = {**json.loads(json.dumps(defaults)), **(state.get("config") or {})}
+    fixed = budget_keys + ("finetune", "teacher")  # the teacher runs after PPO: it may be added or changed
+    same = {k: v for k, v in saved.items() if k not in fixed} == {k: v for k, v in cfg_dict.items() if k not in fixed}
+    phase_defaults = {f.name: f.default for f in dataclasses.fields(FinetunePhase)
+                      if f.default is not dataclasses.MISSING}  # fields added after the checkpoint was written
+
+    def phase_list(d: Any) -> list[dict[str, Any]]:
+        items = [] if d is None else (d if isinstance(d, list) else [d])
+        return [{**phase_defaults, **p} for p in items]
+
+    old, new = phase_list(saved.get("finetune")), phase_list(cfg_dict.get("finetune"))
+    started = state["phases_started"]
+    # the started phases must be the same; the first differing phase of either list must not be due yet
+    same = same and old[:started] == new[:started]
+    diff = next((i for i in range(max(len(old), len(new))) if i >= len(old) or i >= len(new) or old[i] != new[i]),
+                None)
+    if diff is not None:
+        due = [lst[diff]["start_step"] for lst in (old, new) if diff < len(lst)]
+        same = same and diff >= started and state["steps_done"] - config.slice_steps < min(due)
+    if not same:
+        raise CheckpointError(f"{paths.progress} was written for another ExpertConfig; use another --out "
+                              f"or the same settings (saved: {saved})")
+
+
+def _add_obstacle_features(model: Any, venv: Any, config: ExpertConfig, earlier: tuple[FinetunePhase, ...],
+                           k: int) -> tuple[Any, Any]:
+    """A PPO model and training env whose observations also hold the offsets to the ``k`` nearest obstacles:
+    the same weights with zero input weights for the new inputs, the same normalization statistics with mean 0
+    and variance 1 for them, and the settings of the ``earlier`` phases applied (the caller then starts the phase
+    that adds the features)."""
+    # another seed than the run's first envs, so that the new envs do not replay the initial states of step 0
+    new_venv = _make_venv(config, config.seed + 1, training=True, features=k)
+    n = venv.obs_rms.mean.shape[0]
+    rms = new_venv.obs_rms
+    rms.mean[:n], rms.var[:n], rms.count = venv.obs_rms.mean, venv.obs_rms.var, venv.obs_rms.count
+    rms.mean[n:], rms.var[n:] = 0.0, 1.0
+    new_venv.ret_rms = copy.deepcopy(venv.ret_rms)
+    new_model = _new_model(config, new_venv)
+    widened = new_model.policy.state_dict()
+    for name, value in model.policy.state_dict().items():
+        if widened[name].shape == value.shape:
+            widened[name] = value.clone()
+        else:  # the first layers of the policy and value networks: (hidden, n) -> (hidden, n + 3k)
+            widened[name] = torch.cat([value, value.new_zeros(value.shape[0], widened[name].shape[1] - n)], 1)
+    new_model.policy.load_state_dict(widened)
+    new_model.num_timesteps = model.num_timesteps
+    for phase in earlier:
+        _start_finetune(new_model, new_venv, phase, reset_log_std=False)
+    venv.close()
+    return new_model, new_venv
+
+
+def _start_finetune(model: Any, venv: Any, phase: FinetunePhase, *, reset_log_std: bool) -> None:
+    """Switch a PPO run to the settings of ``phase`` (``venv``: the training ``VecNormalize``)."""
+    try:
+        from stable_baselines3.common.utils import ConstantSchedule as constant  # SB3 >= 2.6
+    except ImportError:  # pragma: no cover - older SB3
+        from stable_baselines3.common.utils import constant_fn as constant  # type: ignore[assignment]
+
+    wrapper = venv.venv  # the RewardShaping wrapper when shaping is configured (see _make_venv)
+    if hasattr(wrapper, "set_shaping"):
+        wrapper.set_shaping(wrapper.bonus if phase.goal_bonus is None else phase.goal_bonus,
+                            wrapper.width if phase.goal_bonus_width is None else phase.goal_bonus_width,
+                            wrapper.collision_penalty if phase.collision_penalty is None else phase.collision_penalty,
+                            phase.clearance_penalty)
+    if phase.obstacle_radius is not None:
+        venv.unwrapped.env.set_obstacle_radius(phase.obstacle_radius)
+    if phase.learning_rate is not None:
+        model.learning_rate = phase.learning_rate
+        model.lr_schedule = constant(phase.learning_rate)
+    if reset_log_std and phase.log_std is not None:
+        with torch.no_grad():
+            model.policy.log_std.fill_(phase.log_std)
+    if phase.freeze_normalization:
+        venv.training = False
+
+
