@@ -1,9 +1,10 @@
 """The generic single-environment shell :class:`SystemEnv` over any :class:`~deqmpc_gym.systems.System`.
 
-Everything physical (dynamics, goal, weights, bounds, initial-state distribution) comes from the system; this
-module only adds the Gymnasium plumbing, the normalized action space, the reward, terminations and ``info``.
-The batched torch twin is :class:`deqmpc_gym.envs.vector.BatchedSystemEnv`; both share the helpers below so that
-they produce identical trajectories for the same seeds and actions.
+Everything physical (dynamics, goal, weights, bounds, initial-state distribution) comes from the system, and the
+task (reward, success, termination, obstacle distance) from :class:`~deqmpc_gym.systems.task.Task`, written once
+for numpy and torch; this module only adds the Gymnasium plumbing, the normalized action space and ``info``.
+The batched torch twin is :class:`deqmpc_gym.envs.vector.BatchedSystemEnv`; both share the task and the helpers
+below so that they produce identical trajectories for the same seeds and actions.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from deqmpc_gym.errors import ConfigError, ResetNeeded, ShapeError
 from deqmpc_gym.systems import OBSTACLE_CENTERS, System, get_system
+from deqmpc_gym.systems.task import Task
 
 #: keyword arguments accepted by :class:`SystemEnv` (and ``gym.make`` of every ``DEQMPC/*`` id).
 VALID_KWARGS: tuple[str, ...] = ("system", "obstacles", "obstacle_radius", "render_mode", "width", "height")
@@ -99,8 +101,9 @@ def check_obstacle_config(system: System, obstacles: bool, obstacle_radius: floa
     return np.zeros((0, 3), dtype=np.float64)
 
 
-def sample_initial_state(system: System, rng: np.random.Generator, centers: np.ndarray, radius: float) -> np.ndarray:
-    """Draw one wrapped ``(nx,)`` float64 initial state, rejecting starts near obstacles.
+def sample_initial_state(system: System, rng: np.random.Generator, task: Task) -> np.ndarray:
+    """Draw one wrapped ``(nx,)`` float64 initial state, rejecting starts within ``task.radius + START_MARGIN``
+    of a sphere centre (``task``: the numpy :class:`~deqmpc_gym.systems.task.Task` of the env).
 
     The single env and every sub-env of the batched env call exactly this function with their own generator,
     so sub-env ``i`` seeded with ``seed + i`` starts where ``SystemEnv.reset(seed=seed + i)`` starts.
@@ -108,23 +111,11 @@ def sample_initial_state(system: System, rng: np.random.Generator, centers: np.n
     for _ in range(MAX_START_TRIES):
         with np.errstate(invalid="ignore", divide="ignore"):
             x = system.wrap(system.sample_initial_states(rng, 1)[0])
-        if centers.shape[0] == 0:
-            return x
-        clearance = obstacle_distance_np(system.position(x), centers[:, 0], centers[:, 1], centers[:, 2])
-        if clearance >= radius + START_MARGIN:
+        if not task.has_obstacles or task.center_distance(x) >= task.radius + START_MARGIN:
             return x
     raise ConfigError(f"could not sample a collision-free initial state in {MAX_START_TRIES} tries "
-                      f"(obstacle_radius={radius} m is too large for the initial-state box); use a smaller radius")
-
-
-def obstacle_distance_np(p: np.ndarray, cx: np.ndarray, cy: np.ndarray, cz: np.ndarray) -> float:
-    """Distance [m] from ``p (3,)`` to the nearest of the centres ``(cx, cy, cz)`` (each ``(K,)``).
-
-    Evaluated as ``sqrt(min(dx^2 + dy^2 + dz^2))`` in this exact order; the batched env uses the same
-    expression in torch so both envs agree bit for bit.
-    """
-    dx, dy, dz = p[0] - cx, p[1] - cy, p[2] - cz
-    return math.sqrt(float((dx * dx + dy * dy + dz * dz).min()))
+                      f"(obstacle_radius={task.radius} m is too large for the initial-state box); use a smaller "
+                      "radius")
 
 
 def check_kwargs(kwargs: dict[str, Any], valid: tuple[str, ...], where: str) -> None:
@@ -296,24 +287,16 @@ class SystemEnv(gym.Env):
         low, high = observation_bounds(sys_)
         self.observation_space = gym.spaces.Box(low, high, dtype=np.float32)
 
-        # precomputed constants of the step path
+        for name, n in (("goal", nx), ("reward_weights", nx), ("effort_weights", nu), ("success_tolerance", nx)):
+            shape = np.shape(getattr(sys_, name))
+            if shape != (n,):
+                raise ConfigError(f"{sys_.name}: {name} must have {n} entries, got shape {shape}")
+        #: the task (reward, success, termination, obstacle distance) on numpy float64 arrays.
+        self.task: Task = Task.of(sys_, self.obstacle_centers, self.obstacle_radius)
         self._nu = nu
         self._act_shape = (nu,)
-        self._goal = np.asarray(sys_.goal, dtype=np.float64)
-        self._w = np.asarray(sys_.reward_weights, dtype=np.float64)
-        self._e = np.asarray(sys_.effort_weights, dtype=np.float64)
-        self._tol = np.asarray(sys_.success_tolerance, dtype=np.float64)
-        for name, arr, n in (("goal", self._goal, nx), ("reward_weights", self._w, nx),
-                             ("effort_weights", self._e, nu), ("success_tolerance", self._tol, nx)):
-            if arr.shape != (n,):
-                raise ConfigError(f"{sys_.name}: {name} must have {n} entries, got shape {arr.shape}")
-        self._a_nom = self.to_normalized(sys_.nominal_control)
-        self._envelope = None if sys_.state_envelope is None else np.asarray(sys_.state_envelope, dtype=np.float64)
-        self._pos = None if sys_.position_slice is None else slice(*sys_.position_slice)
-        self._has_obstacles = self.obstacle_centers.shape[0] > 0
         self._quiet = sys_.mrp_slice is not None
-        self._cx, self._cy, self._cz = (np.ascontiguousarray(self.obstacle_centers[:, k]) for k in range(3))
-        self._x: np.ndarray = self._goal.copy()
+        self._x: np.ndarray = np.asarray(sys_.goal, dtype=np.float64).copy()
         self._needs_reset = True
         self._renderer: Any = None
         self._overlay: dict[str, Any] = {}
@@ -349,25 +332,14 @@ class SystemEnv(gym.Env):
             with np.errstate(invalid="ignore", divide="ignore"):
                 x = self.system.wrap(x)
         else:
-            x = sample_initial_state(self.system, self.np_random, self.obstacle_centers, self.obstacle_radius)
+            x = sample_initial_state(self.system, self.np_random, self.task)
         self._x = x
         self._needs_reset = False
-        cost, mind, _ = self._violation(x)
-        info: dict[str, Any] = {"cost": cost, "is_success": bool(np.all(np.abs(x - self._goal) <= self._tol))}
-        if self._has_obstacles:
-            info["min_obstacle_distance"] = mind
+        violated, dist = self.task.violation(x)
+        info: dict[str, Any] = {"cost": 1.0 if violated else 0.0, "is_success": bool(self.task.success(x))}
+        if dist is not None:
+            info["min_obstacle_distance"] = float(dist)
         return x.astype(np.float32), info
-
-    def _violation(self, x: np.ndarray) -> tuple[float, float, bool]:
-        """``(cost, min_obstacle_distance, violated)`` of a finite state (flight envelope / obstacles)."""
-        out = False
-        if self._envelope is not None:
-            out = bool(np.any(np.abs(x - self._goal) > self._envelope))
-        mind = math.inf
-        if self._has_obstacles:
-            mind = obstacle_distance_np(x[self._pos], self._cx, self._cy, self._cz) - self.obstacle_radius
-            out = out or mind < 0.0
-        return (1.0 if out else 0.0), mind, out
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
         """Apply a normalized action ``(nu,)``; returns ``(obs (nx,) float32, reward, terminated, False, info)``.
@@ -390,22 +362,12 @@ class SystemEnv(gym.Env):
         else:
             x = self.system.wrap(self.system.step(self._x, u))
         self._x = x
-        d = x - self._goal
-        da = a - self._a_nom
-        with np.errstate(over="ignore"):  # a huge state: reward exp(-inf) = 0 or the non-finite branch below
-            expo = -0.5 * (float(np.dot(d * d, self._w)) + float(np.dot(da * da, self._e)))
-        obs = x.astype(np.float32)
-        o = float(obs.sum(dtype=np.float64))  # finite iff the float32 observation is (no float64 overflow)
-        if o - o == 0.0:
-            cost, mind, terminated = self._violation(x)
-            info: dict[str, Any] = {"cost": cost, "is_success": bool(np.all(np.abs(d) <= self._tol))}
-            reward = math.exp(expo)
-        else:  # non-finite state, or one beyond the float32 range of the observation
-            terminated, mind, reward = True, math.nan, 0.0
-            info = {"cost": 0.0, "is_success": False}
-        if self._has_obstacles:
-            info["min_obstacle_distance"] = mind
-        return obs, reward, terminated, False, info
+        with np.errstate(all="ignore"):  # a huge or non-finite state: its branch of Task.outcome
+            out = self.task.outcome(x, a)
+        info: dict[str, Any] = {"cost": 1.0 if out.violated else 0.0, "is_success": bool(out.success)}
+        if out.distance is not None:
+            info["min_obstacle_distance"] = float(out.distance)
+        return out.obs, float(out.reward), bool(out.terminated), False, info
 
     # ------------------------------------------------------------------ rendering
     def set_plan_overlay(self, plan: Any = None, waypoints: Any = None, highlight_obstacles: Any = None) -> None:

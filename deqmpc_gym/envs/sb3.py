@@ -40,7 +40,7 @@ class SB3VecEnvAdapter(VecEnv):
         super().__init__(env.num_envs, env.single_observation_space, env.single_action_space)
         self.render_mode = None
         self._actions: Any = None
-        self._has_obstacles = env._has_obstacles
+        self._has_obstacles = env.task.has_obstacles
 
     # ------------------------------------------------------------------ core
     def reset(self) -> np.ndarray:

@@ -9,7 +9,6 @@ With the default float64 dtype the trajectories are bit-identical to the single 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +33,7 @@ from deqmpc_gym.envs.core import (
 )
 from deqmpc_gym.errors import ConfigError, ResetNeeded, ShapeError
 from deqmpc_gym.systems import System
+from deqmpc_gym.systems.task import Task
 
 VALID_VECTOR_KWARGS: tuple[str, ...] = (
     "system", "num_envs", "obstacles", "obstacle_radius", "max_episode_steps", "device", "dtype",
@@ -135,7 +135,6 @@ class BatchedSystemEnv(VectorEnv):
         self.obstacle_centers: np.ndarray = centers
         self.obstacle_radius = float(obstacle_radius)
         self.obstacles = bool(obstacles)
-        self._has_obstacles = centers.shape[0] > 0
 
         nx, nu = sys_.nx, sys_.nu
         u_low = np.asarray(sys_.u_low, dtype=np.float64)
@@ -152,14 +151,11 @@ class BatchedSystemEnv(VectorEnv):
             return torch.as_tensor(np.asarray(v, dtype=np.float64), dtype=dtype, device=self.device)
 
         self._scale, self._offset = t(self.action_scale), t(self.action_offset)
-        self._goal = t(sys_.goal)
-        self._w, self._e, self._tol = t(sys_.reward_weights), t(sys_.effort_weights), t(sys_.success_tolerance)
-        self._a_nom = t((sys_.nominal_control - self.action_offset) / self.action_scale)
-        self._cx, self._cy, self._cz = (t(centers[:, k]) for k in range(3))
-        self._envelope = None if sys_.state_envelope is None else t(sys_.state_envelope)
-        self._pos = None if sys_.position_slice is None else slice(*sys_.position_slice)
+        #: the task (reward, success, termination, obstacle distance) on ``dtype`` tensors on ``device``.
+        self.task: Task = Task.of(sys_, centers, self.obstacle_radius, dtype=dtype, device=self.device)
+        self._np_task = Task.of(sys_, centers, self.obstacle_radius)  # the start-state rejection (numpy)
         self._act_shape = (self.num_envs, nu)
-        self._x = self._goal.expand(self.num_envs, nx).clone()
+        self._x = self.task.goal.expand(self.num_envs, nx).clone()
         self._elapsed = torch.zeros(self.num_envs, dtype=torch.int64, device=self.device)
         self._rngs: list[np.random.Generator] = [seeding.np_random(None)[0] for _ in range(self.num_envs)]
         self._needs_reset = True
@@ -180,6 +176,7 @@ class BatchedSystemEnv(VectorEnv):
         e.g. a curriculum of obstacle size during training. Raises ``ConfigError`` for a non-positive radius."""
         check_obstacle_config(self.system, self.obstacles, radius)
         self.obstacle_radius = float(radius)
+        self.task, self._np_task = self.task.with_radius(radius), self._np_task.with_radius(radius)
 
     def to_physical(self, action: Any) -> np.ndarray:
         """Normalized action ``(..., nu)`` -> physical control (float64 numpy, no clipping)."""
@@ -190,27 +187,8 @@ class BatchedSystemEnv(VectorEnv):
         return (np.asarray(u, dtype=np.float64) - self.action_offset) / self.action_scale
 
     def _sample(self, idx: Sequence[int]) -> torch.Tensor:
-        xs = [sample_initial_state(self.system, self._rngs[i], self.obstacle_centers, self.obstacle_radius)
-              for i in idx]
+        xs = [sample_initial_state(self.system, self._rngs[i], self._np_task) for i in idx]
         return torch.as_tensor(np.stack(xs), dtype=self.dtype, device=self.device)
-
-    def _violation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(violated (N,) bool, min_obstacle_distance (N,) or None)``; non-finite rows count as not violated."""
-        viol = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        mind = None
-        if self._envelope is not None:
-            viol |= ((x - self._goal).abs() > self._envelope).any(-1)
-        if self._has_obstacles:  # same expression and order as core.obstacle_distance_np (bit-identical)
-            p = x[:, self._pos]
-            dx = p[:, 0:1] - self._cx
-            dy = p[:, 1:2] - self._cy
-            dz = p[:, 2:3] - self._cz
-            mind = (dx * dx + dy * dy + dz * dz).min(-1).values.sqrt() - self.obstacle_radius
-            viol |= mind < 0.0
-        return viol, mind
-
-    def _success(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x - self._goal).abs() <= self._tol).all(-1)
 
     def _out(self, v: torch.Tensor) -> Any:
         return v if self.return_tensors else v.cpu().numpy()
@@ -245,8 +223,8 @@ class BatchedSystemEnv(VectorEnv):
             self._x = self._sample(range(n))
         self._elapsed.zero_()
         self._needs_reset = False
-        viol, mind = self._violation(self._x)
-        infos = self._infos(viol.to(torch.float64), self._success(self._x), mind)
+        viol, mind = self.task.violation(self._x)
+        infos = self._infos(viol.to(torch.float64), self.task.success(self._x), mind)
         return self._out(self._x.to(torch.float32)), infos
 
     def _seeds(self, seed: Any) -> list[int | None]:
@@ -298,36 +276,26 @@ class BatchedSystemEnv(VectorEnv):
         a = a.clamp(-1.0, 1.0)
         u = self._offset + self._scale * a
         x = self.system.wrap(self.system.step(self._x, u))
-        d = x - self._goal
-        da = a - self._a_nom
-        expo = -0.5 * ((d * d * self._w).sum(-1) + (da * da * self._e).sum(-1))
-        final_obs = x.to(torch.float32)
-        finite = torch.isfinite(final_obs).all(-1)  # also False beyond the float32 range of the observation
-        reward = torch.where(finite, torch.exp(expo), torch.zeros_like(expo)).to(torch.float64)
-        viol, mind = self._violation(x)
-        if not bool(finite.all()):  # match SystemEnv: a non-finite state is terminal with cost 0, distance NaN
-            viol = viol & finite
-            if mind is not None:
-                mind = torch.where(finite, mind, torch.full_like(mind, math.nan))
-        terminated = viol | ~finite
-        success = (d.abs() <= self._tol).all(-1)
+        out = self.task.outcome(x, a)
+        final_obs, terminated, viol, mind = out.obs, out.terminated, out.violated, out.distance
         self._elapsed += 1
         if self.max_episode_steps is not None:
             truncated = self._elapsed >= self.max_episode_steps
         else:
             truncated = torch.zeros_like(terminated)
         done = terminated | truncated
-        res = StepArrays(obs=final_obs, reward=reward, terminated=terminated, truncated=truncated, done=done,
-                         cost=viol.to(torch.float64), is_success=success, min_obstacle_distance=mind,
+        res = StepArrays(obs=final_obs, reward=out.reward.to(torch.float64), terminated=terminated,
+                         truncated=truncated, done=done, cost=viol.to(torch.float64), is_success=out.success,
+                         min_obstacle_distance=mind,
                          final_obs=final_obs, any_done=bool(done.any()))
         if res.any_done:
             idx = done.nonzero().flatten()
             x = x.clone()
             x[idx] = self._sample(idx.tolist())
             self._elapsed[idx] = 0
-            rviol, rmind = self._violation(x[idx])
+            rviol, rmind = self.task.violation(x[idx])
             res.reset_cost = rviol.to(torch.float64)
-            res.reset_is_success = self._success(x[idx])
+            res.reset_is_success = self.task.success(x[idx])
             res.reset_min_dist = rmind
             res.obs = x.to(torch.float32)
         self._x = x

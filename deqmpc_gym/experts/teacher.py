@@ -30,13 +30,15 @@ import numpy as np
 import torch
 
 from deqmpc_gym._config import require_at_least_one
-from deqmpc_gym.errors import ConfigError
-from deqmpc_gym.io import atomic_write
+from deqmpc_gym.checkpoint import check_definition, load_checkpoint, save_checkpoint
+from deqmpc_gym.errors import CheckpointError, ConfigError
 
 #: seed of round ``r``'s initial states is ``TeacherConfig.seed + ROUND_SEED_STRIDE * r``
 ROUND_SEED_STRIDE = 1000
-#: layout version of the refinement checkpoint (another version starts over)
+#: layout version of the refinement checkpoint (another version is refused: delete the file to start over)
 CHECKPOINT_VERSION = 2
+#: the ``format`` of a refinement checkpoint (:mod:`deqmpc_gym.checkpoint`)
+CHECKPOINT_FORMAT = "deqmpc_gym.teacher_checkpoint"
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ class SafetyFilterTeacher:
         from deqmpc_gym.mpc import MPCConfig, MPCProblem
 
         system = env.system
-        if not getattr(env, "_has_obstacles", False):
+        if not getattr(env, "obstacles", False):
             raise ConfigError(f"the MPC teacher needs an obstacle variant, {expert.env_id} has no obstacles")
         if expert.obs_dim != system.nx:
             raise ConfigError(f"the MPC teacher needs observations equal to states (obs_dim {expert.obs_dim} != "
@@ -245,7 +247,10 @@ def refine_with_teacher(expert: Any, config: TeacherConfig = TeacherConfig(), *,
             ``ActorCriticPolicy``) is updated in place to the kept round's weights.
         config: :class:`TeacherConfig`.
         checkpoint: a file that stores the finished rounds (the aggregated data and the actor), so an
-            interrupted refinement resumes after its last finished round; None: no checkpoint.
+            interrupted refinement resumes after its last finished round (asked for more ``rounds``, a finished
+            one continues); None: no checkpoint. A checkpoint of other teacher settings, of another PPO actor or
+            with more rounds than ``config.rounds`` raises :class:`~deqmpc_gym.errors.ResumeMismatchError`
+            naming the fields (:mod:`deqmpc_gym.checkpoint`).
         log: called with one line per round.
 
     Returns:
@@ -323,32 +328,52 @@ def _fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+def _definition(config: TeacherConfig, base: str) -> dict[str, Any]:
+    """The flat definition of a refinement (:mod:`deqmpc_gym.checkpoint`): the teacher settings except ``rounds``
+    (more rounds may be asked of a refinement) and the fingerprint of the PPO actor it started from."""
+    out = {f"teacher.{k}": v for k, v in dataclasses.asdict(config).items() if k != "rounds"}
+    out["teacher.ppo_actor"] = base
+    return json.loads(json.dumps(out))
+
+
 def _save_checkpoint(path: Path | None, config: TeacherConfig, base: str, rounds, best, data, actor,
                      gen_state) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = {"version": CHECKPOINT_VERSION, "config": json.dumps(dataclasses.asdict(config)), "base": base,
-            "rounds": rounds, "best": best,
+    blob = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "definition_json": json.dumps(_definition(config, base)), "config": json.dumps(dataclasses.asdict(config)),
+            "base": base, "rounds": rounds, "best": best,
             **{k: torch.as_tensor(v) for k, v in zip(("data_x", "data_y", "data_m", "data_d"), data)}, "actor": actor,
             "generator": gen_state}
-    atomic_write(path, lambda f: torch.save(blob, f))
+    save_checkpoint(path, blob)
 
 
 def _load_checkpoint(path: Path | None, config: TeacherConfig, base: str) -> dict[str, Any] | None:
-    if path is None or not path.exists():
+    """The finished rounds stored at ``path`` (None: no checkpoint).
+
+    Raises:
+        ResumeMismatchError: the checkpoint was written for other teacher settings, another PPO actor, or more
+            rounds than ``config.rounds``.
+        CheckpointError: an unreadable file, or one of another layout version.
+    """
+    blob = None if path is None else load_checkpoint(path, (CHECKPOINT_FORMAT, None), what="MPC-teacher")
+    if path is None or blob is None:
         return None
-    blob = torch.load(path, map_location="cpu", weights_only=True)
     if blob.get("version") != CHECKPOINT_VERSION:
-        return None
-
-    def fixed(c: dict[str, Any]) -> dict[str, Any]:  # more rounds may be asked of a finished refinement
-        return {k: v for k, v in c.items() if k != "rounds"}
-
-    saved = json.loads(blob.get("config", "{}"))
+        raise CheckpointError(f"{path} was written by another version of the teacher refinement (layout "
+                              f"{blob.get('version')!r}, this one reads {CHECKPOINT_VERSION}); delete it to start the "
+                              "refinement over")
+    if "definition_json" in blob:
+        saved = json.loads(blob["definition_json"])
+    else:  # written before checkpoints stored their definition
+        saved = {f"teacher.{k}": v for k, v in json.loads(blob.get("config", "{}")).items() if k != "rounds"}
+        saved["teacher.ppo_actor"] = blob.get("base")
+    requested = _definition(config, base)
     n_done = len(blob.get("rounds", [])) - 1
-    if fixed(saved) != fixed(dataclasses.asdict(config)) or blob.get("base") != base or n_done > config.rounds:
-        return None  # another teacher configuration or another PPO actor: start over
+    if n_done > config.rounds:  # a refinement may be extended, not shortened
+        saved["teacher.rounds"], requested["teacher.rounds"] = n_done, config.rounds
+    check_definition(path, saved, requested, what="MPC-teacher refinement (TeacherConfig or PPO actor)",
+                     start_over=f"delete {path} (the PPO checkpoint is kept), or use another output folder")
     for k in ("data_x", "data_y", "data_m", "data_d"):
         blob[k] = blob[k].numpy()
     return blob

@@ -7,6 +7,7 @@ same dynamics function with the namespace returned by :func:`ops_for`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +46,36 @@ class _NumpyOps:
         """Zeros of ``shape`` with ``x``'s dtype."""
         return np.zeros(shape, dtype=x.dtype)
 
+    @staticmethod
+    def exp(x: Any) -> Any:
+        """``exp``; a scalar goes through ``math.exp`` (the single env's reward is a Python float)."""
+        return math.exp(x) if np.ndim(x) == 0 else np.exp(x)
+
+    isfinite = staticmethod(np.isfinite)
+
+    @staticmethod
+    def dot(a: Any, w: Any) -> Any:
+        """``sum_i a[..., i] w[i]`` over the last axis ``(..., n) -> (...)`` (BLAS ``dot``/``gemv``)."""
+        return np.dot(a, w)
+
+    @staticmethod
+    def amin(x: Any, dim: int) -> Any:
+        return np.min(x, axis=dim)
+
+    @staticmethod
+    def all(x: Any, dim: int) -> Any:
+        return np.all(x, axis=dim)
+
+    @staticmethod
+    def any(x: Any, dim: int) -> Any:
+        return np.any(x, axis=dim)
+
+    @staticmethod
+    def float32(x: Any) -> Any:
+        """``x`` rounded to float32 (values beyond its range become ``inf``, without a warning)."""
+        with np.errstate(over="ignore"):
+            return np.asarray(x).astype(np.float32)
+
 
 class _TorchOps:
     """Elementwise math on torch tensors (differentiable, vmap-compatible)."""
@@ -70,6 +101,31 @@ class _TorchOps:
     def zeros_like(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Zeros of ``shape`` with ``x``'s dtype and device."""
         return x.new_zeros(shape)
+
+    exp = staticmethod(torch.exp)
+    isfinite = staticmethod(torch.isfinite)
+
+    @staticmethod
+    def dot(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``sum_i a[..., i] w[i]`` over the last axis ``(..., n) -> (...)``."""
+        return (a * w).sum(-1)
+
+    @staticmethod
+    def amin(x: torch.Tensor, dim: int) -> torch.Tensor:
+        return x.amin(dim)
+
+    @staticmethod
+    def all(x: torch.Tensor, dim: int) -> torch.Tensor:
+        return x.all(dim)
+
+    @staticmethod
+    def any(x: torch.Tensor, dim: int) -> torch.Tensor:
+        return x.any(dim)
+
+    @staticmethod
+    def float32(x: torch.Tensor) -> torch.Tensor:
+        """``x`` rounded to float32 (values beyond its range become ``inf``)."""
+        return x.to(torch.float32)
 
 
 NUMPY = _NumpyOps()
