@@ -347,6 +347,32 @@ def test_tiny_ppo_training_is_resumable(tmp_path: Path) -> None:
         train_expert(_tiny_config(learning_rate=1e-2), out, progress=False, max_slices=1)
 
 
+def test_a_checkpoint_of_another_config_names_the_fields(tmp_path: Path) -> None:
+    """The resume rule of :mod:`deqmpc_gym.checkpoint`: a mismatching checkpoint raises ResumeMismatchError naming
+    each field (saved -> requested) and how to go on; the budget may change; an unreadable one is refused."""
+    from deqmpc_gym.errors import ResumeMismatchError
+
+    cfg = _tiny_config()
+    progress = tmp_path / "checkpoint" / "progress.json"
+    progress.parent.mkdir()
+    state = {"steps_done": 512, "wall_time_s": 1.0, "phases_started": 0,
+             "config": json.loads(json.dumps(dataclasses.asdict(cfg)))}
+    progress.write_text(json.dumps(state))  # written without a "format" (as before checkpoints named theirs)
+    other = _tiny_config(learning_rate=1e-2, gamma=0.9, total_steps=4096)
+    with pytest.raises(ResumeMismatchError, match=r"expert.gamma: 0.99 -> 0.9; expert.learning_rate: 0.0003 -> "
+                                                  r"0.01.*saved settings.*--no-resume.*--out") as info:
+        train_expert(other, tmp_path, progress=False, max_slices=1)
+    assert info.value.fields == ("expert.gamma", "expert.learning_rate")  # total_steps may change
+    # a phase an uninterrupted run would have started before this checkpoint (at 256 steps) cannot be added
+    phase = _tiny_config(finetune=FinetunePhase(start_step=256, learning_rate=1e-2))
+    with pytest.raises(ResumeMismatchError) as info:
+        train_expert(phase, tmp_path, progress=False, max_slices=1)
+    assert info.value.fields == ("expert.finetune[0]",)
+    progress.write_text("{torn")
+    with pytest.raises(CheckpointError, match="delete it"):
+        train_expert(cfg, tmp_path, progress=False, max_slices=1)
+
+
 def test_finetune_phase_switches_settings_and_resumes(tmp_path: Path) -> None:
     """A fine-tune phase starts at its step (bonus, learning rate, exploration, frozen normalisation), may be
     added to a checkpoint that has not reached it, and is re-applied (without a second log-std reset) on resume."""

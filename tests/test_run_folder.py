@@ -97,6 +97,8 @@ def test_resume_with_another_run_definition_names_the_fields(small: ExpertDatase
     with pytest.raises(ResumeMismatchError) as info:
         trainer.train(resume=True)
     assert field in info.value.fields and field in str(info.value)
+    # the fix, as for every resumable loop (deqmpc_gym.checkpoint): the saved settings, or a new run
+    assert "run with the saved settings" in str(info.value) and "overwrite=True" in str(info.value)
     assert (tmp_path / "best" / "policy.pt").read_bytes() == before
     # only the step budget may grow
     assert _trainer(small, tmp_path, steps=6).train(resume=True).steps == 6

@@ -11,7 +11,7 @@ import torch
 
 import deqmpc_gym  # noqa: F401
 from deqmpc_gym.envs import make_batched_env
-from deqmpc_gym.errors import ConfigError
+from deqmpc_gym.errors import CheckpointError, ConfigError, ResumeMismatchError
 from deqmpc_gym.experts import ExpertConfig, load_expert, train_expert
 from deqmpc_gym.experts.teacher import SafetyFilterTeacher, TeacherConfig, refine_with_teacher
 from deqmpc_gym.systems import OBSTACLE_CENTERS
@@ -82,9 +82,24 @@ def test_refine_with_teacher_records_rounds_and_resumes(tmp_path: Path) -> None:
     rec2 = refine_with_teacher(again, TeacherConfig(**TINY), checkpoint=ckpt, log=lines2.append)
     assert rec2["rounds"] == rec["rounds"] and lines2 == [f"teacher: resumed after round 1 from {ckpt}"]
     assert all(torch.equal(kept[k], again.policy.state_dict()[k]) for k in kept)
-    # another teacher config starts over
-    rec3 = refine_with_teacher(load_expert(QOBS), TeacherConfig(**{**TINY, "rounds": 1}), checkpoint=ckpt)
-    assert [r["round"] for r in rec3["rounds"]] == [-1, 0]
+    # a checkpoint of other settings, another PPO actor or more rounds is refused, naming the fields
+    with pytest.raises(ResumeMismatchError, match=r"teacher.rounds: 2 -> 1.*delete") as info:
+        refine_with_teacher(load_expert(QOBS), TeacherConfig(**{**TINY, "rounds": 1}), checkpoint=ckpt)
+    assert info.value.fields == ("teacher.rounds",)
+    with pytest.raises(ResumeMismatchError, match=r"teacher.margin: 0.2 -> 0.3") as info:
+        refine_with_teacher(load_expert(QOBS), TeacherConfig(**{**TINY, "margin": 0.3}), checkpoint=ckpt)
+    assert info.value.fields == ("teacher.margin",)
+    other = load_expert(QOBS)
+    with torch.no_grad():
+        other.policy.action_net.bias.add_(0.01)
+    with pytest.raises(ResumeMismatchError, match="teacher.ppo_actor") as info:
+        refine_with_teacher(other, TeacherConfig(**TINY), checkpoint=ckpt)
+    assert info.value.fields == ("teacher.ppo_actor",)
+    # a checkpoint of another layout version is refused too
+    blob = torch.load(ckpt, weights_only=True)
+    torch.save({**blob, "version": 1}, ckpt)
+    with pytest.raises(CheckpointError, match="another version"):
+        refine_with_teacher(load_expert(QOBS), TeacherConfig(**TINY), checkpoint=ckpt)
 
 
 def test_train_expert_with_teacher_writes_ppo_only_and_teacher_records(tmp_path: Path) -> None:

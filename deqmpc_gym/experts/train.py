@@ -19,10 +19,14 @@ from typing import Any
 
 import torch
 
-from deqmpc_gym.errors import CheckpointError
+from deqmpc_gym.checkpoint import check_definition, load_checkpoint, save_checkpoint
 from deqmpc_gym.experts.config import ExpertConfig, FinetunePhase
 from deqmpc_gym.experts.export import export_expert
-from deqmpc_gym.io import atomic_write_text
+
+#: the ``format`` of ``checkpoint/progress.json`` (:mod:`deqmpc_gym.checkpoint`)
+CHECKPOINT_FORMAT = "deqmpc_gym.expert_checkpoint"
+#: ExpertConfig fields that may change between a run and its resume
+BUDGET_FIELDS = ("total_steps", "slice_steps", "eval_episodes")
 
 
 @dataclass
@@ -81,15 +85,11 @@ def _new_model(config: ExpertConfig, venv: Any) -> Any:
                                   log_std_init=config.log_std_init))
 
 
-def _save_checkpoint(model: Any, venv: Any, paths: _Paths, progress: dict[str, Any]) -> None:
-    paths.ckpt.mkdir(parents=True, exist_ok=True)
-    tmp_model = paths.ckpt / ".model.tmp.zip"
-    model.save(tmp_model)
-    tmp_model.replace(paths.model)
-    tmp_norm = paths.ckpt / ".vecnormalize.tmp.pkl"
-    venv.save(tmp_norm)
-    tmp_norm.replace(paths.norm)
-    atomic_write_text(paths.progress, json.dumps(progress, indent=2))
+def _save_checkpoint(model: Any, venv: Any, paths: _Paths, state: dict[str, Any]) -> None:
+    """The model and the normalization statistics, then ``progress.json`` (:func:`deqmpc_gym.checkpoint
+    .save_checkpoint`: each file atomically, the progress last)."""
+    save_checkpoint(paths.progress, {**state, "format": CHECKPOINT_FORMAT},
+                    files={paths.model.name: model.save, paths.norm.name: venv.save})
 
 
 def train_expert(config: ExpertConfig, out_dir: str | Path, *, resume: bool = True, progress: bool = True,
@@ -99,47 +99,29 @@ def train_expert(config: ExpertConfig, out_dir: str | Path, *, resume: bool = Tr
     Args:
         config: :class:`ExpertConfig`.
         out_dir: output directory (``checkpoint/`` inside it holds the resumable state).
-        resume: continue from ``out_dir/checkpoint`` if present (its config must match).
+        resume: continue from ``out_dir/checkpoint`` if present; False starts over (overwriting it).
+        progress: show SB3's progress bar and print the teacher's rounds.
         max_slices: stop after this many slices (for running long trainings in pieces); returns None if the
             budget is not yet exhausted, otherwise the card.
 
     Returns:
         The expert card (dict), also written to ``out_dir/card.json``.
-    """
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.vec_env import VecNormalize
 
+    Raises:
+        ResumeMismatchError: ``resume`` found a checkpoint written for another :class:`ExpertConfig`. Only the
+            budget (``total_steps``, ``slice_steps``, ``eval_episodes``), the teacher and fine-tune phases that
+            have not started may change (the rule of :mod:`deqmpc_gym.checkpoint`); the error names the fields.
+        CheckpointError: an unreadable checkpoint.
+    """
     paths = _Paths(Path(out_dir))
-    cfg_dict = json.loads(json.dumps(dataclasses.asdict(config)))
-    state: dict[str, Any] = {"steps_done": 0, "wall_time_s": 0.0, "config": cfg_dict, "phases_started": 0}
-    phases = config.phases
-    if resume and paths.progress.exists():
-        state = json.loads(paths.progress.read_text())
-        # checkpoints written before multi-phase runs record ``finetune_started`` (the only phase)
-        state.setdefault("phases_started", int(bool(state.get("finetune_started"))))
-        _check_resumable(config, cfg_dict, state, paths)
-        state["config"] = cfg_dict
-        venv = _make_venv(config, config.seed, training=True, features=config.features_after(state["phases_started"]))
-        venv = VecNormalize.load(str(paths.norm), venv.venv)
-        venv.training, venv.norm_reward = True, True
-        model = PPO.load(paths.model, env=venv, device="cpu")
-        for phase in phases[:state["phases_started"]]:
-            _start_finetune(model, venv, phase, reset_log_std=False)
-    else:
-        venv = _make_venv(config, config.seed, training=True)
-        model = _new_model(config, venv)
+    model, venv, state = _start_or_resume(config, paths, resume)
     slices = 0
     while state["steps_done"] < config.total_steps and (max_slices is None or slices < max_slices):
+        model, venv = _start_due_phase(model, venv, config, state)
         n = state["phases_started"]
-        if n < len(phases) and state["steps_done"] >= phases[n].start_step:
-            if phases[n].obstacle_features is not None:
-                model, venv = _add_obstacle_features(model, venv, config, phases[:n], phases[n].obstacle_features)
-            _start_finetune(model, venv, phases[n], reset_log_std=True)
-            state["phases_started"] = n = n + 1
-            state["finetune_started"] = True
         chunk = min(config.slice_steps, config.total_steps - state["steps_done"])
-        if n < len(phases):
-            chunk = min(chunk, max(1, phases[n].start_step - state["steps_done"]))
+        if n < len(config.phases):
+            chunk = min(chunk, max(1, config.phases[n].start_step - state["steps_done"]))
         t0 = time.perf_counter()
         model.learn(chunk, reset_num_timesteps=False, progress_bar=progress)
         state["steps_done"] = int(model.num_timesteps)
@@ -151,36 +133,80 @@ def train_expert(config: ExpertConfig, out_dir: str | Path, *, resume: bool = Tr
     return export_expert(model, venv, config, paths.root, state, log=print if progress else None)
 
 
-def _check_resumable(config: ExpertConfig, cfg_dict: dict[str, Any], state: dict[str, Any], paths: _Paths) -> None:
-    """Raise :class:`CheckpointError` unless the checkpoint with progress ``state`` may continue as ``config``:
-    the same settings except the budget, the teacher, and fine-tune phases that have not started (nor would an
-    uninterrupted run have started them before this checkpoint: a phase starts at the first checkpoint at or
-    after its ``start_step``)."""
-    budget_keys = ("total_steps", "slice_steps", "eval_episodes")  # may change between resumed runs
-    defaults = {f.name: f.default for f in dataclasses.fields(ExpertConfig)
-                if f.default is not dataclasses.MISSING}  # keys added after the checkpoint was written
-    saved = {**json.loads(json.dumps(defaults)), **(state.get("config") or {})}
-    fixed = budget_keys + ("finetune", "teacher")  # the teacher runs after PPO: it may be added or changed
-    same = {k: v for k, v in saved.items() if k not in fixed} == {k: v for k, v in cfg_dict.items() if k not in fixed}
+def _start_or_resume(config: ExpertConfig, paths: _Paths, resume: bool) -> tuple[Any, Any, dict[str, Any]]:
+    """The PPO model, its training env and the progress state: new, or restored from ``paths`` (checked)."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    cfg_dict = json.loads(json.dumps(dataclasses.asdict(config)))
+    saved = load_checkpoint(paths.progress, (CHECKPOINT_FORMAT, None), what="PPO expert") if resume else None
+    if saved is None:
+        venv = _make_venv(config, config.seed, training=True)
+        return _new_model(config, venv), venv, {"steps_done": 0, "wall_time_s": 0.0, "config": cfg_dict,
+                                                 "phases_started": 0}
+    state = saved
+    # checkpoints written before multi-phase runs record ``finetune_started`` (the only phase)
+    state.setdefault("phases_started", int(bool(state.get("finetune_started"))))
+    _check_resumable(config, cfg_dict, state, paths)
+    state["config"] = cfg_dict
+    venv = _make_venv(config, config.seed, training=True, features=config.features_after(state["phases_started"]))
+    venv = VecNormalize.load(str(paths.norm), venv.venv)
+    venv.training, venv.norm_reward = True, True
+    model = PPO.load(paths.model, env=venv, device="cpu")
+    for phase in config.phases[:state["phases_started"]]:
+        _start_finetune(model, venv, phase, reset_log_std=False)
+    return model, venv, state
+
+
+def _start_due_phase(model: Any, venv: Any, config: ExpertConfig, state: dict[str, Any]) -> tuple[Any, Any]:
+    """Start the next fine-tune phase if the run has reached its ``start_step`` (a phase that adds obstacle
+    features replaces the model and the env); updates ``state``."""
+    n, phases = state["phases_started"], config.phases
+    if n < len(phases) and state["steps_done"] >= phases[n].start_step:
+        if phases[n].obstacle_features is not None:
+            model, venv = _add_obstacle_features(model, venv, config, phases[:n], phases[n].obstacle_features)
+        _start_finetune(model, venv, phases[n], reset_log_std=True)
+        state["phases_started"] = n + 1
+        state["finetune_started"] = True
+    return model, venv
+
+
+def _definition(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """The flat definition (:mod:`deqmpc_gym.checkpoint`) of an :class:`ExpertConfig` dict, with the defaults of
+    fields added after it was written: ``expert.<field>``, one ``expert.finetune[i]`` per phase; the teacher is
+    left out (it runs after PPO and has its own checkpoint)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ExpertConfig) if f.default is not dataclasses.MISSING}
+    full = {**json.loads(json.dumps(defaults)), **cfg_dict}
+    out = {f"expert.{k}": v for k, v in full.items() if k not in ("finetune", "teacher")}
+    out.update({f"expert.finetune[{i}]": p for i, p in enumerate(_phase_list(full.get("finetune")))})
+    return out
+
+
+def _phase_list(d: Any) -> list[dict[str, Any]]:
+    """The phases of a config dict's ``finetune`` entry, with the defaults of fields added after it was written."""
     phase_defaults = {f.name: f.default for f in dataclasses.fields(FinetunePhase)
-                      if f.default is not dataclasses.MISSING}  # fields added after the checkpoint was written
+                      if f.default is not dataclasses.MISSING}
+    items = [] if d is None else (d if isinstance(d, list) else [d])
+    return [{**phase_defaults, **p} for p in items]
 
-    def phase_list(d: Any) -> list[dict[str, Any]]:
-        items = [] if d is None else (d if isinstance(d, list) else [d])
-        return [{**phase_defaults, **p} for p in items]
 
-    old, new = phase_list(saved.get("finetune")), phase_list(cfg_dict.get("finetune"))
-    started = state["phases_started"]
-    # the started phases must be the same; the first differing phase of either list must not be due yet
-    same = same and old[:started] == new[:started]
+def _check_resumable(config: ExpertConfig, cfg_dict: dict[str, Any], state: dict[str, Any], paths: _Paths) -> None:
+    """Raise :class:`~deqmpc_gym.errors.ResumeMismatchError` unless the checkpoint with progress ``state`` may
+    continue as ``config``: the same settings except the budget, the teacher, and fine-tune phases that have not
+    started (nor would an uninterrupted run have started them before this checkpoint: a phase starts at the first
+    checkpoint at or after its ``start_step``)."""
+    saved, requested = _definition(state.get("config") or {}), _definition(cfg_dict)
+    may_change = {f"expert.{k}" for k in BUDGET_FIELDS}
+    old, new = _phase_list((state.get("config") or {}).get("finetune")), _phase_list(cfg_dict.get("finetune"))
     diff = next((i for i in range(max(len(old), len(new))) if i >= len(old) or i >= len(new) or old[i] != new[i]),
                 None)
-    if diff is not None:
-        due = [lst[diff]["start_step"] for lst in (old, new) if diff < len(lst)]
-        same = same and diff >= started and state["steps_done"] - config.slice_steps < min(due)
-    if not same:
-        raise CheckpointError(f"{paths.progress} was written for another ExpertConfig; use another --out "
-                              f"or the same settings (saved: {saved})")
+    if diff is not None:  # the first differing phase (and so the later ones) may change while it is not due
+        due = min(lst[diff]["start_step"] for lst in (old, new) if diff < len(lst))
+        if diff >= state["phases_started"] and state["steps_done"] - config.slice_steps < due:
+            may_change |= {f"expert.finetune[{i}]" for i in range(diff, max(len(old), len(new)))}
+    check_definition(paths.progress, saved, requested, may_change=may_change, what="PPO expert run (ExpertConfig)",
+                     start_over="pass resume=False (--no-resume) to overwrite it, or use another output folder "
+                                "(--out)")
 
 
 def _add_obstacle_features(model: Any, venv: Any, config: ExpertConfig, earlier: tuple[FinetunePhase, ...],

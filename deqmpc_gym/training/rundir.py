@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from deqmpc_gym import checkpoint
 from deqmpc_gym.data import ExpertDataset
 from deqmpc_gym.errors import RunDirError
 from deqmpc_gym.io import atomic_write_text, pid_alive
@@ -44,6 +45,10 @@ PROGRESS_COLUMNS: tuple[str, ...] = ("time/steps", "time/elapsed_s", "train/loss
 RESUMABLE_POLICY_FIELDS = frozenset({"compiled_solver"})
 #: TrainConfig fields that may change between a run and its resume (extending a run's budget).
 RESUMABLE_TRAIN_FIELDS = frozenset({"steps", "eval_every"})
+
+#: run-definition fields that may change between a run and its resume
+RESUMABLE_FIELDS = frozenset({f"policy.{k}" for k in RESUMABLE_POLICY_FIELDS} |
+                             {f"train.{k}" for k in RESUMABLE_TRAIN_FIELDS})
 
 #: fields added to the run definition after checkpoints were written without them, with the value such a
 #: checkpoint was trained with (compared instead of "<missing>")
@@ -175,7 +180,7 @@ def dataset_fingerprint(dataset: ExpertDataset) -> str:
 def run_definition(policy_config: Any, env_id: str | None, train_config: Any, dataset: ExpertDataset) -> dict[str, Any]:
     """The flat ``{"section.field": value}`` definition of a run (see the module docstring)."""
     out: dict[str, Any] = {"env.id": env_id}
-    out.update({f"policy.{k}": v for k, v in dataclasses.asdict(policy_config).items()})
+    out.update({f"policy.{k}": v for k, v in policy_config.to_dict().items()})  # the flat layout
     out.update({f"train.{k}": v for k, v in dataclasses.asdict(train_config).items()})
     out.update({"dataset.sha256": dataset_fingerprint(dataset), "dataset.trajectories": len(dataset),
                 "dataset.env_id": dataset.env_id})
@@ -184,15 +189,7 @@ def run_definition(policy_config: Any, env_id: str | None, train_config: Any, da
 
 def definition_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``"field: saved -> current"`` for every field of the two definitions that may not change on resume."""
-    skip = {f"policy.{k}" for k in RESUMABLE_POLICY_FIELDS} | {f"train.{k}" for k in RESUMABLE_TRAIN_FIELDS}
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        if key in skip:
-            continue
-        a, b = saved.get(key, ADDED_FIELDS.get(key, "<missing>")), current.get(key, "<missing>")
-        if a != b:
-            diffs.append(f"{key}: {a!r} -> {b!r}")
-    return diffs
+    return checkpoint.definition_differences(saved, current, may_change=RESUMABLE_FIELDS, added=ADDED_FIELDS)
 
 
 # ---------------------------------------------------------------------------------------------- progress.csv

@@ -37,20 +37,21 @@ import numpy as np
 import torch
 
 from deqmpc_gym._config import check_field_types, config_from_dict, require_at_least_one
+from deqmpc_gym.checkpoint import check_definition, load_checkpoint, save_checkpoint
 from deqmpc_gym.data import ExpertDataset
 from deqmpc_gym.errors import (
     CheckpointError,
     ConfigError,
     DatasetError,
-    ResumeMismatchError,
     RunDirError,
     TrainingInterrupted,
 )
-from deqmpc_gym.io import atomic_write, atomic_write_text
+from deqmpc_gym.io import atomic_write_text
 from deqmpc_gym.policies import DEQMPCPolicy, LayerOutput
 from deqmpc_gym.training.rundir import (
+    ADDED_FIELDS,
+    RESUMABLE_FIELDS,
     RunLock,
-    definition_differences,
     existing_run_files,
     remove_run_files,
     run_definition,
@@ -251,7 +252,7 @@ class ImitationTrainer:
             "run_json": json.dumps(self.definition),
             "progress_json": json.dumps({"rows": self.progress_rows, "pending": self._pending}),
         }
-        atomic_write(self.checkpoint_path, lambda f: torch.save(payload, f))
+        save_checkpoint(self.checkpoint_path, payload)
         self._saved_step = self.step
 
     def load_checkpoint(self) -> None:
@@ -280,29 +281,23 @@ class ImitationTrainer:
         self._saved_step = self.step
 
     def _read_checkpoint(self) -> dict[str, Any]:
-        try:
-            payload = torch.load(self.checkpoint_path, map_location=self.policy.device, weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"cannot read training checkpoint {self.checkpoint_path} "
-                                  f"({type(exc).__name__}: {exc}); delete it to start over") from exc
-        if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
-            raise CheckpointError(f"{self.checkpoint_path} is not a deqmpc_gym training checkpoint")
+        payload = load_checkpoint(self.checkpoint_path, (CKPT_FORMAT,), what="deqmpc_gym training",
+                                  map_location=self.policy.device)
+        if payload is None:
+            raise CheckpointError(f"no training checkpoint at {self.checkpoint_path}")
         return payload
 
     def _check_definition(self, payload: dict[str, Any]) -> None:
-        """Compare the stored run definition (or, for older checkpoints, the TrainConfig) with this run's."""
+        """Compare the stored run definition (or, for older checkpoints, the TrainConfig) with this run's
+        (:func:`deqmpc_gym.checkpoint.check_definition`)."""
         if "run_json" in payload:
             saved = json.loads(payload["run_json"])
         else:  # written before run definitions were stored: only the TrainConfig can be compared
             saved = {f"train.{k}": v for k, v in json.loads(payload["config_json"]).items()}
             saved.update({k: v for k, v in self.definition.items() if not k.startswith("train.")})
-        diffs = definition_differences(saved, self.definition)
-        if diffs:
-            raise ResumeMismatchError(
-                f"{self.checkpoint_path} belongs to another run (policy config, TrainConfig or dataset differ): "
-                f"{'; '.join(diffs)}. Resume with the same settings (only steps may change), pass "
-                "overwrite=True (--overwrite) to start over, or use another output folder",
-                tuple(d.split(":", 1)[0] for d in diffs))
+        check_definition(self.checkpoint_path, saved, self.definition, may_change=RESUMABLE_FIELDS,
+                         added=ADDED_FIELDS, what="training run (policy config, TrainConfig or dataset)",
+                         start_over="pass overwrite=True (--overwrite), or use another output folder")
 
     def _restore_progress(self, progress_json: str | None) -> None:
         """The ``progress.csv`` rows (and not yet written train metrics) stored in a checkpoint."""
