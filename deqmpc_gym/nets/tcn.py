@@ -7,15 +7,16 @@ predicted knots, ``h`` hidden width, ``nq`` number of "position" coordinates, ``
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from deqmpc_gym.errors import ConfigError, ShapeError, check_shape
+from deqmpc_gym.nets._channel_last import conv_cl, group_norm_cl
 from deqmpc_gym.nets.fixed_point import AndersonConfig, SolverStats, fixed_point_iter, get_solver
 
 __all__ = [
@@ -184,6 +185,34 @@ def _encoder(nx: int, h: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(nx, h), nn.LayerNorm(h), nn.ReLU())
 
 
+def _cconv(conv: nn.Module, x: Tensor, add: Tensor | None = None) -> Tensor:
+    """``conv`` (a 'same' Conv1d) on channel-last ``x: (B, L, C_in)`` -> ``(B, L, C_out)``, plus ``add``."""
+    c = cast(nn.Conv1d, conv)
+    return conv_cl(x, c.weight, c.bias, add)
+
+
+def _cgn(gn: nn.Module, x: Tensor) -> Tensor:
+    """``gn`` (a GroupNorm) on channel-last ``x: (B, L, C)`` -> ``(B, L, C)``."""
+    g = cast(nn.GroupNorm, gn)
+    return group_norm_cl(x, g.weight, g.bias, g.num_groups, g.eps)
+
+
+def _relu(x: Tensor) -> Tensor:
+    """ReLU, in place when no graph is recorded."""
+    return torch.relu_(x) if not (torch.is_grad_enabled() and x.requires_grad) else torch.relu(x)
+
+
+def _channels_first(x: Tensor) -> Tensor:
+    """``(B, L, C) -> (B, C, L)`` contiguous."""
+    return x.transpose(1, 2).contiguous()
+
+
+#: at this many samples or more the input encoder convolves its three input parts separately (the broadcast
+#: x0 context and the batch-independent time embedding need far fewer products than the concatenated input);
+#: below it the weights' memory traffic dominates and one convolution of the concatenation is faster.
+_SPLIT_ENCODER_MIN_BATCH = 8
+
+
 class _InputBlock(nn.Module):
     """Node / x0 encoders, learned time embedding and the conv input encoder -> ``(B, h, L)``."""
 
@@ -199,10 +228,28 @@ class _InputBlock(nn.Module):
 
     def forward(self, x0: Tensor, x_prev: Tensor) -> Tensor:
         """``x0: (B, nx)``, ``x_prev: (B, T, nx)`` (normalised) -> ``(B, h, L)``."""
-        nodes = self.node_encoder(x_prev[:, 1:])
-        ctx = self.x0_encoder(x0)[:, None].expand_as(nodes)
-        time = self.time_embedding[None].expand_as(nodes)
-        return self.input_encoder(torch.cat([nodes, ctx, time], dim=-1).transpose(1, 2))
+        return _channels_first(self.forward_cl(x0, x_prev))
+
+    def forward_cl(self, x0: Tensor, x_prev: Tensor) -> Tensor:
+        """:meth:`forward` with a channel-last result ``(B, L, h)``."""
+        conv_a, _, conv_b, gn = self.input_encoder
+        nodes = self.node_encoder(x_prev[:, 1:])  # (B, L, h)
+        ctx = self.x0_encoder(x0)  # (B, h)
+        b, length, h = nodes.shape
+        if b < _SPLIT_ENCODER_MIN_BATCH:
+            cat = torch.cat([nodes, ctx[:, None].expand_as(nodes), self.time_embedding[None].expand_as(nodes)], -1)
+            a = _cconv(conv_a, cat)
+        else:  # conv(cat([nodes, ctx, time])) = conv(nodes) + conv(ctx) + conv(time), each zero-padded
+            w = cast(nn.Conv1d, conv_a).weight  # (e, 3h, k)
+            k, p = w.shape[2], w.shape[2] // 2
+            # knot t sees the constant ctx through the kernel taps j with 0 <= t + j - p < L
+            t = torch.arange(length, device=w.device)[:, None] + torch.arange(k, device=w.device)[None] - p
+            taps = ((t >= 0) & (t < length)).to(w.dtype)  # (L, k)
+            w_ctx = torch.einsum("tj,ocj->toc", taps, w[:, h:2 * h])  # (L, e, h)
+            ctx_out = (ctx @ w_ctx.reshape(-1, h).t()).view(b, length, -1)
+            time_out = conv_cl(self.time_embedding[None], w[:, 2 * h:].contiguous(), None)  # (1, L, e)
+            a = conv_cl(nodes, w[:, :h].contiguous(), cast(nn.Conv1d, conv_a).bias, ctx_out + time_out)
+        return _cgn(gn, _cconv(conv_b, _relu(a)))
 
 
 class _TCNBase(nn.Module):
@@ -241,14 +288,23 @@ class _TCNBase(nn.Module):
 
     def encode(self, x0: Tensor, x_prev: Tensor) -> Tensor:
         """Normalise and encode the inputs: ``(B, nx), (B, T, nx) -> (B, h, L)``."""
+        return _channels_first(self._encode_cl(x0, x_prev))
+
+    def _encode_cl(self, x0: Tensor, x_prev: Tensor) -> Tensor:
+        """:meth:`encode` with a channel-last result ``(B, L, h)``."""
         x0n = (x0 - self.state_center) / self.input_scale
         xpn = (x_prev - self.state_center) / self.input_scale
-        return self.input_block(x0n, xpn)
+        return self.input_block.forward_cl(x0n, xpn)
 
     def waypoints(self, z: Tensor, x0: Tensor, x_prev: Tensor) -> Tensor:
         """Head + output parameterisation: ``z (B, h, L) -> theta (B, T, nx)`` with ``theta[:, 0] = x0``."""
+        return self._waypoints_cl(z.transpose(1, 2).contiguous(), x0, x_prev)
+
+    def _waypoints_cl(self, z: Tensor, x0: Tensor, x_prev: Tensor) -> Tensor:
+        """:meth:`waypoints` of a channel-last latent ``z: (B, L, h)``."""
         nq, dt = self.config.nq, self.config.dt
-        o = self.head(z).transpose(1, 2) * self.state_scale
+        conv, gn, _, out = self.head
+        o = _cconv(out, _relu(_cgn(gn, _cconv(conv, z)))) * self.state_scale
         pos = x_prev[:, :1, :nq] + dt * o[..., :nq]
         rest = torch.cat([pos, o[..., nq:]], dim=-1)
         return torch.cat([x0[:, None], rest], dim=1)
@@ -278,9 +334,12 @@ class FeedForwardTCN(_TCNBase):
     def forward(self, x0: Tensor, x_prev: Tensor, z: Tensor | None = None) -> NetOutput:
         """``x0: (B, nx)``, ``x_prev: (B, T, nx)``, ``z: (B, h, L) | None`` -> :class:`NetOutput`."""
         x0, x_prev, _ = self._prepare(x0, x_prev, z)
-        u = self.encode(x0, x_prev)
-        hidden = torch.relu(u + self.contract(self.expand(u)))
-        return NetOutput(self.waypoints(hidden, x0, x_prev), hidden.detach(), None)
+        u = self._encode_cl(x0, x_prev)  # (B, L, h)
+        conv_e, _, gn_e = self.expand
+        conv_c, gn_c = self.contract
+        y = _cgn(gn_e, _relu(_cconv(conv_e, u)))
+        hidden = torch.relu(u + _cgn(gn_c, _cconv(conv_c, y)))
+        return NetOutput(self._waypoints_cl(hidden, x0, x_prev), _channels_first(hidden.detach()), None)
 
 
 class DEQTCN(_TCNBase):
@@ -303,36 +362,51 @@ class DEQTCN(_TCNBase):
 
     def f(self, z: Tensor, u: Tensor) -> Tensor:
         """Fixed-point map: ``z (B, h, L)``, injection ``u (B, h, L)`` -> ``(B, h, L)``."""
-        y = self.gn1(torch.relu(self.conv1(z)))
-        return self.gn3(torch.relu(z + self.gn2(u + self.conv2(y))))
+        return _channels_first(self._f_cl(z.transpose(1, 2).contiguous(), u.transpose(1, 2).contiguous()))
+
+    def _f_cl(self, z: Tensor, u: Tensor) -> Tensor:
+        """:meth:`f` on channel-last ``z, u: (B, L, h)``."""
+        y = _cgn(self.gn1, _relu(_cconv(self.conv1, z)))
+        return _cgn(self.gn3, torch.relu(z + _cgn(self.gn2, conv_cl(y, self.conv2.weight, self.conv2.bias, u))))
+
+    def _f_solve(self, u: Tensor) -> Callable[[Tensor], Tensor]:
+        """The gradient-free map ``z -> f(z, u)`` of the forward solve, channel-last ``(B, L, h)``."""
+        ub = (u if self.conv2.bias is None else u + self.conv2.bias).detach()  # the injection folded into the bias
+
+        def f(z: Tensor) -> Tensor:
+            y = _cgn(self.gn1, _cconv(self.conv1, z).relu_())
+            return _cgn(self.gn3, _cgn(self.gn2, conv_cl(y, self.conv2.weight, None, ub)).add_(z).relu_())
+
+        return f
 
     def forward(self, x0: Tensor, x_prev: Tensor, z: Tensor | None = None) -> NetOutput:
         """``x0: (B, nx)``, ``x_prev: (B, T, nx)``, warm start ``z: (B, h, L) | None`` -> :class:`NetOutput`."""
         x0, x_prev, z = self._prepare(x0, x_prev, z)
-        u = self.encode(x0, x_prev)
-        z0 = torch.zeros_like(u) if z is None else z.detach()
+        u = self._encode_cl(x0, x_prev)  # (B, L, h): the solve runs channel-last
+        z0 = torch.zeros_like(u) if z is None else z.detach().transpose(1, 2).contiguous()
         solve = get_solver(self.config.solver)
-        z_star, stats = solve(lambda v: self.f(v, u), z0, self.config.anderson)
+        with torch.no_grad():
+            z_star, stats = solve(self._f_solve(u), z0, self.config.anderson)
         if torch.is_grad_enabled() and self.training:
             z_star = self._grad_path(z_star.detach(), u)
-        return NetOutput(self.waypoints(z_star, x0, x_prev), z_star.detach(), stats)
+        return NetOutput(self._waypoints_cl(z_star, x0, x_prev), _channels_first(z_star.detach()), stats)
 
     def _grad_path(self, z_star: Tensor, u: Tensor) -> Tensor:
-        """Re-attach autograd to the equilibrium ``(B, h, L)`` by the configured gradient."""
+        """Re-attach autograd to the channel-last equilibrium ``(B, L, h)`` by the configured gradient."""
         if self.config.deq_grad == "phantom":
             z = z_star
             for _ in range(self.config.phantom_steps):
-                z = self.f(z, u)
+                z = self._f_cl(z, u)
             return z
         return self._ift(z_star, u)
 
     def _ift(self, z_star: Tensor, u: Tensor) -> Tensor:
         """One differentiable step ``f(z*, u)`` whose incoming gradient is replaced by ``(I - J^T)^-1 grad``."""
-        z = self.f(z_star, u)
+        z = self._f_cl(z_star, u)
         if not z.requires_grad:
             return z
         z_leaf = z_star.clone().requires_grad_()
-        f_leaf = self.f(z_leaf, u.detach())
+        f_leaf = self._f_cl(z_leaf, u.detach())
         cfg = dataclasses.replace(self.config.anderson, max_iter=self.config.ift_max_iter, tol=self.config.ift_tol)
 
         def hook(grad: Tensor) -> Tensor:
