@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from enum import Enum
 from typing import Any, TypeVar
 
 import numpy as np
@@ -47,7 +49,8 @@ def _python_scalar(value: Any) -> Any:
     return value
 
 
-def _matches(value: Any, atom: str) -> bool:
+def matches_annotation(value: Any, atom: str) -> bool:
+    """True when ``value`` is of the annotation atom ``atom`` (int, float: finite, str, bool, None)."""
     if atom == "None":
         return value is None
     if atom == "bool":
@@ -72,7 +75,78 @@ def check_field_types(config: Any) -> None:
             continue
         value = _python_scalar(getattr(config, f.name))
         object.__setattr__(config, f.name, value)
-        if not any(_matches(value, a) for a in atoms):
+        if not any(matches_annotation(value, a) for a in atoms):
             want = " or ".join("a finite number" if a == "float" else a for a in atoms)
             raise ConfigError(f"{type(config).__name__}.{f.name} must be {want}, got {value!r} "
                               f"({type(value).__name__})")
+
+
+class Choice(str, Enum):
+    """Base of the configs' mode enums: members are their string values (``==``, JSON, f-strings), and
+    :meth:`resolve` is the one place a mode string is checked."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    @classmethod
+    def resolve(cls: type[E], value: Any) -> E:
+        """The member for ``value`` (a member or its string, case-insensitive, ``_`` read as ``-``); anything
+        else raises :class:`ConfigError` listing the valid values."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            key = value.strip().lower()
+            for member in cls:
+                if member.value in (key, key.replace("_", "-")):
+                    return member
+        label = re.sub(r"(?<!^)(?=[A-Z])", " ", cls.__name__).lower()  # DeqGrad -> "deq grad"
+        raise ConfigError(f"unknown {label} {value!r}; valid {label}s: {[m.value for m in cls]}")
+
+
+E = TypeVar("E", bound=Choice)
+
+
+class Gradient(Choice):
+    """How the MPC solver's output is differentiated: the implicit function theorem at the last iterate,
+    backpropagation through the unrolled iterations, or the IFT at the final solve only (Diff-MPC)."""
+
+    IMPLICIT = "implicit"
+    UNROLL = "unroll"
+    FINAL_IMPLICIT = "final_implicit"
+
+
+class LinearSolver(Choice):
+    """The MPC's Newton-system factorisation: chosen per call, dense Cholesky or block-banded Cholesky."""
+
+    AUTO = "auto"
+    DENSE = "dense"
+    BANDED = "banded"
+
+
+class DeqGrad(Choice):
+    """The DEQ network's backward pass: phantom gradient (extra applications of f) or the IFT adjoint."""
+
+    PHANTOM = "phantom"
+    IFT = "ift"
+
+
+class SolverDtype(Choice):
+    """The MPC solver's floating dtype (the network runs in float32)."""
+
+    FLOAT64 = "float64"
+    FLOAT32 = "float32"
+
+    @property
+    def torch_dtype(self) -> Any:
+        """The ``torch.dtype`` of this member."""
+        import torch
+
+        return torch.float64 if self is SolverDtype.FLOAT64 else torch.float32
+
+    @classmethod
+    def of(cls, dtype: Any) -> SolverDtype:
+        """The member of a ``torch.dtype`` (float64 or float32) or of its name."""
+        return cls.resolve(str(dtype).removeprefix("torch."))

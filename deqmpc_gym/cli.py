@@ -132,7 +132,7 @@ def _add_device(parser: Any) -> None:
 
 def _add_train(sub: Any) -> None:
     from deqmpc_gym.evaluation import EvalConfig
-    from deqmpc_gym.policies import DEQMPCPolicy, PolicyConfig
+    from deqmpc_gym.policies import DEQMPCPolicy, NetworkConfig, PolicyConfig
     from deqmpc_gym.training import TrainConfig
 
     t = _parser(sub, "train", "imitation-train a DEQ-MPC policy on a dataset")
@@ -143,7 +143,7 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--out", required=True,
                    help="run folder (checkpoint.pt, best/, final/, progress.csv, result.json)")
     t.add_argument("--steps", type=int, default=_default(TrainConfig, "steps"), help="optimisation steps")
-    t.add_argument("--hidden", type=int, default=_default(PolicyConfig, "hidden"),
+    t.add_argument("--hidden", type=int, default=_default(NetworkConfig, "hidden"),
                    help="network width, divisible by 4")
     t.add_argument("--batch-size", type=int, default=_default(TrainConfig, "batch_size"), help="windows per step")
     t.add_argument("--val-every", type=int, default=_default(TrainConfig, "val_every"),

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from deqmpc_gym.errors import ConfigError
-from deqmpc_gym.mpc import CompiledSolver, MPCConfig, MPCProblem, SolveInfo, SolverState, init_state, solve
-from deqmpc_gym.nets import AndersonConfig, NetConfig, SolverStats, build_network, shift_latent
+from deqmpc_gym.mpc import CompiledSolver, MPCProblem, SolveInfo, SolverState, init_state, solve
+from deqmpc_gym.nets import NetConfig, SolverStats, build_network, shift_latent
 from deqmpc_gym.policies.config import PolicyConfig
 from deqmpc_gym.systems import System
 
@@ -140,20 +140,14 @@ class DEQMPCLayer(nn.Module):
         self.system = system
         self.config = config
         self.variant = config.variant_enum
-        self.solver_dtype = torch.float64 if config.solver_dtype == "float64" else torch.float32
-        net_cfg = NetConfig(
-            nx=system.nx, nq=system.nq, dt=system.dt, T=config.horizon, hidden=config.hidden,
-            kind=self.variant.net_kind, deq_grad=config.deq_grad,
-            anderson=AndersonConfig(m=config.anderson_memory, max_iter=config.anderson_max_iter,
-                                    tol=config.anderson_tol, beta=config.anderson_beta),
-        )
+        self.solver_dtype = config.mpc.dtype
+        net_cfg = NetConfig(nx=system.nx, nq=system.nq, dt=system.dt, T=config.horizon, hidden=config.net.hidden,
+                            kind=self.variant.net_kind, deq_grad=config.net.deq_grad.value,
+                            anderson=config.net.anderson)
         self.net = build_network(net_cfg).to(device)
         self.problem: MPCProblem | None = None
         if self.variant.uses_mpc:
-            mpc_cfg = MPCConfig(horizon=config.horizon,
-                                n_obstacle_constraints=config.n_obstacle_constraints,
-                                gradient=config.gradient, dtype=self.solver_dtype)
-            self.problem = MPCProblem(system, mpc_cfg, obstacle_centers=obstacle_centers,
+            self.problem = MPCProblem(system, config.mpc, obstacle_centers=obstacle_centers,
                                       obstacle_radius=obstacle_radius, device=device)
         self._fast: CompiledSolver | None = None
         if config.compiled_solver:
@@ -228,7 +222,7 @@ class DEQMPCLayer(nn.Module):
                     solver_state = solver_state.shift(problem, x_last=theta[:, -1].detach(),
                                                       iters_remaining=n_iter * cfg.al_iters)
             x, u, solver_state, info = self._solve(x0, theta, solver_state, iters=cfg.al_iters,
-                                                   gradient=cfg.gradient, stop_at_rho_max=stream,
+                                                   gradient=cfg.mpc.gradient, stop_at_rho_max=stream,
                                                    exit_residual=cfg.stream_exit_residual if stream else None)
             iters = iters + info.newton_steps.to(iters.dtype)
             thetas.append(theta)
