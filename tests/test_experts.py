@@ -347,6 +347,26 @@ def test_tiny_ppo_training_is_resumable(tmp_path: Path) -> None:
         train_expert(_tiny_config(learning_rate=1e-2), out, progress=False, max_slices=1)
 
 
+def test_ppo_training_logs_through_sb3s_logger(tmp_path: Path) -> None:
+    """progress.csv: one row per PPO iteration with SB3's keys; the rows of a slice before a resume are kept."""
+    import csv
+
+    out = tmp_path / "expert"
+    assert train_expert(_tiny_config(total_steps=768), out, progress=False, max_slices=1) is None
+    train_expert(_tiny_config(total_steps=768), out, progress=False)
+    with open(out / "progress.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = set(rows[0])
+    assert {"time/total_timesteps", "time/fps", "train/loss", "train/value_loss", "train/policy_gradient_loss",
+            "train/approx_kl", "train/entropy_loss", "train/learning_rate", "train/std"} <= columns
+    steps = [int(r["time/total_timesteps"]) for r in rows]  # every row has its env steps
+    assert steps[0] == 256 and steps[-1] == 768 and 512 in steps  # the first (resumed) slice's rows are kept
+    losses = [float(r["train/loss"]) for r in rows if r["train/loss"]]
+    assert len(losses) == 3 and all(np.isfinite(losses))  # every iteration's update, the last one included
+    with pytest.raises(ConfigError, match="log_formats"):
+        train_expert(_tiny_config(), tmp_path / "x", progress=False, log_formats=("json",))
+
+
 def test_a_checkpoint_of_another_config_names_the_fields(tmp_path: Path) -> None:
     """The resume rule of :mod:`deqmpc_gym.checkpoint`: a mismatching checkpoint raises ResumeMismatchError naming
     each field (saved -> requested) and how to go on; the budget may change; an unreadable one is refused."""

@@ -10,18 +10,25 @@ their start step. The finished expert is exported by :func:`~deqmpc_gym.experts.
 from __future__ import annotations
 
 import copy
+import csv
 import dataclasses
+import importlib.util
+import io
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from stable_baselines3.common.logger import KVWriter
 
 from deqmpc_gym.checkpoint import check_definition, load_checkpoint, save_checkpoint
+from deqmpc_gym.errors import ConfigError
 from deqmpc_gym.experts.config import ExpertConfig, FinetunePhase
 from deqmpc_gym.experts.export import export_expert
+from deqmpc_gym.io import atomic_write_text
 
 #: the ``format`` of ``checkpoint/progress.json`` (:mod:`deqmpc_gym.checkpoint`)
 CHECKPOINT_FORMAT = "deqmpc_gym.expert_checkpoint"
@@ -55,7 +62,7 @@ class _Paths:
 def _make_venv(config: ExpertConfig, seed: int, training: bool, features: int | None = None) -> Any:
     """The ``VecNormalize``-wrapped training (or evaluation) env of ``config``; ``features``: the obstacle features
     ``k`` of the policy's input (default ``config.obstacle_features``)."""
-    from stable_baselines3.common.vec_env import VecNormalize
+    from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
 
     from deqmpc_gym.envs import make_sb3_vec_env
     from deqmpc_gym.experts.shaping import with_obstacle_features, with_reward_shaping
@@ -63,6 +70,8 @@ def _make_venv(config: ExpertConfig, seed: int, training: bool, features: int | 
     kw = {} if not training or config.train_obstacle_radius is None else \
         {"obstacle_radius": float(config.train_obstacle_radius)}
     venv = make_sb3_vec_env(config.env_id, config.n_envs, seed=seed, **kw)
+    if training:  # episode returns (of the env's own reward) and lengths for the log (rollout/ep_rew_mean)
+        venv = VecMonitor(venv)
     k = config.obstacle_features if features is None else features
     if k:
         venv = with_obstacle_features(venv, k)
@@ -93,7 +102,7 @@ def _save_checkpoint(model: Any, venv: Any, paths: _Paths, state: dict[str, Any]
 
 
 def train_expert(config: ExpertConfig, out_dir: str | Path, *, resume: bool = True, progress: bool = True,
-                 max_slices: int | None = None) -> dict[str, Any] | None:
+                 max_slices: int | None = None, log_formats: tuple[str, ...] = ("csv",)) -> dict[str, Any] | None:
     """Train (or resume) a PPO expert and export it with its card.
 
     Args:
@@ -103,6 +112,11 @@ def train_expert(config: ExpertConfig, out_dir: str | Path, *, resume: bool = Tr
         progress: show SB3's progress bar and print the teacher's rounds.
         max_slices: stop after this many slices (for running long trainings in pieces); returns None if the
             budget is not yet exhausted, otherwise the card.
+        log_formats: SB3 logger outputs: ``"csv"`` writes ``out_dir/progress.csv`` (one row per PPO iteration,
+            SB3's keys: ``time/total_timesteps``, ``rollout/ep_rew_mean`` (the env's own reward), ``train/loss``,
+            ``train/approx_kl``...; the rows are kept in the checkpoint, so every row survives a resume);
+            ``"stdout"`` prints them; ``"tensorboard"`` (added when TensorBoard is installed) writes event files
+            to ``out_dir``.
 
     Returns:
         The expert card (dict), also written to ``out_dir/card.json``.
@@ -115,22 +129,78 @@ def train_expert(config: ExpertConfig, out_dir: str | Path, *, resume: bool = Tr
     """
     paths = _Paths(Path(out_dir))
     model, venv, state = _start_or_resume(config, paths, resume)
+    rows: list[dict[str, Any]] = state.setdefault("log_rows", [])
+    logger = _logger(paths.root, log_formats, rows)
     slices = 0
-    while state["steps_done"] < config.total_steps and (max_slices is None or slices < max_slices):
-        model, venv = _start_due_phase(model, venv, config, state)
-        n = state["phases_started"]
-        chunk = min(config.slice_steps, config.total_steps - state["steps_done"])
-        if n < len(config.phases):
-            chunk = min(chunk, max(1, config.phases[n].start_step - state["steps_done"]))
-        t0 = time.perf_counter()
-        model.learn(chunk, reset_num_timesteps=False, progress_bar=progress)
-        state["steps_done"] = int(model.num_timesteps)
-        state["wall_time_s"] += time.perf_counter() - t0
-        _save_checkpoint(model, venv, paths, state)
-        slices += 1
+    try:
+        while state["steps_done"] < config.total_steps and (max_slices is None or slices < max_slices):
+            model, venv = _start_due_phase(model, venv, config, state)
+            n = state["phases_started"]
+            chunk = min(config.slice_steps, config.total_steps - state["steps_done"])
+            if n < len(config.phases):
+                chunk = min(chunk, max(1, config.phases[n].start_step - state["steps_done"]))
+            t0 = time.perf_counter()
+            model.set_logger(logger)
+            model.learn(chunk, reset_num_timesteps=False, progress_bar=progress)
+            logger.dump(model.num_timesteps)  # the last iteration's train/* figures
+            state["steps_done"] = int(model.num_timesteps)
+            state["wall_time_s"] += time.perf_counter() - t0
+            _save_checkpoint(model, venv, paths, state)
+            if "csv" in log_formats:
+                write_log_csv(paths.root / "progress.csv", rows)
+            slices += 1
+    finally:
+        logger.close()
     if state["steps_done"] < config.total_steps:
         return None
     return export_expert(model, venv, config, paths.root, state, log=print if progress else None)
+
+
+class _RowWriter(KVWriter):
+    """An SB3 logger output that appends every dump's numeric values to ``rows`` (JSON types), each row with its
+    ``time/total_timesteps``."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def write(self, key_values: dict[str, Any], key_excluded: dict[str, tuple[str, ...]], step: int = 0) -> None:
+        row = {k: (int(v) if isinstance(v, (int, np.integer)) else float(v)) for k, v in key_values.items()
+               if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+               and "csv" not in (key_excluded.get(k) or ())}
+        if row:
+            row.setdefault("time/total_timesteps", int(step))  # SB3 dumps at the model's num_timesteps
+            self.rows.append(row)
+
+    def close(self) -> None:
+        pass
+
+
+def _logger(folder: Path, log_formats: tuple[str, ...], rows: list[dict[str, Any]]) -> Any:
+    """The SB3 logger of a PPO run: the CSV rows into ``rows``, plus stdout / TensorBoard as asked (TensorBoard
+    whenever it is installed)."""
+    from stable_baselines3.common.logger import Logger, make_output_format
+
+    formats = list(dict.fromkeys(log_formats))
+    if "tensorboard" not in formats and importlib.util.find_spec("tensorboard") is not None:
+        formats.append("tensorboard")
+    unknown = sorted(set(formats) - {"csv", "stdout", "tensorboard"})
+    if unknown:
+        raise ConfigError(f"log_formats may hold 'csv', 'stdout' and 'tensorboard', got {unknown}")
+    folder.mkdir(parents=True, exist_ok=True)
+    outputs: list[KVWriter] = [_RowWriter(rows)] if "csv" in formats else []
+    outputs += [make_output_format(f, str(folder)) for f in formats if f != "csv"]
+    return Logger(folder=str(folder), output_formats=outputs)
+
+
+def write_log_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Atomically write ``rows`` as CSV: the columns in order of first appearance, empty cells where a row has no
+    value."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def _start_or_resume(config: ExpertConfig, paths: _Paths, resume: bool) -> tuple[Any, Any, dict[str, Any]]:
