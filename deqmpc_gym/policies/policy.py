@@ -64,7 +64,9 @@ _ROW_ERRORS: tuple[type[BaseException], ...] = (DeqmpcError, torch.linalg.LinAlg
 def _unwrap_env(env: gym.Env | str, env_kwargs: dict[str, Any] | None) -> tuple[gym.Env, str | None, dict[str, Any]]:
     """``(unwrapped env, its registered id or None, its make kwargs)`` of an env or an id (made here)."""
     if isinstance(env, str):
-        import deqmpc_gym  # noqa: F401  (registers the ids)
+        from deqmpc_gym.envs.registration import register_envs
+
+        register_envs()  # the DEQMPC/* ids (idempotent)
 
         kwargs = dict(env_kwargs or {})
         try:

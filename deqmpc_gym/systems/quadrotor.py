@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 
 from deqmpc_gym.systems.base import System, rk4
 from deqmpc_gym.systems.ops import batch_first, batch_last, ops_for
+from deqmpc_gym.systems.quad_params import QuadParams
 from deqmpc_gym.systems.rigid_body_jacobians import control_jacobians, rigid_body_jacobians
 from deqmpc_gym.systems.rotations import (
     cross,
@@ -22,31 +22,6 @@ from deqmpc_gym.systems.rotations import (
 )
 
 _S2 = 1.0 / math.sqrt(2.0)
-
-
-@dataclass(frozen=True)
-class QuadParams:
-    """Physical constants of a "+"-rotated (x-configuration) quadrotor.
-
-    Motor ``i`` gets the command ``u_c,i = act_scale * (u_i + u_offset)`` and produces the force
-    ``f_i = kf u_c,i + bf`` [N] along body z and the yaw torque ``+-km u_c,i``. Arms point along
-    ``(1,1), (1,-1), (-1,-1), (-1,1) / sqrt(2)`` with length ``arm`` [m].
-    """
-
-    mass: float
-    inertia: tuple[tuple[float, float, float], ...]
-    arm: float
-    kf: float
-    bf: float
-    km: float
-    act_scale: float
-    u_offset: float = 0.0
-    gravity: float = 9.81
-    inertia_inv: tuple[tuple[float, float, float], ...] = field(init=False)
-
-    def __post_init__(self) -> None:
-        inv = np.linalg.inv(np.asarray(self.inertia, dtype=np.float64))
-        object.__setattr__(self, "inertia_inv", tuple(tuple(float(v) for v in row) for row in inv))
 
 
 def _matvec(m: tuple[tuple[float, float, float], ...], v: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:

@@ -26,13 +26,11 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from deqmpc_gym.systems.quadrotor import QuadParams
+from deqmpc_gym.systems.quad_params import QuadParams
 
 Array = torch.Tensor | np.ndarray
 _S2 = 1.0 / np.sqrt(2.0)
