@@ -414,3 +414,51 @@ def test_dagger_adds_expert_labels_from_the_policys_own_states(small: ExpertData
     assert (tmp_path / "round_0" / "best" / "policy.pt").exists() and tuned is not policy
     with pytest.raises(ConfigError, match="rounds"):
         DaggerConfig(rounds=0)
+
+
+# ---------------------------------------------------------------------------------------------- SB3 callbacks
+def test_an_sb3_eval_callback_runs_at_validations_and_can_stop_training(small: ExpertDataset, tmp_path: Path) -> None:
+    """An SB3 ``EvalCallback`` is passed as it is: it evaluates the policy (closed loop, through its ``predict``)
+    at every validation with ``num_timesteps`` = the step, saves the best model, and ``False`` from a callback
+    stops training after that validation; plain callables keep working beside it."""
+    import gymnasium as gym
+    from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
+
+    class StopAt(BaseCallback):
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.n, self.seen, self.started, self.ended = n, [], False, False
+
+        def _on_training_start(self) -> None:
+            self.started = True
+
+        def _on_step(self) -> bool:
+            self.seen.append((self.num_timesteps, self.locals["step"], self.locals["windows_seen"],
+                              self.locals["metrics"]["val_loss"]))
+            return self.n_calls < self.n
+
+        def _on_training_end(self) -> None:
+            self.ended = True
+
+    env = gym.make(PEND, max_episode_steps=5)
+    ev = EvalCallback(env, eval_freq=1, n_eval_episodes=2, best_model_save_path=str(tmp_path / "cb"),
+                      log_path=str(tmp_path / "cb"), verbose=0, warn=False)
+    stop, plain = StopAt(2), []
+    res = ImitationTrainer(_policy(), small, _cfg(steps=20, val_every=5), tmp_path / "run",
+                           callbacks=[ev, stop, lambda t, step, m: plain.append(step)], progress=False).train()
+    assert res.steps == 10 and plain == [5, 10]  # stopped at the 2nd validation; the run ends there as finished
+    assert stop.started and stop.ended
+    assert [s[:3] for s in stop.seen] == [(5, 5, 40), (10, 10, 80)]
+    assert [s[3] for s in stop.seen] == [h["val_loss"] for h in res.history]
+    assert ev.n_calls == 2 and ev.evaluations_timesteps == [5, 10]
+    assert np.asarray(ev.evaluations_results).shape == (2, 2) and np.isfinite(ev.last_mean_reward)
+    assert (tmp_path / "cb" / "best_model" / "policy.pt").exists() and (tmp_path / "cb" / "evaluations.npz").exists()
+    assert (tmp_path / "run" / "final").exists() and (tmp_path / "run" / "result.json").exists()
+    # a single callback is accepted as it is, and resume continues a stopped run
+    res2 = ImitationTrainer(_policy(), small, _cfg(steps=15, val_every=5), tmp_path / "run",
+                            callbacks=StopAt(5), progress=False).train(resume=True)
+    assert res2.steps == 15
+    with pytest.raises(ConfigError, match="callbacks"):
+        ImitationTrainer(_policy(), small, _cfg(), tmp_path / "bad", callbacks=(3,), progress=False)
+    with pytest.raises(ConfigError, match="callbacks"):
+        ImitationTrainer(_policy(), small, _cfg(), tmp_path / "bad", callbacks=3, progress=False)

@@ -194,7 +194,18 @@ class ImitationTrainer:
     while training, ``train.lock``.
 
     Args:
-        callbacks: callables ``fn(trainer, step, metrics) -> None`` run after every validation.
+        callbacks: run after every validation, in order; one callback or a sequence of them, each either
+
+            * a callable ``fn(trainer, step, metrics) -> None`` (``metrics``: the validation record), or
+            * a stable-baselines3 ``BaseCallback`` (e.g. ``EvalCallback``), passed as it is. It sees a model
+              (:class:`~deqmpc_gym.policies.sb3.SB3ModelShim`) whose ``predict`` is the policy's, whose
+              ``num_timesteps`` is the optimisation step (the x-axis of every log of the trainer) and whose
+              ``logger`` is the trainer's SB3 logger; ``on_step()`` runs at every validation (so ``n_calls``
+              counts validations: ``EvalCallback(eval_freq=1)`` evaluates at each one), with
+              ``locals = {"trainer", "step", "windows_seen" (step * batch_size), "metrics"}``;
+              ``on_training_start`` / ``on_training_end`` frame the run. ``on_step()`` returning False stops
+              training after that validation, like SB3's ``learn``: the run ends as finished at that step
+              (``final/``, ``result.json``), and ``resume`` with a larger budget continues it.
         evaluator: ``fn(policy) -> {"score": ..., ...}`` run every ``config.eval_every`` steps (closed-loop
             figures of the current policy, e.g. :func:`deqmpc_gym.experiments.reproduce.score_evaluator`); its
             values are recorded as ``eval/<key>``. It must leave the policy as it found it.
@@ -204,7 +215,7 @@ class ImitationTrainer:
     """
 
     def __init__(self, policy: DEQMPCPolicy, dataset: ExpertDataset, config: TrainConfig, out_dir: str | Path,
-                 callbacks: tuple[Callable[..., None], ...] = (), progress: bool = True,
+                 callbacks: Any = (), progress: bool = True,
                  log_formats: tuple[str, ...] = ("csv",),
                  evaluator: Callable[[DEQMPCPolicy], dict[str, float]] | None = None) -> None:
         if policy.env_id is not None and dataset.env_id != policy.env_id:
@@ -213,7 +224,10 @@ class ImitationTrainer:
         if not isinstance(config, TrainConfig):
             raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.policy, self.config, self.out_dir = policy, config, Path(out_dir)
-        self.callbacks, self.progress, self.evaluator = callbacks, progress, evaluator
+        self.callbacks, self.sb3_callback = _split_callbacks(callbacks)
+        self.progress, self.evaluator = progress, evaluator
+        self._shim: Any = None
+        self._stop_by_callback = False
         window = policy.config.horizon + config.streaming_steps
         train, val = dataset.split(config.val_fraction, seed=config.seed)
         self.sampler = WindowSampler(train, policy.system, window, seed=config.seed)
@@ -381,12 +395,15 @@ class ImitationTrainer:
         t0 = time.perf_counter() - self._elapsed
         stop = _DeferredInterrupt()
         at_boundary = True
+        self._start_sb3_callback(logger)
         try:
             with stop:
-                while self.step < self.config.steps and not stop.requested:
+                while self.step < self.config.steps and not stop.requested and not self._stop_by_callback:
                     at_boundary = False
                     self._one_step(logger, bar, t0)
                     at_boundary = True
+            if self.sb3_callback is not None and not stop.requested:
+                self.sb3_callback.on_training_end()
         except KeyboardInterrupt:
             self._interrupted(at_boundary, t0)
         finally:
@@ -452,10 +469,53 @@ class ImitationTrainer:
         self._write_progress()
         for cb in self.callbacks:
             cb(self, self.step, record)
+        if self.sb3_callback is not None:
+            self._shim.num_timesteps = self.step
+            self.sb3_callback.update_locals(self._callback_locals(record))
+            if self.sb3_callback.on_step() is False:
+                self._stop_by_callback = True
+
+    def _callback_locals(self, metrics: dict[str, float] | None = None) -> dict[str, Any]:
+        """What an SB3 callback finds in ``self.locals`` (see the class docstring)."""
+        return {"trainer": self, "step": self.step, "windows_seen": self.step * self.config.batch_size,
+                "metrics": metrics or {}}
+
+    def _start_sb3_callback(self, logger: Any) -> None:
+        """Initialise the SB3 callback (if any) on a model shim of the policy and call ``on_training_start``."""
+        if self.sb3_callback is None:
+            return
+        from deqmpc_gym.policies.sb3 import SB3ModelShim
+
+        callbacks = getattr(self.sb3_callback, "callbacks", [self.sb3_callback])  # a CallbackList holds several
+        env = next((c.eval_env for c in callbacks if getattr(c, "eval_env", None) is not None), None)
+        self._shim = SB3ModelShim(self.policy, env=env, logger=logger)
+        self._shim.num_timesteps = self.step
+        self._stop_by_callback = False
+        self.sb3_callback.init_callback(self._shim)
+        self.sb3_callback.on_training_start(self._callback_locals(), {})
 
     def _write_progress(self) -> None:
         if "csv" in self.log_formats:
             write_progress(self.out_dir / "progress.csv", self.progress_rows)
+
+
+def _split_callbacks(callbacks: Any) -> tuple[tuple[Callable[..., None], ...], Any]:
+    """``(plain callables, one SB3 callback or None)`` from one callback or a sequence of them (several SB3
+    callbacks are joined in a ``CallbackList``, in order)."""
+    from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+
+    try:
+        items = [callbacks] if isinstance(callbacks, BaseCallback) or callable(callbacks) else list(callbacks)
+    except TypeError:
+        raise ConfigError(f"callbacks must be a callback or a sequence of them, got {type(callbacks).__name__}") \
+            from None
+    sb3 = [c for c in items if isinstance(c, BaseCallback)]
+    plain = tuple(c for c in items if not isinstance(c, BaseCallback))
+    bad = [type(c).__name__ for c in plain if not callable(c)]
+    if bad:
+        raise ConfigError(f"callbacks must be callables fn(trainer, step, metrics) or stable-baselines3 "
+                          f"BaseCallbacks, got {', '.join(bad)}")
+    return plain, (None if not sb3 else sb3[0] if len(sb3) == 1 else CallbackList(sb3))
 
 
 class _DeferredInterrupt:
