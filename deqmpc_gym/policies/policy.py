@@ -114,15 +114,16 @@ def _drop_rows(state: StreamState, rows: np.ndarray) -> StreamState:
     return dataclasses.replace(state, plan=plan)
 
 
-def _base_state(results: list[tuple[np.ndarray, LayerOutput]], n: int, horizon: int, system: System) -> StreamState:
+def _base_state(results: list[tuple[np.ndarray, LayerOutput]], n: int, horizon: int, system: System,
+                device: torch.device) -> StreamState:
     """A state of batch ``n`` with the structure of the layer's outputs, to scatter the row groups into (every
-    row is overwritten or dropped afterwards); all-NaN plans when no row could be solved."""
+    row is overwritten or dropped afterwards); all-NaN plans on ``device`` when no row could be solved."""
     if results:
         return select_state(results[0][1].state, torch.zeros(n, dtype=torch.long,
                                                             device=results[0][1].state.plan.device))
     nan = float("nan")
-    return StreamState(plan=torch.full((n, horizon, system.nx), nan, dtype=torch.float64),
-                       controls=torch.full((n, horizon, system.nu), nan, dtype=torch.float64))
+    return StreamState(plan=torch.full((n, horizon, system.nx), nan, dtype=torch.float64, device=device),
+                       controls=torch.full((n, horizon, system.nu), nan, dtype=torch.float64, device=device))
 
 
 class DEQMPCPolicy(nn.Module):
@@ -278,7 +279,7 @@ class DEQMPCPolicy(nn.Module):
             out = results[0][1]
             merged, u = out.state, out.action.detach().cpu().numpy()
         else:
-            merged = _base_state(results, n, self.config.horizon, self.system)
+            merged = _base_state(results, n, self.config.horizon, self.system, self.device)
             u = np.full((n, self.system.nu), np.nan)
             for rows, out in results:
                 merged = scatter_state(merged, torch.as_tensor(rows, device=self.device), out.state)
