@@ -2,7 +2,8 @@
 
 Subcommands::
 
-    deqmpc-gym expert train   --env ID [--steps N] [--seed S] [--out DIR] [--slices K]
+    deqmpc-gym expert train   --env ID [--steps N] [--seed S | --seeds S ...] [--out DIR] [--slices K]
+                              [--launcher local|ray] [--address ADDR] [--cpus-per-run C]
     deqmpc-gym expert collect --env ID --out FILE [--num-trajectories N] [--seed S] [--expert DIR]
     deqmpc-gym train    --env ID --variant V --dataset FILE --out DIR [--steps N] [--hidden H] [--resume | --overwrite]
     deqmpc-gym evaluate (--policy DIR | --pretrained ID [--variant V]) [--episodes N] [--stream-iters K] [--json FILE]
@@ -93,7 +94,10 @@ def _add_expert(sub: Any) -> None:
     t.add_argument("--env", required=True, help=_env_help())
     t.add_argument("--steps", type=int, default=None,
                    help="total env steps of PPO (default: the per-env budget, see EXPERT_DEFAULTS)")
-    t.add_argument("--seed", type=int, default=_default(ExpertConfig, "seed"), help="seed of PPO and its envs")
+    seed = t.add_mutually_exclusive_group()
+    seed.add_argument("--seed", type=int, default=_default(ExpertConfig, "seed"), help="seed of PPO and its envs")
+    seed.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
+                      help="train one expert per seed, each into OUT/s<S>/, with their records in OUT/seeds.json")
     t.add_argument("--n-envs", type=int, default=None,
                    help=f"envs per PPO rollout (default: per-env; ExpertConfig: {_default(ExpertConfig, 'n_envs')})")
     t.add_argument("--goal-bonus", type=float, default=None,
@@ -112,6 +116,13 @@ def _add_expert(sub: Any) -> None:
                    help="stop after this many checkpoint slices (default: train to the end)")
     t.add_argument("--no-resume", action="store_true",
                    help="start over instead of continuing from the checkpoint in --out")
+    t.add_argument("--launcher", choices=["local", "ray"], default="local",
+                   help="local: the seeds one after another in this process; ray: each seed a Ray task (pip install "
+                        "'deqmpc_gym[cluster]'); with ray, a single --seed also trains into OUT/s<S>/")
+    t.add_argument("--address", default=None,
+                   help="with --launcher ray: the cluster to join (e.g. auto, HOST:6379, ray://HOST:10001); "
+                        "default: start a local Ray instance")
+    t.add_argument("--cpus-per-run", type=int, default=1, help="with --launcher ray: CPUs (threads) per seed")
     c = _parser(esub, "collect", "roll out an expert and write a dataset (.npz)")
     c.add_argument("--env", required=True, help=_env_help())
     c.add_argument("--out", required=True, help="dataset file to write (.npz)")
@@ -307,6 +318,8 @@ def _expert(args: argparse.Namespace) -> int:
         overrides["teacher"] = None
     cfg = default_expert_config(args.env, **overrides)
     out = check_writable(args.out or f"runs/experts/{args.env.split('/')[-1]}", kind="dir")
+    if args.seeds is not None or args.launcher != "local":
+        return _expert_seeds(args, cfg, out)
     card = train_expert(cfg, out, resume=not args.no_resume, max_slices=args.slices)
     if card is None:
         print(f"expert training paused at a checkpoint in {out}; run the same command again to continue")
@@ -318,6 +331,23 @@ def _expert(args: argparse.Namespace) -> int:
           f"mean return {card['mean_return']:.1f} "
           f"(random {card['random_return']:.1f}), {card['train_steps']} steps in {card['wall_time_s']:.0f} s "
           f"-> {out}")
+    return 0
+
+
+def _expert_seeds(args: argparse.Namespace, cfg: Any, out: Any) -> int:
+    from deqmpc_gym.experiments.expert_seeds import train_expert_seeds
+    from deqmpc_gym.experiments.launch import LaunchConfig
+
+    launch = LaunchConfig(launcher=args.launcher, address=args.address, cpus_per_run=args.cpus_per_run)
+    records = train_expert_seeds(cfg, args.seeds or [args.seed], out, launch, resume=not args.no_resume,
+                                 max_slices=args.slices)
+    for seed, rec in records.items():
+        if rec["status"] == "paused":
+            print(f"seed {seed}: paused at a checkpoint in {rec['out']}; run the same command again to continue")
+        else:
+            print(f"seed {seed}: success {rec['success_rate']:.2%}, collisions {rec['collision_rate']:.2%}, mean "
+                  f"return {rec['mean_return']:.1f}, {rec['train_steps']} steps -> {rec['out']}")
+    print(f"records written to {out}/seeds.json")
     return 0
 
 
