@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["conv_cl", "group_norm_cl"]
+__all__ = ["conv_cl", "group_norm_cl", "transposed_weight"]
 
 
 def _im2col(x: Tensor, k: int) -> Tensor:
@@ -52,7 +52,7 @@ class _ConvFn(torch.autograd.Function):
         b, length, c_in = x.shape
         c_out, _, k = weight.shape
         cols = _im2col(x, k)
-        out = _matmul(cols, weight.reshape(c_out, c_in * k), bias, add, b, length)
+        out = _matmul(cols, weight.reshape(c_out, c_in * k).t(), bias, add, b, length)
         ctx.save_for_backward(cols, weight)
         ctx.dims = (b, length, c_in, k, bias is not None)
         return out
@@ -74,21 +74,31 @@ class _ConvFn(torch.autograd.Function):
         return dx, dw, db, dadd
 
 
-def _matmul(cols: Tensor, w: Tensor, bias: Tensor | None, add: Tensor | None, b: int, length: int) -> Tensor:
-    """``cols @ w.T (+ bias) (+ add)`` as ``(B, L, C_out)``."""
+def _matmul(cols: Tensor, wt: Tensor, bias: Tensor | None, add: Tensor | None, b: int, length: int) -> Tensor:
+    """``cols @ wt (+ bias) (+ add)`` as ``(B, L, C_out)``; ``wt`` is the ``(C_in*k, C_out)`` weight matrix."""
     if add is not None:
         base = add.reshape(b * length, -1)
         if bias is not None:
             base = base + bias
-        out = torch.addmm(base, cols, w.t())
+        out = torch.addmm(base, cols, wt)
     elif bias is not None:
-        out = torch.addmm(bias, cols, w.t())
+        out = torch.addmm(bias, cols, wt)
     else:
-        out = cols @ w.t()
+        out = cols @ wt
     return out.view(b, length, -1)
 
 
-def conv_cl(x: Tensor, weight: Tensor, bias: Tensor | None, add: Tensor | None = None) -> Tensor:
+def transposed_weight(weight: Tensor) -> Tensor:
+    """The Conv1d weight ``(C_out, C_in, k)`` as a contiguous ``(C_in*k, C_out)`` matrix (detached).
+
+    A product with this layout is up to 2x faster than with ``weight.reshape(C_out, -1).t()`` for the few rows of
+    small batches; callers that convolve many times with one weight (a fixed-point solve) transpose it once.
+    """
+    return weight.detach().reshape(weight.shape[0], -1).t().contiguous()
+
+
+def conv_cl(x: Tensor, weight: Tensor, bias: Tensor | None, add: Tensor | None = None,
+            weight_t: Tensor | None = None) -> Tensor:
     """'Same' (zero-padded, stride 1) Conv1d on channel-last input, plus an optional summand.
 
     Args:
@@ -96,6 +106,7 @@ def conv_cl(x: Tensor, weight: Tensor, bias: Tensor | None, add: Tensor | None =
         weight: ``(C_out, C_in, k)`` Conv1d weight, ``k`` odd.
         bias: ``(C_out,)`` or None.
         add: optional ``(B, L, C_out)`` tensor added to the result (fused into the matrix product).
+        weight_t: optional :func:`transposed_weight` of ``weight`` (used only without autograd).
 
     Returns:
         ``(B, L, C_out)`` contiguous, equal to ``conv1d(x.transpose(1, 2), weight, bias, padding=k // 2)``
@@ -105,7 +116,8 @@ def conv_cl(x: Tensor, weight: Tensor, bias: Tensor | None, add: Tensor | None =
         return _ConvFn.apply(x, weight, bias, add)
     b, length, c_in = x.shape
     k = weight.shape[2]
-    return _matmul(_im2col(x, k), weight.reshape(weight.shape[0], c_in * k), bias, add, b, length)
+    wt = weight.reshape(weight.shape[0], c_in * k).t() if weight_t is None else weight_t
+    return _matmul(_im2col(x, k), wt, bias, add, b, length)
 
 
 def group_norm_cl(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
@@ -117,5 +129,5 @@ def group_norm_cl(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: flo
     ``(B, C, L)`` kernels. Returns a contiguous ``(B, L, C)`` tensor.
     """
     b, length, c = x.shape
-    y = F.group_norm(x.view(b, length, 1, c).permute(0, 3, 1, 2), groups, weight, bias, eps)
+    y = torch.group_norm(x.view(b, length, 1, c).permute(0, 3, 1, 2), groups, weight, bias, eps, False)
     return y.permute(0, 2, 3, 1).reshape(b, length, c)

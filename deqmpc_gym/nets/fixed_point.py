@@ -91,6 +91,7 @@ class _Tracker:
     def __init__(self, z0: Tensor, config: AndersonConfig) -> None:
         bsz = z0.shape[0]
         self.config = config
+        self.z0 = z0
         self.best_x = z0.clone()
         self.best_f = z0.clone()
         self.best_res = torch.full((bsz,), float("inf"), dtype=z0.dtype, device=z0.device)
@@ -98,25 +99,34 @@ class _Tracker:
         self.done = torch.zeros(bsz, dtype=torch.bool, device=z0.device)
         self.nfe = 0
 
-    def residual(self, x: Tensor, fx: Tensor) -> Tensor:
-        """Per-sample residual of the pair ``x, fx``, both ``(B, n)``; ``inf`` where non-finite."""
-        res = (fx - x).norm(dim=1)
+    def residual(self, x: Tensor, fx: Tensor, g: Tensor | None = None) -> Tensor:
+        """Per-sample residual of the pair ``x, fx``, both ``(B, n)`` (``g = fx - x`` if already computed);
+        ``inf`` where non-finite."""
+        res = (fx - x if g is None else g).norm(dim=1)
+        # |fx - x| is finite exactly where x, fx and |fx - x| are (inf - y and nan - y are never finite), and the
+        # rel residual divides a finite norm by at least 1e-5: one test covers the pair and the residual
+        finite = torch.isfinite(res)
         if self.config.stop_mode == "rel":
             res = res / (1e-5 + fx.norm(dim=1))
-        finite = torch.isfinite(x).all(dim=1) & torch.isfinite(fx).all(dim=1) & torch.isfinite(res)
-        return torch.where(finite, res, torch.full_like(res, float("inf")))
+        if not bool(finite.all()):
+            res = torch.where(finite, res, torch.full_like(res, float("inf")))
+        return res
 
-    def update(self, x: Tensor, fx: Tensor) -> Tensor:
-        """Record one evaluation; return the ``(B,)`` bool mask of samples with a finite pair."""
+    def update(self, x: Tensor, fx: Tensor, g: Tensor | None = None) -> Tensor:
+        """Record one evaluation (``g = fx - x`` if already computed); return the ``(B,)`` bool mask of samples
+        with a finite pair."""
         self.nfe += 1
-        res = self.residual(x, fx)
+        res = self.residual(x, fx, g)
         better = res < self.best_res
-        self.best_res = torch.where(better, res, self.best_res)
-        self.best_x = torch.where(better[:, None], x, self.best_x)
-        self.best_f = torch.where(better[:, None], fx, self.best_f)
-        newly = (~self.done) & (res < self.config.tol)
-        self.iters = torch.where(newly, torch.full_like(self.iters, self.nfe), self.iters)
-        self.done = self.done | newly
+        if bool(better.all()):
+            self.best_res, self.best_x, self.best_f = res, x, fx
+        else:
+            self.best_res = torch.where(better, res, self.best_res)
+            self.best_x = torch.where(better[:, None], x, self.best_x)
+            self.best_f = torch.where(better[:, None], fx, self.best_f)
+        met = res < self.config.tol
+        self.iters.masked_fill_(met & ~self.done, self.nfe)
+        self.done |= met
         return torch.isfinite(res)
 
     def all_done(self) -> bool:
@@ -126,7 +136,8 @@ class _Tracker:
         iters = torch.where(self.done, self.iters, torch.full_like(self.iters, self.nfe))
         converged = self.best_res < self.config.tol
         stats = SolverStats(residual=self.best_res, iters=iters, converged=converged)
-        return self.best_x.reshape(shape), stats
+        best = self.best_x.clone() if self.best_x is self.z0 else self.best_x  # never an alias of the input
+        return best.reshape(shape), stats
 
 
 def _flat(f: Callable[[Tensor], Tensor], z0: Tensor) -> Callable[[Tensor], Tensor]:
@@ -210,31 +221,57 @@ def anderson(f: Callable[[Tensor], Tensor], z0: Tensor,
 def _anderson(g: Callable[[Tensor], Tensor], x0: Tensor, cfg: AndersonConfig,
               shape: torch.Size) -> tuple[Tensor, SolverStats]:
     bsz, n = x0.shape
+    m, beta = cfg.m, cfg.beta
     tr = _Tracker(x0, cfg)
-    xs = torch.zeros(bsz, cfg.m, n, dtype=x0.dtype, device=x0.device)
-    fs = torch.zeros_like(xs)
+    # history per slot: the residual G = f(x) - x and the mixed iterate Y = beta f(x) + (1 - beta) x, so that an
+    # Anderson step is one Gram product, one bordered (k+1)x(k+1) solve and one weighted sum of the Y rows
+    gs = x0.new_zeros(bsz, m, n)
+    ys = x0.new_zeros(bsz, m, n)
+    h = x0.new_zeros(bsz, m + 1, m + 1)  # bordered system [[0, 1^T], [1, G G^T + lam I]]
+    h[:, 0, 1:] = 1.0
+    h[:, 1:, 0] = 1.0
+    rhs = x0.new_zeros(bsz, m + 1, 1)
+    rhs[:, 0] = 1.0
     lam = torch.full((bsz,), cfg.lam, dtype=x0.dtype, device=x0.device)
-    x = x0
-    for k in range(cfg.max_iter):
-        if k >= 2:
-            x = _anderson_step(xs, fs, min(k, cfg.m), lam, cfg)
-        elif k == 1:
-            x = fs[:, 0]
+    lam_eye = [cfg.lam * torch.eye(k, dtype=x0.dtype, device=x0.device) for k in range(m + 1)]
+    x, fx = x0, x0
+    for it in range(cfg.max_iter):
+        if it >= 2:
+            x = _anderson_step(gs, ys, min(it, m), lam, lam_eye, h, rhs)
+        elif it == 1:
+            x = fx
         fx = g(x)
-        x, fx = _sanitize(x, fx, tr.update(x, fx), tr)
-        xs[:, k % cfg.m], fs[:, k % cfg.m] = x, fx
+        gx = fx - x
+        ok = tr.update(x, fx, gx)
+        if not bool(ok.all()):
+            x, fx = torch.where(ok[:, None], x, tr.best_x), torch.where(ok[:, None], fx, tr.best_f)
+            gx = fx - x
+        slot = it % m
+        gs[:, slot] = gx
+        if beta == 1.0:
+            ys[:, slot] = fx
+        else:
+            torch.add(fx * beta, x, alpha=1.0 - beta, out=ys[:, slot])
         if tr.all_done():
             break
     return tr.finish(shape)
 
 
-def _anderson_step(xs: Tensor, fs: Tensor, k: int, lam: Tensor, cfg: AndersonConfig) -> Tensor:
-    """One Anderson extrapolation from the first ``k`` history slots ``(B, m, n)``; updates ``lam``."""
-    alpha, new_lam = _mixing_weights(fs[:, :k] - xs[:, :k], lam)
-    lam.copy_(new_lam)
-    mix_f = (alpha[:, :, None] * fs[:, :k]).sum(dim=1)
-    mix_x = (alpha[:, :, None] * xs[:, :k]).sum(dim=1)
-    return cfg.beta * mix_f + (1.0 - cfg.beta) * mix_x
+def _anderson_step(gs: Tensor, ys: Tensor, k: int, lam: Tensor, lam_eye: list[Tensor], h: Tensor,
+                   rhs: Tensor) -> Tensor:
+    """One Anderson extrapolation from the first ``k`` history slots ``(B, m, n)``; updates ``lam`` in place
+    (and ``lam_eye``, its ``lam I`` blocks, when a sample's solve fails and its ``lam`` grows)."""
+    g = gs[:, :k]
+    hk = h[:, : k + 1, : k + 1]
+    hk[:, 1:, 1:] = torch.baddbmm(lam_eye[k], g, g.transpose(1, 2))
+    sol, info = torch.linalg.solve_ex(hk, rhs[:, : k + 1])
+    alpha = sol[:, 1:, 0]
+    if bool(info.any()) or not bool(torch.isfinite(alpha).all()):  # rare: the Tikhonov retries
+        alpha, new_lam = _mixing_weights(g, lam)
+        lam.copy_(new_lam)
+        for j in range(1, len(lam_eye)):
+            lam_eye[j] = lam[:, None, None] * torch.eye(j, dtype=lam.dtype, device=lam.device)
+    return torch.bmm(alpha[:, None], ys[:, :k])[:, 0]
 
 
 def fixed_point_iter(f: Callable[[Tensor], Tensor], z0: Tensor,

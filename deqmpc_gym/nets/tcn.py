@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from deqmpc_gym.errors import ConfigError, ShapeError, check_shape
-from deqmpc_gym.nets._channel_last import conv_cl, group_norm_cl
+from deqmpc_gym.nets._channel_last import conv_cl, group_norm_cl, transposed_weight
 from deqmpc_gym.nets.fixed_point import AndersonConfig, SolverStats, fixed_point_iter, get_solver
 
 __all__ = [
@@ -372,10 +372,14 @@ class DEQTCN(_TCNBase):
     def _f_solve(self, u: Tensor) -> Callable[[Tensor], Tensor]:
         """The gradient-free map ``z -> f(z, u)`` of the forward solve, channel-last ``(B, L, h)``."""
         ub = (u if self.conv2.bias is None else u + self.conv2.bias).detach()  # the injection folded into the bias
+        w1, b1, w2 = self.conv1.weight, self.conv1.bias, self.conv2.weight
+        w1t, w2t = transposed_weight(w1), transposed_weight(w2)  # once per solve
+        norms = [(g.weight, g.bias, g.num_groups, g.eps) for g in (self.gn1, self.gn2, self.gn3)]
 
         def f(z: Tensor) -> Tensor:
-            y = _cgn(self.gn1, _cconv(self.conv1, z).relu_())
-            return _cgn(self.gn3, _cgn(self.gn2, conv_cl(y, self.conv2.weight, None, ub)).add_(z).relu_())
+            y = group_norm_cl(conv_cl(z, w1, b1, weight_t=w1t).relu_(), *norms[0])
+            s = group_norm_cl(conv_cl(y, w2, None, ub, weight_t=w2t), *norms[1]).add_(z).relu_()
+            return group_norm_cl(s, *norms[2])
 
         return f
 
