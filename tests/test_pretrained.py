@@ -10,7 +10,7 @@ import torch
 
 from deqmpc_gym.errors import ConfigError
 from deqmpc_gym.experiments.reproduce import run_name
-from deqmpc_gym.experiments.zoo import ShipConfig, ship, ship_cell
+from deqmpc_gym.experiments.zoo import ShipConfig, ship, ship_cell, warmstart_pretrained
 from deqmpc_gym.policies import DEQMPCPolicy, pretrained
 
 PEND = "DEQMPC/Pendulum-v0"
@@ -77,6 +77,19 @@ def test_available_and_lookup(zoo, monkeypatch):
         pretrained.pretrained_dir(PEND, "mpc", root=out)
     with pytest.raises(ConfigError, match="string"):
         pretrained.pretrained_dir(3, root=out)  # type: ignore[arg-type]
+
+
+def test_warmstart_ablation_of_the_shipped_controllers(zoo, tmp_path):
+    out, cards = zoo
+    png = warmstart_pretrained(PEND, ks=(1, 2), config=ShipConfig(episodes=2, latency_calls=3), out_dir=tmp_path,
+                               root=out)
+    rec = json.loads((tmp_path / "warmstart-Pendulum-pretrained.json").read_text())
+    assert png.is_file() and rec["ks"] == [1, 2] and list(rec["variants"]) == ["deq-mpc-nn"]
+    rows = rec["variants"]["deq-mpc-nn"]
+    assert [r["k"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["normalized_score"]) and r["warm_act_latency_ms"] > 0 for r in rows)
+    with pytest.raises(ConfigError, match="no controller of 'DEQMPC/QPoleObs-v0' ships"):
+        warmstart_pretrained("DEQMPC/QPoleObs-v0", root=out, out_dir=tmp_path)
 
 
 def test_ship_cell_without_runs_says_how_to_train(tmp_path):

@@ -24,7 +24,7 @@ import numpy as np
 from deqmpc_gym.errors import ConfigError
 from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched, set_stream_iters
 from deqmpc_gym.experiments.reproduce import SCALES, git_commit, run_name
-from deqmpc_gym.io import atomic_write_text
+from deqmpc_gym.io import atomic_write, atomic_write_text
 from deqmpc_gym.policies.pretrained import CARD_FORMAT, ZOO_DIR
 
 #: DEQ-MPC iterations per warm-started control step at evaluation (the paper: 1; QPoleObs: 2)
@@ -197,6 +197,68 @@ def ship(table_dir: str | Path, envs: Sequence[str], variants: Sequence[str], *,
     return cards
 
 
+def warmstart_pretrained(env_id: str, *, ks: Sequence[int] = (1, 2, 3, 4), config: ShipConfig = ShipConfig(),
+                         out_dir: str | Path = "results", root: str | Path | None = None) -> Path:
+    """Paper Fig. 7 with the shipped controllers of ``env_id``: normalized score and warm ``act()`` latency against
+    the warm-started DEQ-MPC iterations per control step K (Diff-MPC: 2K AL iterations), for every variant that
+    ships.
+
+    Every K is scored on the same ``config.episodes`` episodes (seeds ``config.seed``+) against the expert's
+    return on exactly those episodes. Writes ``warmstart-<Env>-pretrained.json`` and ``.png`` to ``out_dir``;
+    returns the png's path.
+
+    Raises:
+        ConfigError: no controller of ``env_id`` ships (in ``root``, default the package's zoo).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from deqmpc_gym.policies import DEQMPCPolicy, pretrained
+
+    zoo_root = None if root is None else Path(root)
+    variants = [v for e, v in pretrained.available(zoo_root) if e == env_id]
+    if not variants:
+        raise ConfigError(f"no controller of {env_id!r} ships; shipped: "
+                          f"{sorted({e for e, _ in pretrained.available(zoo_root)})}")
+    ref = _expert_reference(env_id, config)
+    pair = (ref["random_return"], ref["expert_return"])
+    record: dict[str, Any] = {"env_id": env_id, "ks": list(ks), "episodes": config.episodes, "reference": ref,
+                              "variants": {}, "commit": git_commit()}
+    for variant in variants:
+        policy = DEQMPCPolicy.load(pretrained.pretrained_dir(env_id, variant, zoo_root))
+        rows = []
+        for k in ks:
+            set_stream_iters(policy, k)
+            ev = rollout_batched(policy, env_id, EvalConfig(episodes=config.episodes, seed=config.seed,
+                                                            stream_iters=k), reference=pair)
+            rows.append({"k": k, "normalized_score": float(ev.normalized_score), "success_rate": ev.success_rate,
+                         "early_end_rate": ev.collision_rate,
+                         "warm_act_latency_ms": warm_act_latency_ms(policy, env_id, config.latency_calls)})
+            print(f"{env_id} {variant} K={k}: {rows[-1]['normalized_score']:.3f}, "
+                  f"act {rows[-1]['warm_act_latency_ms']:.1f} ms", flush=True)
+        record["variants"][variant] = rows
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
+    for variant, rows in record["variants"].items():
+        axes[0].plot(list(ks), [r["normalized_score"] for r in rows], marker="o", label=variant)
+        axes[1].plot(list(ks), [r["warm_act_latency_ms"] for r in rows], marker="o", label=variant)
+    axes[0].set_ylabel("normalized return")
+    axes[1].set_ylabel("warm act() [ms], median")
+    for ax in axes:
+        ax.set_xlabel("warm-started DEQ-MPC iterations K (Diff-MPC: 2K AL)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Warm-start ablation, shipped {env_id.split('/')[-1]} controllers")
+    fig.tight_layout()
+    out = Path(out_dir)
+    stem = f"warmstart-{env_id.split('/')[-1].rsplit('-v', 1)[0]}-pretrained"
+    png = out / f"{stem}.png"
+    atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+    atomic_write_text(out / f"{stem}.json", json.dumps(record, indent=2))
+    return png
+
+
 def markdown_table(root: str | Path | None = None) -> str:
     """The shipped controllers as a markdown table (one row per card of the zoo at ``root``, default the
     package's): normalized score over the evaluation episodes, success and early-end rates, seeds, budget."""
@@ -214,4 +276,4 @@ def markdown_table(root: str | Path | None = None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ShipConfig", "markdown_table", "ship", "ship_cell", "warm_act_latency_ms"]
+__all__ = ["ShipConfig", "markdown_table", "ship", "ship_cell", "warm_act_latency_ms", "warmstart_pretrained"]
