@@ -114,7 +114,8 @@ class ExpertConfig:
             variants only): after PPO, an obstacle-aware MPC safety filter around the PPO expert is distilled into
             its actor by DAgger (:func:`~deqmpc_gym.experts.teacher.refine_with_teacher`); the card records the
             PPO-only figures under ``ppo_only`` and the rounds under ``teacher``. It may be added to a finished
-            checkpoint.
+            checkpoint; the refinement's own checkpoint (``checkpoint/teacher.pt``) continues with more ``rounds``
+            only, other teacher settings or another PPO actor need it deleted (:mod:`deqmpc_gym.checkpoint`).
     """
 
     env_id: str
