@@ -8,7 +8,13 @@ tables and writes ``benchmarks/results/kernels.json``.
 2. Cold compile time per system: a fresh process with an empty kernel cache (``DEQMPC_GYM_CACHE``) builds the
    dynamics kernels and the fused Newton loop; then a second fresh process loads them from numba's disk cache.
 
-Usage: ``python benchmarks/kernels.py [--hidden 256] [--episodes 3] [--calls 100] [--skip-compile]``.
+With ``--baseline-src DIR`` the act() baseline is instead the eager path of the code checked out in ``DIR`` (e.g. a
+``git worktree`` of an earlier commit), in a worker process that imports that checkout, the two processes
+alternating episode by episode (same weights: both seed the policy alike): the speed-up then includes every change
+between the two checkouts (the network's too).
+
+Usage: ``python benchmarks/kernels.py [--hidden 256] [--episodes 3] [--calls 100] [--skip-compile]
+[--baseline-src DIR]``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))  # run from a checkout
+if "--worker" not in sys.argv:  # a worker imports the checkout on its PYTHONPATH
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))  # run from a checkout
 
 import gymnasium as gym
 import numpy as np
@@ -83,28 +90,83 @@ def act_times(policy: DEQMPCPolicy, states: np.ndarray) -> list[float]:
     return times
 
 
-def act_rows(env_id: str, hidden: int, episodes: int, calls: int) -> list[dict]:
+def worker() -> None:
+    """Baseline worker: per stdin line ``{"env", "variant", "hidden", "states"}`` (an ``.npy`` of observations)
+    print the eager path's warm act() times along those states (the policy of a pair built, seeded, on first use)."""
+    torch.set_num_threads(1)
+    policies: dict[tuple[str, str, int], DEQMPCPolicy] = {}
+    with kernels.disabled():
+        for line in sys.stdin:
+            req = json.loads(line)
+            key = (req["env"], req["variant"], req["hidden"])
+            if key not in policies:
+                torch.manual_seed(0)
+                policies[key] = DEQMPCPolicy.from_env(req["env"], req["variant"], hidden=req["hidden"])
+            print(json.dumps({"times": act_times(policies[key], np.load(req["states"]))}), flush=True)
+
+
+class _Baseline:
+    """The eager act() of another checkout, in a worker process (``--baseline-src``)."""
+
+    def __init__(self, src: str, tmp: str) -> None:
+        env = {**os.environ, "PYTHONPATH": os.path.abspath(src), "OMP_NUM_THREADS": "1"}
+        # started outside any checkout, so that the worker imports src and not an editable install's source
+        self.proc = subprocess.Popen([sys.executable, "-u", os.path.abspath(__file__), "--worker"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tmp)
+        self.tmp = tmp
+        rev = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        self.name = f"eager path of {rev.stdout.strip() or src}"
+
+    def times(self, env_id: str, variant: str, hidden: int, states: np.ndarray) -> list[float]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        path = os.path.join(self.tmp, "states.npy")
+        np.save(path, states)
+        self.proc.stdin.write(json.dumps({"env": env_id, "variant": variant, "hidden": hidden, "states": path})
+                              + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the baseline worker exited; see its stderr above")
+        return list(json.loads(line)["times"])
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def act_rows(env_id: str, hidden: int, episodes: int, calls: int, baseline_src: str | None = None) -> list[dict]:
     steps = max(2, calls // episodes + 2)
     eps = expert_states(env_id, episodes, steps)
     rows = []
-    for variant in VARIANTS:
-        torch.manual_seed(0)
-        policy = DEQMPCPolicy.from_env(env_id, variant, hidden=hidden)
-        act_times(policy, eps[0][:3])  # warm-up: compiles / loads the kernels
-        with kernels.disabled():
-            act_times(policy, eps[0][:3])
-        new: list[float] = []
-        old: list[float] = []
-        for seq in eps:  # alternate the paths episode by episode
-            new += act_times(policy, seq)
-            with kernels.disabled():
-                old += act_times(policy, seq)
-        rows.append({"env": env_id.split("/")[-1], "variant": variant, "hidden": hidden, "calls": len(new),
-                     "act_ms": float(np.median(new) * 1e3), "baseline_act_ms": float(np.median(old) * 1e3),
-                     "speedup": float(np.median(old) / np.median(new))})
-        r = rows[-1]
-        print(f"  {r['env']} {variant} h{hidden}: {r['act_ms']:.2f} ms, eager {r['baseline_act_ms']:.2f} ms "
-              f"({r['speedup']:.2f}x, {r['calls']} calls)", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        remote = _Baseline(baseline_src, tmp) if baseline_src else None
+        for variant in VARIANTS:
+            torch.manual_seed(0)
+            policy = DEQMPCPolicy.from_env(env_id, variant, hidden=hidden)
+
+            def baseline(states: np.ndarray) -> list[float]:
+                if remote is not None:
+                    return remote.times(env_id, variant, hidden, states)  # noqa: B023  (called in this iteration)
+                with kernels.disabled():
+                    return act_times(policy, states)  # noqa: B023
+
+            act_times(policy, eps[0][:3])  # warm-up: compiles / loads the kernels
+            baseline(eps[0][:3])
+            new: list[float] = []
+            old: list[float] = []
+            for seq in eps:  # alternate the paths episode by episode
+                new += act_times(policy, seq)
+                old += baseline(seq)
+            rows.append({"env": env_id.split("/")[-1], "variant": variant, "hidden": hidden, "calls": len(new),
+                         "act_ms": float(np.median(new) * 1e3), "baseline_act_ms": float(np.median(old) * 1e3),
+                         "speedup": float(np.median(old) / np.median(new)),
+                         "baseline": remote.name if remote else "eager path of this checkout"})
+            r = rows[-1]
+            print(f"  {r['env']} {variant} h{hidden}: {r['act_ms']:.2f} ms, baseline {r['baseline_act_ms']:.2f} ms "
+                  f"({r['speedup']:.2f}x, {r['calls']} calls)", file=sys.stderr, flush=True)
+        if remote is not None:
+            remote.close()
     return rows
 
 
@@ -134,15 +196,23 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--episodes", type=int, default=3)
     ap.add_argument("--calls", type=int, default=100, help="at least this many warm act() calls per path")
-    ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--skip-compile", action="store_true", help="keep the record's compile rows")
+    ap.add_argument("--baseline-src", metavar="DIR",
+                    help="checkout whose eager act() is the baseline (default: this checkout's eager path)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="record to write (default: %(default)s)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        worker()
+        return
     torch.set_num_threads(1)
-    acts = act_rows("DEQMPC/QPole-v0", args.hidden, args.episodes, args.calls)
+    acts = act_rows("DEQMPC/QPole-v0", args.hidden, args.episodes, args.calls, args.baseline_src)
     comp = [] if args.skip_compile else compile_rows()
     print(f"Warm act() on QPole, hidden {args.hidden}, 1 thread, {platform.processor() or platform.machine()}: "
-          f"medians along {args.episodes} expert episodes, compiled kernels beside the eager path in one run")
+          f"medians along {args.episodes} expert episodes, compiled kernels beside the baseline "
+          f"({acts[0]['baseline']}) in one run")
     print()
-    print("| variant | calls | act [ms] | eager act [ms] | speed-up |")
+    print("| variant | calls | act [ms] | baseline act [ms] | speed-up |")
     print("|---|---|---|---|---|")
     for r in acts:
         print(f"| {r['variant']} | {r['calls']} | {r['act_ms']:.2f} | {r['baseline_act_ms']:.2f} | "
@@ -156,8 +226,10 @@ def main() -> None:
         for r in comp:
             print(f"| {r['system']} | {r['cold_dynamics_s']:.1f} | {r['cold_newton_s']:.1f} | "
                   f"{r['warm_dynamics_s']:.2f} | {r['warm_newton_s']:.2f} |")
-    atomic_write_text(RESULTS, json.dumps({"torch": torch.__version__, "threads": 1, "act": acts, "compile": comp},
-                                          indent=2))
+    if args.skip_compile and args.out.exists():
+        comp = json.loads(args.out.read_text()).get("compile", [])
+    atomic_write_text(args.out, json.dumps({"torch": torch.__version__, "threads": 1, "act": acts, "compile": comp},
+                                           indent=2))
 
 
 if __name__ == "__main__":

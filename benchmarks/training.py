@@ -12,8 +12,13 @@
    (solver bwd), ``loss.backward`` minus solver bwd (network bwd + autograd glue), the optimizer step with
    gradient clipping, and the rest (loss arithmetic, state shifting, Python overhead).
 
-Writes ``benchmarks/results/training.json``.
-Usage: ``python benchmarks/training.py [--threads 1] [--steps 5] [--trials 3] [--envs Pendulum Cartpole ...]``.
+With ``--baseline-src DIR`` the baseline is instead the eager path of the code checked out in ``DIR`` (e.g. a
+``git worktree`` of an earlier commit), run in a worker process that imports that checkout, the two processes
+alternating chunk by chunk: the speed-up then includes every change between the two checkouts (the network's too).
+
+Writes ``benchmarks/results/training.json``; rows of (env, variant) pairs not measured in a run are kept.
+Usage: ``python benchmarks/training.py [--threads 1] [--steps 5] [--trials 3] [--envs Pendulum Cartpole ...]
+[--baseline-src DIR]``.
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ import argparse
 import functools
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))  # run from a checkout
+if "--worker" not in sys.argv:  # a worker imports the checkout on its PYTHONPATH
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))  # run from a checkout
 
 import numpy as np
 import torch
@@ -91,6 +99,60 @@ def make_trainer(env_id: str, variant: str, ds: ExpertDataset, hidden: int, batc
     return trainer
 
 
+def worker(threads: int, trajectories: int) -> None:
+    """Baseline worker: per stdin line ``{"env", "variant", "steps"}`` run that many eager training steps (the first
+    request of a pair builds its trainer and runs one untimed step) and print the seconds they took."""
+    import tempfile
+
+    torch.set_num_threads(threads)
+    scale = SCALES["cpu"]
+    trainers: dict[tuple[str, str], ImitationTrainer] = {}
+    datasets: dict[str, ExpertDataset] = {}
+    with tempfile.TemporaryDirectory() as tmp, kernels.disabled():
+        for line in sys.stdin:
+            req = json.loads(line)
+            short, variant = req["env"], req["variant"]
+            if (short, variant) not in trainers:
+                if short not in datasets:
+                    datasets[short] = dataset(short, trajectories)
+                trainers[short, variant] = make_trainer(f"DEQMPC/{short}-v0", variant, datasets[short],
+                                                        scale.hidden[short], scale.batch_size[short],
+                                                        os.path.join(tmp, short + variant))
+                trainers[short, variant].train_step()
+            t = time.perf_counter()
+            for _ in range(req["steps"]):
+                trainers[short, variant].train_step()
+            print(json.dumps({"seconds": time.perf_counter() - t}), flush=True)
+
+
+class _Baseline:
+    """The eager path of another checkout, in a worker process (``--baseline-src``)."""
+
+    def __init__(self, src: str, args: argparse.Namespace) -> None:
+        env = {**os.environ, "PYTHONPATH": os.path.abspath(src), "OMP_NUM_THREADS": str(args.threads)}
+        cmd = [sys.executable, "-u", os.path.abspath(__file__), "--worker", "--threads", str(args.threads),
+               "--trajectories", str(args.trajectories)]
+        # started outside any checkout, so that the worker imports src and not an editable install's source
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     cwd=tempfile.gettempdir())
+        rev = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        self.name = f"eager path of {rev.stdout.strip() or src}"
+
+    def steps(self, short: str, variant: str, steps: int) -> float:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"env": short, "variant": variant, "steps": steps}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the baseline worker exited; see its stderr above")
+        return float(json.loads(line)["seconds"])
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -99,12 +161,20 @@ def main() -> None:
     ap.add_argument("--envs", nargs="+", default=list(ENVS), choices=ENVS)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--trajectories", type=int, default=20, help="dataset size of the envs other than Pendulum")
+    ap.add_argument("--baseline-src", metavar="DIR",
+                    help="checkout whose eager path is the baseline (default: this checkout's eager path)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="record to write (default: %(default)s)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        worker(args.threads, args.trajectories)
+        return
     torch.set_num_threads(args.threads)
     install_timers()
     torch.nn.utils.clip_grad_norm_ = timed("optimizer", torch.nn.utils.clip_grad_norm_)  # looked up per call
     scale = SCALES["cpu"]
-    import tempfile
+    remote = _Baseline(args.baseline_src, args) if args.baseline_src else None
+    baseline_name = remote.name if remote else "eager path of this checkout"
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,18 +184,27 @@ def main() -> None:
             hidden, batch = scale.hidden[short], scale.batch_size[short]
             for variant in args.variants:
                 trainer = make_trainer(env_id, variant, ds, hidden, batch, os.path.join(tmp, short + variant))
-                base = make_trainer(env_id, variant, ds, hidden, batch, os.path.join(tmp, short + variant + "-b"))
                 trainer.train_step()  # warm-up (compiles or loads the kernels)
-                with kernels.disabled():
-                    base.train_step()
-                rates, base_rates, total = [], [], 0.0
-                TIMES.clear()
-                for _ in range(args.trials):  # the two paths alternate, so both see the same machine load
+                if remote is None:
+                    base = make_trainer(env_id, variant, ds, hidden, batch, os.path.join(tmp, short + variant + "-b"))
+                    with kernels.disabled():
+                        base.train_step()
+                else:
+                    remote.steps(short, variant, 0)  # builds the worker's trainer, one untimed step
+
+                def baseline_seconds() -> float:
+                    if remote is not None:
+                        return remote.steps(short, variant, args.steps)  # noqa: B023  (called in this iteration)
                     with kernels.disabled():
                         t = time.perf_counter()
                         for _ in range(args.steps):
-                            base.train_step()
-                        base_rates.append(args.steps / (time.perf_counter() - t))
+                            base.train_step()  # noqa: B023
+                        return time.perf_counter() - t
+
+                rates, base_rates, total = [], [], 0.0
+                TIMES.clear()
+                for _ in range(args.trials):  # the two paths alternate, so both see the same machine load
+                    base_rates.append(args.steps / baseline_seconds())
                     ENABLED[0] = True
                     t = time.perf_counter()
                     for _ in range(args.steps):
@@ -141,16 +220,25 @@ def main() -> None:
                 rows.append({"env": short, "variant": variant, "hidden": hidden, "batch": batch,
                              "steps_per_s": rate, "windows_per_s": rate * batch,
                              "baseline_windows_per_s": base_rate * batch, "speedup": rate / base_rate,
-                             "share": {k: v / total for k, v in shares.items()}})
-                print(f"  {short} {variant}: {rate * batch:.1f} windows/s, eager {base_rate * batch:.1f} "
+                             "baseline": baseline_name, "share": {k: v / total for k, v in shares.items()}})
+                print(f"  {short} {variant}: {rate * batch:.1f} windows/s, baseline {base_rate * batch:.1f} "
                       f"({rate / base_rate:.2f}x)", file=sys.stderr, flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS, json.dumps({"threads": args.threads, "torch": torch.__version__,
-                                           "steps": args.steps, "trials": args.trials, "rows": rows}, indent=2))
+    if remote is not None:
+        remote.close()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    measured = {(r["env"], r["variant"]) for r in rows}
+    kept = []
+    if args.out.exists():  # rows of pairs not measured in this run stay
+        kept = [r for r in json.loads(args.out.read_text())["rows"] if (r["env"], r["variant"]) not in measured]
+    order = {(e, v): i for i, (e, v) in enumerate((e, v) for e in ENVS for v in VARIANTS)}
+    merged = sorted(kept + rows, key=lambda r: order.get((r["env"], r["variant"]), len(order)))
+    atomic_write_text(args.out, json.dumps({"threads": args.threads, "torch": torch.__version__,
+                                            "steps": args.steps, "trials": args.trials, "rows": merged}, indent=2))
+    print(f"Baseline: {baseline_name}.")
     print(f"Imitation training at the CPU scale of Table 1 (streaming L = 2), {args.threads} torch thread(s); "
           f"median of {args.trials} x {args.steps} steps")
     print()
-    print("| env | variant | hidden | batch | ms/step | windows/s | eager windows/s | speed-up |")
+    print("| env | variant | hidden | batch | ms/step | windows/s | baseline windows/s | speed-up |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         rate = r["steps_per_s"]
