@@ -597,10 +597,11 @@ class CompiledSolver:
         rho, last_rho, al_iters = own(S["rho"]), own(S["last_rho"]), own(S["al_iters"], "al_iters")
         new_state = SolverState(x, u, lam_eq, lam_in, rho, None)
         info = SolveInfo(converged, pres, own(S["dres"], "dres"), al_iters, own(S["steps"], "steps"), rho, cost,
-                         own(S["fb"], "fb"), own(S["nf"], "nf"))
+                         own(S["fb"], "fb"), own(S["nf"], "nf"), torch.zeros_like(converged))  # x: the iterate
         if needs_grad:
             if gradient == "implicit":
-                x, u = _ImplicitFn.apply(thc, x0c, x, u, problem, (last_eq, last_in, last_rho, al_iters > 0), None)
+                x, u = _ImplicitFn.apply(thc, x0c, x, u, problem, (last_eq, last_in, last_rho, al_iters > 0), None,
+                                         thc.detach())
             else:
                 x, u = _FinalImplicitFn.apply(thc, x0c, x, u, problem, lam_in, None)
         return x, u, new_state, info

@@ -71,6 +71,15 @@ def _ineq(x, u, obs, centers, u_low, u_high, radius2, pos0, g, G, jac):  # pragm
                         G[t, 2 * nu + q, pos0 + a] = -2.0 * (x[t, pos0 + a] - centers[c, a])
 
 
+@njit(inline='always', **_NOPTS)
+def _du(u, th, t, j, nx):  # pragma: no cover - compiled
+    """``u[t, j] - u_ref[t, j]``: ``th (T, nx)`` holds waypoints only (``u_ref = 0``), ``th (T, nx + nu)`` also
+    the control reference."""
+    if th.shape[1] > nx:
+        return u[t, j] - th[t, nx + j]
+    return u[t, j]
+
+
 @njit(**_NOPTS)
 def _cost(x, u, th, W, wdiag):  # pragma: no cover - compiled
     T, nx, nu = x.shape[0], x.shape[1], u.shape[1]
@@ -83,7 +92,7 @@ def _cost(x, u, th, W, wdiag):  # pragma: no cover - compiled
         b = 0.0
         for t in range(T):
             for j in range(nu):
-                b += u[t, j] * u[t, j] * (0.5 * W[nx + j, nx + j])
+                b += _du(u, th, t, j, nx) * _du(u, th, t, j, nx) * (0.5 * W[nx + j, nx + j])
         return a + b
     a = 0.0
     for t in range(T):
@@ -97,8 +106,8 @@ def _cost(x, u, th, W, wdiag):  # pragma: no cover - compiled
         for i in range(nu):
             s = 0.0
             for j in range(nu):
-                s += u[t, j] * W[nx + j, nx + i]
-            b += s * u[t, i]
+                s += _du(u, th, t, j, nx) * W[nx + j, nx + i]
+            b += s * _du(u, th, t, i, nx)
     return 0.5 * a + 0.5 * b
 
 
@@ -148,7 +157,7 @@ def _add_gram(D, G, rows):  # pragma: no cover - compiled
 
 @njit(**_NOPTS)
 def _cost_grad(x, u, th, W, wdiag, grad):  # pragma: no cover - compiled
-    """Cost gradient ``[(x - theta) Q, u R]`` into ``grad (T, n)``; returns its inf-norm without x_0."""
+    """Cost gradient ``[(x - theta) Q, (u - u_ref) R]`` into ``grad (T, n)``; returns its inf-norm without x_0."""
     T, nx, nu = x.shape[0], x.shape[1], u.shape[1]
     for t in range(T):
         for i in range(nx):
@@ -162,10 +171,10 @@ def _cost_grad(x, u, th, W, wdiag, grad):  # pragma: no cover - compiled
         for i in range(nu):
             s = 0.0
             if wdiag:
-                s = u[t, i] * W[nx + i, nx + i]
+                s = _du(u, th, t, i, nx) * W[nx + i, nx + i]
             else:
                 for j in range(nu):
-                    s += u[t, j] * W[nx + j, nx + i]
+                    s += _du(u, th, t, j, nx) * W[nx + j, nx + i]
             grad[t, nx + i] = s
     cnorm = 0.0
     for t in range(T):
@@ -430,7 +439,8 @@ def newton_loop(X, U, TH, LEQ, LIN, RHO, OBS, P, settings, XO, UO, STEPS, SMALL,
                 GO):  # pragma: no cover - compiled
     """Gauss-Newton on the AL merit of every sample (see the module docstring).
 
-    Inputs ``X (B, T, nx)``, ``U (B, T, nu)``, ``TH (B, T, nx)``, ``LEQ (B, T-1, nx)``, ``LIN (B, T, mi)``,
+    Inputs ``X (B, T, nx)``, ``U (B, T, nu)``, ``TH (B, T, nx)`` (``(B, T, nx + nu)``: ``[theta | u_ref]``),
+    ``LEQ (B, T-1, nx)``, ``LIN (B, T, mi)``,
     ``RHO (B,)``, ``OBS (B, T, k)`` int64; ``P = (centers (K, 3), W (n, n), W is diagonal, u_low, u_high,
     radius^2, first position index)``; ``settings = (newton_steps, newton_tol, exit_residual, line_search_steps,
     reg_min, reg_growth)``. Outputs ``XO``, ``UO`` (the new iterate), ``STEPS``, ``SMALL`` (exited by the step

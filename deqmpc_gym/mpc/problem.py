@@ -2,7 +2,7 @@
 
 Problem (per sample, ``T`` knots ``t = 0..T-1``, state ``x_t (nx)``, control ``u_t (nu)``)::
 
-    min  1/2 sum_t (x_t - theta_t)^T Q (x_t - theta_t) + 1/2 sum_t u_t^T R u_t
+    min  1/2 sum_t (x_t - theta_t)^T Q (x_t - theta_t) + 1/2 sum_t (u_t - u_ref_t)^T R (u_t - u_ref_t)
     s.t. x_0 = x_init                                  (eliminated exactly: x_0 is not a decision variable)
          d_t = x_{t+1} - f(x_t, u_t) = 0,             t = 0..T-2      (dynamics, the system's discrete map)
          u_t - u_high <= 0,  u_low - u_t <= 0,        t = 0..T-1      (physical control bounds)
@@ -103,7 +103,8 @@ class MPCProblem:
         system: a :class:`~deqmpc_gym.systems.System` (dynamics ``x_{t+1} = system.step(x_t, u_t)``).
         config: :class:`MPCConfig` (horizon ``T``, AL settings).
         Q: ``(nx,)`` diagonal or ``(nx, nx)`` SPD state weight (default ``system.Q_diag``).
-        R: ``(nu,)`` diagonal or ``(nu, nu)`` SPD control weight (default ``system.R_diag``); ``u_ref = 0``.
+        R: ``(nu,)`` diagonal or ``(nu, nu)`` SPD control weight (default ``system.R_diag``) of ``u - u_ref``
+            (``u_ref``: per call, :func:`~deqmpc_gym.mpc.solve`; default 0).
         u_low, u_high: ``(nu,)`` control bounds in physical units (default the system's); ``u_low <= u_high``.
         obstacle_centers: ``(K, 3)`` sphere centres [m] (e.g. ``OBSTACLE_CENTERS``), needs
             ``system.position_slice``; obstacle_radius: sphere radius [m].
@@ -268,13 +269,30 @@ class MPCProblem:
             self.m_user = hs.shape[-1]
         return hs, (torch.cat([o[1] for o in outs], -2) if jac else None)
 
+    def _split_ref(self, u: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(theta (B,T,nx), u - u_ref (B,T,nu))`` of a reference ``theta``: ``(B,T,nx)`` waypoints (``u_ref = 0``)
+        or ``(B,T,nx+nu)`` waypoints and control reference ``[theta | u_ref]``."""
+        if theta.shape[-1] == self.nx:
+            return theta, u
+        return theta[..., :self.nx], u - theta[..., self.nx:]
+
     def cost(self, x: torch.Tensor, u: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """Tracking cost ``(B,)``: ``1/2 sum_t (x_t-theta_t)^T Q (x_t-theta_t) + 1/2 sum_t u_t^T R u_t``."""
+        """Tracking cost ``(B,)``: ``1/2 sum_t (x_t-theta_t)^T Q (x_t-theta_t) + 1/2 sum_t (u_t-u_ref_t)^T R
+        (u_t-u_ref_t)``; ``theta``: ``(B,T,nx)`` waypoints (``u_ref = 0``) or ``(B,T,nx+nu)`` ``[theta | u_ref]``."""
         c = self.consts(x)
-        e = x - theta
+        th, u = self._split_ref(u, theta)
+        e = x - th
         if c.w_diag is not None:  # diagonal weights: elementwise (fewer small kernels)
             return (e * e * c.q_half).sum((1, 2)) + (u * u * c.r_half).sum((1, 2))
         return 0.5 * ((e @ c.Q) * e).sum((1, 2)) + 0.5 * ((u @ c.R) * u).sum((1, 2))
+
+    def rollout(self, x0: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """States ``(B, T, nx)`` of applying the controls ``u (B, T, nu)`` from ``x0 (B, nx)``: ``x_0 = x0``,
+        ``x_{t+1} = f(x_t, u_t)`` (``u_{T-1}`` drives nothing). Differentiable w.r.t. ``x0`` and ``u``."""
+        xs = [x0]
+        for t in range(self.T - 1):
+            xs.append(self.system.step(xs[-1], u[:, t]))
+        return torch.stack(xs, 1)
 
     def defects(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Dynamics defects ``d_t = x_{t+1} - f(x_t, u_t)``, ``(B, T-1, nx)``."""
@@ -350,6 +368,7 @@ class MPCProblem:
         alone, for multipliers ``mu (B,T-1,nx)``, ``mu_in (B,T,mi)``, ``ABt = [A B]^T (B,T-1,n,nx)``,
         ``G (B,T,mi,n)``."""
         c = self.consts(x)
+        theta, u = self._split_ref(u, theta)
         if c.w_diag is not None:
             cgrad = torch.cat([x - theta, u], -1) * c.w_diag
         else:

@@ -160,6 +160,9 @@ class SolveInfo:
         rho: penalty after the call; cost: tracking cost at the returned iterate.
         fallback: a regularised factorisation was needed or a step had to be skipped.
         nonfinite: a non-finite step/merit/state was met (the last finite iterate was kept).
+        rollout: ``True`` where the returned ``x`` is the rollout of the returned ``u`` from ``x0`` (``output=
+            "rollout"``: ``primal_residual`` and ``cost`` are then those of the rollout), ``False`` where it is the
+            solver's iterate (``output="iterate"``, or a rollout that was not finite).
     """
 
     converged: torch.Tensor
@@ -171,6 +174,7 @@ class SolveInfo:
     cost: torch.Tensor
     fallback: torch.Tensor
     nonfinite: torch.Tensor
+    rollout: torch.Tensor | None = None
 
 
 # ====================================================================== validation / init
@@ -218,12 +222,19 @@ def _check_state(problem: MPCProblem, state: SolverState, b: int) -> None:
                              f"{None if state.obstacle_idx is None else tuple(state.obstacle_idx.shape)}")
 
 
-def init_state(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor) -> SolverState:
-    """Cold start: ``x = theta`` with ``x[:, 0] = x0``, ``u`` = nominal control clipped to the bounds,
-    multipliers 0, ``rho = rho_init``, obstacle sets = nearest obstacles of ``theta`` (all detached).
+def init_state(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, u_init: torch.Tensor | None = None,
+               u_ref: torch.Tensor | None = None) -> SolverState:
+    """Cold start, multipliers 0, ``rho = rho_init``, obstacle sets = nearest obstacles of ``theta`` (all detached).
+
+    Primal guess: without ``u_init``, ``x = theta`` with ``x[:, 0] = x0`` and ``u`` = the control reference
+    ``u_ref`` (default: the system's nominal control) clipped to the bounds; with ``u_init``, ``u = u_init`` clipped
+    to the bounds and ``x`` its rollout from ``x0`` (a dynamically feasible start; samples whose rollout is not
+    finite start from ``x = theta``).
 
     Args:
         x0: ``(B, nx)`` initial states; theta: ``(B, T, nx)`` waypoints.
+        u_init: ``(B, T, nu)`` initial control guess, or None.
+        u_ref: ``(B, T, nu)`` control reference of the cost, or None (see :func:`solve`).
     """
     _check_inputs(problem, x0, theta)
     dt = problem.config.dtype
@@ -233,14 +244,39 @@ def init_state(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor) -> So
     b = x0.shape[0]
     x = theta.clone()
     x[:, 0] = x0
-    unom = torch.as_tensor(problem.system.nominal_control, dtype=dt, device=x0.device)
-    u = torch.maximum(torch.minimum(unom, c.u_high), c.u_low).expand(b, problem.T, problem.nu).clone()
+    if u_init is not None:
+        u = _controls("u_init", problem, u_init, x0).detach()
+        u = torch.maximum(torch.minimum(u, c.u_high), c.u_low)
+        with torch.no_grad():
+            xr = problem.rollout(x0, u)
+        fin = _finite_rows(xr)
+        x = torch.where(fin[:, None, None], xr, x)
+    else:
+        unom = (torch.as_tensor(problem.system.nominal_control, dtype=dt, device=x0.device) if u_ref is None
+                else _controls("u_ref", problem, u_ref, x0).detach())
+        u = torch.maximum(torch.minimum(unom, c.u_high), c.u_low).expand(b, problem.T, problem.nu).clone()
     obs = problem.select_obstacles(theta)
     if problem.m_user is None:
         problem.ineq(x, u, obs, jac=False)
     lam_in = x.new_zeros(b, problem.T, problem.n_ineq)
     return SolverState(x, u, x.new_zeros(b, problem.T - 1, problem.nx), lam_in,
                        torch.full((b,), float(problem.config.rho_init), dtype=dt, device=x0.device), obs)
+
+
+def _controls(name: str, problem: MPCProblem, v, x0: torch.Tensor) -> torch.Tensor:
+    """``v`` as a ``(B, T, nu)`` tensor on ``x0``'s device and the solver dtype (from ``(nu,)``, ``(B, nu)``,
+    ``(T, nu)``... anything that broadcasts to ``(B, T, nu)``); ShapeError otherwise or if not finite."""
+    b, T, nu = x0.shape[0], problem.T, problem.nu
+    v = torch.as_tensor(v, dtype=problem.config.dtype, device=x0.device)
+    if v.dim() == 2 and tuple(v.shape) == (b, nu) and b != T:
+        v = v[:, None]
+    try:
+        out = v.expand(b, T, nu)
+    except RuntimeError:
+        raise ShapeError(f"{name} must broadcast to (B, T, nu) = ({b}, {T}, {nu}), got {tuple(v.shape)}") from None
+    if not bool(torch.isfinite(out).all()):
+        raise ShapeError(f"{name} must be finite")
+    return out
 
 
 # ====================================================================== linear algebra with fallbacks
@@ -678,14 +714,14 @@ class _ImplicitFn(torch.autograd.Function):
     """Identity on the solution in the forward; IFT of the last AL subproblem in the backward."""
 
     @staticmethod
-    def forward(ctx, theta, x0, x, u, problem, last, obs):
+    def forward(ctx, theta, x0, x, u, problem, last, obs, ref):
         ctx.problem, ctx.last, ctx.obs = problem, last, obs
-        ctx.save_for_backward(theta, x, u)
+        ctx.save_for_backward(ref, x, u)
         return x.clone(), u.clone()
 
     @staticmethod
     def backward(ctx, gx, gu):
-        theta, x, u = ctx.saved_tensors
+        theta, x, u = ctx.saved_tensors  # theta: the cost's reference ([theta | u_ref] with a control reference)
         problem = ctx.problem
         lam_eq, lam_in, rho, ran = ctx.last
         nx = problem.nx
@@ -706,7 +742,7 @@ class _ImplicitFn(torch.autograd.Function):
                 cross = (lin.D0x.transpose(-1, -2) @ v[:, 0, :, None])[..., 0] \
                     + (lin.L0x.transpose(-1, -2) @ v[:, 1, :, None])[..., 0]
                 g_x0 = gx[:, 0] - torch.where(good[:, None], cross, torch.zeros_like(cross))
-        return g_theta, g_x0, None, None, None, None, None
+        return g_theta, g_x0, None, None, None, None, None, None
 
 
 def _kkt_matrix(problem: MPCProblem, x, u, lam_in_final, obs):
@@ -788,8 +824,15 @@ def _exit_residual(cfg, value) -> float:
 # ====================================================================== public entry point
 def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: SolverState | None = None,
           iters: int = 2, gradient: str | None = None, stop_at_rho_max: bool = False,
-          stop_when_converged: bool = False, exit_residual: float | None = None):
+          stop_when_converged: bool = False, exit_residual: float | None = None, *,
+          u_ref: torch.Tensor | None = None, u_init: torch.Tensor | None = None, output: str | None = None):
     """Run ``iters`` AL iterations of the MPC problem (see :mod:`deqmpc_gym.mpc.problem` for the math).
+
+    Horizon convention: ``T = config.horizon`` knots ``x_0 .. x_{T-1}`` (``x_0 = x0`` fixed) and one control per
+    knot ``u_0 .. u_{T-1}``; ``u_t`` drives ``x_{t+1}``, so the last control ``u_{T-1}`` drives nothing: it only
+    enters the cost and settles at ``u_ref`` clipped to the bounds -- the solution equals that of the problem with
+    a terminal knot without a control (``u[:, :-1]`` are its controls; the cost differs by the constant
+    ``1/2 |clip(u_ref) - u_ref|_R^2``, zero when ``u_ref`` is within the bounds).
 
     Args:
         problem: :class:`MPCProblem`.
@@ -797,7 +840,7 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
         theta: ``(B, T, nx)`` waypoints (the tracking reference; ``theta[:, 0]`` only affects nothing but the
             constant cost). Inputs are cast to ``problem.config.dtype``; the device follows ``x0``.
         state: warm start (:class:`SolverState`, e.g. the previous call's, or ``state.shift(...)``);
-            ``None``: :func:`init_state`.
+            ``None``: a cold start, :func:`init_state` (with ``u_init`` and ``u_ref``).
         iters: AL iterations to run (``>= 1``).
         gradient: ``"implicit"`` | ``"unroll"`` | ``"final_implicit"`` (default ``problem.config.gradient``).
         stop_at_rho_max: streaming mode: a sample stops once its ``rho`` exceeds ``config.rho_max``.
@@ -810,14 +853,28 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
             Off by default: DEQ-MPC runs a fixed number of AL iterations per network pass.
         exit_residual: Newton-loop exit on the constraint residual (default ``config.newton_exit_residual``;
             see :class:`MPCConfig`).
+        u_ref: control reference of the cost ``1/2 |u_t - u_ref_t|_R^2``: ``(nu,)``, ``(B, nu)``, ``(T, nu)`` or
+            ``(B, T, nu)`` (broadcast to ``(B, T, nu)``; ``(B, T, nu)`` is unambiguous when ``B = T``); default 0.
+            Not differentiated.
+        u_init: ``(B, T, nu)`` (or broadcastable) initial control guess of a cold start: the start is its
+            rollout from ``x0`` (:func:`init_state`); ignored with a ``state``.
+        output: what ``x`` is: ``"rollout"`` -- the rollout of the returned ``u`` from ``x0`` (equal to it to
+            round-off on every sample, converged or not: a dynamically feasible trajectory), or ``"iterate"`` --
+            the solver's primal iterate (within ``tol_primal`` per step of the rollout when converged). Default:
+            ``"rollout"`` with ``stop_when_converged`` (a standalone solve, whose answer is the trajectory),
+            ``"iterate"`` otherwise: a fixed number of AL iterations is a step of DEQ-MPC's joint fixed point,
+            whose next network pass and warm start read the iterate (a rollout there would change that
+            iteration's map). ``info.rollout`` says which ``x`` each sample got.
 
     Returns:
-        ``(x (B,T,nx), u (B,T,nu), state, info)``: the final iterate (differentiable w.r.t. ``theta`` and ``x0``
-        when they require grad and grad mode is on), the new :class:`SolverState` (detached) and
-        :class:`SolveInfo`. Samples that ran no AL iteration in this call get zero gradient.
+        ``(x (B,T,nx), u (B,T,nu), state, info)``: the final iterate (``x``: see ``output``; differentiable w.r.t.
+        ``theta`` and ``x0`` when they require grad and grad mode is on -- a rollout differentiates through the
+        dynamics from the implicit gradient of ``u``), the new :class:`SolverState` (detached; it holds the
+        iterate) and :class:`SolveInfo`. Samples that ran no AL iteration in this call get zero gradient.
 
     Raises:
-        ShapeError: wrong shapes, non-finite ``x0``/``theta``. ConfigError: bad ``gradient``/``iters``.
+        ShapeError: wrong shapes, non-finite ``x0``/``theta``/``u_ref``/``u_init``. ConfigError: bad
+        ``gradient``/``iters``/``output``.
     """
     _check_inputs(problem, x0, theta)
     gradient = problem.config.gradient if gradient is None else gradient
@@ -825,35 +882,62 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
         raise ConfigError(f"gradient must be 'implicit', 'unroll' or 'final_implicit', got {gradient!r}")
     if not isinstance(iters, int) or iters < 0:
         raise ConfigError(f"iters must be an int >= 0, got {iters!r}")
+    if output is None:
+        output = "rollout" if stop_when_converged else "iterate"
+    if output not in ("rollout", "iterate"):
+        raise ConfigError(f"output must be 'rollout' or 'iterate', got {output!r}")
     cfg = problem.config
     exit_residual = _exit_residual(cfg, exit_residual)
     dt = cfg.dtype
     x0c, thc = x0.to(dt), theta.to(dt)
     b = x0.shape[0]
+    uref = None if u_ref is None else _controls("u_ref", problem, u_ref, x0c).detach()
     cold_start = state is None
     if cold_start:
-        state = init_state(problem, x0c.detach(), thc.detach())
+        state = init_state(problem, x0c.detach(), thc.detach(), u_init=u_init, u_ref=uref)
     else:
         _check_state(problem, state, b)
         state = SolverState(state.x.detach().to(x0c), state.u.detach().to(x0c), state.lam_eq.detach().to(x0c),
                             state.lam_ineq.detach().to(x0c), state.rho.detach().to(x0c), state.obstacle_idx)
         bad = ~_finite_rows(state.x, state.u, state.lam_eq, state.lam_ineq, state.rho)
         if bool(bad.any()):
-            state = init_state(problem, x0c.detach(), thc.detach()).where(bad, state)
+            state = init_state(problem, x0c.detach(), thc.detach(), u_ref=uref).where(bad, state)
+    # the cost's reference: waypoints, and the control reference when given ([theta | u_ref], MPCProblem.cost)
+    ref = thc if uref is None else torch.cat([thc, uref], -1)
     needs_grad = torch.is_grad_enabled() and (x0.requires_grad or theta.requires_grad)
     track = needs_grad and gradient == "unroll"
     if track:
-        if cold_start:  # the cold primal guess x = theta is part of the differentiated computation
+        if cold_start and u_init is None:  # the cold primal guess x = theta is part of the differentiated computation
             state = replace(state, x=thc)
-        x, u, new_state, info, last = _al_iterations(problem, x0c, thc, state, iters, stop_at_rho_max, True,
+        x, u, new_state, info, last = _al_iterations(problem, x0c, ref, state, iters, stop_at_rho_max, True,
                                                      stop_when_converged, exit_residual)
-        return x, u, new_state, info
-    with torch.no_grad():
-        x, u, new_state, info, last = _al_iterations(problem, x0c.detach(), thc.detach(), state, iters,
-                                                     stop_at_rho_max, False, stop_when_converged, exit_residual)
-    if needs_grad:
-        if gradient == "implicit":
-            x, u = _ImplicitFn.apply(thc, x0c, x, u, problem, last, new_state.obstacle_idx)
-        else:
-            x, u = _FinalImplicitFn.apply(thc, x0c, x, u, problem, new_state.lam_ineq, new_state.obstacle_idx)
+    else:
+        with torch.no_grad():
+            x, u, new_state, info, last = _al_iterations(problem, x0c.detach(), ref.detach(), state, iters,
+                                                         stop_at_rho_max, False, stop_when_converged, exit_residual)
+        if needs_grad:
+            if gradient == "implicit":
+                x, u = _ImplicitFn.apply(thc, x0c, x, u, problem, last, new_state.obstacle_idx, ref.detach())
+            else:
+                x, u = _FinalImplicitFn.apply(thc, x0c, x, u, problem, new_state.lam_ineq, new_state.obstacle_idx)
+    if output == "rollout":
+        x, info = _rollout_output(problem, x0c, ref.detach(), x, u, new_state.obstacle_idx, info)
+    else:
+        info = replace(info, rollout=torch.zeros_like(info.converged))
     return x, u, new_state, info
+
+
+def _rollout_output(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, u: torch.Tensor,
+                    obs, info: SolveInfo) -> tuple[torch.Tensor, SolveInfo]:
+    """``x`` replaced by the rollout of ``u`` from ``x0`` where it is finite (differentiable through the dynamics
+    when ``u`` / ``x0`` carry a graph), with ``info``'s primal residual and cost of the rollout."""
+    xr = problem.rollout(x0, u)
+    with torch.no_grad():
+        ok = _finite_rows(xr.detach())
+        xd, ud = xr.detach(), u.detach()
+        pres = torch.where(ok, problem.violation(torch.where(ok[:, None, None], xd, x.detach()), ud, obs),
+                           info.primal_residual)
+        cost = torch.where(ok, problem.cost(torch.where(ok[:, None, None], xd, x.detach()), ud, ref), info.cost)
+    if not bool(ok.all()):
+        xr = torch.where(ok[:, None, None], xr, x)
+    return xr, replace(info, primal_residual=pres, cost=cost, rollout=ok)

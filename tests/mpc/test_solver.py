@@ -334,7 +334,8 @@ def test_stop_when_converged_matches_a_tight_solve(rho_init):
     assert bool(info.converged.all())
     assert int(info.al_iters.max()) < 12
     torch.testing.assert_close(info.cost, tight.cost, rtol=1e-5, atol=0)
-    want = problem.stationarity(x, u, theta, state.lam_eq, state.lam_ineq, state.obstacle_idx)
+    # the stationarity of the solver's iterate (state.x; the returned x is the rollout of u)
+    want = problem.stationarity(state.x, u, theta, state.lam_eq, state.lam_ineq, state.obstacle_idx)
     torch.testing.assert_close(info.dual_residual, want, rtol=1e-12, atol=1e-15)
     assert float(info.dual_residual.max()) <= problem.config.tol_dual
     # the penalty is held once a sample is primal-feasible: below the unconditional schedule's value

@@ -1,0 +1,414 @@
+"""A suite of MPC problems the solver's defaults were not tuned on, solved cold and checked against IPOPT.
+
+Run:  python benchmarks/solver_suite.py [--B 200] [--split report|tune|both] [--problems pendulum,cartpole,quadrotor]
+      [--horizons 5,10,20] [--rho-init 1] [--iters 30] [--threads 1] [--mpc-pytorch]
+Writes a markdown table to stdout and benchmarks/results/solver_suite.json.
+
+Three user-defined systems, each written as a new user would write it: the dynamics only (``_deriv`` with the
+``ops`` namespace, RK4 by :func:`~deqmpc_gym.systems.base.rk4`), no hand-written Jacobians:
+
+* ``pendulum``: a textbook damped pendulum swing-up (m = l = 1, g = 9.81, b = 0.1, RK4 at dt = 0.05) with the
+  torque bound |u| <= 2 N m active (m g l = 9.81 N m: the bound forces a swing); reference: upright at rest;
+* ``cartpole``: the Barto cart-pole (m_c = 1, m_p = 0.1, l = 0.5, RK4 at dt = 0.05), |F| <= 10 N, with a
+  non-negligible control weight R = 0.5 beside Q = diag(1, 10, 0.1, 0.1); reference: the origin;
+* ``quadrotor``: a 12-state Euler-angle quadrotor (position, roll-pitch-yaw, world velocity, body rates; four
+  rotor thrusts in [0, 2 hover]) tracking hover at the origin with the control reference ``u_ref`` = hover thrust.
+
+Horizons T = 5 / 10 / 20. Instances are seeded: split ``tune`` (seed 0) was used to choose the defaults, split
+``report`` (seed 1) is reported. Per instance IPOPT (CasADi, the ``reference`` extra) gives the reference optimum:
+the better of two starts (the rollout of the reference control, and ``x = theta`` with ``u = u_ref``), solved to
+1e-10 and cached in ``benchmarks/results/solver_suite_ipopt.npz``.
+
+Columns (ours: ``solve(..., stop_when_converged=True)``, a standalone cold solve with the default configuration):
+
+* ``conv``: samples flagged converged; ``ok``: samples whose cost is at most 1e-4 (relative) above IPOPT's;
+* ``gap max``: the largest relative cost gap ``(C - C_ipopt) / |C_ipopt|`` of the returned solution;
+* ``false conv``: flagged converged but more than 1e-4 above IPOPT; ``false unconv``: flagged unconverged
+  but within 1e-6 of IPOPT (at the optimum);
+* ``X-U``: ``max |X - rollout(x0, U)|`` over the batch (the returned states against the returned controls);
+* ``viol``: the largest bound violation of the returned controls;
+* the cost of a solution is the cost of the rollout of its controls (what applying U costs);
+* ``time ratio``: our time / IPOPT's time over the same B instances (IPOPT one instance at a time) -- measured side
+  by side in one process, so a ratio is meaningful on a loaded machine where absolute times are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "mpc"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from deqmpc_gym.io import atomic_write_text  # noqa: E402
+from deqmpc_gym.mpc import MPCConfig, MPCProblem, solve  # noqa: E402
+from deqmpc_gym.systems.base import System, rk4  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+#: relative cost gap to IPOPT within which a sample counts as solved
+GAP_OK = 1e-4
+#: relative cost gap within which a sample is "at the optimum" (it must not be flagged unconverged)
+GAP_OPT = 1e-6
+SPLIT_SEEDS = {"tune": 0, "report": 1}
+
+
+# ====================================================================== the systems (dynamics only)
+class SwingUpPendulum(System):
+    """Damped pendulum, ``x = [theta, omega]``, theta = 0 hanging down [rad, rad/s]; torque |u| <= 2 N m."""
+
+    name = "suite_pendulum"
+    nx, nu, nq, dt = 2, 1, 1, 0.05
+    u_low, u_high = (-2.0,), (2.0,)
+    Q_diag, R_diag = (10.0, 1.0), (0.1,)
+    goal = (math.pi, 0.0)
+    init_low, init_high = (-math.pi, -1.0), (math.pi, 1.0)
+    reward_weights, effort_weights = (1.0, 0.1), (0.01,)
+    success_tolerance = (0.1, 0.5)
+
+    def _deriv(self, x: Any, u: Any, ops: Any) -> Any:
+        th, om = x[..., 0], x[..., 1]
+        return ops.stack([om, u[..., 0] - 0.1 * om - 9.81 * ops.sin(th)])
+
+    def _step(self, x: Any, u: Any, ops: Any) -> Any:
+        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
+
+
+class WeightedCartpole(System):
+    """Barto cart-pole, ``x = [p, theta, p_dot, theta_dot]`` (theta = 0 upright); force |F| <= 10 N; R = 0.5."""
+
+    name = "suite_cartpole"
+    nx, nu, nq, dt = 4, 1, 2, 0.05
+    u_low, u_high = (-10.0,), (10.0,)
+    Q_diag, R_diag = (1.0, 10.0, 0.1, 0.1), (0.5,)
+    goal = (0.0, 0.0, 0.0, 0.0)
+    init_low, init_high = (-1.0, -0.8, -1.0, -1.0), (1.0, 0.8, 1.0, 1.0)
+    reward_weights, effort_weights = (1.0, 1.0, 0.1, 0.1), (0.01,)
+    success_tolerance = (0.1, 0.1, 0.5, 0.5)
+    mc, mp, length, g = 1.0, 0.1, 0.5, 9.81
+
+    def _deriv(self, x: Any, u: Any, ops: Any) -> Any:
+        th, pd, thd = x[..., 1], x[..., 2], x[..., 3]
+        s, c = ops.sin(th), ops.cos(th)
+        mt = self.mc + self.mp
+        tmp = (u[..., 0] + self.mp * self.length * thd * thd * s) / mt
+        thdd = (self.g * s - c * tmp) / (self.length * (4.0 / 3.0 - self.mp * c * c / mt))
+        pdd = tmp - self.mp * self.length * thdd * c / mt
+        return ops.stack([pd, thd, pdd, thdd])
+
+    def _step(self, x: Any, u: Any, ops: Any) -> Any:
+        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
+
+
+class EulerQuadrotor(System):
+    """Quadrotor with Euler angles, ``x = [p (3), roll-pitch-yaw (3), v (3, world), omega (3, body)]``; controls:
+    the four rotor thrusts [N] in ``[0, 2 hover]`` (hover = m g / 4)."""
+
+    name = "suite_quadrotor"
+    nx, nu, nq, dt = 12, 4, 6, 0.05
+    mass, g, arm, k_m = 0.5, 9.81, 0.175, 0.0245
+    inertia = (0.0023, 0.0023, 0.004)
+    hover = 0.5 * 9.81 / 4.0
+    u_low, u_high = (0.0,) * 4, (2.0 * hover,) * 4
+    u_nominal = (hover,) * 4
+    Q_diag, R_diag = (10.0,) * 3 + (1.0,) * 3 + (0.1,) * 6, (1.0,) * 4
+    goal = (0.0,) * 12
+    init_low = (-1.0,) * 3 + (-0.3,) * 3 + (-0.5,) * 6
+    init_high = (1.0,) * 3 + (0.3,) * 3 + (0.5,) * 6
+    reward_weights, effort_weights = (1.0,) * 12, (0.01,) * 4
+    success_tolerance = (0.1,) * 12
+
+    def _deriv(self, x: Any, u: Any, ops: Any) -> Any:
+        ph, th, ps = x[..., 3], x[..., 4], x[..., 5]
+        p, q, r = x[..., 9], x[..., 10], x[..., 11]
+        f1, f2, f3, f4 = u[..., 0], u[..., 1], u[..., 2], u[..., 3]
+        sph, cph, sth, cth, sps, cps = ops.sin(ph), ops.cos(ph), ops.sin(th), ops.cos(th), ops.sin(ps), ops.cos(ps)
+        thrust = (f1 + f2 + f3 + f4) / self.mass
+        # third column of R = Rz(psi) Ry(theta) Rx(phi)
+        ax = thrust * (cps * sth * cph + sps * sph)
+        ay = thrust * (sps * sth * cph - cps * sph)
+        az = thrust * (cth * cph) - self.g
+        # Euler-angle rates from body rates
+        tth = sth / cth
+        dph = p + sph * tth * q + cph * tth * r
+        dth = cph * q - sph * r
+        dps = (sph * q + cph * r) / cth
+        jx, jy, jz = self.inertia
+        tx, ty, tz = self.arm * (f2 - f4), self.arm * (f3 - f1), self.k_m * (f1 - f2 + f3 - f4)
+        dp = (tx - (jz - jy) * q * r) / jx
+        dq = (ty - (jx - jz) * r * p) / jy
+        dr = (tz - (jy - jx) * p * q) / jz
+        return ops.stack([x[..., 6], x[..., 7], x[..., 8], dph, dth, dps, ax, ay, az, dp, dq, dr])
+
+    def _step(self, x: Any, u: Any, ops: Any) -> Any:
+        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
+
+
+SYSTEMS = {"pendulum": SwingUpPendulum, "cartpole": WeightedCartpole, "quadrotor": EulerQuadrotor}
+HORIZONS = (5, 10, 20)
+
+
+@dataclass(frozen=True)
+class Instances:
+    """A seeded batch of one suite problem: ``x0 (B, nx)``, ``theta (B, T, nx)``, ``u_ref (nu,)``."""
+
+    name: str
+    T: int
+    x0: torch.Tensor
+    theta: torch.Tensor
+    u_ref: torch.Tensor
+
+
+def make_instances(name: str, T: int, B: int, split: str) -> Instances:
+    """``B`` seeded instances of problem ``name`` at horizon ``T`` (split ``tune`` or ``report``)."""
+    system = SYSTEMS[name]()
+    rng = np.random.default_rng([SPLIT_SEEDS[split], T, list(SYSTEMS).index(name)])
+    x0 = torch.tensor(system.sample_initial_states(rng, B))
+    theta = torch.tensor(system.goal, dtype=torch.float64).expand(B, T, system.nx).clone()
+    u_ref = torch.tensor(system.u_nominal if system.u_nominal is not None else (0.0,) * system.nu,
+                         dtype=torch.float64)
+    return Instances(name, T, x0, theta, u_ref)
+
+
+def rollout(system: System, x0: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """States ``(B, T, nx)`` of applying ``u (B, T, nu)`` from ``x0 (B, nx)`` (the last control drives nothing)."""
+    xs = [x0]
+    for t in range(u.shape[1] - 1):
+        xs.append(system.step(xs[-1], u[:, t]))
+    return torch.stack(xs, 1)
+
+
+def suite_cost(system: System, x: torch.Tensor, u: torch.Tensor, theta: torch.Tensor, u_ref: torch.Tensor
+               ) -> torch.Tensor:
+    """``(B,)`` cost ``1/2 sum_t |x_t - theta_t|_Q^2 + 1/2 sum_t |u_t - u_ref|_R^2`` (diagonal weights)."""
+    q = torch.tensor(system.Q_diag, dtype=x.dtype)
+    r = torch.tensor(system.R_diag, dtype=x.dtype)
+    e, du = x - theta, u - u_ref
+    return 0.5 * (e * e * q).sum((1, 2)) + 0.5 * (du * du * r).sum((1, 2))
+
+
+# ====================================================================== IPOPT references
+def _ipopt_one(system: System, f: Any, x0: np.ndarray, theta: np.ndarray, u_ref: np.ndarray) -> tuple:
+    import casadi as cs
+
+    T, nx, nu = theta.shape[0], system.nx, system.nu
+    Q, R = np.asarray(system.Q_diag), np.asarray(system.R_diag)
+    best = None
+    u_guess = np.tile(u_ref, (T, 1))
+    x_roll = rollout(system, torch.tensor(x0)[None], torch.tensor(u_guess)[None])[0].numpy()
+    x_theta = theta.copy()
+    x_theta[0] = x0
+    for xi in (x_roll, x_theta):
+        opti = cs.Opti()
+        X, U = opti.variable(nx, T), opti.variable(nu, T)
+        opti.subject_to(X[:, 0] == x0)
+        cost = 0
+        for t in range(T):
+            e = X[:, t] - theta[t]
+            du = U[:, t] - u_ref
+            cost += 0.5 * cs.sum1(Q * e * e) + 0.5 * cs.sum1(R * du * du)
+            opti.subject_to(opti.bounded(np.asarray(system.u_low), U[:, t], np.asarray(system.u_high)))
+            if t < T - 1:
+                opti.subject_to(X[:, t + 1] == f(X[:, t], U[:, t]))
+        opti.minimize(cost)
+        opti.set_initial(X, xi.T)
+        opti.set_initial(U, u_guess.T)
+        opti.solver("ipopt", {"print_time": False, "expand": True},
+                    {"print_level": 0, "tol": 1e-10, "max_iter": 1000, "sb": "yes"})
+        try:
+            sol = opti.solve()
+        except RuntimeError:
+            continue
+        u = np.asarray(sol.value(U)).reshape(nu, T).T
+        c = float(sol.value(cost))
+        if best is None or c < best[0]:
+            best = (c, u)
+    if best is None:
+        return math.nan, np.full((T, nu), math.nan)
+    return best
+
+
+def ipopt_references(inst: Instances, cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(cost (B,), u (B, T, nu))`` of IPOPT per instance (NaN where both starts fail); cached in ``cache``."""
+    import casadi_ref
+
+    system = SYSTEMS[inst.name]()
+    key_base = f"{inst.name}/T{inst.T}"
+    f = casadi_ref.casadi_dynamics(system)
+    B = inst.x0.shape[0]
+    costs, us = np.empty(B), np.empty((B, inst.T, system.nu))
+    for i in range(B):
+        key = f"{key_base}/{_instance_key(inst, i)}"
+        if cache is not None and key in cache:
+            costs[i], us[i] = cache[key]
+            continue
+        c, u = _ipopt_one(system, f, inst.x0[i].numpy(), inst.theta[i].numpy(), inst.u_ref.numpy())
+        costs[i], us[i] = c, u
+        if cache is not None:
+            cache[key] = (c, u)
+    return costs, us
+
+
+def _instance_key(inst: Instances, i: int) -> str:
+    return np.round(inst.x0[i].numpy(), 12).tobytes().hex()[:32]
+
+
+def load_cache() -> dict:
+    path = os.path.join(RESULTS, "solver_suite_ipopt.npz")
+    if not os.path.exists(path):
+        return {}
+    z = np.load(path)
+    return {k.replace("|", "/"): (float(z[k][0, 0]), z[k][1:]) for k in z.files}
+
+
+def save_cache(cache: dict) -> None:
+    os.makedirs(RESULTS, exist_ok=True)
+    arrays = {k.replace("/", "|"): np.concatenate([np.full((1, u.shape[1]), c), u]) for k, (c, u) in cache.items()}
+    path = os.path.join(RESULTS, "solver_suite_ipopt.npz")
+    tmp = path + ".tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+# ====================================================================== our solver
+def make_problem(inst: Instances, config: MPCConfig | None = None, **overrides: Any) -> MPCProblem:
+    """The suite problem as an :class:`MPCProblem` (the system's weights and bounds)."""
+    system = SYSTEMS[inst.name]()
+    cfg = MPCConfig(horizon=inst.T, **overrides) if config is None else config
+    return MPCProblem(system, cfg)
+
+
+def solve_suite(inst: Instances, problem: MPCProblem, iters: int, **kw: Any) -> tuple:
+    """A standalone cold solve of the instances (with their control reference): ``(x, u, info, seconds)``."""
+    if bool((inst.u_ref != 0).any()):
+        kw.setdefault("u_ref", inst.u_ref)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        x, u, _, info = solve(problem, inst.x0, inst.theta, iters=iters, stop_when_converged=True, **kw)
+    return x, u, info, time.perf_counter() - t0
+
+
+def evaluate(inst: Instances, x: torch.Tensor, u: torch.Tensor, converged: torch.Tensor, ref_cost: np.ndarray
+             ) -> dict:
+    """The suite's metrics of a solution ``(x, u)`` with its convergence flags against IPOPT's costs."""
+    system = SYSTEMS[inst.name]()
+    xr = rollout(system, inst.x0, u)
+    cost = suite_cost(system, xr, u, inst.theta, inst.u_ref).numpy()
+    ref = torch.tensor(ref_cost).numpy()
+    valid = np.isfinite(ref)
+    gap = (cost - ref) / np.maximum(np.abs(ref), 1e-12)
+    gap = np.where(np.isfinite(gap), gap, np.inf)
+    conv = converged.numpy().astype(bool)
+    lo, hi = torch.tensor(system.u_low), torch.tensor(system.u_high)
+    viol = torch.maximum((u - hi).clamp_min(0).amax((1, 2)), (lo - u).clamp_min(0).amax((1, 2)))
+    v = valid
+    return {
+        "B": int(v.sum()),
+        "converged": int(conv[v].sum()),
+        "ok": int((gap[v] <= GAP_OK).sum()),
+        "gap_max": float(gap[v].max()),
+        "gap_median": float(np.median(gap[v])),
+        "false_converged": int((conv & (gap > GAP_OK))[v].sum()),
+        "false_unconverged": int((~conv & (gap <= GAP_OPT))[v].sum()),
+        "xu_max": float((x - xr).abs().amax((1, 2)).max()),
+        "viol_max": float(viol.max()),
+        "ipopt_failed": int((~valid).sum()),
+    }
+
+
+def time_ipopt(inst: Instances, n: int) -> float:
+    """Seconds of IPOPT (one start, the rollout of u_ref) on the first ``n`` instances, one at a time."""
+    import casadi_ref
+
+    system = SYSTEMS[inst.name]()
+    f = casadi_ref.casadi_dynamics(system)
+    t0 = time.perf_counter()
+    for i in range(n):
+        casadi_ref.ipopt_solve(system, f, inst.x0[i].numpy(), inst.theta[i].numpy() - 0.0,
+                               np.diag(system.Q_diag), np.diag(system.R_diag), np.asarray(system.u_low),
+                               np.asarray(system.u_high))
+    return time.perf_counter() - t0
+
+
+def run(problems: list[str], horizons: list[int], B: int, split: str, iters: int, overrides: dict,
+        time_ratio: bool = True) -> list[dict]:
+    """The suite's rows (one per problem and horizon)."""
+    cache = load_cache()
+    rows = []
+    for name in problems:
+        for T in horizons:
+            inst = make_instances(name, T, B, split)
+            ref_cost, _ = ipopt_references(inst, cache)
+            pb = make_problem(inst, **overrides)
+            solve_suite(Instances(name, T, inst.x0[:2], inst.theta[:2], inst.u_ref), pb, iters)  # compile / warm up
+            x, u, info, sec = solve_suite(inst, pb, iters)
+            row = {"problem": name, "T": T, "split": split, **evaluate(inst, x, u, info.converged, ref_cost),
+                   "ours_s": sec, "al_iters_max": int(info.al_iters.max()),
+                   "rho_max": float(info.rho.max())}
+            if time_ratio:
+                n = min(B, 20)
+                t_ip = time_ipopt(inst, n) / n
+                _, _, _, t1 = solve_suite(Instances(name, T, inst.x0[:1], inst.theta[:1], inst.u_ref), pb, iters)
+                row["ours_B_over_ipopt_B"] = sec / (t_ip * B)
+                row["ours_1_over_ipopt_1"] = t1 / t_ip
+            rows.append(row)
+            print(_fmt_row(row), flush=True)
+    return rows
+
+
+COLUMNS = ("| problem | T | B | conv | ok (<= 1e-4) | gap max | false conv | false unconv | X-U max | viol max | "
+           "time B / IPOPT B | time 1 / IPOPT 1 |")
+
+
+def _fmt_row(r: dict) -> str:
+    def g(k: str, fmt: str) -> str:
+        return "-" if k not in r else format(r[k], fmt)
+
+    return (f"| {r['problem']} | {r['T']} | {r['B']} | {r['converged']} | {r['ok']} | {r['gap_max']:.1e} | "
+            f"{r['false_converged']} | {r['false_unconverged']} | {r['xu_max']:.1e} | {r['viol_max']:.1e} | "
+            f"{g('ours_B_over_ipopt_B', '.2f')} | {g('ours_1_over_ipopt_1', '.2f')} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--B", type=int, default=200)
+    ap.add_argument("--split", default="report", choices=("tune", "report"))
+    ap.add_argument("--problems", default=",".join(SYSTEMS))
+    ap.add_argument("--horizons", default=",".join(map(str, HORIZONS)))
+    ap.add_argument("--iters", type=int, default=30, help="maximum AL iterations of the cold solve")
+    ap.add_argument("--rho-init", type=float, default=None, help="override MPCConfig.rho_init")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--refs-only", action="store_true", help="only compute (and cache) the IPOPT references")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    overrides = {} if args.rho_init is None else {"rho_init": args.rho_init}
+    if args.refs_only:  # compute and cache the IPOPT references only
+        cache = load_cache()
+        for name in args.problems.split(","):
+            for T in (int(t) for t in args.horizons.split(",")):
+                for split in ("tune", "report"):
+                    ipopt_references(make_instances(name, T, args.B, split), cache)
+                    save_cache(cache)
+                    print(f"references: {name} T{T} {split}", flush=True)
+        return
+    print(COLUMNS)
+    print("|" + "---|" * (COLUMNS.count("|") - 1))
+    rows = run(args.problems.split(","), [int(t) for t in args.horizons.split(",")], args.B, args.split,
+               args.iters, overrides, time_ratio=not args.no_timing)
+    os.makedirs(RESULTS, exist_ok=True)
+    out = {"threads": args.threads, "torch": torch.__version__, "B": args.B, "split": args.split,
+           "overrides": overrides, "rows": rows}
+    atomic_write_text(os.path.join(RESULTS, f"solver_suite_{args.split}.json"), json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

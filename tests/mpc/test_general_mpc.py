@@ -1,0 +1,112 @@
+"""The solver as a general MPC library: control reference, initial control guess, consistent outputs, penalty cap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deqmpc_gym.errors import ConfigError, ShapeError
+from deqmpc_gym.mpc import MPCConfig, MPCProblem, init_state, solve
+from deqmpc_gym.systems import Cartpole, Pendulum, kernels
+
+
+def _pendulum_batch(B: int, T: int, seed: int = 0):
+    system = Pendulum()
+    rng = np.random.default_rng(seed)
+    x0 = torch.tensor(system.sample_initial_states(rng, B))
+    theta = torch.zeros(B, T, 2, dtype=torch.float64)
+    return system, x0, theta
+
+
+def test_u_ref_is_the_cost_reference_on_both_paths():
+    """With ``u_ref`` the cost is ``1/2 |u - u_ref|_R^2``: the reported cost is that of the returned controls, the
+    compiled Newton loop gives the torch loop's iterates, and controls move toward ``u_ref`` as R grows."""
+    system, x0, theta = _pendulum_batch(8, 6)
+    u_ref = torch.linspace(-2.0, 2.0, 8, dtype=torch.float64)[:, None, None].expand(8, 6, 1)
+    problem = MPCProblem(system, MPCConfig(horizon=6, rho_init=1e5))
+    x, u, state, info = solve(problem, x0, theta, iters=15, stop_when_converged=True, u_ref=u_ref)
+    assert bool(info.converged.all())
+    want = 0.5 * (x * x * torch.tensor([10.0, 1.0])).sum((1, 2)) + 0.5 * 0.01 * ((u - u_ref) ** 2).sum((1, 2))
+    torch.testing.assert_close(info.cost, want, rtol=1e-12, atol=1e-12)
+    with kernels.disabled():
+        xt, ut, _, _ = solve(problem, x0, theta, iters=15, stop_when_converged=True, u_ref=u_ref)
+    torch.testing.assert_close(ut, u, rtol=0, atol=1e-9)
+    heavy = MPCProblem(system, MPCConfig(horizon=6, rho_init=1e5), R=[1e3])
+    _, uh, _, _ = solve(heavy, x0, theta, iters=15, stop_when_converged=True, u_ref=u_ref)
+    assert float((uh - u_ref).abs().max()) < 0.1 < float((u - u_ref).abs().max())
+    # the last control drives nothing: it settles at u_ref (within the bounds here)
+    torch.testing.assert_close(u[:, -1], u_ref[:, -1], rtol=0, atol=1e-6)
+
+
+def test_u_ref_zero_changes_nothing():
+    system, x0, theta = _pendulum_batch(6, 5, seed=1)
+    problem = MPCProblem(system, MPCConfig(horizon=5))
+    a = solve(problem, x0, theta, iters=3)
+    b = solve(problem, x0, theta, iters=3, u_ref=torch.zeros(1, dtype=torch.float64))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_bad_u_ref_and_output_are_rejected():
+    system, x0, theta = _pendulum_batch(3, 5)
+    problem = MPCProblem(system, MPCConfig(horizon=5))
+    with pytest.raises(ShapeError):
+        solve(problem, x0, theta, u_ref=torch.zeros(4, 2, dtype=torch.float64))
+    with pytest.raises(ShapeError):
+        solve(problem, x0, theta, u_ref=torch.tensor([float("nan")], dtype=torch.float64))
+    with pytest.raises(ConfigError):
+        solve(problem, x0, theta, output="best")
+
+
+@pytest.mark.parametrize("iters", [1, 12])
+def test_returned_states_are_the_rollout_of_the_returned_controls(iters):
+    """``output="rollout"`` (the default of a standalone solve): ``x`` equals the rollout of ``u`` to round-off on
+    every sample, converged or not; the reported primal residual and cost are the rollout's."""
+    system = Cartpole()
+    rng = np.random.default_rng(3)
+    x0 = torch.tensor(system.sample_initial_states(rng, 16))
+    theta = torch.tensor(np.asarray(system.goal), dtype=torch.float64).expand(16, 10, 4).clone()
+    problem = MPCProblem(system, MPCConfig(horizon=10))
+    x, u, state, info = solve(problem, x0, theta, iters=iters, stop_when_converged=True)
+    if iters == 1:
+        assert not bool(info.converged.any())
+        assert float((state.x - problem.rollout(x0, state.u)).abs().max()) > 1e-3  # the iterate is not feasible
+    assert bool(info.rollout.all())
+    assert float((x - problem.rollout(x0, u)).abs().max()) <= 1e-12
+    torch.testing.assert_close(info.cost, problem.cost(x, u, theta), rtol=1e-14, atol=0)
+    torch.testing.assert_close(info.primal_residual, problem.violation(x, u, None), rtol=0, atol=0)
+    # a fixed number of AL iterations (a DEQ-MPC step) returns the iterate unless asked otherwise
+    xi, ui, si, ii = solve(problem, x0, theta, iters=iters)
+    assert not bool(ii.rollout.any()) and torch.equal(xi, si.x)
+    xr, ur, _, ir = solve(problem, x0, theta, iters=iters, output="rollout")
+    assert bool(ir.rollout.all()) and torch.equal(ur, ui)
+
+
+def test_rollout_output_is_differentiable():
+    """The rollout's gradient (implicit gradient of u, then the dynamics) matches the iterate's at a tight solution
+    (up to the O(1 / rho) by which the last AL subproblem's iterate and its sensitivity are not dynamically
+    consistent)."""
+    system, x0, theta = _pendulum_batch(4, 5, seed=2)
+    x0 = 0.1 * x0  # near upright: the torque bound is inactive and the controls respond to theta
+    problem = MPCProblem(system, MPCConfig(horizon=5, rho_init=1e5, newton_steps=20, newton_tol=1e-10,
+                                           tol_dual=1e-9))
+    th = theta.clone().requires_grad_()
+    w = torch.randn(4, 5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x, u, _, info = solve(problem, x0, th, iters=20, stop_when_converged=True)
+    assert bool(info.rollout.all())
+    (g_roll,) = torch.autograd.grad((w * x).sum(), th)
+    x2, _, _, _ = solve(problem, x0, th, iters=20, stop_when_converged=True, output="iterate")
+    (g_it,) = torch.autograd.grad((w * x2).sum(), th)
+    assert float(g_it.abs().max()) > 0.1
+    torch.testing.assert_close(g_roll, g_it, rtol=0, atol=1e-3 * float(g_it.abs().max()))
+
+
+def test_u_init_is_rolled_out_for_the_cold_start():
+    system, x0, theta = _pendulum_batch(5, 8)
+    problem = MPCProblem(system, MPCConfig(horizon=8))
+    u_init = torch.full((5, 8, 1), 9.0, dtype=torch.float64)  # beyond the bound 5: clipped
+    st = init_state(problem, x0, theta, u_init=u_init)
+    assert bool((st.u == 5.0).all())
+    torch.testing.assert_close(st.x, problem.rollout(x0, st.u), rtol=0, atol=0)
+    _, _, _, info = solve(problem, x0, theta, iters=1, u_init=u_init, output="iterate")
+    assert bool(torch.isfinite(info.cost).all())
