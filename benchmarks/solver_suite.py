@@ -19,7 +19,8 @@ Horizons T = 5 / 10 / 20. Instances are seeded: split ``tune`` (seed 0) was used
 the better of two starts (the rollout of the reference control, and ``x = theta`` with ``u = u_ref``), solved to
 1e-10 and cached in ``benchmarks/results/solver_suite_ipopt.npz``.
 
-Columns (ours: ``solve(..., stop_when_converged=True)``, a standalone cold solve with the default configuration):
+Columns (ours: ``solve(problem, x0, theta, iters=STANDALONE_ITERS, stop_when_converged=True)`` with
+``MPCConfig.standalone(T)``, one configuration for every problem; ``--rho-init`` / ``--set`` override it):
 
 * ``conv``: samples flagged converged; ``ok``: samples whose cost is at most 1e-4 (relative) above IPOPT's;
 * ``gap max``: the largest relative cost gap ``(C - C_ipopt) / |C_ipopt|`` of the returned solution;
@@ -50,7 +51,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "mpc")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from deqmpc_gym.io import atomic_write_text  # noqa: E402
-from deqmpc_gym.mpc import MPCConfig, MPCProblem, solve  # noqa: E402
+from deqmpc_gym.mpc import STANDALONE_ITERS, MPCConfig, MPCProblem, solve  # noqa: E402
 from deqmpc_gym.systems.base import System, rk4  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -90,7 +91,7 @@ class WeightedCartpole(System):
     u_low, u_high = (-10.0,), (10.0,)
     Q_diag, R_diag = (1.0, 10.0, 0.1, 0.1), (0.5,)
     goal = (0.0, 0.0, 0.0, 0.0)
-    init_low, init_high = (-1.0, -0.8, -1.0, -1.0), (1.0, 0.8, 1.0, 1.0)
+    init_low, init_high = (-1.0, -1.2, -2.0, -2.0), (1.0, 1.2, 2.0, 2.0)
     reward_weights, effort_weights = (1.0, 1.0, 0.1, 0.1), (0.01,)
     success_tolerance = (0.1, 0.1, 0.5, 0.5)
     mc, mp, length, g = 1.0, 0.1, 0.5, 9.81
@@ -121,8 +122,8 @@ class EulerQuadrotor(System):
     u_nominal = (hover,) * 4
     Q_diag, R_diag = (10.0,) * 3 + (1.0,) * 3 + (0.1,) * 6, (1.0,) * 4
     goal = (0.0,) * 12
-    init_low = (-1.0,) * 3 + (-0.3,) * 3 + (-0.5,) * 6
-    init_high = (1.0,) * 3 + (0.3,) * 3 + (0.5,) * 6
+    init_low = (-2.0,) * 3 + (-0.6,) * 3 + (-1.0,) * 6
+    init_high = (2.0,) * 3 + (0.6,) * 3 + (1.0,) * 6
     reward_weights, effort_weights = (1.0,) * 12, (0.01,) * 4
     success_tolerance = (0.1,) * 12
 
@@ -282,7 +283,7 @@ def save_cache(cache: dict) -> None:
 def make_problem(inst: Instances, config: MPCConfig | None = None, **overrides: Any) -> MPCProblem:
     """The suite problem as an :class:`MPCProblem` (the system's weights and bounds)."""
     system = SYSTEMS[inst.name]()
-    cfg = MPCConfig(horizon=inst.T, **overrides) if config is None else config
+    cfg = MPCConfig.standalone(inst.T, **overrides) if config is None else config
     return MPCProblem(system, cfg)
 
 
@@ -383,22 +384,26 @@ def main() -> None:
     ap.add_argument("--split", default="report", choices=("tune", "report"))
     ap.add_argument("--problems", default=",".join(SYSTEMS))
     ap.add_argument("--horizons", default=",".join(map(str, HORIZONS)))
-    ap.add_argument("--iters", type=int, default=30, help="maximum AL iterations of the cold solve")
-    ap.add_argument("--rho-init", type=float, default=None, help="override MPCConfig.rho_init")
+    ap.add_argument("--iters", type=int, default=STANDALONE_ITERS, help="maximum AL iterations of the cold solve")
+    ap.add_argument("--rho-init", type=float, default=None, help="override MPCConfig.standalone's rho_init")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override an MPCConfig field (float or int), e.g. --set tol_dual=1e-6")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--refs-only", action="store_true", help="only compute (and cache) the IPOPT references")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = {} if args.rho_init is None else {"rho_init": args.rho_init}
+    overrides: dict[str, Any] = {} if args.rho_init is None else {"rho_init": args.rho_init}
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        overrides[k] = int(v) if v.lstrip("-").isdigit() else float(v)
     if args.refs_only:  # compute and cache the IPOPT references only
         cache = load_cache()
         for name in args.problems.split(","):
             for T in (int(t) for t in args.horizons.split(",")):
-                for split in ("tune", "report"):
-                    ipopt_references(make_instances(name, T, args.B, split), cache)
-                    save_cache(cache)
-                    print(f"references: {name} T{T} {split}", flush=True)
+                ipopt_references(make_instances(name, T, args.B, args.split), cache)
+                save_cache(cache)
+                print(f"references: {name} T{T} {args.split}", flush=True)
         return
     print(COLUMNS)
     print("|" + "---|" * (COLUMNS.count("|") - 1))

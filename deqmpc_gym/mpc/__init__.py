@@ -4,7 +4,7 @@ Quick use::
 
     from deqmpc_gym.mpc import MPCConfig, MPCProblem, solve
     problem = MPCProblem(Pendulum(), MPCConfig(horizon=5))
-    x, u, state, info = solve(problem, x0, theta, iters=2)            # cold
+    x, u, state, info = solve(problem, x0, theta, iters=2)            # cold (a DEQ-MPC step: the iterate)
     x, u, state, info = solve(problem, x0, theta2, state=state)       # warm (next DEQ iteration)
     state = state.shift(problem, x_last=theta_new[:, -1])             # next control step
 
@@ -13,8 +13,9 @@ Quick use::
 """
 
 from deqmpc_gym.mpc.compiled import CompiledSolver
-from deqmpc_gym.mpc.config import MPCConfig
+from deqmpc_gym.mpc.config import STANDALONE_ITERS, MPCConfig
 from deqmpc_gym.mpc.problem import MPCProblem
-from deqmpc_gym.mpc.solver import SolveInfo, SolverState, init_state, solve
+from deqmpc_gym.mpc.solver import SolveInfo, SolverState, init_state, shooting_kkt, solve
 
-__all__ = ["CompiledSolver", "MPCConfig", "MPCProblem", "SolverState", "SolveInfo", "init_state", "solve"]
+__all__ = ["STANDALONE_ITERS", "CompiledSolver", "MPCConfig", "MPCProblem", "SolverState", "SolveInfo", "init_state",
+           "shooting_kkt", "solve"]

@@ -10,6 +10,8 @@ from deqmpc_gym.errors import ConfigError
 
 _LINEAR_SOLVERS = ("auto", "dense", "banded")
 _GRADIENTS = ("implicit", "unroll", "final_implicit")
+#: maximum AL iterations of a standalone cold solve (:meth:`MPCConfig.standalone`)
+STANDALONE_ITERS = 30
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,9 @@ class MPCConfig:
         rho_max: in streaming use (``solve(..., stop_at_rho_max=True)``) a sample stops once its ``rho``
             exceeds this value; the last AL iteration of a sample therefore runs at ``rho <= rho_max``.
         rho_init_max: cap of the warm-start penalty, ``rho_0 = min(rho_prev, rho_init_max)`` (paper 4.2.3).
+        rho_cap: the penalty never grows beyond this value, in every mode (``rho <- min(rho_growth rho,
+            rho_cap)``); above it the Gauss-Newton Hessian's conditioning loses more than the penalty gains. The
+            default 1e12 is not reached by DEQ-MPC's fixed schedules (6 x 2 AL iterations from 1).
         newton_tol: per-sample exit test of the Newton loop: a sample stops after a step with
             ``||dz||_inf <= newton_tol * (1 + ||z||_inf)`` (or whose contraction estimate predicts the next step
             below that) or when its line search finds no decrease.
@@ -45,6 +50,11 @@ class MPCConfig:
         tol_primal: a sample is ``converged`` when max(|dynamics defect|, inequality violation) <= tol_primal
             and its last Newton loop exited by the step test.
         tol_dual: ... and its AL stationarity ``||grad_z M||_inf / (1 + ||grad_z C||_inf)`` is <= tol_dual.
+        tol_shooting: the convergence test of answers returned as rollouts (``solve(output="rollout",
+            stop_when_converged=True)``, control bounds only): the projected reduced gradient of the controls
+            (:func:`~deqmpc_gym.mpc.solver.shooting_kkt`) at most this, and the bounds met to ``tol_primal``.
+            Tighter than ``tol_dual``: over long horizons the reduced cost is flat along some control directions,
+            and 1e-3 let cart-pole T = 20 samples stop 5e-3 above the optimum (``benchmarks/solver_suite.py``).
         reg_min: relative regularisation ``mu`` added (``H + mu * max|diag H| * I``) to a sample whose Cholesky
             factorisation fails; it is grown by 1e3 up to twice before the sample's step is skipped.
         dense_max_work: crossover of ``linear_solver="auto"`` in ``B (T n)^3`` (measured on one CPU thread: the
@@ -57,6 +67,7 @@ class MPCConfig:
     rho_growth: float = 10.0
     rho_max: float = 1e8
     rho_init_max: float = 1e7
+    rho_cap: float = 1e12
     newton_tol: float = 1e-3
     newton_exit_residual: float = 0.0
     n_obstacle_constraints: int = 4
@@ -66,18 +77,35 @@ class MPCConfig:
     line_search_steps: int = 12
     tol_primal: float = 1e-6
     tol_dual: float = 1e-3
+    tol_shooting: float = 1e-5
     reg_min: float = 1e-10
     dense_max_work: float = 2e6
+
+    @classmethod
+    def standalone(cls, horizon: int, **overrides: object) -> MPCConfig:
+        """The configuration of standalone cold solves to convergence (``solve(problem, x0, theta, iters=
+        STANDALONE_ITERS, stop_when_converged=True)``): ``rho_init = 1``, up to 12 Newton steps per AL
+        iteration and the Newton step test at ``newton_tol = 1e-6`` (DEQ-MPC's 4 steps to 1e-3 leave the
+        subproblems of long rigid-body horizons too loose: the multiplier updates stall). Chosen on the tuning
+        split of ``benchmarks/solver_suite.py``, where ``rho_init = 1e5`` ends up to 8 % of the T = 20 samples
+        in worse local solutions; ``overrides`` replace any field."""
+        kw: dict = {"horizon": horizon, "rho_init": 1.0, "newton_steps": 12, "newton_tol": 1e-6}
+        kw.update(overrides)
+        return cls(**kw)
 
     def __post_init__(self) -> None:
         if not isinstance(self.horizon, int) or self.horizon < 2:
             raise ConfigError(f"horizon must be an int >= 2, got {self.horizon!r}")
         if not isinstance(self.newton_steps, int) or self.newton_steps < 1:
             raise ConfigError(f"newton_steps must be an int >= 1, got {self.newton_steps!r}")
-        for name in ("rho_init", "rho_max", "rho_init_max", "newton_tol", "tol_primal", "tol_dual"):
+        for name in ("rho_init", "rho_max", "rho_init_max", "rho_cap", "newton_tol", "tol_primal", "tol_dual",
+                     "tol_shooting"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0):
                 raise ConfigError(f"{name} must be a positive number, got {v!r}")
+        if not self.rho_cap > self.rho_max:
+            raise ConfigError(f"rho_cap must be > rho_max (streaming calls stop above rho_max), got rho_cap="
+                              f"{self.rho_cap!r}, rho_max={self.rho_max!r}")
         if not (isinstance(self.newton_exit_residual, (int, float)) and self.newton_exit_residual >= 0):
             raise ConfigError(f"newton_exit_residual must be a number >= 0, got {self.newton_exit_residual!r}")
         if not self.rho_growth >= 1.0:

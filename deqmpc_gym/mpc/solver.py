@@ -150,7 +150,10 @@ class SolveInfo:
 
     Attributes:
         converged: primal residual <= ``tol_primal``, stationarity <= ``tol_dual`` and the last Newton loop
-            exited by its step test.
+            exited by its step test. For a rollout answer of a ``stop_when_converged`` solve (control bounds
+            only): the returned controls' bound violation <= ``tol_primal`` and their projected reduced gradient
+            (:func:`shooting_kkt`, reported as ``dual_residual``) <= ``tol_shooting`` -- a test of the returned
+            answer itself, independent of the multipliers and penalty.
         primal_residual: max(|dynamics defect|, inequality violation) at the returned iterate.
         dual_residual: AL stationarity ``||grad_z M||_inf / (1 + max(||grad_z C||_inf, ||lam + rho c||_inf))``
             at the last linearisation point of the last AL iteration (the iterate before the final step); with
@@ -585,10 +588,34 @@ def _newton_loop(problem: MPCProblem, bt: _Batch, track_grad: bool, stats: dict,
     return x, u, steps, small_exit, dres, fb, nf, (d_cur, g_cur), dyn_out
 
 
+def _stop_test(problem: MPCProblem, bt: _Batch, x, u, d, g, leq, lin_, dyn, small_exit, nonfinite, rnew,
+               shooting: bool):
+    """The per-sample test of ``stop_when_converged`` after an AL iteration at its new iterate ``(x, u)`` (no
+    graph) with the updated multipliers. Returns ``(converged, dual residual, new penalty)``."""
+    cfg = problem.config
+    with torch.no_grad():
+        pres = problem.violation_from(d, g)
+        # stationarity at the new iterate with the updated multipliers (the Newton loop's is measured before its
+        # last step): a converged sample stops without a confirming AL iteration
+        dr = problem.stationarity(x, u, bt.theta, leq, lin_, bt.obs, dyn)
+        conv = (pres <= cfg.tol_primal) & (dr <= cfg.tol_dual) & small_exit & ~nonfinite
+        # a sample already primal-feasible keeps its penalty: a larger one only worsens the Hessian's
+        # conditioning (rho / smallest weight) while the multipliers converge (QPole, R = 1e-8, T = 20:
+        # 29 -> 16 of 200 samples unconverged; no change on the Pendulum, Cartpole and Quadrotor)
+        rnew = torch.where(pres <= cfg.tol_primal, bt.rho, rnew)
+        if shooting:  # the returned answer is the rollout of u: test that instead (shooting_kkt)
+            viol, dr = shooting_kkt(problem, x[:, 0], bt.theta, u)
+            conv = (viol <= cfg.tol_primal) & (dr <= cfg.tol_shooting) & ~nonfinite
+    return conv, dr, rnew
+
+
 def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: int, stop_at_rho_max: bool,
-                   track_grad: bool, stop_when_converged: bool = False, exit_residual: float = 0.0):
+                   track_grad: bool, stop_when_converged: bool = False, exit_residual: float = 0.0,
+                   shooting: bool = False):
     """Run ``iters`` AL iterations. Returns (x, u, new_state, info, last) where ``last`` holds the
-    ``(lam_eq, lam_in, rho)`` of each sample's last subproblem and ``ran`` (B,) (ran >= 1 iteration)."""
+    ``(lam_eq, lam_in, rho)`` of each sample's last subproblem and ``ran`` (B,) (ran >= 1 iteration).
+    ``shooting``: with ``stop_when_converged``, a sample stops when the rollout of its controls passes
+    :func:`shooting_kkt` (the answer is that rollout) instead of the iterate's tests."""
     cfg = problem.config
     b = x0.shape[0]
     dev = x0.device
@@ -656,19 +683,10 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
             leq = torch.where(okm.view(-1, 1, 1), leq, bt.lam_eq)
             lin_ = torch.where(okm.view(-1, 1, 1), lin_, bt.lam_in)
         n1 = n1 | ~okm
-        rnew = bt.rho * cfg.rho_growth
+        rnew = torch.clamp(bt.rho * cfg.rho_growth, max=cfg.rho_cap)
         if stop_when_converged:  # a sample whose new iterate meets both tolerances stops here
-            with torch.no_grad():
-                pres_r = problem.violation_from(d.detach(), g.detach())
-                # stationarity at the new iterate with the updated multipliers (the Newton loop's is measured
-                # before its last step): a converged sample stops without a confirming AL iteration
-                dr = problem.stationarity(xr.detach(), ur.detach(), bt.theta, leq.detach(), lin_.detach(), bt.obs,
-                                          dyn_r)
-                conv_r = (pres_r <= cfg.tol_primal) & (dr <= cfg.tol_dual) & se & ~n1
-                # a sample already primal-feasible keeps its penalty: a larger one only worsens the Hessian's
-                # conditioning (rho / smallest weight) while the multipliers converge (QPole, R = 1e-8, T = 20:
-                # 29 -> 16 of 200 samples unconverged; no change on the Pendulum, Cartpole and Quadrotor)
-                rnew = torch.where(pres_r <= cfg.tol_primal, bt.rho, rnew)
+            conv_r, dr, rnew = _stop_test(problem, bt, xr.detach(), ur.detach(), d.detach(), g.detach(),
+                                          leq.detach(), lin_.detach(), dyn_r, se, n1, rnew, shooting)
             done = conv_r if all_run else done.index_copy(0, ridx, conv_r)
         if all_run:
             d_all, g_all, seen = d.detach(), g.detach(), torch.ones_like(seen)
@@ -707,6 +725,39 @@ def _al_iterations(problem: MPCProblem, x0, theta, state: SolverState, iters: in
     new_state = SolverState(xd, ud, lam_eq.detach(), lam_in.detach(), rho.detach(), obs)
     info = SolveInfo(converged, pres, dres, al_iters, nsteps, rho.detach(), cost, fb, nf)
     return x, u, new_state, info, (last_eq.detach(), last_in.detach(), last_rho.detach(), al_iters > 0)
+
+
+def shooting_kkt(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """First-order optimality of the controls ``u (B,T,nu)`` as a shooting problem (states = the rollout from
+    ``x0 (B,nx)``; control bounds only). Returns ``(violation (B,), stationarity (B,))``: the largest bound violation
+    and ``||u - clip(u - grad_u J, u_low, u_high)||_inf / (1 + max(||R (u - u_ref)||_inf, ||lam||_inf))``, the
+    projected reduced gradient of the cost ``J(u) = C(rollout(u), u)`` (``ref``: ``theta (B,T,nx)`` or
+    ``[theta | u_ref] (B,T,nx+nu)``), with the costates ``lam_{T-2} = -Q e_{T-1}``,
+    ``lam_{t-1} = A_t^T lam_t - Q e_t`` by one backward pass. It is independent of the solver's multipliers and
+    penalty: zero exactly at a KKT point of the problem, with the bounds' multipliers implied by the sign of the
+    reduced gradient."""
+    c = problem.consts(u)
+    T = problem.T
+    xr = problem.rollout(x0, u)
+    _, A, Bu = problem.dynamics(xr, u)
+    th, du = problem._split_ref(u, ref)
+    qe = (xr - th) @ c.Q  # (B,T,nx)
+    lam = torch.zeros_like(xr[:, :-1])  # (B,T-1,nx)
+    lam[:, -1] = -qe[:, -1]
+    for t in range(T - 2, 0, -1):
+        lam[:, t - 1] = (A[:, t].transpose(-1, -2) @ lam[:, t, :, None])[..., 0] - qe[:, t]
+    rdu = du @ c.R
+    grad = rdu.clone()
+    grad[:, :-1] -= (Bu.transpose(-1, -2) @ lam[..., None])[..., 0]
+    pg = u - torch.maximum(torch.minimum(u - grad, c.u_high), c.u_low)
+    viol = torch.maximum((u - c.u_high).clamp_min(0).amax((1, 2)), (c.u_low - u).clamp_min(0).amax((1, 2)))
+    scale = 1.0 + torch.maximum(rdu.abs().amax((1, 2)), lam.abs().amax((1, 2)))
+    stat = pg.abs().amax((1, 2)) / scale
+    bad = ~_finite_rows(pg, lam)
+    if bool(bad.any()):
+        stat = torch.where(bad, torch.full_like(stat, float("inf")), stat)
+    return viol, stat
 
 
 # ====================================================================== implicit gradients
@@ -906,31 +957,35 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
     ref = thc if uref is None else torch.cat([thc, uref], -1)
     needs_grad = torch.is_grad_enabled() and (x0.requires_grad or theta.requires_grad)
     track = needs_grad and gradient == "unroll"
+    # standalone answers that are rollouts are tested as such (shooting_kkt; control bounds only)
+    shooting = output == "rollout" and stop_when_converged and problem.box_only
     if track:
         if cold_start and u_init is None:  # the cold primal guess x = theta is part of the differentiated computation
             state = replace(state, x=thc)
         x, u, new_state, info, last = _al_iterations(problem, x0c, ref, state, iters, stop_at_rho_max, True,
-                                                     stop_when_converged, exit_residual)
+                                                     stop_when_converged, exit_residual, shooting)
     else:
         with torch.no_grad():
             x, u, new_state, info, last = _al_iterations(problem, x0c.detach(), ref.detach(), state, iters,
-                                                         stop_at_rho_max, False, stop_when_converged, exit_residual)
+                                                         stop_at_rho_max, False, stop_when_converged, exit_residual,
+                                                         shooting)
         if needs_grad:
             if gradient == "implicit":
                 x, u = _ImplicitFn.apply(thc, x0c, x, u, problem, last, new_state.obstacle_idx, ref.detach())
             else:
                 x, u = _FinalImplicitFn.apply(thc, x0c, x, u, problem, new_state.lam_ineq, new_state.obstacle_idx)
     if output == "rollout":
-        x, info = _rollout_output(problem, x0c, ref.detach(), x, u, new_state.obstacle_idx, info)
+        x, info = _rollout_output(problem, x0c, ref.detach(), x, u, new_state.obstacle_idx, info, shooting)
     else:
         info = replace(info, rollout=torch.zeros_like(info.converged))
     return x, u, new_state, info
 
 
 def _rollout_output(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, u: torch.Tensor,
-                    obs, info: SolveInfo) -> tuple[torch.Tensor, SolveInfo]:
+                    obs, info: SolveInfo, shooting: bool) -> tuple[torch.Tensor, SolveInfo]:
     """``x`` replaced by the rollout of ``u`` from ``x0`` where it is finite (differentiable through the dynamics
-    when ``u`` / ``x0`` carry a graph), with ``info``'s primal residual and cost of the rollout."""
+    when ``u`` / ``x0`` carry a graph), with ``info``'s primal residual and cost of the rollout; with
+    ``shooting`` also its convergence flag and dual residual (:func:`shooting_kkt`)."""
     xr = problem.rollout(x0, u)
     with torch.no_grad():
         ok = _finite_rows(xr.detach())
@@ -938,6 +993,11 @@ def _rollout_output(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, x:
         pres = torch.where(ok, problem.violation(torch.where(ok[:, None, None], xd, x.detach()), ud, obs),
                            info.primal_residual)
         cost = torch.where(ok, problem.cost(torch.where(ok[:, None, None], xd, x.detach()), ud, ref), info.cost)
+        conv, dres = info.converged, info.dual_residual
+        if shooting:
+            _, dres = shooting_kkt(problem, x0.detach(), ref, ud)
+            dres = torch.where(ok, dres, torch.full_like(dres, float("inf")))
+            conv = ok & (pres <= problem.config.tol_primal) & (dres <= problem.config.tol_shooting) & ~info.nonfinite
     if not bool(ok.all()):
         xr = torch.where(ok[:, None, None], xr, x)
-    return xr, replace(info, primal_residual=pres, cost=cost, rollout=ok)
+    return xr, replace(info, primal_residual=pres, cost=cost, rollout=ok, converged=conv, dual_residual=dres)

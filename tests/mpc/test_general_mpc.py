@@ -110,3 +110,59 @@ def test_u_init_is_rolled_out_for_the_cold_start():
     torch.testing.assert_close(st.x, problem.rollout(x0, st.u), rtol=0, atol=0)
     _, _, _, info = solve(problem, x0, theta, iters=1, u_init=u_init, output="iterate")
     assert bool(torch.isfinite(info.cost).all())
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_the_penalty_is_capped_in_every_mode(stop):
+    system = Cartpole()
+    rng = np.random.default_rng(4)
+    x0 = torch.tensor(system.sample_initial_states(rng, 8))
+    theta = torch.zeros(8, 10, 4, dtype=torch.float64)
+    problem = MPCProblem(system, MPCConfig(horizon=10, rho_cap=1e9, tol_dual=1e-14, tol_shooting=1e-30))
+    _, _, state, info = solve(problem, x0, theta, iters=14, stop_when_converged=stop)
+    assert int(info.al_iters.min()) == 14  # the tolerances cannot be met: every sample runs every iteration
+    assert float(info.rho.max()) == 1e9 and float(state.rho.max()) == 1e9
+    with pytest.raises(ConfigError):
+        MPCConfig(rho_cap=1e8)  # not above rho_max
+
+
+def test_shooting_kkt_vanishes_only_at_the_optimum():
+    """The rollout answers' convergence measure: ~0 at a tight solution, not at a perturbed one, and the flag it
+    sets agrees with it."""
+    from deqmpc_gym.mpc import STANDALONE_ITERS, shooting_kkt
+
+    system = Cartpole()
+    rng = np.random.default_rng(5)
+    x0 = torch.tensor(system.sample_initial_states(rng, 8))
+    theta = torch.zeros(8, 10, 4, dtype=torch.float64)
+    problem = MPCProblem(system, MPCConfig.standalone(10))
+    x, u, _, info = solve(problem, x0, theta, iters=STANDALONE_ITERS, stop_when_converged=True)
+    assert bool(info.converged.all())
+    viol, stat = shooting_kkt(problem, x0, theta, u)
+    torch.testing.assert_close(stat, info.dual_residual, rtol=0, atol=0)
+    assert float(stat.max()) <= problem.config.tol_shooting and float(viol.max()) <= problem.config.tol_primal
+    du = 0.05 * torch.tensor(rng.standard_normal(u.shape))
+    _, stat2 = shooting_kkt(problem, x0, theta, (u + du).clamp(-10.0, 10.0))
+    assert float(stat2.min()) > 10 * problem.config.tol_shooting
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["pendulum", "cartpole", "quadrotor"])
+def test_the_suite_problems_reach_ipopt_with_honest_flags(name):
+    """``benchmarks/solver_suite.py`` (user-defined systems, dynamics only) on 24 tuning instances per horizon:
+    every sample within 1e-4 of IPOPT's cost, X the rollout of U, no flag contradicting the cost gap."""
+    pytest.importorskip("casadi")
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import solver_suite as suite
+
+    for T in suite.HORIZONS:
+        inst = suite.make_instances(name, T, 24, "tune")
+        ref, _ = suite.ipopt_references(inst, suite.load_cache())
+        x, u, info, _ = suite.solve_suite(inst, suite.make_problem(inst), suite.STANDALONE_ITERS)
+        m = suite.evaluate(inst, x, u, info.converged, ref)
+        assert m["ok"] == m["B"] == 24, (T, m)
+        assert m["false_converged"] == 0 and m["false_unconverged"] == 0, (T, m)
+        assert m["xu_max"] <= 1e-9, (T, m)
