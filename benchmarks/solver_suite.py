@@ -17,7 +17,7 @@ Three user-defined systems, each written as a new user would write it: the dynam
 Horizons T = 5 / 10 / 20. Instances are seeded: split ``tune`` (seed 0) was used to choose the defaults, split
 ``report`` (seed 1) is reported. Per instance IPOPT (CasADi, the ``reference`` extra) gives the reference optimum:
 the better of two starts (the rollout of the reference control, and ``x = theta`` with ``u = u_ref``), solved to
-1e-10 and cached in ``benchmarks/results/solver_suite_ipopt.npz``.
+1e-10 and cached in the package's cache folder (:func:`cache_path`).
 
 Columns (ours: ``solve(problem, x0, theta, iters=STANDALONE_ITERS, stop_when_converged=True)`` with
 ``MPCConfig.standalone(T)``, one configuration for every problem; ``--rho-init`` / ``--set`` override it):
@@ -197,17 +197,19 @@ def suite_cost(system: System, x: torch.Tensor, u: torch.Tensor, theta: torch.Te
 
 
 # ====================================================================== IPOPT references
-def _ipopt_one(system: System, f: Any, x0: np.ndarray, theta: np.ndarray, u_ref: np.ndarray) -> tuple:
+def _ipopt_one(system: System, f: Any, x0: np.ndarray, theta: np.ndarray, u_ref: np.ndarray,
+               starts: int = 2) -> tuple:
     import casadi as cs
 
     T, nx, nu = theta.shape[0], system.nx, system.nu
     Q, R = np.asarray(system.Q_diag), np.asarray(system.R_diag)
     best = None
+    seconds = 0.0
     u_guess = np.tile(u_ref, (T, 1))
     x_roll = rollout(system, torch.tensor(x0)[None], torch.tensor(u_guess)[None])[0].numpy()
     x_theta = theta.copy()
     x_theta[0] = x0
-    for xi in (x_roll, x_theta):
+    for xi in (x_roll, x_theta)[:starts]:
         opti = cs.Opti()
         X, U = opti.variable(nx, T), opti.variable(nu, T)
         opti.subject_to(X[:, 0] == x0)
@@ -224,17 +226,20 @@ def _ipopt_one(system: System, f: Any, x0: np.ndarray, theta: np.ndarray, u_ref:
         opti.set_initial(U, u_guess.T)
         opti.solver("ipopt", {"print_time": False, "expand": True},
                     {"print_level": 0, "tol": 1e-10, "max_iter": 1000, "sb": "yes"})
+        t0 = time.perf_counter()
         try:
             sol = opti.solve()
         except RuntimeError:
             continue
+        finally:
+            seconds += time.perf_counter() - t0
         u = np.asarray(sol.value(U)).reshape(nu, T).T
         c = float(sol.value(cost))
         if best is None or c < best[0]:
             best = (c, u)
     if best is None:
-        return math.nan, np.full((T, nu), math.nan)
-    return best
+        return math.nan, np.full((T, nu), math.nan), seconds
+    return best[0], best[1], seconds
 
 
 def ipopt_references(inst: Instances, cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -251,7 +256,7 @@ def ipopt_references(inst: Instances, cache: dict | None = None) -> tuple[np.nda
         if cache is not None and key in cache:
             costs[i], us[i] = cache[key]
             continue
-        c, u = _ipopt_one(system, f, inst.x0[i].numpy(), inst.theta[i].numpy(), inst.u_ref.numpy())
+        c, u, _ = _ipopt_one(system, f, inst.x0[i].numpy(), inst.theta[i].numpy(), inst.u_ref.numpy())
         costs[i], us[i] = c, u
         if cache is not None:
             cache[key] = (c, u)
@@ -262,8 +267,16 @@ def _instance_key(inst: Instances, i: int) -> str:
     return np.round(inst.x0[i].numpy(), 12).tobytes().hex()[:32]
 
 
+def cache_path() -> str:
+    """The IPOPT reference cache: ``solver_suite_ipopt.npz`` in the package's cache folder (as the compiled
+    kernels: ``$DEQMPC_GYM_CACHE`` or ``~/.cache/deqmpc_gym``)."""
+    from deqmpc_gym.systems.kernels import cache_dir
+
+    return str(cache_dir() / "solver_suite_ipopt.npz")
+
+
 def load_cache() -> dict:
-    path = os.path.join(RESULTS, "solver_suite_ipopt.npz")
+    path = cache_path()
     if not os.path.exists(path):
         return {}
     z = np.load(path)
@@ -271,9 +284,8 @@ def load_cache() -> dict:
 
 
 def save_cache(cache: dict) -> None:
-    os.makedirs(RESULTS, exist_ok=True)
     arrays = {k.replace("/", "|"): np.concatenate([np.full((1, u.shape[1]), c), u]) for k, (c, u) in cache.items()}
-    path = os.path.join(RESULTS, "solver_suite_ipopt.npz")
+    path = cache_path()
     tmp = path + ".tmp.npz"
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, path)
@@ -326,17 +338,14 @@ def evaluate(inst: Instances, x: torch.Tensor, u: torch.Tensor, converged: torch
 
 
 def time_ipopt(inst: Instances, n: int) -> float:
-    """Seconds of IPOPT (one start, the rollout of u_ref) on the first ``n`` instances, one at a time."""
+    """Seconds of IPOPT's solves (one start, the rollout of u_ref; building the CasADi problem is not counted) on
+    the first ``n`` instances, one at a time."""
     import casadi_ref
 
     system = SYSTEMS[inst.name]()
     f = casadi_ref.casadi_dynamics(system)
-    t0 = time.perf_counter()
-    for i in range(n):
-        casadi_ref.ipopt_solve(system, f, inst.x0[i].numpy(), inst.theta[i].numpy() - 0.0,
-                               np.diag(system.Q_diag), np.diag(system.R_diag), np.asarray(system.u_low),
-                               np.asarray(system.u_high))
-    return time.perf_counter() - t0
+    return sum(_ipopt_one(system, f, inst.x0[i].numpy(), inst.theta[i].numpy(), inst.u_ref.numpy(), starts=1)[2]
+               for i in range(n))
 
 
 def run(problems: list[str], horizons: list[int], B: int, split: str, iters: int, overrides: dict,
