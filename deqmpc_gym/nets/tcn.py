@@ -7,7 +7,7 @@ predicted knots, ``h`` hidden width, ``nq`` number of "position" coordinates, ``
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, cast
 
@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from deqmpc_gym.errors import ConfigError, ShapeError, check_shape
 from deqmpc_gym.nets._channel_last import conv_cl, group_norm_cl, transposed_weight
+from deqmpc_gym.nets._deq_cell import CellEval, CellWeights, cell, cell_forward
 from deqmpc_gym.nets.fixed_point import AndersonConfig, SolverStats, fixed_point_iter, get_solver
 
 __all__ = [
@@ -364,24 +365,28 @@ class DEQTCN(_TCNBase):
         """Fixed-point map: ``z (B, h, L)``, injection ``u (B, h, L)`` -> ``(B, h, L)``."""
         return _channels_first(self._f_cl(z.transpose(1, 2).contiguous(), u.transpose(1, 2).contiguous()))
 
-    def _f_cl(self, z: Tensor, u: Tensor) -> Tensor:
-        """:meth:`f` on channel-last ``z, u: (B, L, h)``."""
-        y = _cgn(self.gn1, _relu(_cconv(self.conv1, z)))
-        return _cgn(self.gn3, torch.relu(z + _cgn(self.gn2, conv_cl(y, self.conv2.weight, self.conv2.bias, u))))
+    def _cell_weights(self) -> CellWeights:
+        norms = (self.gn1, self.gn2, self.gn3)
+        return CellWeights(self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias,
+                           ((norms[0].weight, norms[0].bias), (norms[1].weight, norms[1].bias),
+                            (norms[2].weight, norms[2].bias)),
+                           (norms[0].num_groups, norms[1].num_groups, norms[2].num_groups),
+                           (norms[0].eps, norms[1].eps, norms[2].eps))
 
-    def _f_solve(self, u: Tensor) -> Callable[[Tensor], Tensor]:
+    def _f_cl(self, z: Tensor, u: Tensor, pre: CellEval | None = None) -> Tensor:
+        """:meth:`f` on channel-last ``z, u: (B, L, h)`` (``pre``: an evaluation at this ``z`` to reuse)."""
+        p = self._cell_weights()
+        if torch.is_grad_enabled() and (z.requires_grad or u.requires_grad or any(
+                t is not None and t.requires_grad for t in (p.w1, p.b1, p.w2, p.b2, *(t for n in p.norms for t in n)))):
+            return cell(z.contiguous(), u.contiguous(), p, pre)
+        if pre is not None:
+            return pre.out
+        ub = u if p.b2 is None else u + p.b2
+        return cell_forward(z.contiguous(), ub, p, transposed_weight(p.w1), transposed_weight(p.w2)).out
+
+    def _f_solve(self, u: Tensor) -> _SolveMap:
         """The gradient-free map ``z -> f(z, u)`` of the forward solve, channel-last ``(B, L, h)``."""
-        ub = (u if self.conv2.bias is None else u + self.conv2.bias).detach()  # the injection folded into the bias
-        w1, b1, w2 = self.conv1.weight, self.conv1.bias, self.conv2.weight
-        w1t, w2t = transposed_weight(w1), transposed_weight(w2)  # once per solve
-        norms = [(g.weight, g.bias, g.num_groups, g.eps) for g in (self.gn1, self.gn2, self.gn3)]
-
-        def f(z: Tensor) -> Tensor:
-            y = group_norm_cl(conv_cl(z, w1, b1, weight_t=w1t).relu_(), *norms[0])
-            s = group_norm_cl(conv_cl(y, w2, None, ub, weight_t=w2t), *norms[1]).add_(z).relu_()
-            return group_norm_cl(s, *norms[2])
-
-        return f
+        return _SolveMap(self._cell_weights(), u)
 
     def forward(self, x0: Tensor, x_prev: Tensor, z: Tensor | None = None) -> NetOutput:
         """``x0: (B, nx)``, ``x_prev: (B, T, nx)``, warm start ``z: (B, h, L) | None`` -> :class:`NetOutput`."""
@@ -389,17 +394,19 @@ class DEQTCN(_TCNBase):
         u = self._encode_cl(x0, x_prev)  # (B, L, h): the solve runs channel-last
         z0 = torch.zeros_like(u) if z is None else z.detach().transpose(1, 2).contiguous()
         solve = get_solver(self.config.solver)
+        fmap = self._f_solve(u)
         with torch.no_grad():
-            z_star, stats = solve(self._f_solve(u), z0, self.config.anderson)
+            z_star, stats = solve(fmap, z0, self.config.anderson)
         if torch.is_grad_enabled() and self.training:
-            z_star = self._grad_path(z_star.detach(), u)
+            z_star = self._grad_path(z_star.detach(), u, fmap.reusable(z_star))
         return NetOutput(self._waypoints_cl(z_star, x0, x_prev), _channels_first(z_star.detach()), stats)
 
-    def _grad_path(self, z_star: Tensor, u: Tensor) -> Tensor:
-        """Re-attach autograd to the channel-last equilibrium ``(B, L, h)`` by the configured gradient."""
+    def _grad_path(self, z_star: Tensor, u: Tensor, pre: CellEval | None = None) -> Tensor:
+        """Re-attach autograd to the channel-last equilibrium ``(B, L, h)`` by the configured gradient (``pre``: the
+        forward solve's evaluation of ``f(z*)``, reused by the first phantom step)."""
         if self.config.deq_grad == "phantom":
-            z = z_star
-            for _ in range(self.config.phantom_steps):
+            z = self._f_cl(z_star, u, pre)
+            for _ in range(self.config.phantom_steps - 1):
                 z = self._f_cl(z, u)
             return z
         return self._ift(z_star, u)
@@ -423,6 +430,31 @@ class DEQTCN(_TCNBase):
 
         z.register_hook(hook)
         return z
+
+
+class _SolveMap:
+    """The forward solve's map ``z (B, L, h) -> f(z, u)`` (no autograd; weights transposed once per solve, the injection
+    folded into the second convolution's bias) that keeps its last evaluation for :meth:`reusable`."""
+
+    def __init__(self, p: CellWeights, u: Tensor) -> None:
+        detached = [None if t is None else t.detach() for t in (p.w1, p.b1, p.w2, p.b2)]
+        norms = tuple((w.detach(), b.detach()) for w, b in p.norms)
+        self.p = CellWeights(detached[0], detached[1], detached[2], detached[3], norms, p.groups, p.eps)  # type: ignore[arg-type]
+        self.ub = (u if p.b2 is None else u + p.b2).detach()
+        self.wm1, self.wm2 = transposed_weight(p.w1), transposed_weight(p.w2)
+        self.last: CellEval | None = None
+
+    def __call__(self, z: Tensor) -> Tensor:
+        with torch.no_grad():
+            self.last = cell_forward(z.contiguous(), self.ub, self.p, self.wm1, self.wm2)
+        return self.last.out
+
+    def reusable(self, z: Tensor) -> CellEval | None:
+        """The last evaluation if its input equals ``z`` ``(B, L, h)`` (then its output is ``f(z, u)``), else None."""
+        last = self.last
+        if last is None or last.z.shape != z.shape or not torch.equal(last.z, z):
+            return None
+        return last
 
 
 def build_network(config: NetConfig) -> FeedForwardTCN | DEQTCN:
