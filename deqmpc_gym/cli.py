@@ -9,7 +9,9 @@ Subcommands::
     deqmpc-gym evaluate (--policy DIR | --pretrained ID [--variant V]) [--episodes N] [--stream-iters K] [--json FILE]
     deqmpc-gym record   (--env ID [--policy DIR] | --pretrained ID [--variant V]) [--episodes N] --out DIR
     deqmpc-gym zoo list | zoo ship --from DIR --envs ID ... [--variants V ...] [--episodes N]
-    deqmpc-gym reproduce table1|warmstart [--scale cpu|paper|tiny] [--seeds ...] [--envs ...] [--out DIR]
+    deqmpc-gym reproduce table1|warmstart [--scale cpu|paper|zoo|tiny] [--seeds ...] [--envs ...] [--out DIR]
+                        [--launcher local|ray] [--address ADDR] [--cpus-per-run C] [--gpus-per-run G]
+    deqmpc-gym reproduce warmstart --pretrained [--envs ...] [--episodes N] [--out DIR]
     deqmpc-gym demo     [--out DIR]
     deqmpc-gym --version
 
@@ -231,6 +233,12 @@ def _add_misc(sub: Any) -> None:
                      help=f"variants (default: the four of Table 1: {', '.join(TABLE1_VARIANTS)})")
     rep.add_argument("--out", default=_default(reproduce, "out_dir"),
                      help="results folder (table1-<scale>/ and warmstart-<scale>.* go inside)")
+    rep.add_argument("--pretrained", action="store_true",
+                     help="warmstart: the ablation of the shipped controllers of each --envs (default: every env "
+                          "with one), on CPU in this process, written to OUT/warmstart-<Env>-pretrained.*")
+    rep.add_argument("--episodes", type=int, default=None,
+                     help="warmstart: evaluation episodes per K (default: the scale's; with --pretrained "
+                          f"{_default(ShipConfig, 'episodes')})")
     rep.add_argument("--launcher", choices=["local", "ray"], default="local",
                      help="local: the runs one after another in this process; ray: each run a Ray task "
                           "(pip install 'deqmpc_gym[cluster]')")
@@ -462,14 +470,38 @@ def _reproduce(args: argparse.Namespace) -> int:
     from deqmpc_gym.experiments.reproduce import check_selection, reproduce
     from deqmpc_gym.io import check_writable
 
+    if args.pretrained:
+        return _warmstart_pretrained(args)
     check_selection(args.envs, args.variants, args.seeds)
     launch = LaunchConfig(launcher=args.launcher, address=args.address, cpus_per_run=args.cpus_per_run,
                           gpus_per_run=args.gpus_per_run)
     device = resolve_device(args.device)
     check_writable(args.out, kind="dir")
     out = reproduce(args.what, scale=args.scale, seeds=args.seeds, envs=args.envs, variants=args.variants,
-                    out_dir=args.out, device=device, launch=launch)
+                    out_dir=args.out, device=device, launch=launch, episodes=args.episodes)
     print(f"results written to {out}")
+    return 0
+
+
+def _warmstart_pretrained(args: argparse.Namespace) -> int:
+    from deqmpc_gym.experiments.reproduce import TABLE1_ENVS, check_selection
+    from deqmpc_gym.experiments.zoo import ShipConfig, warmstart_pretrained
+    from deqmpc_gym.io import check_writable
+    from deqmpc_gym.policies import pretrained
+
+    if args.what != "warmstart":
+        raise ConfigError("--pretrained applies to `reproduce warmstart`")
+    if args.launcher != "local" or args.seeds is not None or args.variants is not None:
+        raise ConfigError("--pretrained takes --envs, --episodes and --out (the shipped controllers of every "
+                          "variant, in this process)")
+    shipped = {e for e, _ in pretrained.available()}
+    envs, _ = check_selection(args.envs or [e for e in TABLE1_ENVS if e in shipped], None, None)
+    if args.episodes is not None and args.episodes < 1:
+        raise ConfigError(f"--episodes must be >= 1, got {args.episodes}")
+    config = ShipConfig() if args.episodes is None else ShipConfig(episodes=args.episodes)
+    check_writable(args.out, kind="dir")
+    for env_id in envs:
+        print(f"results written to {warmstart_pretrained(env_id, config=config, out_dir=args.out)}")
     return 0
 
 

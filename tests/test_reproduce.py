@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import json
 import operator
+import os
+import shutil
+import signal
+import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from deqmpc_gym.errors import ConfigError
 from deqmpc_gym.experiments.reproduce import PAPER_TABLE1, SCALES, markdown_table, reproduce
 
 PEND = "DEQMPC/Pendulum-v0"
@@ -77,12 +84,13 @@ def test_a_failing_job_is_reported_and_the_others_finish(launcher: str, request)
     with pytest.raises(SweepError, match="bad") as info:
         run_jobs(jobs, LaunchConfig(launcher=launcher), lambda name, r: done.__setitem__(name, r))
     assert done == {"a": 2, "c": 6} and set(info.value.failed) == {"bad"}
+    assert info.value.failed["bad"].startswith("ValueError: invalid literal for int()")  # the job's own error
 
 
 def test_launch_config_and_missing_ray_errors(monkeypatch) -> None:
     import builtins
 
-    from deqmpc_gym.errors import ConfigError, DependencyNotInstalled
+    from deqmpc_gym.errors import DependencyNotInstalled
     from deqmpc_gym.experiments.launch import Job, LaunchConfig, run_jobs
 
     with pytest.raises(ConfigError, match="launcher"):
@@ -91,6 +99,8 @@ def test_launch_config_and_missing_ray_errors(monkeypatch) -> None:
         LaunchConfig(launcher="ray", cpus_per_run=0)
     with pytest.raises(ConfigError, match="launcher='ray'"):
         LaunchConfig(gpus_per_run=1)
+    with pytest.raises(ConfigError, match="max_retries"):
+        LaunchConfig(launcher="ray", max_retries=-1)
     real_import = builtins.__import__
 
     def no_ray(name, *args, **kwargs):
@@ -103,19 +113,187 @@ def test_launch_config_and_missing_ray_errors(monkeypatch) -> None:
         run_jobs([Job("a", operator.mul, (1, 2))], LaunchConfig(launcher="ray"), lambda *a: None)
 
 
-def test_ray_launcher_gives_the_local_records_and_refuses_missing_gpus(tmp_path, ray_session) -> None:
-    from deqmpc_gym.errors import ConfigError
+def test_ray_launcher_gives_the_local_records_and_warmstart(tmp_path, ray_session, monkeypatch) -> None:
+    from deqmpc_gym.data import ExpertDataset
     from deqmpc_gym.experiments.launch import LaunchConfig
 
+    saves: list[tuple[Path, int]] = []
+    real_save = ExpertDataset.save
+
+    def save(self, path):  # this process's saves; a Ray worker collecting again would rewrite the file
+        out = real_save(self, path)
+        saves.append((out, out.stat().st_mtime_ns))
+        return out
+
+    monkeypatch.setattr(ExpertDataset, "save", save)
     variants = ["diff-mpc-nn", "deq-mpc-nn"]
     local = reproduce("table1", scale="tiny", envs=[PEND], variants=variants, out_dir=tmp_path / "local")
+    saves.clear()
+    ray_launch = LaunchConfig(launcher="ray", cpus_per_run=1)
     ray_root = reproduce("table1", scale="tiny", envs=[PEND], variants=variants, out_dir=tmp_path / "ray",
-                         launch=LaunchConfig(launcher="ray", cpus_per_run=1))
+                         launch=ray_launch)
     for v in variants:
         a = json.loads((local / "runs" / f"Pendulum__{v}__s0.json").read_text())
         b = json.loads((ray_root / "runs" / f"Pendulum__{v}__s0.json").read_text())
         assert a["normalized_score"] == pytest.approx(b["normalized_score"], abs=1e-9), v
         assert a["best_val_loss"] == pytest.approx(b["best_val_loss"], rel=1e-6), v
-    with pytest.raises(ConfigError, match="GPU"):
-        reproduce("table1", scale="tiny", envs=[PEND], variants=["deq-mpc-deq"], out_dir=tmp_path / "gpu",
-                  launch=LaunchConfig(launcher="ray", gpus_per_run=1))
+    # the dataset: collected once by this process before the tasks, then only read by them
+    assert len(saves) == 1 and list((tmp_path / "ray" / "datasets").iterdir()) == [saves[0][0]]
+    assert saves[0][0].stat().st_mtime_ns == saves[0][1]
+    # the warm-start ablation on the same runs: scored per variant as jobs, the same with either launcher; a run
+    # recorded without its policy (a results folder without train/) is trained again
+    shutil.rmtree(local / "train" / "Pendulum__diff-mpc-nn__s0")
+    kept = {r: (r / "runs" / "Pendulum__deq-mpc-nn__s0.json").stat().st_mtime_ns for r in (local, ray_root)}
+    scores = {}
+    for root, launch in ((local, None), (ray_root, ray_launch)):
+        png = reproduce("warmstart", scale="tiny", variants=variants, out_dir=root.parent, launch=launch)
+        rec = json.loads(png.with_suffix(".json").read_text())
+        assert (rec["env_id"], rec["seed"], rec["episodes"], list(rec["scores"])) == (PEND, 0, 2, variants)
+        scores[root.parent.name] = rec["scores"]
+        assert (root / "runs" / "Pendulum__deq-mpc-nn__s0.json").stat().st_mtime_ns == kept[root]  # not re-run
+    assert (local / "train" / "Pendulum__diff-mpc-nn__s0" / "best").is_dir()
+    for v in variants:
+        assert scores["local"][v] == pytest.approx(scores["ray"][v], abs=1e-9), v
+    with pytest.raises(ConfigError, match="one env and one seed"):
+        reproduce("warmstart", scale="tiny", seeds=[0, 1], out_dir=tmp_path / "local")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_address_is_a_one_line_error_before_any_work(tmp_path, monkeypatch, capsys) -> None:
+    ray = pytest.importorskip("ray")
+    from deqmpc_gym.cli import main
+    from deqmpc_gym.experiments.launch import Job, LaunchConfig, run_jobs
+
+    # as in a fresh process (this module may hold a Ray instance); ray.init itself must not be reached: it retries
+    # an absent server for minutes and then exits the process
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init called for an unreachable address"))
+    address = f"127.0.0.1:{_free_port()}"
+    for addr in (address, f"ray://{address}"):
+        with pytest.raises(ConfigError, match=f"cannot reach the Ray cluster at {addr}"):
+            run_jobs([Job("a", operator.mul, (1, 2))], LaunchConfig(launcher="ray", address=addr), lambda *a: None)
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        run_jobs([Job("a", operator.mul, (1, 2))], LaunchConfig(launcher="ray", address="head:http"), lambda *a: None)
+    assert main(["reproduce", "table1", "--scale", "tiny", "--envs", PEND, "--launcher", "ray", "--address", address,
+                 "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot reach the Ray cluster at {address}" in err
+    assert not (tmp_path / "datasets").exists()  # refused before collecting data
+
+
+def test_more_cpus_or_gpus_than_a_node_has_are_refused(tmp_path, ray_session, capsys) -> None:
+    from deqmpc_gym.cli import main
+    from deqmpc_gym.experiments.launch import Job, LaunchConfig, run_jobs
+
+    job = [Job("a", operator.mul, (1, 2))]
+    with pytest.raises(ConfigError, match=r"cpus_per_run=3 but the largest node of the Ray cluster has 2 CPU\(s\)"):
+        run_jobs(job, LaunchConfig(launcher="ray", cpus_per_run=3), lambda *a: None)
+    with pytest.raises(ConfigError, match=r"gpus_per_run=0.5 but .* has 0 GPU\(s\)"):
+        run_jobs(job, LaunchConfig(launcher="ray", gpus_per_run=0.5), lambda *a: None)
+    assert main(["reproduce", "table1", "--scale", "tiny", "--envs", PEND, "--launcher", "ray", "--cpus-per-run", "3",
+                 "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cpus_per_run=3" in err and "--cpus-per-run" in err
+    assert not (tmp_path / "datasets").exists()
+
+
+def test_cli_reproduce_without_ray_is_a_one_line_error(tmp_path, monkeypatch, capsys) -> None:
+    import builtins
+
+    from deqmpc_gym.cli import main
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    for what in ("table1", "warmstart"):
+        assert main(["reproduce", what, "--scale", "tiny", "--launcher", "ray", "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "pip install 'deqmpc_gym[cluster]'" in err
+
+
+def _train_killed_once(run_dir: str, marker: str) -> dict:
+    """A Ray job: a tiny imitation training that kills its own worker right after its first checkpoint (step 2),
+    the first time it runs; returns the steps its trainer validated at in the attempt that finished."""
+    from deqmpc_gym.data import ExpertDataset, shipped_dataset
+    from deqmpc_gym.policies import DEQMPCPolicy
+    from deqmpc_gym.training import ImitationTrainer, TrainConfig
+
+    seen: list[int] = []
+
+    def die_once(trainer, step, metrics) -> None:
+        seen.append(step)
+        if step == 2 and not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    torch.manual_seed(0)
+    ds = ExpertDataset.load(shipped_dataset(PEND), env_id=PEND)
+    policy = DEQMPCPolicy.from_env(PEND, "deq-mpc-nn", hidden=8, deq_mpc_iters=2)
+    cfg = TrainConfig(steps=6, batch_size=8, val_batches=1, val_every=2, seed=0)
+    res = ImitationTrainer(policy, ds, cfg, run_dir, callbacks=[die_once], progress=False).train(resume=True)
+    return {"seen": seen, "steps": res.steps, "pid": os.getpid()}
+
+
+def test_a_job_whose_worker_is_killed_runs_again_and_resumes_from_its_checkpoint(tmp_path, ray_session) -> None:
+    from deqmpc_gym.experiments.launch import Job, LaunchConfig, run_jobs
+
+    ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # this test module is not importable there
+    try:
+        done: dict[str, dict] = {}
+        marker = tmp_path / "killed"
+        run_jobs([Job("Pendulum__deq-mpc-nn__s0", _train_killed_once, (str(tmp_path / "run"), str(marker)))],
+                 LaunchConfig(launcher="ray"), done.__setitem__)
+    finally:
+        ray_session.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    res = done["Pendulum__deq-mpc-nn__s0"]
+    assert int(marker.read_text()) != res["pid"]  # the first worker died; another one ran the job again
+    assert res["seen"] == [4, 6] and res["steps"] == 6  # ... from the checkpoint of step 2, not from the start
+    rows = (tmp_path / "run" / "progress.csv").read_text().splitlines()[1:]
+    assert len(rows) == 3  # one row per validation (2, 4, 6), the one before the kill kept
+
+
+def _zoo(root: Path) -> Path:
+    """A zoo with one shipped Pendulum controller (an untrained tiny policy, as tests/test_pretrained.py builds)."""
+    from deqmpc_gym.experiments.reproduce import run_name
+    from deqmpc_gym.experiments.zoo import ShipConfig, ship
+    from deqmpc_gym.policies import DEQMPCPolicy
+
+    table = root / "table"
+    name = run_name(PEND, "deq-mpc-nn", 0)
+    DEQMPCPolicy.from_env(PEND, "deq-mpc-nn", hidden=8, deq_mpc_iters=2).save(table / "train" / name / "best")
+    (table / "runs").mkdir(parents=True)
+    (table / "runs" / f"{name}.json").write_text(json.dumps({
+        "env_id": PEND, "variant": "deq-mpc-nn", "seed": 0, "hidden": 8, "train_steps": 4, "wall_time_s": 1.0,
+        "best_val_loss": 0.5, "batch_size": 8, "num_trajectories": 4, "commit": "abc123"}))
+    ship(table, [PEND], ["deq-mpc-nn"], config=ShipConfig(episodes=2, latency_calls=3), out_root=root / "zoo")
+    return root / "zoo"
+
+
+def test_cli_warmstart_of_the_shipped_controllers(tmp_path, monkeypatch, capsys) -> None:
+    from deqmpc_gym.cli import main
+    from deqmpc_gym.policies import pretrained
+
+    monkeypatch.setattr(pretrained, "ZOO_DIR", _zoo(tmp_path))
+    out = tmp_path / "out"
+    assert main(["reproduce", "warmstart", "--pretrained", "--episodes", "2", "--out", str(out)]) == 0  # every env
+    rec = json.loads((out / "warmstart-Pendulum-pretrained.json").read_text())
+    assert rec["env_id"] == PEND and rec["episodes"] == 2 and rec["ks"] == [1, 2, 3, 4]
+    assert list(rec["variants"]) == ["deq-mpc-nn"] and (out / "warmstart-Pendulum-pretrained.png").is_file()
+    assert "warmstart-Pendulum-pretrained.png" in capsys.readouterr().out
+    for argv, msg in ((["--envs", "DEQMPC/QPole-v0"], "no controller of 'DEQMPC/QPole-v0' ships"),
+                      (["--launcher", "ray"], "--pretrained takes --envs"),
+                      (["--episodes", "0"], "--episodes must be >= 1")):
+        assert main(["reproduce", "warmstart", "--pretrained", *argv, "--out", str(out)]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["reproduce", "table1", "--pretrained", "--out", str(out)]) == 2
+    assert "--pretrained applies to `reproduce warmstart`" in capsys.readouterr().err

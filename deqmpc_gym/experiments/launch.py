@@ -6,15 +6,21 @@ each job finishes (so records are written by one process, as jobs complete), rep
 and goes on with the others, and raises :class:`SweepError` naming the failed jobs at the end.
 
 Ray is optional (``pip install 'deqmpc_gym[cluster]'``). On a cluster every node needs this package installed
-(the same version) and a shared file system for the results folder (the jobs write their checkpoints there).
+(the same version) and a shared file system for the results folder (the jobs write their checkpoints there). A Ray
+task whose worker dies (a killed process, a lost node) runs again up to ``LaunchConfig.max_retries`` times; jobs that
+checkpoint (training) resume from their checkpoint. Before any job starts, the address is checked for a listening
+server and the per-job CPUs / GPUs against the largest node of the cluster (a task that fits no node would wait
+forever).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +49,8 @@ class LaunchConfig:
         gpus_per_run: GPUs reserved per job (> 0 runs the job on ``cuda``).
         env_vars: extra environment variables of the Ray workers (``OMP_NUM_THREADS`` is set to
             ``cpus_per_run``); ignored by the local launcher.
+        max_retries: how often Ray runs a job again whose worker died (not for a job that raised: that one is
+            reported as failed); ignored by the local launcher.
     """
 
     launcher: str = "local"
@@ -50,6 +58,7 @@ class LaunchConfig:
     cpus_per_run: int = 1
     gpus_per_run: float = 0.0
     env_vars: dict[str, str] = field(default_factory=dict)
+    max_retries: int = 2
 
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:
@@ -58,6 +67,8 @@ class LaunchConfig:
             raise ConfigError(f"cpus_per_run must be an int >= 1, got {self.cpus_per_run!r}")
         if not (isinstance(self.gpus_per_run, (int, float)) and self.gpus_per_run >= 0):
             raise ConfigError(f"gpus_per_run must be a number >= 0, got {self.gpus_per_run!r}")
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ConfigError(f"max_retries must be an int >= 0, got {self.max_retries!r}")
         if self.launcher == "local" and (self.address is not None or self.gpus_per_run):
             raise ConfigError("address and gpus_per_run need launcher='ray' (--launcher ray)")
 
@@ -78,7 +89,8 @@ def run_jobs(jobs: Sequence[Job], config: LaunchConfig, on_done: Callable[[str, 
     Raises:
         SweepError: after all jobs ran, naming those that raised (their tracebacks were printed to stderr).
         DependencyNotInstalled: ``launcher="ray"`` without Ray installed.
-        ConfigError: an unreachable Ray address, or more GPUs per job than the cluster has.
+        ConfigError: an unreachable Ray address, or more CPUs / GPUs per job than the largest node of the cluster
+            has.
     """
     if not jobs:
         return
@@ -110,31 +122,96 @@ def _ray() -> Any:
     return ray
 
 
-def _connect(ray: Any, config: LaunchConfig) -> bool:
-    """Start or join Ray; returns whether this call started it (and should shut it down)."""
-    if ray.is_initialized():
-        return False
-    env = {"OMP_NUM_THREADS": str(config.cpus_per_run), **config.env_vars}
-    kw: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True, "include_dashboard": False}
+@contextlib.contextmanager
+def session(config: LaunchConfig) -> Iterator[None]:
+    """Keep one Ray connection open for several :func:`run_jobs` calls with ``config`` (each call would otherwise
+    start and stop a local instance of its own); does nothing for the local launcher.
+
+    Raises:
+        DependencyNotInstalled, ConfigError: as :func:`run_jobs`.
+    """
+    if config.launcher != "ray":
+        yield
+        return
+    ray = _ray()
+    started = _connect(ray, config)
     try:
-        if config.address is None:
-            ray.init(num_cpus=os.cpu_count() or 1, **kw)
-        else:
-            ray.init(address=config.address, **kw)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-        where = config.address or "a local instance"
-        raise ConfigError(f"cannot connect to Ray at {where}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
-    return True
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``HOST:PORT`` / ``ray://HOST:PORT`` / ``[IPv6]:PORT``; None for ``auto`` (Ray finds
+    the local cluster) or an address without a port."""
+    rest = address.split("://", 1)[-1].rstrip("/")
+    if rest in ("auto", "local") or ":" not in rest:
+        return None
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")
+    if not port.isdigit():
+        raise ConfigError(f"Ray address {address!r} is not HOST:PORT, ray://HOST:PORT or auto")
+    return host, int(port)
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A listening server at ``address`` (ray.init itself retries an absent one for minutes, then exits)."""
+    hp = _host_port(address)
+    if hp is None:
+        return
+    try:
+        with socket.create_connection(hp, timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {address} ({exc.strerror or type(exc).__name__}); "
+                          "start its head with `ray start --head` or check --address") from exc
+
+
+def _connect(ray: Any, config: LaunchConfig) -> bool:
+    """Start or join Ray (a running instance of this process is joined as it is) and check that a job fits a node;
+    returns whether this call started Ray (and should shut it down)."""
+    started = False
+    if not ray.is_initialized():
+        env = {"OMP_NUM_THREADS": str(config.cpus_per_run), **config.env_vars}
+        kw: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True, "include_dashboard": False}
+        try:
+            if config.address is None:
+                ray.init(num_cpus=os.cpu_count() or 1, **kw)
+            else:
+                _check_reachable(config.address)
+                ray.init(address=config.address, **kw)
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError, SystemExit) as exc:
+            where = config.address or "a local instance"
+            raise ConfigError(f"cannot connect to Ray at {where}: {type(exc).__name__}: {exc}".splitlines()[0]) \
+                from exc
+        started = True
+    try:
+        _check_resources(ray, config)
+    except ConfigError:
+        if started:
+            ray.shutdown()
+        raise
+    return started
+
+
+def _check_resources(ray: Any, config: LaunchConfig) -> None:
+    """The job's CPUs and GPUs fit the largest alive node (Ray would keep an infeasible task pending forever)."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive", True)]
+    for key, want, what in (("CPU", float(config.cpus_per_run), "cpus_per_run"),
+                            ("GPU", float(config.gpus_per_run), "gpus_per_run")):
+        have = max((float(r.get(key, 0.0)) for r in nodes), default=0.0)
+        if want > have:
+            raise ConfigError(f"{what}={want:g} but the largest node of the Ray cluster has {have:g} {key}(s)"
+                              f" (--{what.replace('_', '-')})")
 
 
 def _run_ray(jobs: Sequence[Job], config: LaunchConfig, on_done: Callable[[str, Any], None]) -> None:
     ray = _ray()
     started = _connect(ray, config)
     try:
-        have = float(ray.cluster_resources().get("GPU", 0.0))
-        if config.gpus_per_run > have:
-            raise ConfigError(f"gpus_per_run={config.gpus_per_run} but the Ray cluster has {have:g} GPU(s)")
-        remote = ray.remote(num_cpus=config.cpus_per_run, num_gpus=config.gpus_per_run, max_retries=1)(_call)
+        remote = ray.remote(num_cpus=config.cpus_per_run, num_gpus=config.gpus_per_run,
+                            max_retries=config.max_retries)(_call)
         pending = {remote.remote(job.fn, config.cpus_per_run, job.args, job.kwargs): job.name for job in jobs}
         failed: dict[str, str] = {}
         while pending:
@@ -143,7 +220,7 @@ def _run_ray(jobs: Sequence[Job], config: LaunchConfig, on_done: Callable[[str, 
             try:
                 result = ray.get(done[0])
             except Exception as exc:  # noqa: BLE001 -- a failed task: reported with its name, the others go on
-                msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                msg = _task_error(exc)
                 print(f"job {name} failed: {msg}", file=sys.stderr, flush=True)
                 failed[name] = msg
                 continue
@@ -153,6 +230,15 @@ def _run_ray(jobs: Sequence[Job], config: LaunchConfig, on_done: Callable[[str, 
     finally:
         if started:
             ray.shutdown()
+
+
+def _task_error(exc: BaseException) -> str:
+    """One line for a failed Ray task: the job's own exception (``TYPE: message``), or Ray's error."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {' '.join(str(cause).split())}"
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
 
 
 def _call(fn: Callable[..., Any], threads: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deqmpc_gym.errors import ConfigError
-from deqmpc_gym.experiments.launch import Job, LaunchConfig, run_jobs
+from deqmpc_gym.experiments.launch import Job, LaunchConfig, run_jobs, session
 from deqmpc_gym.io import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -325,27 +325,49 @@ def check_selection(envs: Sequence[str] | None, variants: Sequence[str] | None,
 
 def reproduce(what: str, *, scale: str = "cpu", seeds: Sequence[int] | None = None, envs: Sequence[str] | None = None,
               variants: Sequence[str] | None = None, out_dir: str | Path = "results",
-              device: str | torch.device = "cpu", launch: LaunchConfig | None = None) -> Path:
-    """Run (or resume) a reproduction on ``device``; returns the directory of its results.
+              device: str | torch.device = "cpu", launch: LaunchConfig | None = None,
+              episodes: int | None = None) -> Path:
+    """Run (or resume) a reproduction on ``device``; returns the directory of its results (``table1``) or the plot
+    written (``warmstart``).
 
-    ``launch``: how the Table 1 runs are launched (:class:`~deqmpc_gym.experiments.launch.LaunchConfig`; default:
-    in this process, one after another). Each finished run's record is written as it completes; a failed run is
-    reported and the others go on (:class:`~deqmpc_gym.experiments.launch.SweepError` at the end).
+    ``launch``: how the runs are launched (:class:`~deqmpc_gym.experiments.launch.LaunchConfig`; default: in this
+    process, one after another). Each finished run's record is written as it completes; a failed run is reported
+    and the others go on (:class:`~deqmpc_gym.experiments.launch.SweepError` at the end). ``warmstart`` takes at
+    most one env (default Pendulum) and one seed (default 0), and ``episodes`` (default: the scale's evaluation
+    episodes); see :func:`warmstart_ablation`.
     """
     launch = launch or LaunchConfig()
     if scale not in SCALES:
         raise ConfigError(f"unknown scale {scale!r}; valid: {sorted(SCALES)}")
     if what == "warmstart":
-        return warmstart_ablation(scale=scale, out_dir=out_dir, device=device)
+        envs, variants = check_selection(envs or (_WARMSTART_ENV,), variants, seeds)
+        if len(envs) != 1 or len(seeds or ()) > 1:
+            raise ConfigError(f"warmstart takes one env and one seed, got envs {list(envs)} and seeds {seeds}")
+        return warmstart_ablation(scale=scale, out_dir=out_dir, env_id=envs[0], seed=(seeds or (0,))[0],
+                                  variants=variants, device=device, launch=launch, episodes=episodes)
     if what != "table1":
         raise ConfigError(f"unknown reproduction {what!r}; valid: 'table1', 'warmstart'")
-    sc = SCALES[scale]
+    if episodes is not None:
+        raise ConfigError("episodes applies to warmstart; the Table 1 evaluation episodes come from the scale")
     envs, variants = check_selection(envs, variants, seeds)
+    with session(launch):
+        return _table1(SCALES[scale], scale, envs, variants, seeds, out_dir, device, launch)
+
+
+def _job_device(device: str | torch.device, launch: LaunchConfig) -> str | torch.device:
+    """The device of a job: ``cuda`` when the launcher reserves GPUs for it (Ray sets its visible devices)."""
+    return "cuda" if launch.gpus_per_run else device
+
+
+def _table1(sc: Scale, scale: str, envs: tuple[str, ...], variants: tuple[str, ...], seeds: Sequence[int] | None,
+            out_dir: str | Path, device: str | torch.device, launch: LaunchConfig, need_policy: bool = False) -> Path:
+    """The Table 1 runs of a checked selection not recorded yet (with ``need_policy``, also those recorded whose
+    ``best/`` policy is missing, e.g. a results folder without its ``train/`` runs), launched with ``launch``;
+    returns the folder."""
     root = Path(out_dir) / f"table1-{scale}"
     runs_dir = root / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     data_dir = Path(out_dir) / "datasets"
-    job_device = "cuda" if launch.gpus_per_run else device
     jobs = []
     for env_id in envs:
         for seed in (seeds if seeds is not None else sc.seeds[_short(env_id)]):
@@ -353,10 +375,12 @@ def reproduce(what: str, *, scale: str = "cpu", seeds: Sequence[int] | None = No
                 name = run_name(env_id, variant, seed)
                 f = runs_dir / f"{name}.json"
                 if f.exists():
-                    if _made_with_shipped_expert(json.loads(f.read_text())):
+                    if not _made_with_shipped_expert(json.loads(f.read_text())):
+                        _set_aside(root, name)
+                    elif not need_policy or (root / "train" / name / "best").exists():
                         continue
-                    _set_aside(root, name)
-                jobs.append(Job(name, run_one, (env_id, variant, seed, sc, root, data_dir), {"device": job_device}))
+                jobs.append(Job(name, run_one, (env_id, variant, seed, sc, root, data_dir),
+                                {"device": _job_device(device, launch)}))
     _collect_datasets({j.args[0] for j in jobs}, sc, data_dir)  # once, here, before jobs run in parallel
 
     def done(name: str, rec: dict[str, Any]) -> None:
@@ -414,36 +438,64 @@ def _set_aside(root: Path, name: str) -> None:
           "training it again", flush=True)
 
 
-def warmstart_ablation(*, scale: str = "cpu", out_dir: str | Path = "results", env_id: str = "DEQMPC/Pendulum-v0",
-                       ks: Sequence[int] = (1, 2, 3, 4), seed: int = 0,
-                       device: str | torch.device = "cpu") -> Path:
+_WARMSTART_ENV = "DEQMPC/Pendulum-v0"
+
+
+def warmstart_scores(best_dir: str | Path, env_id: str, ks: Sequence[int], episodes: int, stream_seed: int,
+                     reference: tuple[float, float], device: str | torch.device = "cpu") -> list[float]:
+    """Normalized scores of the policy saved in ``best_dir`` with K = each of ``ks`` warm-started iterations per
+    control step, each over the same ``episodes`` batched rollouts (env seeds ``stream_seed``+); one job of
+    :func:`warmstart_ablation` (importable by Ray workers)."""
+    from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched
+    from deqmpc_gym.policies import DEQMPCPolicy
+
+    policy = DEQMPCPolicy.load(best_dir, device=device)
+    return [float(rollout_batched(policy, env_id, EvalConfig(episodes=episodes, seed=stream_seed, stream_iters=k),
+                                  reference=reference).normalized_score) for k in ks]
+
+
+def warmstart_ablation(*, scale: str = "cpu", out_dir: str | Path = "results", env_id: str = _WARMSTART_ENV,
+                       ks: Sequence[int] = (1, 2, 3, 4), seed: int = 0, variants: Sequence[str] | None = None,
+                       device: str | torch.device = "cpu", launch: LaunchConfig | None = None,
+                       episodes: int | None = None) -> Path:
     """Paper Fig. 7: normalized return vs warm-started DEQ-MPC iterations K (Diff-MPC: 2K AL iterations).
 
-    Uses the Table 1 policies of ``env_id`` and ``seed`` (trained on demand).
+    Uses the Table 1 policies of ``env_id`` and ``seed`` (default: the four variants): runs not recorded yet are
+    trained and recorded as by ``reproduce("table1", ...)``, then each variant is scored over ``episodes``
+    (default: the scale's evaluation episodes) for every K, one job per variant. Both steps go through ``launch``
+    (default: in this process). Writes ``warmstart-<scale>.{json,png}`` to ``out_dir``; returns the png's path.
+
+    Raises:
+        ConfigError: an env, variant or seed outside Table 1, or ``episodes`` < 1.
+        SweepError: a run or an evaluation failed (named; the others finished).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched
+    from deqmpc_gym.evaluation.rollouts import EvalConfig
     from deqmpc_gym.experts import load_expert
-    from deqmpc_gym.policies import DEQMPCPolicy
 
+    launch = launch or LaunchConfig()
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; valid: {sorted(SCALES)}")
+    (env_id,), variants = check_selection((env_id,), variants, (seed,))
     sc = SCALES[scale]
-    root = Path(out_dir) / f"table1-{scale}"
+    n = sc.eval_episodes[_short(env_id)] if episodes is None else episodes
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"episodes must be an int >= 1, got {episodes!r}")
     card = load_expert(env_id).card
     reference = (card["random_return"], card["mean_return"])
     curves: dict[str, list[float]] = {}
-    for variant in TABLE1_VARIANTS:
-        best = root / "train" / run_name(env_id, variant, seed) / "best"
-        if not best.exists():
-            run_one(env_id, variant, seed, sc, root, Path(out_dir) / "datasets", device=device)
-        policy = DEQMPCPolicy.load(best, device=device)
-        curves[variant] = [float(rollout_batched(policy, env_id, EvalConfig(episodes=sc.eval_episodes[_short(env_id)],
-                                                                            stream_iters=k),
-                                                 reference=reference).normalized_score)
-                           for k in ks]
+    with session(launch):
+        root = _table1(sc, scale, (env_id,), variants, (seed,), out_dir, device, launch, need_policy=True)
+        jobs = [Job(run_name(env_id, v, seed), warmstart_scores,
+                    (str(root / "train" / run_name(env_id, v, seed) / "best"), env_id, tuple(ks), n,
+                     EvalConfig().seed, reference), {"device": _job_device(device, launch)}) for v in variants]
+        by_name = {j.name: v for j, v in zip(jobs, variants)}
+        run_jobs(jobs, launch, lambda name, scores: curves.__setitem__(by_name[name], scores))
+    curves = {v: curves[v] for v in variants}  # the variants' order, whatever order the jobs finished in
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for v, ys in curves.items():
         ax.plot(list(ks), ys, marker="o", label=v)
@@ -456,9 +508,10 @@ def warmstart_ablation(*, scale: str = "cpu", out_dir: str | Path = "results", e
     atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     atomic_write_text(Path(out_dir) / f"warmstart-{scale}.json",
-                      json.dumps({"ks": list(ks), "scores": curves}, indent=2))
+                      json.dumps({"env_id": env_id, "seed": seed, "episodes": n, "ks": list(ks), "scores": curves},
+                                 indent=2))
     return png
 
 
-__all__ = ["reproduce", "warmstart_ablation", "check_selection", "SCALES", "Scale", "TABLE1_ENVS", "TABLE1_VARIANTS",
-           "PAPER_TABLE1", "markdown_table", "run_one"]
+__all__ = ["reproduce", "warmstart_ablation", "warmstart_scores", "check_selection", "SCALES", "Scale", "TABLE1_ENVS",
+           "TABLE1_VARIANTS", "PAPER_TABLE1", "markdown_table", "run_one"]
