@@ -107,3 +107,21 @@ def test_cli_expert_train_without_ray_is_a_one_line_error(monkeypatch: pytest.Mo
                  "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install" in err and "ray" in err
+
+
+def test_cli_expert_train_with_an_unreachable_address_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    import socket
+
+    ray = pytest.importorskip("ray")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init called for an unreachable address"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["expert", "train", "--env", PEND, "--seeds", "0", "1", "--launcher", "ray", "--address",
+                 f"127.0.0.1:{port}", "--steps", "256", "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot reach the Ray cluster at 127.0.0.1:{port}" in err
+    assert not (tmp_path / "e" / "s0").exists()
