@@ -419,9 +419,17 @@ def main() -> None:
     rows = run(args.problems.split(","), [int(t) for t in args.horizons.split(",")], args.B, args.split,
                args.iters, overrides, time_ratio=not args.no_timing)
     os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"solver_suite_{args.split}.json")
     out = {"threads": args.threads, "torch": torch.__version__, "B": args.B, "split": args.split,
            "overrides": overrides, "rows": rows}
-    atomic_write_text(os.path.join(RESULTS, f"solver_suite_{args.split}.json"), json.dumps(out, indent=2))
+    if os.path.exists(path):  # keep the record's rows of the problems and horizons not run now (same settings)
+        with open(path) as fh:
+            old = json.load(fh)
+        if {k: old.get(k) for k in ("B", "overrides")} == {"B": args.B, "overrides": overrides}:
+            done = {(r["problem"], r["T"]) for r in rows}
+            kept = [r for r in old.get("rows", []) if (r["problem"], r["T"]) not in done]
+            out["rows"] = sorted(kept + rows, key=lambda r: (list(SYSTEMS).index(r["problem"]), r["T"]))
+    atomic_write_text(path, json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
