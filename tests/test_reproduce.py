@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from deqmpc_gym.errors import ConfigError
-from deqmpc_gym.experiments.reproduce import PAPER_TABLE1, SCALES, markdown_table, reproduce
+from deqmpc_gym.experiments.reproduce import PAPER_TABLE1, SCALES, markdown_table, reproduce, warmstart_ablation
 
 PEND = "DEQMPC/Pendulum-v0"
 
@@ -146,9 +146,10 @@ def test_ray_launcher_gives_the_local_records_and_warmstart(tmp_path, ray_sessio
     kept = {r: (r / "runs" / "Pendulum__deq-mpc-nn__s0.json").stat().st_mtime_ns for r in (local, ray_root)}
     scores = {}
     for root, launch in ((local, None), (ray_root, ray_launch)):
-        png = reproduce("warmstart", scale="tiny", variants=variants, out_dir=root.parent, launch=launch)
+        png = warmstart_ablation(scale="tiny", ks=(1, 2), variants=variants, out_dir=root.parent, launch=launch)
         rec = json.loads(png.with_suffix(".json").read_text())
         assert (rec["env_id"], rec["seed"], rec["episodes"], list(rec["scores"])) == (PEND, 0, 2, variants)
+        assert all(len(v) == 2 for v in rec["scores"].values())
         scores[root.parent.name] = rec["scores"]
         assert (root / "runs" / "Pendulum__deq-mpc-nn__s0.json").stat().st_mtime_ns == kept[root]  # not re-run
     assert (local / "train" / "Pendulum__diff-mpc-nn__s0" / "best").is_dir()
