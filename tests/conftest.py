@@ -41,3 +41,28 @@ def tiny_pendulum_dataset_file(tmp_path_factory, tiny_pendulum_dataset):
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local 2-CPU Ray instance per test module (the launcher joins a running instance)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def without_ray(monkeypatch):
+    """``import ray`` fails with ImportError for the duration of the test (Ray not installed)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)

@@ -23,15 +23,6 @@ def _tiny(**kw) -> ExpertConfig:  # one slice of one PPO rollout (8 envs x 32 st
     return ExpertConfig(PEND, **{**base, **kw})
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    """One local 2-CPU Ray instance for this module (the launcher joins a running instance)."""
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    yield ray
-    ray.shutdown()
-
 
 def _records(folder: Path) -> dict[str, dict]:
     data = json.loads((folder / "seeds.json").read_text())
@@ -91,18 +82,8 @@ def test_cli_expert_train_seeds_on_ray(monkeypatch: pytest.MonkeyPatch, tmp_path
         main(["expert", "train", "--env", PEND, "--seed", "1", "--seeds", "2"])
 
 
-def test_cli_expert_train_without_ray_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+def test_cli_expert_train_without_ray_is_a_one_line_error(without_ray, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture) -> None:
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_ray(name, *args, **kwargs):
-        if name == "ray":
-            raise ImportError("No module named 'ray'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ray)
     assert main(["expert", "train", "--env", PEND, "--seeds", "0", "--launcher", "ray", "--steps", "256",
                  "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err.strip()

@@ -62,15 +62,6 @@ def test_markdown_table_and_scales() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-@pytest.fixture(scope="module")
-def ray_session():
-    """One local 2-CPU Ray instance for this module's Ray tests (the launcher joins a running instance)."""
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    yield ray
-    ray.shutdown()
-
 
 @pytest.mark.parametrize("launcher", ["local", "ray"])
 def test_a_failing_job_is_reported_and_the_others_finish(launcher: str, request) -> None:
@@ -87,9 +78,7 @@ def test_a_failing_job_is_reported_and_the_others_finish(launcher: str, request)
     assert info.value.failed["bad"].startswith("ValueError: invalid literal for int()")  # the job's own error
 
 
-def test_launch_config_and_missing_ray_errors(monkeypatch) -> None:
-    import builtins
-
+def test_launch_config_and_missing_ray_errors(without_ray) -> None:
     from deqmpc_gym.errors import DependencyNotInstalled
     from deqmpc_gym.experiments.launch import Job, LaunchConfig, run_jobs
 
@@ -101,14 +90,6 @@ def test_launch_config_and_missing_ray_errors(monkeypatch) -> None:
         LaunchConfig(gpus_per_run=1)
     with pytest.raises(ConfigError, match="max_retries"):
         LaunchConfig(launcher="ray", max_retries=-1)
-    real_import = builtins.__import__
-
-    def no_ray(name, *args, **kwargs):
-        if name == "ray":
-            raise ImportError("No module named 'ray'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(DependencyNotInstalled, match="pip install"):
         run_jobs([Job("a", operator.mul, (1, 2))], LaunchConfig(launcher="ray"), lambda *a: None)
 
@@ -203,19 +184,9 @@ def test_more_cpus_or_gpus_than_a_node_has_are_refused(tmp_path, ray_session, ca
     assert not (tmp_path / "datasets").exists()
 
 
-def test_cli_reproduce_without_ray_is_a_one_line_error(tmp_path, monkeypatch, capsys) -> None:
-    import builtins
-
+def test_cli_reproduce_without_ray_is_a_one_line_error(tmp_path, without_ray, capsys) -> None:
     from deqmpc_gym.cli import main
 
-    real_import = builtins.__import__
-
-    def no_ray(name, *args, **kwargs):
-        if name == "ray":
-            raise ImportError("No module named 'ray'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ray)
     for what in ("table1", "warmstart"):
         assert main(["reproduce", what, "--scale", "tiny", "--launcher", "ray", "--out", str(tmp_path)]) == 2
         err = capsys.readouterr().err.strip()
