@@ -63,6 +63,18 @@ def _default(owner: Any, name: str) -> Any:
     return default
 
 
+def _add_launcher(parser: argparse.ArgumentParser, unit: str, note: str = "") -> None:
+    """``--launcher``, ``--address`` and ``--cpus-per-run`` of a command whose jobs are ``unit``s (runs, seeds)."""
+    parser.add_argument("--launcher", choices=["local", "ray"], default="local",
+                        help=f"local: the {unit}s one after another in this process; ray: each {unit} a Ray task "
+                             f"(pip install 'deqmpc_gym[cluster]'){note}")
+    parser.add_argument("--address", default=None,
+                        help="with --launcher ray: the cluster to join (e.g. auto, HOST:6379, ray://HOST:10001); "
+                             "default: start a local Ray instance")
+    parser.add_argument("--cpus-per-run", type=int, default=1,
+                        help=f"with --launcher ray: CPUs (threads) per {unit}")
+
+
 def _parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
     return parser
@@ -118,13 +130,7 @@ def _add_expert(sub: Any) -> None:
                    help="stop after this many checkpoint slices (default: train to the end)")
     t.add_argument("--no-resume", action="store_true",
                    help="start over instead of continuing from the checkpoint in --out")
-    t.add_argument("--launcher", choices=["local", "ray"], default="local",
-                   help="local: the seeds one after another in this process; ray: each seed a Ray task (pip install "
-                        "'deqmpc_gym[cluster]'); with ray, a single --seed also trains into OUT/s<S>/")
-    t.add_argument("--address", default=None,
-                   help="with --launcher ray: the cluster to join (e.g. auto, HOST:6379, ray://HOST:10001); "
-                        "default: start a local Ray instance")
-    t.add_argument("--cpus-per-run", type=int, default=1, help="with --launcher ray: CPUs (threads) per seed")
+    _add_launcher(t, "seed", "; with ray, a single --seed also trains into OUT/s<S>/")
     c = _parser(esub, "collect", "roll out an expert and write a dataset (.npz)")
     c.add_argument("--env", required=True, help=_env_help())
     c.add_argument("--out", required=True, help="dataset file to write (.npz)")
@@ -239,13 +245,7 @@ def _add_misc(sub: Any) -> None:
     rep.add_argument("--episodes", type=int, default=None,
                      help="warmstart: evaluation episodes per K (default: the scale's; with --pretrained "
                           f"{_default(ShipConfig, 'episodes')})")
-    rep.add_argument("--launcher", choices=["local", "ray"], default="local",
-                     help="local: the runs one after another in this process; ray: each run a Ray task "
-                          "(pip install 'deqmpc_gym[cluster]')")
-    rep.add_argument("--address", default=None,
-                     help="with --launcher ray: the cluster to join (e.g. auto, HOST:6379, ray://HOST:10001); "
-                          "default: start a local Ray instance")
-    rep.add_argument("--cpus-per-run", type=int, default=1, help="with --launcher ray: CPUs (threads) per run")
+    _add_launcher(rep, "run")
     rep.add_argument("--gpus-per-run", type=float, default=0.0,
                      help="with --launcher ray: GPUs per run (> 0 trains and evaluates on cuda)")
     _add_device(rep)
