@@ -306,7 +306,7 @@ def test_a_fused_loop_that_cannot_compile_falls_back_with_a_warning(monkeypatch)
     system = _DoubleIntegrator()
     problem = MPCProblem(system, MPCConfig())
     monkeypatch.setattr(fused, "_source", lambda: "\n\ndef newton_loop(:\n")  # a broken kernel source
-    monkeypatch.setattr(fused, "_FUNCS", {})
+    monkeypatch.setattr(fused, "_MODULES", {})
     x0, _ = _xu(system, 3)
     with pytest.warns(RuntimeWarning, match="no fused Newton loop for _DoubleIntegrator"):
         assert not fused.usable(problem, x0, track_grad=False)

@@ -3,7 +3,8 @@
 :mod:`deqmpc_gym.mpc.newton_kernel` holds the per-sample loop; it is appended to the system's generated dynamics
 module and compiled with numba (:func:`deqmpc_gym.systems.kernels.load_module`), once per system and machine.
 The solver takes this path for calls that need no autograd graph on float64 CPU tensors (the forward of the
-implicit and final-implicit gradients, streaming ``act()``), when compiled kernels are on and the problem has no
+implicit and final-implicit gradients, streaming ``act()``, and the implicit gradient's linear solve in the
+backward: :func:`implicit_solve`), when compiled kernels are on and the problem has no
 user constraints (their Jacobians come from autograd); otherwise, and where compiling fails (one warning), the
 batched torch loop runs. Both are the same algorithm: answers agree to round-off.
 """
@@ -21,7 +22,7 @@ from deqmpc_gym.mpc.problem import MPCProblem
 from deqmpc_gym.systems import kernels
 
 _SENTINEL = "# --- kernel source: everything below this line is appended to the generated dynamics module ---\n"
-_FUNCS: dict[Any, Any] = {}
+_MODULES: dict[Any, Any] = {}
 
 
 def _source() -> str:
@@ -29,30 +30,31 @@ def _source() -> str:
     return "\n\n" + text.split(_SENTINEL, 1)[1]
 
 
-def _loop_fn(problem: MPCProblem) -> Any:
-    """The compiled ``newton_loop`` of ``problem.system`` (None if it cannot be built; warned once)."""
+def _module(problem: MPCProblem) -> Any:
+    """The compiled kernel module of ``problem.system`` (``newton_loop``, ``implicit_solve``; None if it cannot be
+    built; warned once)."""
     key = kernels.system_key(problem.system)
-    if key in _FUNCS:
-        return _FUNCS[key]
-    fn = None
+    if key in _MODULES:
+        return _MODULES[key]
+    mod = None
     if kernels.kernels_for(problem.system) is not None:  # the dynamics compile and pass their check
         try:
             try:
-                fn = _build(problem, fresh=False)
+                mod = _build(problem, fresh=False)
             except (ImportError, OSError, EOFError, AttributeError, TypeError):  # e.g. a stale numba cache
-                fn = _build(problem, fresh=True)
+                mod = _build(problem, fresh=True)
         except Exception as exc:  # noqa: BLE001 -- any failure falls back to the torch loop, with a warning
             warnings.warn(f"no fused Newton loop for {type(problem.system).__name__} ({type(exc).__name__}: {exc}); "
                           "using the batched torch loop", RuntimeWarning, stacklevel=3)
-    _FUNCS[key] = fn
-    return fn
+    _MODULES[key] = mod
+    return mod
 
 
 def _build(problem: MPCProblem, fresh: bool) -> Any:
     """Import the kernel module and compile (or load from numba's disk cache) its loop by one call."""
     mod, _ = kernels.load_module(problem.system, _source(), tag="newton_", fresh=fresh)
     _warm_up(problem, mod.newton_loop)
-    return mod.newton_loop
+    return mod
 
 
 def _warm_up(problem: MPCProblem, fn: Any) -> None:
@@ -71,7 +73,7 @@ def _warm_up(problem: MPCProblem, fn: Any) -> None:
 def usable(problem: MPCProblem, x: torch.Tensor, track_grad: bool) -> bool:
     """Whether the fused loop serves a Newton loop on ``x`` (see the module docstring)."""
     return (not track_grad and kernels.enabled() and x.dtype == torch.float64 and x.device.type == "cpu"
-            and not problem.constraints and _loop_fn(problem) is not None)
+            and not problem.constraints and _module(problem) is not None)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -81,28 +83,49 @@ def _np(t: torch.Tensor) -> np.ndarray:
 def newton_loop(problem: MPCProblem, bt: Any, exit_residual: float, reg_growth: float) -> tuple:
     """The fused equivalent of ``_newton_loop(problem, bt, track_grad=False, ...)``; returns the same tuple (the
     dynamics at the new iterate are not returned: None)."""
-    return _run(problem, _loop_fn(problem), bt, exit_residual, reg_growth)
+    return _run(problem, _module(problem).newton_loop, bt, exit_residual, reg_growth)
+
+
+def _problem_data(problem: MPCProblem, x: torch.Tensor, obs_idx: torch.Tensor | None) -> tuple[np.ndarray, tuple]:
+    """The kernels' obstacle indices ``OBS (B, T, k)`` and problem tuple ``P`` for ``x (B, T, nx)``."""
+    b, t = x.shape[:2]
+    c = problem.consts(x)
+    if problem.k:
+        obs = _np(obs_idx.to(torch.int64))
+        centers, radius2 = _np(c.centers), float(problem.obstacle_radius) ** 2
+        pos0 = problem.system.position_slice[0]
+    else:
+        obs, centers, radius2, pos0 = np.zeros((b, t, 0), np.int64), np.zeros((0, 3)), 0.0, 0
+    return obs, (centers, _np(c.W), c.w_diag is not None, _np(c.u_low), _np(c.u_high), radius2, pos0)
+
+
+def implicit_solve(problem: MPCProblem, x: torch.Tensor, u: torch.Tensor, ref: torch.Tensor, lam_eq: torch.Tensor,
+                   lam_in: torch.Tensor, rho: torch.Tensor, obs_idx: torch.Tensor | None, rhs: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused linear solve of the implicit gradient at ``x (B,T,nx)``, ``u (B,T,nu)`` (cost reference ``ref``,
+    multipliers ``lam_eq (B,T-1,nx)``, ``lam_in (B,T,mi)``, penalty ``rho (B,)``): ``(v (B,T,n), cross (B,nx),
+    ok (B,))`` with ``H v = rhs (B,T,n)`` (pinned), ``cross = H_{x0,z} v`` and ``ok`` False where ``H`` does not
+    factor or ``v`` is not finite (see ``implicit_solve`` in :mod:`deqmpc_gym.mpc.newton_kernel`)."""
+    b, t = x.shape[:2]
+    obs, P = _problem_data(problem, x, obs_idx)
+    V, cross, ok = np.zeros((b, t, problem.n)), np.zeros((b, problem.nx)), np.zeros(b, np.bool_)
+    with np.errstate(all="ignore"):
+        _module(problem).implicit_solve(_np(x), _np(u), _np(ref), _np(lam_eq), _np(lam_in), _np(rho), obs, P,
+                                        _np(rhs), V, cross, ok)
+    return torch.from_numpy(V), torch.from_numpy(cross), torch.from_numpy(ok)
 
 
 def _run(problem: MPCProblem, fn: Any, bt: Any, exit_residual: float, reg_growth: float) -> tuple:
     cfg = problem.config
     b, t = bt.x.shape[:2]
-    c = problem.consts(bt.x)
     X, U = _np(bt.x), _np(bt.u)
-    if problem.k:
-        obs = _np(bt.obs.to(torch.int64))
-        centers, radius2 = _np(c.centers), float(problem.obstacle_radius) ** 2
-        pos0 = problem.system.position_slice[0]
-    else:
-        obs, centers, radius2, pos0 = np.zeros((b, t, 0), np.int64), np.zeros((0, 3)), 0.0, 0
-    W = _np(c.W)
+    obs, P = _problem_data(problem, bt.x, bt.obs)
     XO, UO = np.empty_like(X), np.empty_like(U)
     steps = np.zeros(b, np.int64)
     small, fb, nf = np.zeros(b, np.bool_), np.zeros(b, np.bool_), np.zeros(b, np.bool_)
     dres = np.full(b, np.inf)
     DO = np.empty((b, t - 1, problem.nx))
     GO = np.empty((b, t, problem.n_ineq))
-    P = (centers, W, c.w_diag is not None, _np(c.u_low), _np(c.u_high), radius2, pos0)
     settings = (cfg.newton_steps, float(cfg.newton_tol), float(exit_residual), cfg.line_search_steps,
                 float(cfg.reg_min), float(reg_growth))
     with np.errstate(all="ignore"):

@@ -485,3 +485,43 @@ def newton_loop(X, U, TH, LEQ, LIN, RHO, OBS, P, settings, XO, UO, STEPS, SMALL,
             GO[b, :, :] = gn
             if small or not ok:
                 break
+
+
+@njit(**_NOPTS)
+def implicit_solve(X, U, TH, LEQ, LIN, RHO, OBS, P, RHS, V, CROSS, OK):  # pragma: no cover - compiled
+    """The implicit gradient's linear solve (:class:`deqmpc_gym.mpc.solver._ImplicitFn`) of every sample:
+    linearise the AL merit at ``(X, U)`` (inputs as in :func:`newton_loop`), factor the pinned Gauss-Newton
+    ``H`` (no regularisation) and solve ``H V = RHS`` (``RHS (B, T, n)`` pinned); ``CROSS (B, nx)`` is
+    ``H_{x0, z} V`` with the unpinned couplings of ``x_0`` with knots 0 and 1 (for ``d/dx0``); ``OK (B,)`` is
+    whether the factorisation succeeded and ``V`` is finite."""
+    T, nx = X.shape[1], X.shape[2]
+    n = nx + U.shape[2]
+    W = P[1]
+    lin_ws, dir_ws, _, _ = _workspace(T, nx, U.shape[2], LIN.shape[2])
+    J, G, act, D, L = lin_ws[1], lin_ws[4], lin_ws[8], lin_ws[9], lin_ws[10]
+    C, Y, S, zw = dir_ws[0], dir_ws[1], dir_ws[4], dir_ws[8]
+    for b in range(X.shape[0]):
+        rho = RHO[b]
+        _linearize(X[b], U[b], TH[b], LEQ[b], LIN[b], rho, OBS[b], P, lin_ws)
+        ok = factor_one(D, L, C, Y, S)
+        v = V[b]
+        if ok:
+            solve_one(C, Y, RHS[b], v, zw)
+            for t in range(T):
+                for i in range(n):
+                    ok = ok and math.isfinite(v[t, i])
+        OK[b] = ok
+        for j in range(nx):  # unpinned D_0[:, j] . v_0 + L_0[:, j] . v_1
+            s = 0.0
+            for i in range(n):
+                h = 0.0
+                for q in range(nx):
+                    h += J[0, q, i] * J[0, q, j]
+                for r in range(G.shape[1]):
+                    if act[0, r]:
+                        h += G[0, r, i] * G[0, r, j]
+                s += (W[i, j] + rho * h) * v[0, i]
+            if T > 1:
+                for i in range(nx):
+                    s -= rho * J[0, i, j] * v[1, i]
+            CROSS[b, j] = s

@@ -33,7 +33,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from deqmpc_gym.errors import ConfigError, ShapeError
-from deqmpc_gym.mpc import fused, linalg
+from deqmpc_gym.mpc import fused, kkt, linalg
 from deqmpc_gym.mpc.problem import Linearization, MPCProblem
 
 _REG_GROWTH = 1e3
@@ -779,58 +779,24 @@ class _ImplicitFn(torch.autograd.Function):
         gx = torch.zeros_like(x) if gx is None else gx
         gu = torch.zeros_like(u) if gu is None else gu
         with torch.no_grad():
-            lin = problem.linearize(x, u, theta, lam_eq, lam_in, rho, ctx.obs)
-            F = _factor(problem, lin.D, lin.L)
             rhs = torch.cat([gx, gu], -1) * problem.consts(x).pin
-            v = linalg.solve(F, rhs)
-            good = F.ok & _finite_rows(v) & ran
-            v = torch.where(good[:, None, None], v, torch.zeros_like(v))
-            Q = problem.consts(x).Q
-            g_theta = v[..., :nx] @ Q
-            g_x0 = None
-            if ctx.needs_input_grad[1]:
+            if fused.usable(problem, x, track_grad=False):
+                v, cross, ok = fused.implicit_solve(problem, x, u, theta, lam_eq, lam_in, rho, ctx.obs, rhs)
+            else:
+                lin = problem.linearize(x, u, theta, lam_eq, lam_in, rho, ctx.obs)
+                F = _factor(problem, lin.D, lin.L)
+                v = linalg.solve(F, rhs)
+                ok = F.ok & _finite_rows(v)
                 # F(z, x0) = grad_z M; dz/dx0 = -H^-1 H_{z,x0}  ->  g_x0 = gx_0 - H_{x0,z} v
                 cross = (lin.D0x.transpose(-1, -2) @ v[:, 0, :, None])[..., 0] \
                     + (lin.L0x.transpose(-1, -2) @ v[:, 1, :, None])[..., 0]
+            good = ok & ran
+            v = torch.where(good[:, None, None], v, torch.zeros_like(v))
+            g_theta = v[..., :nx] @ problem.consts(x).Q
+            g_x0 = None
+            if ctx.needs_input_grad[1]:
                 g_x0 = gx[:, 0] - torch.where(good[:, None], cross, torch.zeros_like(cross))
         return g_theta, g_x0, None, None, None, None, None, None
-
-
-def _kkt_matrix(problem: MPCProblem, x, u, lam_in_final, obs):
-    """Dense KKT matrix ``[[W, J^T], [J, E]]`` at ``(x, u)``; rows: x_0 = x0, dynamics, inequalities
-    (inactive rows get ``E = I`` so their multiplier is 0). Returns ``(K (B,N,N), n_z)``."""
-    c = problem.consts(x)
-    b, T, nx, nu, n = x.shape[0], problem.T, problem.nx, problem.nu, problem.n
-    _, A, Bu = problem.system.step_and_jacobians(x[:, :-1].reshape(-1, nx), u[:, :-1].reshape(-1, nu))
-    A = A.reshape(b, T - 1, nx, nx)
-    Bu = Bu.reshape(b, T - 1, nx, nu)
-    g, G = problem.ineq(x, u, obs, jac=True)
-    act = lam_in_final > 0
-    mi = g.shape[-1]
-    nz = T * n
-    neq = T * nx
-    nin = T * mi
-    N = nz + neq + nin
-    K = x.new_zeros(b, N, N)
-    idx = torch.arange(T, device=x.device)
-    Wb = x.new_zeros(b, T, n, T, n)
-    Wb[:, idx, :, idx, :] = c.W.expand(T, b, n, n)
-    K[:, :nz, :nz] = Wb.reshape(b, nz, nz)
-    J = x.new_zeros(b, T, nx, T, n)  # equality rows: block 0: x_0; block t+1: d_t
-    J[:, 0, :, 0, :nx] = torch.eye(nx, dtype=x.dtype, device=x.device)
-    AB = -torch.cat([A, Bu], -1)  # (B,T-1,nx,n)
-    J[:, idx[1:], :, idx[:-1], :] = AB.transpose(0, 1)
-    J[:, idx[1:], :, idx[1:], :nx] = torch.eye(nx, dtype=x.dtype, device=x.device).expand(T - 1, b, nx, nx)
-    J = J.reshape(b, neq, nz)
-    Gi = x.new_zeros(b, T, mi, T, n)
-    Gi[:, idx, :, idx, :] = (G * act[..., None].to(G.dtype)).transpose(0, 1)
-    Gi = Gi.reshape(b, nin, nz)
-    K[:, nz:nz + neq, :nz] = J
-    K[:, :nz, nz:nz + neq] = J.transpose(-1, -2)
-    K[:, nz + neq:, :nz] = Gi
-    K[:, :nz, nz + neq:] = Gi.transpose(-1, -2)
-    K[:, nz + neq:, nz + neq:] = torch.diag_embed((~act).reshape(b, nin).to(x.dtype))
-    return K, nz
 
 
 class _FinalImplicitFn(torch.autograd.Function):
@@ -846,20 +812,12 @@ class _FinalImplicitFn(torch.autograd.Function):
     def backward(ctx, gx, gu):
         x, u = ctx.saved_tensors
         problem = ctx.problem
-        nx, T = problem.nx, problem.T
+        nx = problem.nx
         gx = torch.zeros_like(x) if gx is None else gx
         gu = torch.zeros_like(u) if gu is None else gu
         with torch.no_grad():
-            K, nz = _kkt_matrix(problem, x, u, ctx.lam_in, ctx.obs)
-            b = x.shape[0]
-            rhs = torch.cat([torch.cat([gx, gu], -1).reshape(b, nz), x.new_zeros(b, K.shape[1] - nz)], 1)
-            sol, info = torch.linalg.solve_ex(K, rhs[..., None])
-            sol = sol[..., 0]
-            good = (info == 0) & torch.isfinite(sol).all(1)
-            sol = torch.where(good[:, None], sol, torch.zeros_like(sol))
-            v = sol[:, :nz].reshape(b, T, problem.n)
+            v, g_x0, _ = kkt.kkt_solve(problem, x, u, ctx.lam_in, ctx.obs, torch.cat([gx, gu], -1))
             g_theta = v[..., :nx] @ problem.consts(x).Q
-            g_x0 = sol[:, nz:nz + nx]  # multiplier direction of the x_0 = x0 row
         return g_theta, g_x0, None, None, None, None, None
 
 

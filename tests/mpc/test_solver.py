@@ -264,6 +264,44 @@ def test_dense_and_banded_steps_agree(name):
     assert torch.allclose(outs["dense"], outs["banded"], atol=1e-8)
 
 
+@pytest.mark.parametrize("name,obstacles", [("cartpole", False), ("quadrotor", False), ("qpole", True)])
+def test_condensed_kkt_solve_equals_the_dense_system(name, obstacles):
+    """The final-implicit backward's condensed KKT solve gives the dense system's primal part and x_0 multiplier
+    at converged iterates with active bounds (and active obstacle rows), and falls back to the dense solve on a
+    sample whose reduced system is singular."""
+    from deqmpc_gym.mpc import kkt
+
+    system = SYSTEMS[name]()
+    T = 6
+    x0, theta = make_batch(system, 16, T, noise=0.1 if obstacles else 1.0)
+    kw = {}
+    if obstacles:  # one obstacle next to each sample's path, so that obstacle rows are active
+        a0, a1 = system.position_slice
+        kw = dict(obstacle_centers=(theta[:, 3, a0:a1] + 0.2).numpy(), obstacle_radius=0.5)
+    problem = MPCProblem(system, MPCConfig(horizon=T, **TIGHT), **kw)
+    x, u, st, info = solve(problem, x0, theta, iters=COLD_ITERS)
+    lam = st.lam_ineq
+    assert int((lam[..., : 2 * problem.nu] > 0).sum()) > 0, "the test needs active bound rows"
+    assert not obstacles or int((lam[..., 2 * problem.nu:] > 0).sum()) > 0, "the test needs active obstacle rows"
+    r = torch.randn(x.shape[0], T, problem.n, dtype=x.dtype, generator=torch.Generator().manual_seed(3))
+    v, mu, ok = kkt.kkt_solve(problem, x, u, lam, st.obstacle_idx, r)
+    vd, mud, okd = kkt._dense_solve(problem, x, u, lam, st.obstacle_idx, r)
+    assert bool(ok.all()) and bool(okd.all())
+    assert float((v - vd).abs().max()) <= 1e-10 * float(vd.abs().max())
+    # the multipliers are unique only where the active rows are independent (K well-conditioned)
+    well = torch.linalg.cond(kkt.kkt_matrix(problem, x, u, lam, st.obstacle_idx)[0]) < 1e12
+    assert int(well.sum()) >= 8
+    assert float((mu - mud)[well].abs().max()) <= 1e-6 * float(mud[well].abs().max())
+    # a sample with every control bound row "active" (both sides at once) has a singular reduced system
+    lam_bad = lam.clone()
+    lam_bad[0, :, : 2 * problem.nu] = 1.0
+    v2, mu2, ok2 = kkt.kkt_solve(problem, x, u, lam_bad, st.obstacle_idx, r)
+    _, _, okd2 = kkt._dense_solve(problem, x, u, lam_bad, st.obstacle_idx, r)
+    assert bool(ok2[0]) == bool(okd2[0])
+    assert torch.isfinite(v2).all() and torch.isfinite(mu2).all()
+    assert torch.allclose(v2[1:], v[1:], rtol=1e-9, atol=1e-12)
+
+
 def test_auto_linear_solver_picks_by_batch_work():
     """"auto" factorises densely where the measured dense path is faster (small B (T n)^3), banded elsewhere."""
     qpole = MPCProblem(QPole(), MPCConfig(horizon=5))  # T n = 90
