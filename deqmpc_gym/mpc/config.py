@@ -10,6 +10,7 @@ from deqmpc_gym.errors import ConfigError
 
 _LINEAR_SOLVERS = ("auto", "dense", "banded")
 _GRADIENTS = ("implicit", "unroll", "final_implicit")
+_HESSIANS = ("gauss_newton", "exact")
 #: maximum AL iterations of a standalone cold solve (:meth:`MPCConfig.standalone`)
 STANDALONE_ITERS = 30
 
@@ -45,6 +46,11 @@ class MPCConfig:
             ``B * (T (nx + nu))**3 <= dense_max_work``, or for a single problem with ``T (nx + nu) <= 400``).
         gradient: default gradient mode of :func:`~deqmpc_gym.mpc.solve` (``"implicit"``, ``"unroll"``,
             ``"final_implicit"``).
+        hessian: the Hessian of the ``"final_implicit"`` gradient's KKT system (``"gauss_newton"`` | ``"exact"``;
+            per call ``solve(hessian=)``): ``"gauss_newton"`` (the default, the paper's and mpc.pytorch's) keeps the
+            cost's ``W`` alone; ``"exact"`` adds the dynamics' and constraints' second-order terms weighted by the
+            KKT multipliers, which makes the gradient the exact sensitivity of the constrained optimum (as IPOPT's);
+            it costs ``nx + nu`` Hessian-vector products of the dynamics per backward (:mod:`deqmpc_gym.mpc.kkt`).
         dtype: the solver's floating dtype (inputs are cast to it; outputs are returned in it).
         line_search_steps: maximum halvings of the step length per Newton step (``alpha = 1, 1/2, ...``).
         tol_primal: a sample is ``converged`` when max(|dynamics defect|, inequality violation) <= tol_primal
@@ -73,6 +79,7 @@ class MPCConfig:
     n_obstacle_constraints: int = 4
     linear_solver: str = "auto"
     gradient: str = "implicit"
+    hessian: str = "gauss_newton"
     dtype: torch.dtype = torch.float64
     line_search_steps: int = 12
     tol_primal: float = 1e-6
@@ -114,6 +121,11 @@ class MPCConfig:
             raise ConfigError(f"linear_solver must be one of {_LINEAR_SOLVERS}, got {self.linear_solver!r}")
         if self.gradient not in _GRADIENTS:
             raise ConfigError(f"gradient must be one of {_GRADIENTS}, got {self.gradient!r}")
+        if self.hessian not in _HESSIANS:
+            raise ConfigError(f"hessian must be one of {_HESSIANS}, got {self.hessian!r}")
+        if self.hessian == "exact" and self.gradient != "final_implicit":
+            raise ConfigError(f"hessian='exact' applies to gradient='final_implicit' only, got gradient="
+                              f"{self.gradient!r}")
         if self.dtype not in (torch.float32, torch.float64):
             raise ConfigError(f"dtype must be torch.float32 or torch.float64, got {self.dtype!r}")
         if not isinstance(self.n_obstacle_constraints, int) or self.n_obstacle_constraints < 0:

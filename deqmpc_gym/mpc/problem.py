@@ -379,6 +379,59 @@ class MPCProblem:
         gdyn[:, 1:, :self.nx] += mu
         return cgrad + gdyn + self.ineq_jac_t(G, mu_in), cgrad
 
+    def lagrangian_curvature(self, x: torch.Tensor, u: torch.Tensor, mu: torch.Tensor, mu_in: torch.Tensor,
+                             obs_idx) -> torch.Tensor:
+        """Second-order terms of the Lagrangian ``L = C + mu^T d + mu_in^T g`` beyond the cost's ``W``: the
+        per-knot blocks ``(B, T, n, n)`` (unpinned; ``x_0`` rows included) of ``-sum_t nabla^2 (mu_t^T f(x_t,
+        u_t))`` (the dynamics rows ``d_t = x_{t+1} - f(x_t, u_t)``, multipliers ``mu (B,T-1,nx)``) plus ``sum_i
+        mu_in_i nabla^2 g_i`` (``mu_in (B,T,mi)``: obstacle rows ``r^2 - |p - o|^2`` give ``-2 mu_in I`` on the
+        position block, user constraints their autograd Hessians; the control bounds are linear). Every term is
+        separable over knots, so the Lagrangian Hessian is ``W`` plus these blocks on the block diagonal.
+
+        The dynamics' Hessians are taken by ``nx + nu`` Hessian-vector products through autograd of
+        ``system.step`` over all ``B (T-1)`` knots at once (the gradient of ``sum mu_t^T f`` with a graph, then one
+        backward pass per coordinate), so any differentiable :class:`~deqmpc_gym.systems.System` works."""
+        b, T, nx, nu, n = x.shape[0], self.T, self.nx, self.nu, self.n
+        out = x.new_zeros(b, T, n, n)
+        with torch.enable_grad():
+            z = torch.cat([x[:, :-1], u[:, :-1]], -1).detach().reshape(-1, n).requires_grad_(True)
+            f = self.system.step(z[:, :nx], z[:, nx:])
+            (gz,) = torch.autograd.grad((f * mu.detach().reshape(-1, nx)).sum(), z, create_graph=True)
+            rows = []
+            for k in range(n):
+                if gz.requires_grad:  # an affine map has no second-order terms
+                    (hk,) = torch.autograd.grad(gz[:, k].sum(), z, retain_graph=True, allow_unused=True)
+                    rows.append(torch.zeros_like(z) if hk is None else hk)
+                else:
+                    rows.append(torch.zeros_like(z))
+        out[:, :-1] -= torch.stack(rows, 1).reshape(b, T - 1, n, n).detach()
+        if self.k:
+            a0, a1 = self.system.position_slice
+            w = -2.0 * mu_in[..., 2 * nu:2 * nu + self.k].sum(-1)  # (B,T); knot 0's dummy rows have no multiplier
+            w = torch.cat([torch.zeros_like(w[:, :1]), w[:, 1:]], 1)
+            idx = torch.arange(a0, a1, device=x.device)
+            out[:, :, idx, idx] += w[..., None]
+        if self.constraints:
+            m0 = 2 * nu + self.k
+            nu_user = mu_in[..., m0:].detach()
+            with torch.enable_grad():
+                xr, ur = x.detach().requires_grad_(True), u.detach().requires_grad_(True)
+                hs = torch.cat([h(xr, ur) for h in self.constraints], -1)
+                if not hs.requires_grad:  # constant constraints: no curvature
+                    return out
+                gx, gu = torch.autograd.grad((hs * nu_user).sum(), (xr, ur), create_graph=True, allow_unused=True)
+                gx = torch.zeros_like(xr) if gx is None else gx
+                gu = torch.zeros_like(ur) if gu is None else gu
+                gz = torch.cat([gx, gu], -1)  # (B,T,n)
+                for k in range(n):
+                    if not gz.requires_grad:
+                        break
+                    hx, hu = torch.autograd.grad(gz[..., k].sum(), (xr, ur), retain_graph=True, allow_unused=True)
+                    hx = torch.zeros_like(xr) if hx is None else hx
+                    hu = torch.zeros_like(ur) if hu is None else hu
+                    out[:, :, k] += torch.cat([hx, hu], -1).detach()
+        return out
+
     def stationarity(self, x, u, theta, lam_eq, lam_in, obs_idx, dyn=None) -> torch.Tensor:
         """KKT stationarity ``(B,)`` of ``(x (B,T,nx), u (B,T,nu))`` with multipliers ``lam_eq (B,T-1,nx)``,
         ``lam_in (B,T,mi)``: ``||grad_z L||_inf / (1 + max(||grad_z C||_inf, ||lam||_inf))`` over the free

@@ -800,25 +800,40 @@ class _ImplicitFn(torch.autograd.Function):
 
 
 class _FinalImplicitFn(torch.autograd.Function):
-    """IFT of the KKT conditions of the constrained problem at the returned iterate (Diff-MPC style)."""
+    """IFT of the KKT conditions of the constrained problem at the returned iterate (Diff-MPC style), with the cost's
+    Hessian (``hessian="gauss_newton"``) or the Lagrangian's (``"exact"``: :func:`deqmpc_gym.mpc.kkt.kkt_solve`)."""
 
     @staticmethod
-    def forward(ctx, theta, x0, x, u, problem, lam_in_final, obs):
-        ctx.problem, ctx.lam_in, ctx.obs = problem, lam_in_final, obs
-        ctx.save_for_backward(x, u)
+    def forward(ctx, theta, x0, x, u, problem, lam_in_final, obs, ref=None, hessian="gauss_newton"):
+        ctx.problem, ctx.lam_in, ctx.obs, ctx.hessian = problem, lam_in_final, obs, hessian
+        ctx.save_for_backward(x, u, theta if ref is None else ref)
         return x.clone(), u.clone()
 
     @staticmethod
     def backward(ctx, gx, gu):
-        x, u = ctx.saved_tensors
+        x, u, ref = ctx.saved_tensors
         problem = ctx.problem
         nx = problem.nx
         gx = torch.zeros_like(x) if gx is None else gx
         gu = torch.zeros_like(u) if gu is None else gu
         with torch.no_grad():
-            v, g_x0, _ = kkt.kkt_solve(problem, x, u, ctx.lam_in, ctx.obs, torch.cat([gx, gu], -1))
+            v, g_x0, _ = kkt.kkt_solve(problem, x, u, ctx.lam_in, ctx.obs, torch.cat([gx, gu], -1), ref=ref.detach(),
+                                       hessian=ctx.hessian)
             g_theta = v[..., :nx] @ problem.consts(x).Q
-        return g_theta, g_x0, None, None, None, None, None
+        return g_theta, g_x0, None, None, None, None, None, None, None
+
+
+def _check_hessian(cfg, hessian, gradient: str) -> str:
+    """The backward's Hessian of a call: ``hessian`` or the config's; ConfigError for an unknown value or
+    ``"exact"`` with a gradient it does not apply to."""
+    hessian = cfg.hessian if hessian is None else hessian
+    if hessian not in ("gauss_newton", "exact"):
+        raise ConfigError(f"hessian must be 'gauss_newton' or 'exact', got {hessian!r}")
+    if hessian == "exact" and gradient != "final_implicit":
+        raise ConfigError(f"hessian='exact' applies to gradient='final_implicit' (the KKT system of the constrained "
+                          f"problem), not to gradient={gradient!r}: 'implicit' differentiates the last AL subproblem "
+                          "with fixed multipliers and penalty, 'unroll' the iterations themselves")
+    return hessian
 
 
 def _exit_residual(cfg, value) -> float:
@@ -834,7 +849,8 @@ def _exit_residual(cfg, value) -> float:
 def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: SolverState | None = None,
           iters: int = 2, gradient: str | None = None, stop_at_rho_max: bool = False,
           stop_when_converged: bool = False, exit_residual: float | None = None, *,
-          u_ref: torch.Tensor | None = None, u_init: torch.Tensor | None = None, output: str | None = None):
+          u_ref: torch.Tensor | None = None, u_init: torch.Tensor | None = None, output: str | None = None,
+          hessian: str | None = None):
     """Run ``iters`` AL iterations of the MPC problem (see :mod:`deqmpc_gym.mpc.problem` for the math).
 
     Horizon convention: ``T = config.horizon`` knots ``x_0 .. x_{T-1}`` (``x_0 = x0`` fixed) and one control per
@@ -852,6 +868,10 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
             ``None``: a cold start, :func:`init_state` (with ``u_init`` and ``u_ref``).
         iters: AL iterations to run (``>= 1``).
         gradient: ``"implicit"`` | ``"unroll"`` | ``"final_implicit"`` (default ``problem.config.gradient``).
+        hessian: the Hessian of the ``"final_implicit"`` backward: ``"gauss_newton"`` (the cost's) or ``"exact"``
+            (the Lagrangian's, second-order terms of the dynamics and constraints included: the exact sensitivity of
+            the constrained optimum; for a rollout answer it is taken at the rollout) -- default
+            ``problem.config.hessian``; ``"exact"`` with another gradient is a ConfigError.
         stop_at_rho_max: streaming mode: a sample stops once its ``rho`` exceeds ``config.rho_max``.
         stop_when_converged: a sample stops as soon as its iterate meets ``config.tol_primal`` (dynamics defect
             and constraint violation) and ``config.tol_dual`` (KKT stationarity at the new iterate with the updated
@@ -883,12 +903,13 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
 
     Raises:
         ShapeError: wrong shapes, non-finite ``x0``/``theta``/``u_ref``/``u_init``. ConfigError: bad
-        ``gradient``/``iters``/``output``.
+        ``gradient``/``hessian``/``iters``/``output``.
     """
     _check_inputs(problem, x0, theta)
     gradient = problem.config.gradient if gradient is None else gradient
     if gradient not in ("implicit", "unroll", "final_implicit"):
         raise ConfigError(f"gradient must be 'implicit', 'unroll' or 'final_implicit', got {gradient!r}")
+    hessian = _check_hessian(problem.config, hessian, gradient)
     if not isinstance(iters, int) or iters < 0:
         raise ConfigError(f"iters must be an int >= 0, got {iters!r}")
     if output is None:
@@ -931,7 +952,13 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
             if gradient == "implicit":
                 x, u = _ImplicitFn.apply(thc, x0c, x, u, problem, last, new_state.obstacle_idx, ref.detach())
             else:
-                x, u = _FinalImplicitFn.apply(thc, x0c, x, u, problem, new_state.lam_ineq, new_state.obstacle_idx)
+                xk = x
+                if hessian == "exact" and output == "rollout":  # the second-order terms at the returned answer
+                    with torch.no_grad():
+                        xr = problem.rollout(x0c.detach(), u)
+                        xk = torch.where(_finite_rows(xr)[:, None, None], xr, x)
+                x, u = _FinalImplicitFn.apply(thc, x0c, xk, u, problem, new_state.lam_ineq, new_state.obstacle_idx,
+                                              ref.detach(), hessian)
     if output == "rollout":
         x, info = _rollout_output(problem, x0c, ref.detach(), x, u, new_state.obstacle_idx, info, shooting)
     else:
