@@ -6,14 +6,15 @@ tables and writes ``benchmarks/results/kernels.json``.
    ``--episodes`` expert episodes (the shipped PPO expert drives, the policy acts on the visited states; at least
    ``--calls`` calls per path), the two paths alternating episode by episode. Medians in ms and their ratio.
 2. Cold compile time per system: a fresh process with an empty kernel cache (``DEQMPC_GYM_CACHE``) builds the
-   dynamics kernels and the fused Newton loop; then a second fresh process loads them from numba's disk cache.
+   dynamics kernels, the fused Newton loop and the implicit gradient's solve (``fused.implicit_solve``, compiled
+   at its first call); then a second fresh process loads them from numba's disk cache.
 
 With ``--baseline-src DIR`` the act() baseline is instead the eager path of the code checked out in ``DIR`` (e.g. a
 ``git worktree`` of an earlier commit), in a worker process that imports that checkout, the two processes
 alternating episode by episode (same weights: both seed the policy alike): the speed-up then includes every change
 between the two checkouts (the network's too).
 
-Usage: ``python benchmarks/kernels.py [--hidden 256] [--episodes 3] [--calls 100] [--skip-compile]
+Usage: ``python benchmarks/kernels.py [--hidden 256] [--episodes 3] [--calls 100] [--skip-compile | --compile-only]
 [--baseline-src DIR]``.
 """
 
@@ -54,8 +55,13 @@ s = get_system({name!r})
 t = time.perf_counter()
 assert kernels.kernels_for(s) is not None
 t1 = time.perf_counter()
-assert fused.usable(MPCProblem(s, MPCConfig()), torch.zeros(1, s.nx, dtype=torch.float64), False)
-print(t1 - t, time.perf_counter() - t1)
+pb = MPCProblem(s, MPCConfig())
+assert fused.usable(pb, torch.zeros(1, s.nx, dtype=torch.float64), False)
+t2 = time.perf_counter()
+z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)
+fused.implicit_solve(pb, z(1, pb.T, s.nx), z(1, pb.T, s.nu), z(1, pb.T, s.nx), z(1, pb.T - 1, s.nx),
+                     z(1, pb.T, pb.n_ineq), torch.ones(1, dtype=torch.float64), None, z(1, pb.T, pb.n))
+print(t1 - t, t2 - t1, time.perf_counter() - t2)
 """
 
 
@@ -181,13 +187,15 @@ def compile_rows() -> list[dict]:
                 out = subprocess.run([sys.executable, "-c", _COMPILE_SNIPPET.format(name=name)], env=env,
                                      capture_output=True, text=True, check=True)
                 total = time.perf_counter() - t
-                dyn, loop = (float(v) for v in out.stdout.split())
-                runs.append((dyn, loop, total))
+                dyn, loop, implicit = (float(v) for v in out.stdout.split())
+                runs.append((dyn, loop, implicit, total))
         rows.append({"system": name, "cold_dynamics_s": runs[0][0], "cold_newton_s": runs[0][1],
-                     "warm_dynamics_s": runs[1][0], "warm_newton_s": runs[1][1]})
+                     "cold_implicit_s": runs[0][2], "warm_dynamics_s": runs[1][0], "warm_newton_s": runs[1][1],
+                     "warm_implicit_s": runs[1][2]})
         r = rows[-1]
-        print(f"  {name}: cold {r['cold_dynamics_s']:.1f} + {r['cold_newton_s']:.1f} s, warm "
-              f"{r['warm_dynamics_s']:.2f} + {r['warm_newton_s']:.2f} s", file=sys.stderr, flush=True)
+        print(f"  {name}: cold {r['cold_dynamics_s']:.1f} + {r['cold_newton_s']:.1f} + {r['cold_implicit_s']:.1f} s, "
+              f"warm {r['warm_dynamics_s']:.2f} + {r['warm_newton_s']:.2f} + {r['warm_implicit_s']:.2f} s",
+              file=sys.stderr, flush=True)
     return rows
 
 
@@ -196,7 +204,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--episodes", type=int, default=3)
     ap.add_argument("--calls", type=int, default=100, help="at least this many warm act() calls per path")
-    ap.add_argument("--skip-compile", action="store_true", help="keep the record's compile rows")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--skip-compile", action="store_true", help="keep the record's compile rows")
+    only.add_argument("--compile-only", action="store_true", help="keep the record's act() rows")
     ap.add_argument("--baseline-src", metavar="DIR",
                     help="checkout whose eager act() is the baseline (default: this checkout's eager path)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="record to write (default: %(default)s)")
@@ -206,28 +216,30 @@ def main() -> None:
         worker()
         return
     torch.set_num_threads(1)
-    acts = act_rows("DEQMPC/QPole-v0", args.hidden, args.episodes, args.calls, args.baseline_src)
-    comp = [] if args.skip_compile else compile_rows()
+    old = json.loads(args.out.read_text()) if args.out.exists() else {}
+    acts = old.get("act", []) if args.compile_only else act_rows("DEQMPC/QPole-v0", args.hidden, args.episodes,
+                                                                    args.calls, args.baseline_src)
+    comp = old.get("compile", []) if args.skip_compile else compile_rows()
     print(f"Warm act() on QPole, hidden {args.hidden}, 1 thread, {platform.processor() or platform.machine()}: "
           f"medians along {args.episodes} expert episodes, compiled kernels beside the baseline "
-          f"({acts[0]['baseline']}) in one run")
+          f"({acts[0]['baseline'] if acts else '-'}) in one run")
     print()
     print("| variant | calls | act [ms] | baseline act [ms] | speed-up |")
     print("|---|---|---|---|---|")
     for r in acts:
         print(f"| {r['variant']} | {r['calls']} | {r['act_ms']:.2f} | {r['baseline_act_ms']:.2f} | "
               f"{r['speedup']:.2f}x |")
-    if comp:
+    if comp and not args.skip_compile:
         print()
         print("Compile time per system (fresh process; cold = empty kernel cache, warm = numba's disk cache):")
         print()
-        print("| system | cold: dynamics [s] | cold: Newton loop [s] | warm: dynamics [s] | warm: Newton loop [s] |")
-        print("|---|---|---|---|---|")
+        print("| system | cold: dynamics [s] | cold: Newton loop [s] | cold: implicit solve [s] "
+              "| warm: dynamics [s] | warm: Newton loop [s] | warm: implicit solve [s] |")
+        print("|---|---|---|---|---|---|---|")
         for r in comp:
-            print(f"| {r['system']} | {r['cold_dynamics_s']:.1f} | {r['cold_newton_s']:.1f} | "
-                  f"{r['warm_dynamics_s']:.2f} | {r['warm_newton_s']:.2f} |")
-    if args.skip_compile and args.out.exists():
-        comp = json.loads(args.out.read_text()).get("compile", [])
+            print(f"| {r['system']} | {r['cold_dynamics_s']:.1f} | {r['cold_newton_s']:.1f} "
+                  f"| {r['cold_implicit_s']:.1f} | {r['warm_dynamics_s']:.2f} | {r['warm_newton_s']:.2f} "
+                  f"| {r['warm_implicit_s']:.2f} |")
     atomic_write_text(args.out, json.dumps({"torch": torch.__version__, "threads": 1, "act": acts, "compile": comp},
                                            indent=2))
 
