@@ -27,8 +27,11 @@ functions run eagerly (slower than :func:`solve`) after a :class:`RuntimeWarning
 fail to build (GCC 12 meets an internal compiler error on the Cart-pole's Newton step with AVX-512, hence
 256-bit vectors by default), the functions are compiled again without SIMD code (``compile_options``).
 
-Differences from :func:`solve` on rare paths: a sample whose factorisation fails is retried with the
-regularisation added to every factorisation of that Newton step (eager: the first one only).
+Differences from :func:`solve`: a sample whose factorisation fails is retried with the regularisation added to
+every factorisation of that Newton step (eager: the first one only); ``info.dual_residual`` and ``converged`` are
+measured at the returned iterate with the returned multipliers (:meth:`MPCProblem.stationarity`, as
+:func:`solve`'s ``stop_when_converged`` test; :func:`solve`'s fixed-iteration calls report the Newton loop's
+stationarity before its final step, which flags samples at the optimum unconverged).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from deqmpc_gym.mpc.solver import (
     _REG_GROWTH,
     SolveInfo,
     SolverState,
+    _check_hessian,
     _check_inputs,
     _check_state,
     _exit_residual,
@@ -453,21 +457,50 @@ class CompiledSolver:
         b = rho.shape[0]
         okm = torch.isfinite(leq).reshape(-1, b).all(0) & torch.isfinite(lin).reshape(-1, b).all(0)
         take = run & okm
-        rho_n = torch.where(run, rho * self._cfg.rho_growth, rho)
+        rho_n = torch.where(run, torch.clamp(rho * self._cfg.rho_growth, max=self._cfg.rho_cap), rho)
         return (torch.where(take, leq, lam_eq), torch.where(take, lin, lam_in), rho_n, nf | (run & ~okm),
                 al_iters + run.long(), torch.where(run, lam_eq, last_eq), torch.where(run, lam_in, last_in),
                 torch.where(run, rho, last_rho), rho_n <= rho_cap)
 
-    def _finish(self, x, u, theta, lam_eq, lam_in, last_eq, last_in, small_exit, dres, nf):
-        """``(primal residual, cost, converged)`` at the returned iterate, and the batch-first ``x, u, lam_eq,
-        lam_in, last_eq, last_in``."""
+    def _finish(self, x, u, theta, lam_eq, lam_in, last_eq, last_in, small_exit, dres, nf, al_iters):
+        """``(primal residual, cost, converged, dual residual)`` at the returned iterate, and the batch-first ``x, u,
+        lam_eq, lam_in, last_eq, last_in``. Both residuals are measured at the returned iterate, the dual one with
+        the returned (updated) multipliers -- :func:`~deqmpc_gym.mpc.solve`'s test of ``stop_when_converged``
+        (:meth:`MPCProblem.stationarity`), not the Newton loop's stationarity before its final step; a sample that
+        ran no AL iteration keeps ``dres``."""
         cfg = self._cfg
-        X, U = _cols(x), _cols(u)
-        d, g = self._defects(X, U), self._g(U)
+        X, U, TH, LE, LI = _cols(x), _cols(u), _cols(theta), _cols(lam_eq), _cols(lam_in)
+        T, nx, nu, n = self._T, self._nx, self._nu, self._n
+        sysm = self.problem.system
+        fJ = [step_and_jacobian_components(sysm, X[t], U[t]) for t in range(T - 1)]
+        d = [[ssub(X[t + 1][i], fJ[t][0][i]) for i in range(nx)] for t in range(T - 1)]
+        g = self._g(U)
         pres = torch.maximum(_absmax([v for r in d for v in r], dres),
                              _vmax([v.clamp_min(0.0) for r in g for v in r]))
-        cost = _full(self._cost(X, U, _cols(theta)), dres)
-        return ((pres, cost, (pres <= cfg.tol_primal) & (dres <= cfg.tol_dual) & small_exit & ~nf)
+        cost = _full(self._cost(X, U, TH), dres)
+        # KKT stationarity of L = C + lam_eq^T d + lam_in^T g over the free variables (x_0 excluded)
+        Q, R = self._Q, self._R
+        grad, cgrad = [], []
+        for t in range(T):
+            e = [X[t][i] - TH[t][i] for i in range(nx)]
+            cg = ([ssum([smul(Q[i][j], e[j]) for j in range(nx)]) for i in range(nx)] if t > 0 else []) + \
+                 [ssum([smul(R[i][j], U[t][j]) for j in range(nu)]) for i in range(nu)]
+            off = nx if t > 0 else 0  # the entries of knot t's free variables in z_t = [x_t, u_t]
+            gr = list(cg)
+            if t > 0:
+                gr[:nx] = [sadd(gr[i], LE[t - 1][i]) for i in range(nx)]
+            if t < T - 1:
+                J = fJ[t][1]
+                for k in range(nx - off, n):
+                    gr[k - nx + off] = ssub(gr[k - nx + off], ssum([smul(J[i][k], LE[t][i]) for i in range(nx)]))
+            for j in range(nu):
+                gr[off + j] = sadd(gr[off + j], LI[t][j] - LI[t][nu + j])
+            grad += gr
+            cgrad += cg
+        mult = torch.maximum(_absmax([v for r in LE for v in r], dres), _absmax([v for r in LI for v in r], dres))
+        stat = _absmax(grad, dres) / (1.0 + torch.maximum(_absmax(cgrad, dres), mult))
+        stat = torch.where(al_iters > 0, stat, dres)
+        return ((pres, cost, (pres <= cfg.tol_primal) & (stat <= cfg.tol_dual) & small_exit & ~nf, stat)
                 + tuple(_batch_first(a) for a in (x, u, lam_eq, lam_in, last_eq, last_in)))
 
     def _scalar(self, v: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -522,13 +555,16 @@ class CompiledSolver:
 
     # ------------------------------------------------------------------ public call
     def __call__(self, x0: torch.Tensor, theta: torch.Tensor, state: SolverState | None = None, iters: int = 2,
-                 gradient: str | None = None, stop_at_rho_max: bool = False, exit_residual: float | None = None):
+                 gradient: str | None = None, stop_at_rho_max: bool = False, exit_residual: float | None = None, *,
+                 hessian: str | None = None):
         """Run ``iters`` AL iterations, as :func:`deqmpc_gym.mpc.solve` with the same arguments.
 
         Args:
             x0: ``(B, nx)`` current states; theta: ``(B, T, nx)`` waypoints; state: warm start or ``None`` (cold);
             iters: AL iterations; gradient: ``"implicit"`` or ``"final_implicit"`` (default the config's);
-            stop_at_rho_max: streaming mode; exit_residual: Newton exit on the constraint residual.
+            stop_at_rho_max: streaming mode; exit_residual: Newton exit on the constraint residual;
+            hessian: the ``"final_implicit"`` backward's Hessian (``"gauss_newton"`` or ``"exact"``, as
+            :func:`solve`).
 
         Returns:
             ``(x (B,T,nx), u (B,T,nu), state, info)`` as :func:`solve`.
@@ -542,6 +578,7 @@ class CompiledSolver:
         gradient = cfg.gradient if gradient is None else gradient
         if gradient not in ("implicit", "final_implicit", "unroll"):
             raise ConfigError(f"gradient must be 'implicit' or 'final_implicit', got {gradient!r}")
+        hessian = _check_hessian(cfg, hessian, gradient)
         if not isinstance(iters, int) or iters < 0:
             raise ConfigError(f"iters must be an int >= 0, got {iters!r}")
         exit_residual = _exit_residual(cfg, exit_residual)
@@ -584,26 +621,26 @@ class CompiledSolver:
                     if not bool(S["active"].any()):
                         break
                 S.update((k, out[_N_CARRY + _N_RARE + i]) for i, k in enumerate(_DUAL))
-            pres, cost, converged, x, u, lam_eq, lam_in, last_eq, last_in = self._call(
+            pres, cost, converged, dres, x, u, lam_eq, lam_in, last_eq, last_in = self._call(
                 "finish", S["x"], S["u"], S["theta"], S["lam_eq"], S["lam_in"], S["last_eq"], S["last_in"],
-                S["small_exit"], S["dres"], S["nf"])
+                S["small_exit"], S["dres"], S["nf"], S["al_iters"])
         def own(v: torch.Tensor, k: str = "") -> torch.Tensor:
             """The caller's samples of ``v``, never a cached starting value (when no AL iteration ran)."""
             v = v if b == b_in else v[:b_in]
             return v.clone() if k and S[k] is consts.get(k) else v
 
-        x, u, lam_eq, lam_in, last_eq, last_in, pres, cost, converged = (
-            own(v) for v in (x, u, lam_eq, lam_in, last_eq, last_in, pres, cost, converged))
+        x, u, lam_eq, lam_in, last_eq, last_in, pres, cost, converged, dres = (
+            own(v) for v in (x, u, lam_eq, lam_in, last_eq, last_in, pres, cost, converged, dres))
         rho, last_rho, al_iters = own(S["rho"]), own(S["last_rho"]), own(S["al_iters"], "al_iters")
         new_state = SolverState(x, u, lam_eq, lam_in, rho, None)
-        info = SolveInfo(converged, pres, own(S["dres"], "dres"), al_iters, own(S["steps"], "steps"), rho, cost,
+        info = SolveInfo(converged, pres, dres, al_iters, own(S["steps"], "steps"), rho, cost,
                          own(S["fb"], "fb"), own(S["nf"], "nf"), torch.zeros_like(converged))  # x: the iterate
         if needs_grad:
             if gradient == "implicit":
                 x, u = _ImplicitFn.apply(thc, x0c, x, u, problem, (last_eq, last_in, last_rho, al_iters > 0), None,
                                          thc.detach())
             else:
-                x, u = _FinalImplicitFn.apply(thc, x0c, x, u, problem, lam_in, None)
+                x, u = _FinalImplicitFn.apply(thc, x0c, x, u, problem, lam_in, None, thc.detach(), hessian)
         return x, u, new_state, info
 
     def _step(self, S: dict, exit_t: torch.Tensor, rho_cap: torch.Tensor) -> tuple:

@@ -157,8 +157,8 @@ class SolveInfo:
         primal_residual: max(|dynamics defect|, inequality violation) at the returned iterate.
         dual_residual: AL stationarity ``||grad_z M||_inf / (1 + max(||grad_z C||_inf, ||lam + rho c||_inf))``
             at the last linearisation point of the last AL iteration (the iterate before the final step); with
-            ``stop_when_converged`` the KKT stationarity at the returned iterate with the returned multipliers
-            (:meth:`MPCProblem.stationarity`).
+            ``stop_when_converged`` (and in every :class:`~deqmpc_gym.mpc.CompiledSolver` call) the KKT
+            stationarity at the returned iterate with the returned multipliers (:meth:`MPCProblem.stationarity`).
         al_iters: AL iterations run; newton_steps: Newton steps taken (summed over AL iterations).
         rho: penalty after the call; cost: tracking cost at the returned iterate.
         fallback: a regularised factorisation was needed or a step had to be skipped.

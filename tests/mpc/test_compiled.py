@@ -69,7 +69,7 @@ def _calls(problem, x0, th0, th1):
             "stream": ((x1, th1), dict(state=stream, iters=2, stop_at_rho_max=True, exit_residual=1e-3))}
 
 
-def _assert_same(a, b, exact_counts=True):
+def _assert_same(a, b, problem, theta, exact_counts=True):
     (x1, u1, s1, i1), (x2, u2, s2, i2) = a, b
     # round-off only (summation order); the cart-pole's R = 1e-10 leaves its controls ill-determined (~1e-9 relative)
     scale = 1.0 + max(float(x1.abs().max()), float(u1.abs().max()))
@@ -84,8 +84,17 @@ def _assert_same(a, b, exact_counts=True):
     assert torch.allclose(i1.cost, i2.cost, rtol=1e-9, atol=1e-12)
     assert torch.allclose(i1.primal_residual, i2.primal_residual, rtol=1e-6, atol=1e-10)
     if exact_counts:
-        for f in ("al_iters", "newton_steps", "converged", "fallback", "nonfinite"):
+        for f in ("al_iters", "newton_steps", "fallback", "nonfinite"):
             assert torch.equal(getattr(i1, f), getattr(i2, f)), f
+    # CompiledSolver's dual residual is the KKT stationarity at its returned iterate with its returned multipliers
+    # (solve's stop_when_converged test; solve's fixed-iteration calls report the Newton loop's, before its last
+    # step), and its converged flag uses it
+    ran = i2.al_iters > 0
+    stat = problem.stationarity(x2, u2, theta.to(x2), s2.lam_eq, s2.lam_ineq, None)
+    assert torch.allclose(i2.dual_residual[ran], stat[ran], rtol=1e-8, atol=1e-13)
+    cfg = problem.config
+    ok = (i2.primal_residual <= cfg.tol_primal) & (stat <= cfg.tol_dual) & ~i2.nonfinite & ran
+    assert not bool((i2.converged & ~ok).any())
 
 
 def _count_newton(fast):
@@ -109,7 +118,26 @@ def test_same_iterates_as_solve(name, trials):
     problem, x0, th0, th1 = _problems(name)
     fast = CompiledSolver(problem, compile=False, line_search_trials=trials)
     for args, kw in _calls(problem, x0, th0, th1).values():
-        _assert_same(solve(problem, *args, **kw), fast(*args, **kw))
+        _assert_same(solve(problem, *args, **kw), fast(*args, **kw), problem, args[1])
+
+
+@pytest.mark.parametrize("name", sorted(SYSTEMS))
+def test_converged_flags_agree_with_solve(name):
+    """A cold fixed-iteration CompiledSolver call that reaches the optimum flags every sample converged, as the
+    eager solve to convergence (stop_when_converged) does: both measure the residuals at the returned iterate.
+    (Measured before the final Newton step, the compiled call flagged only some of them.)"""
+    problem0, x0, th0, _ = _problems(name, B=24)
+    problem = MPCProblem(problem0.system, MPCConfig.standalone(5))
+    ref = solve(problem, x0, th0, iters=30, stop_when_converged=True, output="iterate")
+    assert bool(ref[3].converged.all())
+    fast = CompiledSolver(problem, compile=False)
+    got = fast(x0, th0, iters=int(ref[3].al_iters.max()))
+    assert torch.equal(got[3].converged, ref[3].converged)
+    assert float((got[1] - ref[1]).abs().max()) <= 1e-4  # (solve stopped each sample at its own tol_dual)
+    assert bool((got[3].dual_residual <= problem.config.tol_dual).all())
+    # the same iterate one Newton step short of the optimum is not flagged converged
+    short = fast(x0, th0, iters=1)
+    assert not bool(short[3].converged.any())
 
 
 @pytest.mark.parametrize("name", sorted(SYSTEMS))
@@ -122,7 +150,7 @@ def test_rare_paths_are_taken_and_agree(name):
     ref, got = solve(problem, x0, th0, iters=8), fast(x0, th0, iters=8)
     # near convergence (rho up to 1e7) the exit tests and the strict merit decrease compare quantities at round-off
     # level, so a sample may take one Newton step more or less; the solutions agree all the same
-    _assert_same(ref, got, exact_counts=False)
+    _assert_same(ref, got, problem, th0, exact_counts=False)
     assert torch.equal(ref[3].al_iters, got[3].al_iters)
     assert (ref[3].newton_steps - got[3].newton_steps).abs().max() <= 2
     assert any(a0 < 1.0 for _, _, a0 in log), "no line-search continuation was exercised"
@@ -169,19 +197,20 @@ def test_nonfinite_warm_start_is_reset_like_solve():
     kw["state"].lam_eq[5, 0, 1] = float("inf")
     fast = CompiledSolver(problem, compile=False)
     ref, got = solve(problem, *args, **kw), fast(*args, **kw)
-    _assert_same(ref, got)
+    _assert_same(ref, got, problem, args[1])
     assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
 
 
-@pytest.mark.parametrize("gradient", ["implicit", "final_implicit"])
-def test_gradients_match_solve(gradient):
+@pytest.mark.parametrize("gradient,hessian", [("implicit", None), ("final_implicit", None),
+                                              ("final_implicit", "exact")])
+def test_gradients_match_solve(gradient, hessian):
     problem, x0, th0, th1 = _problems("cartpole", B=5)
     fast = CompiledSolver(problem, compile=False)
     grads = []
     for fn in (solve, fast):
         th = th0.clone().requires_grad_()
-        x, u, _, _ = fn(problem, x0, th, iters=6, gradient=gradient) if fn is solve else \
-            fn(x0, th, iters=6, gradient=gradient)
+        x, u, _, _ = fn(problem, x0, th, iters=6, gradient=gradient, hessian=hessian) if fn is solve else \
+            fn(x0, th, iters=6, gradient=gradient, hessian=hessian)
         (g,) = torch.autograd.grad((x ** 2).sum() + u.sum(), th)
         grads.append(g)
     assert torch.allclose(grads[0], grads[1], rtol=1e-6, atol=1e-9)
@@ -195,13 +224,13 @@ def test_compiled_path_matches_solve_and_does_not_recompile():
     calls = _calls(problem, x0, th0, th1)
     fast = CompiledSolver(problem)
     args, kw = calls["stream"]
-    _assert_same(solve(problem, *args, **kw), fast(*args, **kw))
+    _assert_same(solve(problem, *args, **kw), fast(*args, **kw), problem, args[1])
     assert fast.compiled_ok is not False and set(fast._compiled) == {"prepare", "newton", "finish"}
     from torch._dynamo.utils import counters
     before = dict(counters["stats"])
     for mode in ("warm", "cold"):  # same batch size: no new graph
         args, kw = calls[mode]
-        _assert_same(solve(problem, *args, **kw), fast(*args, **kw))
+        _assert_same(solve(problem, *args, **kw), fast(*args, **kw), problem, args[1])
     assert dict(counters["stats"]).get("unique_graphs") == before.get("unique_graphs")
 
 
@@ -228,7 +257,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, fake_co
     with pytest.warns(RuntimeWarning, match=message):
         got = fast(x0, th0, iters=3)
     assert fast.compiled_ok is False
-    _assert_same(solve(problem, x0, th0, iters=3), got)
+    _assert_same(solve(problem, x0, th0, iters=3), got, problem, th0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once
         fast(x0, th0, iters=3)
@@ -293,7 +322,7 @@ def test_padded_batches_give_the_callers_samples(gradient):
     fast._fns["prepare"] = lambda *a: seen.append(a[0].shape[0]) or inner(*a)
     for args, kw in _calls(problem, x0, th0, th1).values():
         ref, got = solve(problem, *args, **kw), fast(*args, **kw)
-        _assert_same(ref, got)
+        _assert_same(ref, got, problem, args[1])
         assert got[0].shape[0] == 5 and got[2].rho.shape == (5,) and got[3].converged.shape == (5,)
     assert set(seen) == {8}
     if gradient:
