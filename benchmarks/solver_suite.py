@@ -29,6 +29,16 @@ Columns (ours: ``solve(problem, x0, theta, iters=STANDALONE_ITERS, stop_when_con
 * ``X-U``: ``max |X - rollout(x0, U)|`` over the batch (the returned states against the returned controls);
 * ``viol``: the largest bound violation of the returned controls;
 * the cost of a solution is the cost of the rollout of its controls (what applying U costs);
+* ``grad GN`` / ``grad exact``: the relative error ``max |g - g_ipopt| / max |g_ipopt|`` of the gradient of
+  ``<w, U*>`` (fixed random weights ``w``) with respect to ``(x0, theta)``, ours by the ``"final_implicit"``
+  backward with the Gauss-Newton or the exact Hessian (``hessian=``), against IPOPT's exact sensitivity: the
+  implicit function theorem on the KKT system at IPOPT's solution with CasADi's exact Lagrangian Hessian, IPOPT's
+  multipliers and its active bounds (:class:`IpoptSensitivity`); median / max over the samples at the optimum
+  (flagged converged and within 1e-6 of IPOPT's cost). A gradient is only as accurate as the solution it is taken
+  at, so these solves are tight (:data:`GRAD_TIGHT`: Newton steps to 1e-13, ``tol_shooting = 1e-10``); the
+  record also keeps the exact gradient's error at the standalone answers (``grad_exact_standalone``, solved to
+  ``tol_shooting = 1e-5``); ``bwd exact / GN``: the backward's time at batch B with
+  the exact Hessian over the Gauss-Newton one;
 * ``time ratio``: our time / IPOPT's time over the same B instances (IPOPT one instance at a time) -- measured side
   by side in one process, so a ratio is meaningful on a loaded machine where absolute times are not.
 """
@@ -60,6 +70,9 @@ GAP_OK = 1e-4
 #: relative cost gap within which a sample is "at the optimum" (it must not be flagged unconverged)
 GAP_OPT = 1e-6
 SPLIT_SEEDS = {"tune": 0, "report": 1}
+#: the tight solve of the gradient comparison (the standalone configuration with these fields) and its iterations
+GRAD_TIGHT = {"newton_steps": 40, "newton_tol": 1e-13, "tol_primal": 1e-11, "tol_shooting": 1e-10}
+GRAD_ITERS = 60
 
 
 # ====================================================================== the systems (dynamics only)
@@ -263,6 +276,148 @@ def ipopt_references(inst: Instances, cache: dict | None = None) -> tuple[np.nda
     return costs, us
 
 
+class IpoptSensitivity:
+    """IPOPT's solution of one suite problem (``nlpsol`` with the parameters ``p = [x0, theta]``, tolerance 1e-12)
+    and its exact parametric sensitivity: the implicit function theorem on the KKT system ``[[H, J^T, E^T], [J, 0,
+    0], [E, 0, 0]]`` at the solution, with ``H`` CasADi's exact Hessian of the Lagrangian ``f + lam_g^T g`` (IPOPT's
+    multipliers), ``J`` the equality Jacobian and ``E`` the control bounds IPOPT leaves active (bound multiplier
+    above 1e-8 relative). Independent of our solver's code: CasADi's symbolic derivatives of the same dynamics."""
+
+    def __init__(self, system: System, T: int, u_ref: np.ndarray) -> None:
+        import casadi as cs
+
+        import casadi_ref
+
+        f = casadi_ref.casadi_dynamics(system)
+        nx, nu = system.nx, system.nu
+        X, U = cs.SX.sym("X", nx, T), cs.SX.sym("U", nu, T)
+        P0, TH = cs.SX.sym("x0", nx), cs.SX.sym("theta", nx, T)
+        Q, R = np.asarray(system.Q_diag), np.asarray(system.R_diag)
+        cost, g = 0, [X[:, 0] - P0]
+        for t in range(T):
+            e, du = X[:, t] - TH[:, t], U[:, t] - u_ref
+            cost += 0.5 * cs.sum1(Q * e * e) + 0.5 * cs.sum1(R * du * du)
+            if t < T - 1:
+                g.append(X[:, t + 1] - f(X[:, t], U[:, t]))
+        gv = cs.vertcat(*g)
+        w, p = cs.vertcat(cs.vec(X), cs.vec(U)), cs.vertcat(P0, cs.vec(TH))
+        lam = cs.SX.sym("lam", gv.shape[0])
+        lag = cost + cs.dot(lam, gv)
+        self.solver = cs.nlpsol("S", "ipopt", {"x": w, "p": p, "f": cost, "g": gv},
+                                {"print_time": False, "ipopt": {"print_level": 0, "tol": 1e-12, "max_iter": 1000,
+                                                                "sb": "yes"}})
+        self.kkt = cs.Function("kkt", [w, p, lam], [cs.hessian(lag, w)[0], cs.jacobian(gv, w),
+                                                    cs.jacobian(cs.gradient(lag, w), p), cs.jacobian(gv, p)])
+        self.system, self.T, self.nx, self.nu = system, T, nx, nu
+        self.lbx = np.concatenate([np.full(nx * T, -np.inf), np.tile(system.u_low, T)])
+        self.ubx = np.concatenate([np.full(nx * T, np.inf), np.tile(system.u_high, T)])
+
+    def gradient(self, x0: np.ndarray, theta: np.ndarray, u_guess: np.ndarray, weights: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """``(g (nx + T nx,), u (T, nu))``: the gradient of ``<weights (T, nu), U*>`` with respect to ``[x0,
+        theta]`` and IPOPT's ``U*``, solved from the rollout of ``u_guess (T, nu)`` (NaN where IPOPT fails)."""
+        T, nx, nu = self.T, self.nx, self.nu
+        xg = rollout(self.system, torch.tensor(x0)[None], torch.tensor(u_guess)[None])[0].numpy()
+        w0 = np.concatenate([xg.reshape(-1), u_guess.reshape(-1)])  # vec(X), vec(U): columns are knots
+        pv = np.concatenate([x0, theta.reshape(-1)])
+        sol = self.solver(x0=w0, p=pv, lbx=self.lbx, ubx=self.ubx, lbg=0, ubg=0)
+        if not self.solver.stats()["success"]:
+            return np.full(nx + T * nx, np.nan), np.full((T, nu), np.nan)
+        ws, lam_g, lam_x = (np.asarray(sol[k]).ravel() for k in ("x", "lam_g", "lam_x"))
+        H, J, Hwp, Gp = (np.asarray(v) for v in self.kkt(ws, pv, lam_g))
+        act = np.nonzero(np.abs(lam_x) > 1e-8 * (1.0 + np.abs(lam_x).max()))[0]
+        nw, ng, na = ws.size, J.shape[0], act.size
+        E = np.zeros((na, nw))
+        E[np.arange(na), act] = 1.0
+        K = np.zeros((nw + ng + na, nw + ng + na))
+        K[:nw, :nw], K[nw:nw + ng, :nw], K[:nw, nw:nw + ng] = H, J, J.T
+        K[nw + ng:, :nw], K[:nw, nw + ng:] = E, E.T
+        rhs = np.zeros(nw + ng + na)
+        rhs[nx * T:nw] = weights.reshape(-1)
+        y = np.linalg.solve(K, rhs)
+        grad = -(Hwp.T @ y[:nw] + Gp.T @ y[nw:nw + ng])
+        return grad, ws[nx * T:].reshape(T, nu)
+
+
+def grad_weights(inst: Instances) -> torch.Tensor:
+    """``(B, T, nu)`` the fixed random weights ``w`` of the gradient comparison's loss ``<w, U*>``."""
+    g = torch.Generator().manual_seed(1000 * inst.T + list(SYSTEMS).index(inst.name))
+    return torch.randn(inst.x0.shape[0], inst.T, SYSTEMS[inst.name]().nu, generator=g, dtype=torch.float64)
+
+
+def ipopt_gradients(inst: Instances, u_ref_sol: np.ndarray, cache: dict | None = None) -> np.ndarray:
+    """``(B, nx + T nx)``: IPOPT's exact gradient of ``<w, U*>`` (:func:`grad_weights`) with respect to ``[x0,
+    theta]`` per instance (:class:`IpoptSensitivity`, started from the cached optimum ``u_ref_sol (B, T, nu)``);
+    cached in ``cache`` (NaN rows where IPOPT fails)."""
+    system = SYSTEMS[inst.name]()
+    sens = None
+    w = grad_weights(inst).numpy()
+    B = inst.x0.shape[0]
+    out = np.empty((B, system.nx * (inst.T + 1)))
+    for i in range(B):
+        key = f"grad/{inst.name}/T{inst.T}/{_instance_key(inst, i)}"
+        if cache is not None and key in cache:
+            out[i] = cache[key]
+            continue
+        if not np.all(np.isfinite(u_ref_sol[i])):
+            out[i] = np.nan
+        else:
+            if sens is None:
+                sens = IpoptSensitivity(system, inst.T, inst.u_ref.numpy())
+            out[i] = sens.gradient(inst.x0[i].numpy(), inst.theta[i].numpy(), u_ref_sol[i], w[i])[0]
+        if cache is not None:
+            cache[key] = out[i].copy()
+    return out
+
+
+def grad_cache_path() -> str:
+    """IPOPT's gradients (:func:`ipopt_gradients`): ``solver_suite_ipopt_grad.npz`` beside :func:`cache_path`."""
+    return cache_path().replace("solver_suite_ipopt.npz", "solver_suite_ipopt_grad.npz")
+
+
+def load_grad_cache() -> dict:
+    path = grad_cache_path()
+    if not os.path.exists(path):
+        return {}
+    z = np.load(path)
+    return {k.replace("|", "/"): z[k] for k in z.files}
+
+
+def save_grad_cache(cache: dict) -> None:
+    path = grad_cache_path()
+    tmp = path + ".tmp.npz"
+    np.savez_compressed(tmp, **{k.replace("/", "|"): v for k, v in cache.items()})
+    os.replace(tmp, path)
+
+
+def our_gradients(inst: Instances, problem: MPCProblem, iters: int, hessian: str, repeats: int = 3
+                  ) -> tuple[np.ndarray, float]:
+    """``(g (B, nx + T nx), backward seconds)``: our gradient of ``<w, U*>`` with respect to ``[x0, theta]`` by the
+    ``"final_implicit"`` backward with ``hessian``, and the backward's time (median of ``repeats``, batch B)."""
+    x0, th = inst.x0.clone().requires_grad_(True), inst.theta.clone().requires_grad_(True)
+    kw: dict[str, Any] = {"u_ref": inst.u_ref} if bool((inst.u_ref != 0).any()) else {}
+    _, u, _, _ = solve(problem, x0, th, iters=iters, stop_when_converged=True, gradient="final_implicit",
+                       hessian=hessian, **kw)
+    loss = (u * grad_weights(inst)).sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        gx0, gth = torch.autograd.grad(loss, (x0, th), retain_graph=True)
+        times.append(time.perf_counter() - t0)
+    return torch.cat([gx0, gth.reshape(gth.shape[0], -1)], 1).numpy(), float(np.median(times))
+
+
+def gradient_errors(ours: np.ndarray, ref: np.ndarray, at_opt: np.ndarray) -> dict:
+    """Median and largest relative error ``max |g - g_ref| / max |g_ref|`` over the samples ``at_opt (B,)``."""
+    scale = np.abs(ref).max(1)
+    err = np.abs(ours - ref).max(1) / np.maximum(scale, 1e-300)
+    sel = at_opt & np.isfinite(err)
+    if not sel.any():
+        return {"n": 0, "median": math.nan, "max": math.nan, "within_1e-6": 0}
+    return {"n": int(sel.sum()), "median": float(np.median(err[sel])), "max": float(err[sel].max()),
+            "within_1e-6": int((err[sel] <= 1e-6).sum())}
+
+
 def _instance_key(inst: Instances, i: int) -> str:
     return np.round(inst.x0[i].numpy(), 12).tobytes().hex()[:32]
 
@@ -349,20 +504,42 @@ def time_ipopt(inst: Instances, n: int) -> float:
 
 
 def run(problems: list[str], horizons: list[int], B: int, split: str, iters: int, overrides: dict,
-        time_ratio: bool = True) -> list[dict]:
+        time_ratio: bool = True, gradients: bool = True) -> list[dict]:
     """The suite's rows (one per problem and horizon)."""
     cache = load_cache()
+    gcache = load_grad_cache() if gradients else {}
     rows = []
     for name in problems:
         for T in horizons:
             inst = make_instances(name, T, B, split)
-            ref_cost, _ = ipopt_references(inst, cache)
+            ref_cost, ref_u = ipopt_references(inst, cache)
             pb = make_problem(inst, **overrides)
             solve_suite(Instances(name, T, inst.x0[:2], inst.theta[:2], inst.u_ref), pb, iters)  # compile / warm up
             x, u, info, sec = solve_suite(inst, pb, iters)
             row = {"problem": name, "T": T, "split": split, **evaluate(inst, x, u, info.converged, ref_cost),
                    "ours_s": sec, "al_iters_max": int(info.al_iters.max()),
                    "rho_max": float(info.rho.max())}
+            if gradients:
+                g_ip = ipopt_gradients(inst, ref_u, gcache)
+                save_grad_cache(gcache)
+                # a gradient is as accurate as the solution it is taken at: the comparison solves tightly
+                # (GRAD_TIGHT); the standalone answer's exact gradient is recorded beside it
+                pt = make_problem(inst, **{**overrides, **GRAD_TIGHT})
+                xt, ut, it, _ = solve_suite(inst, pt, GRAD_ITERS)
+                cost = suite_cost(SYSTEMS[name](), rollout(SYSTEMS[name](), inst.x0, ut), ut, inst.theta,
+                                  inst.u_ref).numpy()
+                at_opt = it.converged.numpy() & (cost - ref_cost <= GAP_OPT * np.abs(ref_cost))
+                row["grad_tight_converged"] = int(it.converged.sum())
+                for hessian, key in (("gauss_newton", "grad_gn"), ("exact", "grad_exact")):
+                    g, bwd = our_gradients(inst, pt, GRAD_ITERS, hessian)
+                    row[key] = gradient_errors(g, g_ip, at_opt)
+                    row[f"bwd_{key[5:]}_s"] = bwd
+                row["bwd_exact_over_gn"] = row["bwd_exact_s"] / row["bwd_gn_s"]
+                cost = suite_cost(SYSTEMS[name](), rollout(SYSTEMS[name](), inst.x0, u), u, inst.theta,
+                                  inst.u_ref).numpy()
+                at_opt = info.converged.numpy() & (cost - ref_cost <= GAP_OPT * np.abs(ref_cost))
+                row["grad_exact_standalone"] = gradient_errors(our_gradients(inst, pb, iters, "exact", 1)[0], g_ip,
+                                                               at_opt)
             if time_ratio:
                 n = min(B, 20)
                 t_ip = time_ipopt(inst, n) / n
@@ -375,15 +552,21 @@ def run(problems: list[str], horizons: list[int], B: int, split: str, iters: int
 
 
 COLUMNS = ("| problem | T | B | conv | ok (<= 1e-4) | gap max | false conv | false unconv | X-U max | viol max | "
-           "time B / IPOPT B | time 1 / IPOPT 1 |")
+           "grad GN (median / max) | grad exact (median / max) | bwd exact / GN | time B / IPOPT B | "
+           "time 1 / IPOPT 1 |")
 
 
 def _fmt_row(r: dict) -> str:
     def g(k: str, fmt: str) -> str:
         return "-" if k not in r else format(r[k], fmt)
 
+    def ge(k: str) -> str:
+        e = r.get(k)
+        return "-" if not e or not e["n"] else f"{e['median']:.1e} / {e['max']:.1e}"
+
     return (f"| {r['problem']} | {r['T']} | {r['B']} | {r['converged']} | {r['ok']} | {r['gap_max']:.1e} | "
             f"{r['false_converged']} | {r['false_unconverged']} | {r['xu_max']:.1e} | {r['viol_max']:.1e} | "
+            f"{ge('grad_gn')} | {ge('grad_exact')} | {g('bwd_exact_over_gn', '.2f')} | "
             f"{g('ours_B_over_ipopt_B', '.2f')} | {g('ours_1_over_ipopt_1', '.2f')} |")
 
 
@@ -399,6 +582,7 @@ def main() -> None:
                     help="override an MPCConfig field (float or int), e.g. --set tol_dual=1e-6")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--no-gradients", action="store_true", help="skip the gradient comparison with IPOPT")
     ap.add_argument("--refs-only", action="store_true", help="only compute (and cache) the IPOPT references")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -417,7 +601,7 @@ def main() -> None:
     print(COLUMNS)
     print("|" + "---|" * (COLUMNS.count("|") - 1))
     rows = run(args.problems.split(","), [int(t) for t in args.horizons.split(",")], args.B, args.split,
-               args.iters, overrides, time_ratio=not args.no_timing)
+               args.iters, overrides, time_ratio=not args.no_timing, gradients=not args.no_gradients)
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"solver_suite_{args.split}.json")
     out = {"threads": args.threads, "torch": torch.__version__, "B": args.B, "split": args.split,

@@ -397,14 +397,20 @@ class MPCProblem:
             z = torch.cat([x[:, :-1], u[:, :-1]], -1).detach().reshape(-1, n).requires_grad_(True)
             f = self.system.step(z[:, :nx], z[:, nx:])
             (gz,) = torch.autograd.grad((f * mu.detach().reshape(-1, nx)).sum(), z, create_graph=True)
-            rows = []
-            for k in range(n):
-                if gz.requires_grad:  # an affine map has no second-order terms
-                    (hk,) = torch.autograd.grad(gz[:, k].sum(), z, retain_graph=True, allow_unused=True)
-                    rows.append(torch.zeros_like(z) if hk is None else hk)
-                else:
-                    rows.append(torch.zeros_like(z))
-        out[:, :-1] -= torch.stack(rows, 1).reshape(b, T - 1, n, n).detach()
+            hess = torch.zeros(n, *z.shape, dtype=z.dtype, device=z.device)
+            if gz.requires_grad:  # (an affine map has no second-order terms)
+                # the n products with the unit vectors in one vectorised backward pass; one pass per product where
+                # an operation of the system has no batching rule
+                eye = torch.eye(n, dtype=z.dtype, device=z.device)[:, None, :].expand(n, *z.shape)
+                try:
+                    (h,) = torch.autograd.grad(gz, z, eye, retain_graph=True, allow_unused=True, is_grads_batched=True)
+                    hess = hess if h is None else h
+                except RuntimeError:
+                    for k in range(n):
+                        (hk,) = torch.autograd.grad(gz[:, k].sum(), z, retain_graph=True, allow_unused=True)
+                        if hk is not None:
+                            hess[k] = hk
+        out[:, :-1] -= hess.detach().transpose(0, 1).reshape(b, T - 1, n, n)
         if self.k:
             a0, a1 = self.system.position_slice
             w = -2.0 * mu_in[..., 2 * nu:2 * nu + self.k].sum(-1)  # (B,T); knot 0's dummy rows have no multiplier
