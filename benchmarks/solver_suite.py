@@ -612,6 +612,10 @@ def main() -> None:
         if {k: old.get(k) for k in ("B", "overrides")} == {"B": args.B, "overrides": overrides}:
             done = {(r["problem"], r["T"]) for r in rows}
             kept = [r for r in old.get("rows", []) if (r["problem"], r["T"]) not in done]
+            prev = {(r["problem"], r["T"]): r for r in old.get("rows", [])}
+            # fields not measured now (e.g. the time ratios of a --no-timing run) keep their recorded values
+            rows = [{**{k: v for k, v in prev.get((r["problem"], r["T"]), {}).items() if k not in r}, **r}
+                    for r in rows]
             out["rows"] = sorted(kept + rows, key=lambda r: (list(SYSTEMS).index(r["problem"]), r["T"]))
     atomic_write_text(path, json.dumps(out, indent=2))
 
