@@ -601,3 +601,93 @@ def test_phase_sequences_are_validated() -> None:
         ExpertConfig(env_id, finetune=[FinetunePhase(5), 3])
     cfg = ExpertConfig(env_id, finetune=[{"start_step": 5}, {"start_step": 6, "obstacle_features": 2}])
     assert isinstance(cfg.finetune, tuple) and cfg.features_after(2) == 2
+
+
+# ---------------------------------------------------------------------------------------------- expert kinds
+
+QOBS = "DEQMPC/QuadrotorObs-v0"
+
+
+def test_expert_kinds_and_the_typed_error(tmp_path: Path) -> None:
+    """Which experts ship; an unknown kind, or a kind that does not ship for the env, raises a ConfigError that
+    lists what ships; a directory of one kind is refused as another."""
+    from deqmpc_gym.experts import EXPERT_KINDS, dataset_expert_kind, shipped_experts
+
+    ships = shipped_experts()
+    assert EXPERT_KINDS == ("ppo", "filtered")
+    assert ships[QOBS] == ships["DEQMPC/QPoleObs-v0"] == ("ppo", "filtered") and ships[PEND] == ("ppo",)
+    assert len(ships) == 6
+    assert [dataset_expert_kind(e) for e in (PEND, QOBS, "DEQMPC/QPoleObs-v0")] == ["ppo", "filtered", "filtered"]
+    assert load_expert(PEND, kind="ppo").kind == "ppo"
+    with pytest.raises(ConfigError, match=r"unknown expert kind 'safe'.*QuadrotorObs-v0: ppo, filtered"):
+        load_expert(QOBS, kind="safe")
+    with pytest.raises(ConfigError, match=r"no 'filtered' expert ships for 'DEQMPC/Pendulum-v0'.*QPoleObs-v0: ppo, "):
+        load_expert(PEND, kind="filtered")
+    with pytest.raises(ConfigError, match="is a 'ppo' expert, not 'filtered'"):
+        load_expert(pretrained_dir(QOBS), kind="filtered")
+    with pytest.raises(ConfigError, match="is a 'filtered' expert, not 'ppo'"):
+        load_expert(pretrained_dir(QOBS, "filtered"), kind="ppo")
+
+
+def test_filtered_expert_from_a_folder_checks_its_ppo_expert(tmp_path: Path) -> None:
+    """A copied filtered expert loads from its folder (its card names the PPO folder); a card measured around
+    another PPO actor is refused with a CheckpointError that names the command re-measuring it."""
+    from deqmpc_gym.experts import FilteredExpert
+
+    src = pretrained_dir(QOBS)
+    shutil.copytree(src, tmp_path / "e")
+    fe = load_expert(tmp_path / "e" / "filtered")
+    assert isinstance(fe, FilteredExpert) and fe.expert_id.startswith(str(tmp_path / "e" / "filtered"))
+    card = json.loads((tmp_path / "e" / "card.json").read_text())
+    card["mean_return"] += 1.0  # another version of the PPO expert
+    (tmp_path / "e" / "card.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="measured around another PPO expert.*expert filter"):
+        load_expert(tmp_path / "e" / "filtered")
+
+
+def test_a_dataset_of_the_filtered_expert_records_it(tmp_path: Path) -> None:
+    """The obstacle tasks' datasets come from the filtered expert by default (their own cache file); the dataset
+    records the expert's id and kind and counts the episodes that ended early."""
+    from deqmpc_gym.data import ExpertDataset
+    from deqmpc_gym.experts import load_or_collect_dataset, pretrained_expert_id
+
+    fe = load_expert(QOBS, kind="filtered")
+    ds = collect_dataset(fe, QOBS, 2, seed=10_000, max_steps=15)
+    fid = pretrained_expert_id(QOBS, "filtered")
+    assert fid.startswith(f"pretrained:{QOBS}:filtered@") and fid != pretrained_expert_id(QOBS)
+    assert ds.expert_id == fid and ds.extra["expert_kind"] == "filtered" and ds.extra["early_ends"] == 0
+    assert collect_dataset(fe, QOBS, 1, max_steps=2, expert_id="mine").expert_id == "mine"
+    cached = load_or_collect_dataset(QOBS, 2, cache_dir=tmp_path, seed=10_000)
+    path = default_dataset_path(QOBS, tmp_path, 2, seed=10_000, kind="filtered")
+    assert path.name == "QuadrotorObs-v0-2-s10000-filtered.npz" and path.exists()
+    back = ExpertDataset.load(path)
+    assert back.expert_id == cached.expert_id == fid and back.extra["expert_kind"] == "filtered"
+    np.testing.assert_array_equal(back.trajectories[0].obs[:16], ds.trajectories[0].obs)
+    ppo = load_or_collect_dataset(QOBS, 1, cache_dir=tmp_path, kind="ppo")
+    assert ppo.expert_id == pretrained_expert_id(QOBS) and ppo.extra["expert_kind"] == "ppo"
+    with pytest.raises(ConfigError, match="shipped experts"):
+        load_or_collect_dataset(PEND, 1, cache_dir=tmp_path, kind="filtered")
+
+
+def test_the_normalization_reference_is_the_dataset_expert_on_the_same_episodes() -> None:
+    """Obstacle tasks: the filtered expert's return on exactly the evaluated episodes (its card's per-episode
+    returns, which a rollout of the same episodes reproduces; a rollout for other episodes); elsewhere the PPO card."""
+    from deqmpc_gym.evaluation import EvalConfig, rollout_batched
+    from deqmpc_gym.experts import pretrained_expert_id
+    from deqmpc_gym.experts.reference import reference_returns
+
+    fe = load_expert(QOBS, kind="filtered")
+    ref = reference_returns(QOBS, 3, 10_000)
+    assert ref["measured"] == "card_episodes" and ref["expert_id"] == pretrained_expert_id(QOBS, "filtered")
+    assert ref["expert_return"] == pytest.approx(np.mean(fe.card["returns"][:3]))
+    assert ref["random_return"] == load_expert(QOBS).card["random_return"]
+    same = rollout_batched(fe, QOBS, EvalConfig(episodes=3, seed=10_000))
+    np.testing.assert_allclose(same.returns, fe.card["returns"][:3], rtol=1e-6)
+    off = reference_returns(QOBS, 2, 10_199, max_steps=20)  # past the card's episodes: rolled out
+    assert off["measured"] == "rollout"
+    assert off["expert_return"] == rollout_batched(fe, QOBS, EvalConfig(2, 20, 10_199)).mean_return
+    assert reference_returns(QOBS, 3, 10_000, kind="ppo")["expert_return"] == load_expert(QOBS).card["mean_return"]
+    pend = reference_returns(PEND, 50)
+    assert pend["measured"] == "card" and pend["expert_return"] == load_expert(PEND).card["mean_return"]
+    with pytest.raises(ConfigError):
+        reference_returns(PEND, 0)

@@ -118,3 +118,90 @@ def test_train_expert_with_teacher_writes_ppo_only_and_teacher_records(tmp_path:
     cfg2 = ExpertConfig(**{**cfg.__dict__, "teacher": TeacherConfig(**{**TINY, "rounds": 2})})
     card2 = train_expert(cfg2, tmp_path / "e", progress=False)
     assert card2["train_steps"] == card["train_steps"] and len(card2["teacher"]["rounds"]) == 3
+
+
+# ---------------------------------------------------------------------------------------------- the filtered expert
+
+QPOBS = "DEQMPC/QPoleObs-v0"
+
+
+def test_filter_config_validation() -> None:
+    from deqmpc_gym.experts import FilterConfig
+
+    for bad in (dict(horizon=0), dict(margin=-0.1), dict(trigger=float("nan")), dict(iters=1.5), dict(rho_init=0.0)):
+        with pytest.raises(ConfigError):
+            FilterConfig(**bad)
+    assert FilterConfig().teacher_config().horizon == TeacherConfig().horizon
+
+
+def test_filtered_expert_acts_like_the_teacher() -> None:
+    """The filtered expert's action is the teacher's: the PPO action away from the spheres, the MPC's heading
+    into one; single observations and batches; non-finite or wrong-width observations are refused."""
+    from deqmpc_gym.errors import ShapeError
+    from deqmpc_gym.experts import FilterConfig, FilteredExpert
+
+    ppo = load_expert(QOBS)
+    fe = FilteredExpert(ppo, FilterConfig())
+    x = np.zeros((2, 12))
+    x[0, :3] = (0.0, 0.0, 0.05)
+    x[1, :3] = OBSTACLE_CENTERS[0] + np.array([0.0, 0.0, 0.9])
+    x[1, 8] = -3.0
+    a, by_mpc = fe.act(x)
+    assert a.shape == (2, 4) and a.dtype == np.float32 and np.all(np.abs(a) <= 1.0)
+    assert by_mpc.tolist() == [False, True] and (fe.states, fe.mpc_states) == (2, 1)
+    np.testing.assert_array_equal(a[0], ppo.predict(x)[0][0])
+    teacher = SafetyFilterTeacher(ppo, make_batched_env(QOBS, 1), TeacherConfig())
+    np.testing.assert_allclose(a, teacher.act(torch.tensor(x))[0], atol=1e-6)
+    single, _ = fe.predict(x[1])
+    assert single.shape == (4,)
+    np.testing.assert_allclose(single, a[1], atol=1e-6)
+    with pytest.raises(ShapeError):
+        fe.predict(np.zeros((2, 11)))
+    with pytest.raises(ShapeError, match="non-finite"):
+        fe.predict(np.full((1, 12), np.nan))
+    with pytest.raises(ConfigError, match="obstacle variant"):
+        FilteredExpert(load_expert("DEQMPC/Quadrotor-v0"))
+
+
+def test_evaluate_filtered_matches_rollout_batched() -> None:
+    """evaluate_filtered's returns are rollout_batched's on the same episodes, and it counts MPC labels and
+    collisions (a collision is an early end)."""
+    from deqmpc_gym.evaluation import EvalConfig, rollout_batched
+    from deqmpc_gym.experts import FilterConfig, FilteredExpert
+    from deqmpc_gym.experts.filtered import evaluate_filtered
+
+    fe = FilteredExpert(load_expert(QOBS), FilterConfig())
+    ev = evaluate_filtered(fe, episodes=3, seed=40_000, max_steps=30)
+    ref = rollout_batched(fe, QOBS, EvalConfig(episodes=3, max_steps=30, seed=40_000))
+    np.testing.assert_allclose(ev["returns"], ref.returns, rtol=1e-12)
+    assert ev["early_end_rate"] == ref.collision_rate and ev["collision_rate"] <= ev["early_end_rate"]
+    assert 0.0 <= ev["mpc_label_fraction"] <= 1.0 and ev["states"] > 0 and ev["wall_time_per_episode_s"] > 0
+
+
+@pytest.mark.parametrize("env_id", [QOBS, QPOBS])
+def test_shipped_filtered_expert_card(env_id: str) -> None:
+    """The card of each shipped filtered expert: the figures over the card's 200 episodes (seeds 10000-10199)
+    agree with its per-episode returns, at most 5 % collisions, the filter's settings, the share of MPC labels
+    and the wall time; validation and confirmation on other seeds; measured around the shipped PPO actor."""
+    from deqmpc_gym.experts import FilterConfig, FilteredExpert, pretrained_dir, pretrained_expert_id
+    from deqmpc_gym.experts.filtered import FILTERED_CARD_FORMAT
+
+    fe = load_expert(env_id, kind="filtered")
+    assert isinstance(fe, FilteredExpert) and fe.kind == "filtered" and fe.env_id == env_id
+    card = json.loads((pretrained_dir(env_id, "filtered") / "card.json").read_text())
+    assert card == fe.card and card["format"] == FILTERED_CARD_FORMAT and card["env_id"] == env_id
+    assert FilterConfig(**card["filter"]) == fe.config
+    assert (card["eval_episodes"], card["eval_seed"], len(card["returns"])) == (200, 10_000, 200)
+    assert card["mean_return"] == pytest.approx(np.mean(card["returns"]))
+    assert card["std_return"] == pytest.approx(np.std(card["returns"]))
+    for key in ("success_rate", "collision_rate", "early_end_rate", "mpc_label_fraction"):
+        assert 0.0 <= card[key] <= 1.0, key
+    assert card["collision_rate"] <= 0.05 and card["collision_rate"] <= card["early_end_rate"]
+    assert card["collision_rate"] < card["ppo"]["collision_rate"]
+    assert 0.0 < card["mpc_label_fraction"] < 0.5 and card["wall_time_per_episode_s"] > 0
+    assert card["random_return"] == load_expert(env_id).card["random_return"]
+    seeds = {card["eval_seed"], card["confirmation"]["seed"]} | {v["seed"] for v in card["validation"]}
+    assert len(seeds) == 3 and all(s >= 40_000 for s in seeds - {10_000})  # tuned and confirmed off the card
+    # the card was measured around the PPO expert that ships
+    assert card["base_expert_id"].rsplit("@", 1)[1] == pretrained_expert_id(env_id).rsplit("@", 1)[1]
+    assert fe.expert_id.startswith(f"pretrained:{env_id}:filtered@")

@@ -26,11 +26,15 @@ def collect_dataset(expert: Any, env_id: str, num_trajectories: int | None = Non
     """Roll out ``expert`` (``predict(obs, state, episode_start, deterministic=True)``) for whole episodes.
 
     Episode ``i`` starts from the env seeded with ``seed + i`` and ends at termination or after ``max_steps``
-    steps. States are recorded in float64 physical units (the env's internal state, not the float32 obs).
+    steps. States are recorded in float64 physical units (the env's internal state, not the float32 obs). An
+    episode that ends early (an obstacle hit, or leaving the state envelope) is kept up to and including the
+    state that ended it, with ``terminal=True``; ``extra["early_ends"]`` counts them.
 
     Args:
         num_trajectories: number of episodes (default: the paper's size for ``env_id``).
         batch_size: episodes simulated side by side.
+        expert_id: the id recorded in the dataset (default: the expert's own ``expert_id``, e.g.
+            ``"pretrained:DEQMPC/QPoleObs-v0:filtered@<hash>"`` for a shipped expert).
         progress: called with the number of finished trajectories after each batch.
 
     Returns:
@@ -47,8 +51,13 @@ def collect_dataset(expert: Any, env_id: str, num_trajectories: int | None = Non
         trajectories.extend(_collect_batch(expert, env_id, n, seed + start, max_steps))
         if progress is not None:
             progress(len(trajectories))
-    return ExpertDataset(env_id, trajectories, expert_id=expert_id, seed=seed,
-                         extra={"max_steps": max_steps, "collected_at": time.strftime("%Y-%m-%d")})
+    extra: dict[str, Any] = {"max_steps": max_steps, "collected_at": time.strftime("%Y-%m-%d"),
+                             "early_ends": sum(bool(t.terminal) for t in trajectories)}
+    kind = getattr(expert, "kind", None)
+    if isinstance(kind, str):
+        extra["expert_kind"] = kind
+    return ExpertDataset(env_id, trajectories, expert_id=expert_id or str(getattr(expert, "expert_id", "") or ""),
+                         seed=seed, extra=extra)
 
 
 def _num_trajectories(env_id: str, num_trajectories: int | None) -> int:
@@ -130,32 +139,40 @@ def _collect_batch(expert: Any, env_id: str, n: int, seed: int, max_steps: int,
 
 
 def default_dataset_path(env_id: str, cache_dir: str | Path | None = None, num_trajectories: int | None = None,
-                         seed: int = 0) -> Path:
-    """Cache location of a dataset of ``env_id`` (``~/.cache/deqmpc_gym/datasets`` by default)."""
+                         seed: int = 0, kind: str = "ppo") -> Path:
+    """Cache location of a dataset of ``env_id`` collected by the shipped expert of ``kind``
+    (``~/.cache/deqmpc_gym/datasets`` by default; e.g. ``QPoleObs-1000-s0-filtered.npz``)."""
     root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "deqmpc_gym" / "datasets"
     n = _num_trajectories(env_id, num_trajectories)
-    return root / f"{env_id.split('/')[-1]}-{n}-s{seed}.npz"
+    return root / f"{env_id.split('/')[-1]}-{n}-s{seed}{'' if kind == 'ppo' else '-' + kind}.npz"
 
 
 def load_or_collect_dataset(env_id: str, num_trajectories: int | None = None, *, seed: int = 0,
-                            cache_dir: str | Path | None = None) -> ExpertDataset:
-    """The dataset of ``env_id`` collected from its shipped PPO expert: read from the cache, or collected
+                            cache_dir: str | Path | None = None, kind: str | None = None) -> ExpertDataset:
+    """The dataset of ``env_id`` collected from a shipped expert: read from the cache, or collected
     (deterministically for ``seed``) and cached on first use. A cached file collected from another version of the
-    shipped expert (its ``expert_id``, see :func:`~deqmpc_gym.experts.loader.pretrained_expert_id`) is collected
-    again and replaced.
+    expert (its ``expert_id``, see :func:`~deqmpc_gym.experts.loader.pretrained_expert_id`) is collected again
+    and replaced.
 
     Args:
         num_trajectories: number of episodes (default: the paper's size for ``env_id``).
         cache_dir: cache directory (default ``~/.cache/deqmpc_gym/datasets``).
-    """
-    from deqmpc_gym.experts.loader import load_expert, pretrained_expert_id
+        kind: the shipped expert that collects it (default
+            :func:`~deqmpc_gym.experts.loader.dataset_expert_kind`: ``"filtered"``, the PPO actor with the MPC
+            safety filter, on ``DEQMPC/QuadrotorObs-v0`` and ``DEQMPC/QPoleObs-v0``; ``"ppo"`` elsewhere).
 
-    path = default_dataset_path(env_id, cache_dir, num_trajectories, seed)
-    expert_id = pretrained_expert_id(env_id)
+    Raises:
+        ConfigError: no expert of ``kind`` ships for ``env_id`` (the message lists what ships).
+    """
+    from deqmpc_gym.experts.loader import dataset_expert_kind, load_expert, pretrained_expert_id
+
+    kind = dataset_expert_kind(env_id) if kind is None else kind
+    path = default_dataset_path(env_id, cache_dir, num_trajectories, seed, kind)
+    expert_id = pretrained_expert_id(env_id, kind)
     if path.exists():
         cached = ExpertDataset.load(path, env_id=env_id)
         if cached.expert_id == expert_id:
             return cached
-    ds = collect_dataset(load_expert(env_id), env_id, num_trajectories, seed=seed, expert_id=expert_id)
+    ds = collect_dataset(load_expert(env_id, kind=kind), env_id, num_trajectories, seed=seed, expert_id=expert_id)
     ds.save(path)
     return ds
