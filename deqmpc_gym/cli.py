@@ -4,7 +4,8 @@ Subcommands::
 
     deqmpc-gym expert train   --env ID [--steps N] [--seed S | --seeds S ...] [--out DIR] [--slices K]
                               [--launcher local|ray] [--address ADDR] [--cpus-per-run C]
-    deqmpc-gym expert collect --env ID --out FILE [--num-trajectories N] [--seed S] [--expert DIR]
+    deqmpc-gym expert collect --env ID --out FILE [--num-trajectories N] [--seed S] [--expert DIR] [--kind K]
+    deqmpc-gym expert filter  --env ID --out DIR [--expert DIR] [--tune | --horizon H --margin M --trigger T ...]
     deqmpc-gym train    --env ID --variant V --dataset FILE --out DIR [--steps N] [--hidden H] [--resume | --overwrite]
     deqmpc-gym evaluate (--policy DIR | --pretrained ID [--variant V]) [--episodes N] [--stream-iters K] [--json FILE]
     deqmpc-gym record   (--env ID [--policy DIR] | --pretrained ID [--variant V]) [--episodes N] --out DIR
@@ -100,10 +101,12 @@ def _add_expert(sub: Any) -> None:
     # defaults are read from the defining modules (tests replace the package attributes the commands call)
     from deqmpc_gym.experts.collect import DEFAULT_NUM_TRAJECTORIES, collect_dataset
     from deqmpc_gym.experts.config import ExpertConfig
+    from deqmpc_gym.experts.filtered import FilterConfig, export_filtered
+    from deqmpc_gym.experts.loader import DATASET_EXPERT_KIND, EXPERT_KINDS
 
-    p = _parser(sub, "expert", "train PPO experts and collect datasets")
+    p = _parser(sub, "expert", "train PPO experts, measure safety-filtered experts and collect datasets")
     p.set_defaults(print_help=p.print_help)
-    esub = p.add_subparsers(dest="expert_cmd", metavar="{train,collect}")
+    esub = p.add_subparsers(dest="expert_cmd", metavar="{train,collect,filter}")
     t = _parser(esub, "train", "train (or resume) a PPO expert")
     t.add_argument("--env", required=True, help=_env_help())
     t.add_argument("--steps", type=int, default=None,
@@ -139,7 +142,27 @@ def _add_expert(sub: Any) -> None:
                    help=f"episodes to roll out (default: the paper's dataset size: {sizes})")
     c.add_argument("--seed", type=int, default=_default(collect_dataset, "seed"),
                    help="episode i starts from the env seeded with SEED + i")
-    c.add_argument("--expert", default=None, help="expert dir (default: the shipped expert of --env)")
+    c.add_argument("--expert", default=None, help="expert dir (default: the shipped expert of --env, see --kind)")
+    filtered = ", ".join(_short_names([e]) for e in DATASET_EXPERT_KIND)
+    c.add_argument("--kind", default=None, choices=EXPERT_KINDS,
+                   help=f"which shipped expert of --env collects (default: filtered on {filtered}, the PPO actor with "
+                        "the MPC safety filter; ppo elsewhere); with --expert: the kind that directory must hold")
+    f = _parser(esub, "filter", "measure the PPO expert with the MPC safety filter and write its card.json")
+    f.add_argument("--env", required=True, help=_env_help() + " (an obstacle variant)")
+    f.add_argument("--out", required=True, help="output dir of the filtered expert's card.json")
+    f.add_argument("--expert", default=None, help="the PPO expert's dir (default: the shipped PPO expert of --env)")
+    f.add_argument("--tune", action="store_true",
+                   help="choose the filter settings on the validation episodes (experts.filtered.FILTER_CANDIDATES) "
+                        "instead of taking them from the options below")
+    for name, kind in (("horizon", int), ("margin", float), ("trigger", float), ("rho_init", float), ("iters", int)):
+        f.add_argument(f"--{name.replace('_', '-')}", type=kind, default=_default(FilterConfig, name),
+                       help=f"FilterConfig.{name}")
+    f.add_argument("--episodes", type=int, default=_default(export_filtered, "episodes"),
+                   help="episodes of the validation and confirmation runs (the card's: always its 200)")
+    f.add_argument("--validation-seed", type=int, default=_default(export_filtered, "validation_seed"),
+                   help="first env seed of the validation episodes (tuning)")
+    f.add_argument("--confirmation-seed", type=int, default=_default(export_filtered, "confirmation_seed"),
+                   help="first env seed of the confirmation episodes")
 
 
 DEVICE_HELP = "torch device: cpu (default), cuda, cuda:N, or auto (cuda when available, else cpu)"
@@ -185,7 +208,7 @@ def _add_train(sub: Any) -> None:
                       help="delete the run in --out (checkpoint, best/, final/, progress.csv, result.json) and "
                            "start over")
     _add_device(t)
-    e = _parser(sub, "evaluate", "evaluate a saved or shipped policy (normalized score vs the expert card)")
+    e = _parser(sub, "evaluate", "evaluate a saved or shipped policy (normalized score vs the env's dataset expert)")
     which = e.add_mutually_exclusive_group(required=True)
     which.add_argument("--policy", help="a directory written by DEQMPCPolicy.save (or deqmpc-gym train)")
     which.add_argument("--pretrained", metavar="ENV_ID", help="the shipped controller of this env (see `zoo list`)")
@@ -314,6 +337,8 @@ def _expert(args: argparse.Namespace) -> int:
 
     if args.expert_cmd == "collect":
         return _expert_collect(args)
+    if args.expert_cmd == "filter":
+        return _expert_filter(args)
     overrides: dict[str, Any] = {"seed": args.seed}
     if args.steps:
         overrides["total_steps"] = args.steps
@@ -362,11 +387,14 @@ def _expert_seeds(args: argparse.Namespace, cfg: Any, out: Any) -> int:
 def _expert_collect(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from deqmpc_gym.experts import collect_dataset, load_expert
+    from deqmpc_gym.experts import collect_dataset, dataset_expert_kind, load_expert
     from deqmpc_gym.io import check_writable
 
     check_writable(args.out, kind="file")
-    expert = load_expert(args.expert or args.env, env_id=args.env)
+    if args.expert is not None:
+        expert = load_expert(args.expert, env_id=args.env, kind=args.kind)
+    else:
+        expert = load_expert(args.env, env_id=args.env, kind=args.kind or dataset_expert_kind(args.env))
     bars: list[Any] = []  # created at the first progress report: argument errors print no bar
 
     def tick(done: int) -> None:
@@ -375,15 +403,32 @@ def _expert_collect(args: argparse.Namespace) -> int:
         bars[0].update(done - bars[0].n)
 
     try:
-        ds = collect_dataset(expert, args.env, args.num_trajectories, seed=args.seed,
-                             expert_id=str(args.expert or args.env), progress=tick)
+        ds = collect_dataset(expert, args.env, args.num_trajectories, seed=args.seed, progress=tick)
     finally:
         for bar in bars:
             bar.close()
     ds.save(args.out)
     lengths = [len(t) for t in ds.trajectories]
-    print(f"collected {len(ds)} trajectories ({sum(lengths)} steps, mean length {sum(lengths) / len(ds):.1f}) "
-          f"-> {args.out}")
+    print(f"collected {len(ds)} trajectories ({sum(lengths)} steps, mean length {sum(lengths) / len(ds):.1f}, "
+          f"{ds.extra['early_ends']} ended early) from {ds.expert_id} -> {args.out}")
+    return 0
+
+
+def _expert_filter(args: argparse.Namespace) -> int:
+    from deqmpc_gym.experts.filtered import FilterConfig, export_filtered
+    from deqmpc_gym.io import check_writable
+
+    check_writable(args.out, kind="dir")
+    config = None if args.tune else FilterConfig(horizon=args.horizon, margin=args.margin, trigger=args.trigger,
+                                                 rho_init=args.rho_init, iters=args.iters)
+    card = export_filtered(args.expert or args.env, args.out, config, episodes=args.episodes,
+                           validation_seed=args.validation_seed, confirmation_seed=args.confirmation_seed,
+                           log=print)
+    conf = card["confirmation"]
+    print(f"filtered expert {card['env_id']} {card['filter']}: success {card['success_rate']:.1%}, collisions "
+          f"{card['collision_rate']:.1%}, early ends {card['early_end_rate']:.1%}, return {card['mean_return']:.1f} "
+          f"± {card['std_return']:.1f}, MPC on {card['mpc_label_fraction']:.1%} of the states (card episodes); "
+          f"confirmation: success {conf['success_rate']:.1%}, collisions {conf['collision_rate']:.1%} -> {args.out}")
     return 0
 
 
@@ -416,7 +461,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from deqmpc_gym.evaluation import EvalConfig, rollout_batched
-    from deqmpc_gym.experts import load_expert
+    from deqmpc_gym.experts.reference import reference_returns
     from deqmpc_gym.io import atomic_write_text, check_writable
     from deqmpc_gym.policies import DEQMPCPolicy
 
@@ -431,8 +476,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if env_id is None:
         raise ConfigError("the policy names no env id (built from a System, not an env); evaluate it in Python with "
                           "deqmpc_gym.evaluation.rollout_batched")
-    card = load_expert(env_id, env_id=env_id).card
-    res = rollout_batched(policy, env_id, eval_cfg, reference=(card["random_return"], card["mean_return"]))
+    ref = reference_returns(env_id, eval_cfg.episodes, eval_cfg.seed, eval_cfg.max_steps)  # the dataset expert
+    res = rollout_batched(policy, env_id, eval_cfg, reference=(ref["random_return"], ref["expert_return"]))
     print(f"{policy.env_id} {policy.config.variant}: normalized score {res.normalized_score:.3f}, "
           f"return {res.mean_return:.1f} ± {res.std_return:.1f}, success {res.success_rate:.2%}, "
           f"collisions {res.collision_rate:.2%}, act latency {res.act_latency_ms:.1f} ms")

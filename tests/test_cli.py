@@ -15,6 +15,7 @@ import pytest
 import deqmpc_gym
 from deqmpc_gym.cli import build_parser, main, version
 from deqmpc_gym.data import ExpertDataset
+from deqmpc_gym.experts import pretrained_expert_id
 
 PEND = "DEQMPC/Pendulum-v0"
 ROOT = Path(deqmpc_gym.__file__).resolve().parent.parent
@@ -33,8 +34,8 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 # ---------------------------------------------------------------------------------------------- help
-SUBCOMMANDS = [["expert"], ["expert", "train"], ["expert", "collect"], ["train"], ["evaluate"], ["record"],
-               ["reproduce"], ["plot"], ["demo"]]
+SUBCOMMANDS = [["expert"], ["expert", "train"], ["expert", "collect"], ["expert", "filter"], ["train"], ["evaluate"],
+               ["record"], ["reproduce"], ["plot"], ["demo"]]
 
 
 def test_top_level_help_subprocess() -> None:
@@ -65,7 +66,7 @@ def test_missing_subcommand_prints_the_help(cmd: list[str], capsys: pytest.Captu
     out = capsys.readouterr().out
     assert out.startswith(" ".join(["usage: deqmpc-gym", *cmd]))
     names = {(): ("expert", "train", "evaluate", "record", "reproduce", "plot", "zoo", "demo"),
-             ("expert",): ("train", "collect"), ("zoo",): ("list", "ship")}[tuple(cmd)]
+             ("expert",): ("train", "collect", "filter"), ("zoo",): ("list", "ship")}[tuple(cmd)]
     assert all(name in out for name in names)
 
 
@@ -116,7 +117,7 @@ def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParse
 
 def test_every_option_has_help() -> None:
     parsers = _all_parsers(build_parser())
-    assert len(parsers) == 13  # deqmpc-gym, its 8 commands, expert train/collect and zoo list/ship
+    assert len(parsers) == 14  # deqmpc-gym, its 8 commands, expert train/collect/filter and zoo list/ship
     for parser in parsers:
         for action in parser._actions:
             if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
@@ -168,7 +169,7 @@ def test_expert_collect_subprocess(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "collected 3 trajectories" in r.stdout
     ds = ExpertDataset.load(out, env_id=PEND)
-    assert len(ds) == 3 and ds.seed == 4 and ds.expert_id == PEND
+    assert len(ds) == 3 and ds.seed == 4 and ds.expert_id == pretrained_expert_id(PEND)  # the shipped expert's version
     assert all(len(t) == 200 for t in ds.trajectories)
 
 

@@ -42,12 +42,15 @@ def test_tiny_sweep_is_resumable_and_aggregates(tmp_path) -> None:
     assert (root / "runs" / runs[0]).stat().st_mtime_ns == before
     records = json.loads((tmp_path / "table1-tiny.json").read_text())
     assert len(records) == 2  # the aggregate covers every recorded run
+    from deqmpc_gym.experts import pretrained_expert_id
+
+    assert (rec["expert_id"], rec["expert_kind"], rec["reference"]) == (pretrained_expert_id(PEND), "ppo", "card")
     # a record normalized by another version of the shipped expert is set aside (kept) and trained again
-    stale = {**rec, "expert_return": rec["expert_return"] + 1.0, "normalized_score": -5.0}
+    stale = {**rec, "expert_id": f"pretrained:{PEND}@0123456789ab", "normalized_score": -5.0}
     (root / "runs" / runs[0]).write_text(json.dumps(stale))
     reproduce("table1", scale="tiny", envs=[PEND], variants=["deq-mpc-nn"], out_dir=tmp_path)
     again = json.loads((root / "runs" / runs[0]).read_text())
-    assert again["expert_return"] == rec["expert_return"] and again["normalized_score"] != -5.0
+    assert again["expert_id"] == rec["expert_id"] and again["normalized_score"] != -5.0
     kept = sorted(p.name.split(".")[0] for p in (root / "stale").iterdir())
     assert kept == ["Pendulum__deq-mpc-nn__s0", "Pendulum__deq-mpc-nn__s0"]  # its record and its training run
 
@@ -269,3 +272,45 @@ def test_cli_warmstart_of_the_shipped_controllers(tmp_path, monkeypatch, capsys)
         assert msg in capsys.readouterr().err
     assert main(["reproduce", "table1", "--pretrained", "--out", str(out)]) == 2
     assert "--pretrained applies to `reproduce warmstart`" in capsys.readouterr().err
+
+
+def test_records_normalized_by_another_expert_are_stale() -> None:
+    """A record is current when its expert_id names the current dataset expert of its env (the filtered expert on
+    the obstacle tasks); an obstacle-task record without one was normalized by the PPO expert: stale."""
+    from deqmpc_gym.experiments.reproduce import _made_with_shipped_expert
+    from deqmpc_gym.experts import load_expert, pretrained_expert_id
+
+    qpo = "DEQMPC/QPoleObs-v0"
+    ppo_card = load_expert(qpo).card
+    assert not _made_with_shipped_expert({"env_id": qpo, "expert_return": ppo_card["mean_return"]})
+    assert not _made_with_shipped_expert({"env_id": qpo})
+    assert not _made_with_shipped_expert({"env_id": qpo, "expert_id": pretrained_expert_id(qpo)})
+    assert not _made_with_shipped_expert({"env_id": qpo, "expert_id": f"pretrained:{qpo}:filtered@0123456789ab"})
+    assert _made_with_shipped_expert({"env_id": qpo, "expert_id": pretrained_expert_id(qpo, "filtered")})
+    pend_return = load_expert(PEND).card["mean_return"]
+    assert _made_with_shipped_expert({"env_id": PEND, "expert_return": pend_return})
+    assert _made_with_shipped_expert({"env_id": PEND})
+    assert not _made_with_shipped_expert({"env_id": PEND, "expert_return": pend_return + 1.0})
+    assert _made_with_shipped_expert({"env_id": PEND, "expert_id": pretrained_expert_id(PEND)})
+
+
+@pytest.mark.slow
+def test_obstacle_task_runs_use_the_filtered_expert(tmp_path) -> None:
+    """QPoleObs at the tiny scale: the dataset comes from the filtered expert, and the score is normalized by its
+    return on the evaluated episodes; the record names it."""
+    from deqmpc_gym.data import ExpertDataset
+    from deqmpc_gym.experts import pretrained_expert_id
+    from deqmpc_gym.experts.reference import reference_returns
+
+    qpo = "DEQMPC/QPoleObs-v0"
+    torch.manual_seed(0)
+    root = reproduce("table1", scale="tiny", envs=[qpo], variants=["deq-mpc-nn"], out_dir=tmp_path)
+    rec = json.loads((root / "runs" / "QPoleObs__deq-mpc-nn__s0.json").read_text())
+    fid = pretrained_expert_id(qpo, "filtered")
+    assert (rec["expert_id"], rec["expert_kind"], rec["reference"]) == (fid, "filtered", "card_episodes")
+    ref = reference_returns(qpo, SCALES["tiny"].eval_episodes["QPoleObs"])
+    assert rec["expert_return"] == ref["expert_return"] and rec["random_return"] == ref["random_return"]
+    expected = (rec["mean_return"] - ref["random_return"]) / (ref["expert_return"] - ref["random_return"])
+    assert rec["normalized_score"] == pytest.approx(expected)
+    (data,) = (tmp_path / "datasets").glob("QPoleObs-*.npz")
+    assert data.name.endswith("-filtered.npz") and ExpertDataset.load(data).expert_id == fid

@@ -131,11 +131,13 @@ def run_one(env_id: str, variant: str, seed: int, scale: Scale, out_dir: Path, d
     """Train and evaluate one (env, variant, seed) on ``device``; returns the run record."""
     from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched
     from deqmpc_gym.experts import load_expert, load_or_collect_dataset
+    from deqmpc_gym.experts.reference import reference_returns
     from deqmpc_gym.policies import DEQMPCPolicy
     from deqmpc_gym.training import ImitationTrainer, TrainConfig
 
     short = _short(env_id)
-    # collected once from the shipped expert and cached; a cached file of another expert version is re-collected
+    # collected once from the env's dataset expert (experts.dataset_expert_kind: the safety-filtered expert on the
+    # obstacle tasks, PPO elsewhere) and cached; a cached file of another expert version is re-collected
     ds = load_or_collect_dataset(env_id, scale.num_trajectories[short], seed=0, cache_dir=data_dir)
     run_dir = out_dir / "train" / run_name(env_id, variant, seed)
     import torch
@@ -144,19 +146,26 @@ def run_one(env_id: str, variant: str, seed: int, scale: Scale, out_dir: Path, d
     policy = DEQMPCPolicy.from_env(env_id, variant, hidden=scale.hidden[short], device=device)
     cfg = TrainConfig(steps=scale.steps[short], batch_size=scale.batch_size[short], val_batches=scale.val_batches,
                       val_every=scale.val_every, seed=seed, eval_every=scale.curve_every)
-    card = load_expert(env_id).card
-    k = 2 if short == "QPoleObs" else 1
+    # scores are normalized by the expert that made the dataset, on the evaluated episodes
+    eval_cfg = EvalConfig(episodes=scale.eval_episodes[short], stream_iters=2 if short == "QPoleObs" else 1)
+    ref = reference_returns(env_id, eval_cfg.episodes, eval_cfg.seed, eval_cfg.max_steps)
+    if ds.expert_id != ref["expert_id"]:
+        raise ConfigError(f"the dataset of {env_id} was collected by {ds.expert_id!r}, but scores are normalized by "
+                          f"{ref['expert_id']!r}; delete {data_dir} to collect it again")
+    card = load_expert(env_id, kind=ref["expert_kind"]).card
+    k = eval_cfg.stream_iters or 1
+    # the learning curve's episodes (seeds 20000+) are not the card's: the card's mean return is its reference
     evaluator = score_evaluator(env_id, scale.curve_episodes, (card["random_return"], card["mean_return"]), k)
     t0 = time.perf_counter()
     res = ImitationTrainer(policy, ds, cfg, run_dir, progress=False, evaluator=evaluator).train(resume=True)
     best = DEQMPCPolicy.load(run_dir / "best", device=device)
-    ev = rollout_batched(best, env_id, EvalConfig(episodes=scale.eval_episodes[short], stream_iters=k),
-                         reference=(card["random_return"], card["mean_return"]))
+    ev = rollout_batched(best, env_id, eval_cfg, reference=(ref["random_return"], ref["expert_return"]))
     return {"env_id": env_id, "variant": variant, "seed": seed, "normalized_score": ev.normalized_score,
             "mean_return": ev.mean_return, "std_return": ev.std_return, "success_rate": ev.success_rate,
             "collision_rate": ev.collision_rate, "cost_rate": ev.cost_rate, "best_val_loss": res.best_val_loss,
             "train_steps": res.steps, "hidden": scale.hidden[short], "stream_iters": k,
-            "expert_return": card["mean_return"], "random_return": card["random_return"],
+            "expert_return": ref["expert_return"], "random_return": ref["random_return"],
+            "expert_id": ref["expert_id"], "expert_kind": ref["expert_kind"], "reference": ref["measured"],
             "act_latency_ms": ev.act_latency_ms, "wall_time_s": time.perf_counter() - t0,
             # training time of the whole run, over every resumed slice (wall_time_s: this call only)
             "train_time_s": res.history[-1]["time_s"] if res.history else res.wall_time_s,
@@ -417,12 +426,21 @@ def _write_table(runs_dir: Path, out_dir: str | Path, scale: str, envs: tuple[st
 
 
 def _made_with_shipped_expert(record: dict[str, Any]) -> bool:
-    """Whether a run record was normalized by the shipped expert of its env (records that predate the
-    ``expert_return`` field count as current)."""
-    from deqmpc_gym.experts import load_expert
+    """Whether a run record was trained on the data of, and normalized by, the current dataset expert of its env
+    (:func:`~deqmpc_gym.experts.dataset_expert_kind`): its ``expert_id`` names that expert's current version.
+    Records without ``expert_id`` were normalized by the PPO expert: current on the envs whose dataset expert
+    is PPO when their ``expert_return`` is the PPO card's (records without it count as current), stale on the
+    obstacle tasks."""
+    from deqmpc_gym.experts import dataset_expert_kind, load_expert, pretrained_expert_id
 
+    env_id = record["env_id"]
+    kind = dataset_expert_kind(env_id)
+    if record.get("expert_id"):
+        return bool(record["expert_id"] == pretrained_expert_id(env_id, kind))
+    if kind != "ppo":
+        return False
     ref = record.get("expert_return")
-    return ref is None or math.isclose(ref, load_expert(record["env_id"]).card["mean_return"], rel_tol=1e-9)
+    return ref is None or math.isclose(ref, load_expert(env_id).card["mean_return"], rel_tol=1e-9)
 
 
 def _set_aside(root: Path, name: str) -> None:
@@ -434,8 +452,8 @@ def _set_aside(root: Path, name: str) -> None:
     for src in (root / "runs" / f"{name}.json", root / "train" / name):
         if src.exists():
             src.rename(stale / f"{src.name}.{stamp}")
-    print(f"{name}: its record was made with another version of the shipped expert; moved to {stale} and "
-          "training it again", flush=True)
+    print(f"{name}: its record was made with another expert (or expert version) than its env's dataset expert; "
+          f"moved to {stale} and training it again", flush=True)
 
 
 _WARMSTART_ENV = "DEQMPC/Pendulum-v0"
@@ -475,7 +493,7 @@ def warmstart_ablation(*, scale: str = "cpu", out_dir: str | Path = "results", e
     import matplotlib.pyplot as plt
 
     from deqmpc_gym.evaluation.rollouts import EvalConfig
-    from deqmpc_gym.experts import load_expert
+    from deqmpc_gym.experts.reference import reference_returns
 
     launch = launch or LaunchConfig()
     if scale not in SCALES:
@@ -485,8 +503,8 @@ def warmstart_ablation(*, scale: str = "cpu", out_dir: str | Path = "results", e
     n = sc.eval_episodes[_short(env_id)] if episodes is None else episodes
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"episodes must be an int >= 1, got {episodes!r}")
-    card = load_expert(env_id).card
-    reference = (card["random_return"], card["mean_return"])
+    ref = reference_returns(env_id, n, EvalConfig().seed)  # the dataset expert on the same episodes
+    reference = (ref["random_return"], ref["expert_return"])
     curves: dict[str, list[float]] = {}
     with session(launch):
         root = _table1(sc, scale, (env_id,), variants, (seed,), out_dir, device, launch, need_policy=True)

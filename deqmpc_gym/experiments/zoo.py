@@ -88,14 +88,16 @@ def _evaluate(policy: Any, env_id: str, cfg: ShipConfig, reference: tuple[float,
 
 
 def _expert_reference(env_id: str, cfg: ShipConfig) -> dict[str, Any]:
-    """The shipped expert's return on exactly the evaluation episodes, with the card's random return."""
-    from deqmpc_gym.experts import load_expert
+    """The return of the shipped expert that makes the env's datasets (``experts.dataset_expert_kind``: the
+    safety-filtered expert on the obstacle tasks) on exactly the evaluation episodes, with the card's random
+    return."""
+    from deqmpc_gym.experts import dataset_expert_kind, load_expert
 
-    expert = load_expert(env_id)
+    expert = load_expert(env_id, kind=dataset_expert_kind(env_id))
     ev = rollout_batched(expert, env_id, EvalConfig(episodes=cfg.episodes, seed=cfg.seed))
     return {"expert_return": ev.mean_return, "expert_success_rate": ev.success_rate,
             "expert_early_end_rate": ev.collision_rate, "random_return": float(expert.card["random_return"]),
-            "expert_card_return": float(expert.card["mean_return"])}
+            "expert_card_return": float(expert.card["mean_return"]), "expert_id": expert.expert_id}
 
 
 def ship_cell(table_dir: str | Path, env_id: str, variant: str, *, config: ShipConfig = ShipConfig(),
@@ -146,7 +148,7 @@ def ship_cell(table_dir: str | Path, env_id: str, variant: str, *, config: ShipC
         "format": CARD_FORMAT, "env_id": env_id, "variant": variant, "hidden": rec["hidden"],
         "batch_size": batch, "train_steps": rec["train_steps"], "windows_seen": rec["train_steps"] * batch,
         "wall_time_s": rec.get("train_time_s", rec["wall_time_s"]), "best_val_loss": rec["best_val_loss"],
-        "dataset": {"expert": f"shipped PPO expert of {env_id}",
+        "dataset": {"expert": rec.get("expert_id") or f"shipped PPO expert of {env_id}",
                     "num_trajectories": (num_trajectories or rec.get("num_trajectories")
                                          or _scale_value(rec, "num_trajectories"))},
         "evaluation": {"episodes": config.episodes, "seeds": f"{config.seed}..{config.seed + config.episodes - 1}",
