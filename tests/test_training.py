@@ -416,6 +416,36 @@ def test_dagger_adds_expert_labels_from_the_policys_own_states(small: ExpertData
         DaggerConfig(rounds=0)
 
 
+def test_dagger_keeps_the_round_that_scores_best_in_closed_loop(small: ExpertDataset, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``select_episodes`` every round and the starting policy are scored on validation episodes (a real
+    rollout against the expert on the same episodes) and the best-scoring policy is returned; a validation seed
+    range that overlaps the evaluation seeds is refused."""
+    import deqmpc_gym.experiments.dagger as dg
+    from deqmpc_gym.experts import load_expert
+
+    policy = _policy()
+    cfg = dg.DaggerConfig(rounds=2, episodes=2, states_per_episode=2, label_steps=5, train_steps=2, max_steps=10,
+                          select_episodes=2)
+    real = dg._closed_loop_score(policy, load_expert(PEND), PEND, cfg)
+    assert np.isfinite(real)
+    scores = iter([0.5, 0.9, 0.7])  # start, round 0, round 1: round 0 is the best
+    seen = []
+
+    def fake(p, expert, env_id, config):
+        seen.append(p)
+        return next(scores)
+
+    monkeypatch.setattr(dg, "_closed_loop_score", fake)
+    tuned, _ = dg.dagger(policy, load_expert(PEND), small, PEND, tmp_path, cfg,
+                         TrainConfig(batch_size=4, val_batches=1, val_every=2))
+    assert tuned is seen[1] and tuned is not policy and tuned is not seen[2]
+    log = json.loads((tmp_path / "dagger.json").read_text())["rounds"]
+    assert [r["closed_loop_score"] for r in log] == [0.5, 0.9, 0.7] and log[0]["round"] == -1
+    with pytest.raises(ConfigError, match="overlaps the evaluation seeds"):
+        dg.DaggerConfig(select_episodes=10, select_seed=10_100)
+
+
 # ---------------------------------------------------------------------------------------------- SB3 callbacks
 def test_an_sb3_eval_callback_runs_at_validations_and_can_stop_training(small: ExpertDataset, tmp_path: Path) -> None:
     """An SB3 ``EvalCallback`` is passed as it is: it evaluates the policy (closed loop, through its ``predict``)

@@ -6,6 +6,11 @@ Each round rolls the current policy out (batched, streaming as at run time), pic
 lets the expert drive from each for ``label_steps`` steps, adds these expert trajectories to the dataset and
 continues training the policy on the aggregate. Rounds are separate training runs in ``out_dir/round_<r>`` (each
 resumable); a finished round is not redone. ``out_dir/dagger.json`` records the rounds.
+
+With ``select_episodes > 0`` every round (and the starting policy) is scored in closed loop on validation episodes
+(seeds ``select_seed``+, apart from the evaluation seeds 10000+ of Table 1 and the cards) against the labelling
+expert's return on the same episodes, and the best-scoring policy is returned: the imitation loss of a round does
+not predict its closed-loop score.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class DaggerConfig:
         train_steps: training steps per round on the aggregated dataset.
         max_steps: steps of a policy rollout.
         seed: seeds the rollouts and the choice of states.
+        select_episodes: closed-loop validation episodes per round (0: return the last round's policy).
+        select_seed: first seed of those episodes.
     """
 
     rounds: int = 3
@@ -43,12 +50,21 @@ class DaggerConfig:
     train_steps: int = 1000
     max_steps: int = 200
     seed: int = 0
+    select_episodes: int = 0
+    select_seed: int = 30_000
 
     def __post_init__(self) -> None:
         for name in ("rounds", "episodes", "states_per_episode", "label_steps", "train_steps", "max_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"DaggerConfig.{name} must be an integer >= 1, got {v!r}")
+        for name in ("select_episodes", "select_seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"DaggerConfig.{name} must be an integer >= 0, got {v!r}")
+        if self.select_episodes and 10_000 <= self.select_seed < 10_200 + self.select_episodes:
+            raise ConfigError(f"DaggerConfig.select_seed {self.select_seed} overlaps the evaluation seeds "
+                              "10000-10199; choose validation seeds apart from them (e.g. 30000)")
 
 
 def visited_states(policy: Any, env_id: str, episodes: int, seed: int, max_steps: int) -> list[np.ndarray]:
@@ -77,10 +93,22 @@ def visited_states(policy: Any, env_id: str, episodes: int, seed: int, max_steps
     return [np.asarray(s) for s in seqs]
 
 
+def _closed_loop_score(policy: Any, expert: Any, env_id: str, config: DaggerConfig) -> float:
+    """Normalized score of ``policy`` on the validation episodes, against ``expert`` on the same episodes."""
+    from deqmpc_gym.evaluation import EvalConfig, rollout_batched
+
+    ev_cfg = EvalConfig(episodes=config.select_episodes, seed=config.select_seed, max_steps=config.max_steps)
+    ref = rollout_batched(expert, env_id, ev_cfg)
+    ev = rollout_batched(policy, env_id, ev_cfg, reference=(float(expert.card["random_return"]), ref.mean_return))
+    return float(ev.normalized_score)
+
+
 def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_dir: str | Path,
            config: DaggerConfig = DaggerConfig(), train_config: Any = None) -> tuple[Any, ExpertDataset]:
-    """Run ``config.rounds`` DAgger rounds from ``policy`` (trained further in place of a copy: the returned
-    policy is each round's best by validation loss); returns ``(policy, aggregated dataset)``.
+    """Run ``config.rounds`` DAgger rounds from ``policy`` (trained further in place of a copy: each round continues
+    from the previous round's best policy by validation loss); returns ``(policy, aggregated dataset)`` with the
+    last round's policy, or with ``config.select_episodes`` the best-scoring one in closed loop (the starting
+    policy included; the scores are in ``dagger.json``).
 
     Args:
         policy: a :class:`~deqmpc_gym.policies.DEQMPCPolicy` (typically trained on ``dataset`` already).
@@ -101,6 +129,10 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
     cfg = replace(base, steps=config.train_steps)
     log: list[dict[str, Any]] = []
     rng = np.random.default_rng(config.seed)
+    best_score, best_policy = -np.inf, policy
+    if config.select_episodes:
+        best_score = _closed_loop_score(policy, expert, env_id, config)
+        log.append({"round": -1, "closed_loop_score": best_score})
     for r in range(config.rounds):
         seqs = visited_states(policy, env_id, config.episodes, config.seed + 1000 * r, config.max_steps)
         picks = [s[rng.integers(0, len(s), config.states_per_episode)] for s in seqs if len(s)]
@@ -113,5 +145,9 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
         policy = DEQMPCPolicy.load(run_dir / "best", device=policy.device)
         log.append({"round": r, "visited_episodes": len(seqs), "new_trajectories": len(new),
                     "dataset_trajectories": len(dataset), "best_val_loss": res.best_val_loss})
+        if config.select_episodes:
+            log[-1]["closed_loop_score"] = score = _closed_loop_score(policy, expert, env_id, config)
+            if score > best_score:
+                best_score, best_policy = score, policy
         atomic_write_text(out / "dagger.json", json.dumps({"config": asdict(config), "rounds": log}, indent=2))
-    return policy, dataset
+    return (best_policy if config.select_episodes else policy), dataset
