@@ -100,7 +100,7 @@ def _closed_loop_score(policy: Any, expert: Any, env_id: str, config: DaggerConf
     ev_cfg = EvalConfig(episodes=config.select_episodes, seed=config.select_seed, max_steps=config.max_steps)
     ref = rollout_batched(expert, env_id, ev_cfg)
     ev = rollout_batched(policy, env_id, ev_cfg, reference=(float(expert.card["random_return"]), ref.mean_return))
-    return float(ev.normalized_score)
+    return float("nan") if ev.normalized_score is None else float(ev.normalized_score)
 
 
 def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_dir: str | Path,
