@@ -92,6 +92,21 @@ def test_warmstart_ablation_of_the_shipped_controllers(zoo, tmp_path):
         warmstart_pretrained("DEQMPC/QPoleObs-v0", root=out, out_dir=tmp_path)
 
 
+def test_a_run_beyond_the_papers_protocol_says_so_on_its_card(tmp_path):
+    """A record with ``protocol`` / ``command`` (e.g. DAgger after imitation) ships with them on its card, and the
+    README table marks the row."""
+    from deqmpc_gym.experiments.zoo import markdown_table
+
+    table = _fake_table(tmp_path / "table", "deq-mpc-nn", seeds=(0,))
+    f = table / "runs" / f"{run_name(PEND, 'deq-mpc-nn', 0)}.json"
+    rec = json.loads(f.read_text())
+    f.write_text(json.dumps({**rec, "protocol": "DAgger: 3 rounds after imitation", "command": "python dagger.py"}))
+    card = ship_cell(table, PEND, "deq-mpc-nn", config=ShipConfig(episodes=2, latency_calls=2), out_root=tmp_path / "z")
+    assert card["protocol"] == "DAgger: 3 rounds after imitation"
+    assert card["command"].startswith("python dagger.py; deqmpc-gym zoo ship --from")
+    assert "| Pendulum-v0 | deq-mpc-nn + DAgger |" in markdown_table(tmp_path / "z")
+
+
 def test_ship_cell_without_runs_says_how_to_train(tmp_path):
     with pytest.raises(ConfigError, match="reproduce table1 --envs DEQMPC/Pendulum-v0 --variants deq-mpc-deq"):
         ship_cell(tmp_path, PEND, "deq-mpc-deq", config=ShipConfig(episodes=2))

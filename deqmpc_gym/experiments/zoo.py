@@ -158,10 +158,12 @@ def ship_cell(table_dir: str | Path, env_id: str, variant: str, *, config: ShipC
                       "seed_scores": scores, "seed_mean": float(np.mean(scores)), "seed_std": float(np.std(scores)),
                       "rule": "best normalized score of the trained seeds on the evaluation episodes"},
         "commit": {"trained": rec.get("commit") or trained_commit, "evaluated": git_commit()},
-        "command": f"deqmpc-gym reproduce table1 --scale {_scale_name(table_dir)} --envs {env_id} --variants {variant} "
-                   f"--seeds "
-                   f"{' '.join(str(s['seed']) for s in seeds)}; deqmpc-gym zoo ship --from {table_dir} "
-                   f"--envs {env_id} --variants {variant}",
+        # a record of a run beyond the paper's protocol (e.g. DAgger) says so and how it was made
+        "protocol": rec.get("protocol", "paper: imitation of the expert's trajectories"),
+        "command": (rec.get("command") or
+                    f"deqmpc-gym reproduce table1 --scale {_scale_name(table_dir)} --envs {env_id} "
+                    f"--variants {variant} --seeds {' '.join(str(s['seed']) for s in seeds)}")
+        + f"; deqmpc-gym zoo ship --from {table_dir} --envs {env_id} --variants {variant}",
     }
     atomic_write_text(out / "card.json", json.dumps(card, indent=2))
     return card
@@ -263,7 +265,8 @@ def warmstart_pretrained(env_id: str, *, ks: Sequence[int] = (1, 2, 3, 4), confi
 
 def markdown_table(root: str | Path | None = None) -> str:
     """The shipped controllers as a markdown table (one row per card of the zoo at ``root``, default the
-    package's): normalized score over the evaluation episodes, success and early-end rates, seeds, budget."""
+    package's): normalized score over the evaluation episodes, success and early-end rates, seeds, budget; a
+    controller trained beyond the paper's protocol has its protocol after the variant (e.g. "+ DAgger")."""
     from deqmpc_gym.policies import pretrained
 
     lines = ["| env | variant | normalized score | success | early end | seeds (mean ± std) | hidden | training "
@@ -271,7 +274,8 @@ def markdown_table(root: str | Path | None = None) -> str:
     for env_id, variant in pretrained.available(None if root is None else Path(root)):
         c = pretrained.card(env_id, variant, None if root is None else Path(root))
         ev, sel = c["evaluation"], c["selection"]
-        lines.append(f"| {env_id.split('/')[-1]} | {variant} | {ev['normalized_score']:.2f} "
+        extra = "" if c.get("protocol", "paper").startswith("paper") else f" + {c['protocol'].split(':')[0]}"
+        lines.append(f"| {env_id.split('/')[-1]} | {variant}{extra} | {ev['normalized_score']:.2f} "
                      f"(± {ev['normalized_std']:.2f}) | {ev['success_rate']:.0%} | {ev['early_end_rate']:.0%} | "
                      f"{sel['seed_mean']:.2f} ± {sel['seed_std']:.2f} (n = {len(sel['trained_seeds'])}) | "
                      f"{c['hidden']} | {c['windows_seen']:,} | {c['warm_act_latency_ms']:.1f} ms |")
