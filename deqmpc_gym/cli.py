@@ -208,6 +208,27 @@ def _add_train(sub: Any) -> None:
                       help="delete the run in --out (checkpoint, best/, final/, progress.csv, result.json) and "
                            "start over")
     _add_device(t)
+    from deqmpc_gym.experiments.dagger import DaggerConfig
+
+    dg = _parser(sub, "dagger", "continue training a saved policy on the states it visits, labelled by the env's "
+                                "dataset expert (DAgger; beyond the paper's protocol)")
+    dg.add_argument("--policy", required=True, help="a directory written by DEQMPCPolicy.save, e.g. RUN/best")
+    dg.add_argument("--env", required=True, help=_env_help())
+    dg.add_argument("--dataset", required=True, help="the expert dataset (.npz) the policy was trained on")
+    dg.add_argument("--out", required=True,
+                    help="folder: round_<r>/ (resumable training runs), dagger.json, best/ (the returned policy) "
+                         "and data.npz (the aggregated dataset)")
+    for name, help_ in (("rounds", "DAgger rounds"), ("episodes", "policy rollouts per round"),
+                        ("states_per_episode", "visited states labelled per rollout"),
+                        ("label_steps", "steps of the expert trajectory from each labelled state"),
+                        ("train_steps", "training steps per round on the aggregated dataset"),
+                        ("select_episodes", "closed-loop validation episodes per round (seeds 30000+); the "
+                                            "best-scoring round is returned (0: the last round)"),
+                        ("seed", "seeds the rollouts and the choice of states")):
+        dg.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=_default(DaggerConfig, name),
+                        help=help_)
+    dg.add_argument("--batch-size", type=int, default=_default(TrainConfig, "batch_size"), help="windows per step")
+    _add_device(dg)
     e = _parser(sub, "evaluate", "evaluate a saved or shipped policy (normalized score vs the env's dataset expert)")
     which = e.add_mutually_exclusive_group(required=True)
     which.add_argument("--policy", help="a directory written by DEQMPCPolicy.save (or deqmpc-gym train)")
@@ -459,6 +480,33 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dagger(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from deqmpc_gym._device import resolve_device
+    from deqmpc_gym.data import ExpertDataset
+    from deqmpc_gym.experiments.dagger import DaggerConfig, dagger
+    from deqmpc_gym.experts import dataset_expert_kind, load_expert
+    from deqmpc_gym.io import check_writable
+    from deqmpc_gym.policies import DEQMPCPolicy
+    from deqmpc_gym.training import TrainConfig
+
+    check_writable(args.out, kind="dir")
+    cfg = DaggerConfig(rounds=args.rounds, episodes=args.episodes, states_per_episode=args.states_per_episode,
+                       label_steps=args.label_steps, train_steps=args.train_steps, seed=args.seed,
+                       select_episodes=args.select_episodes)
+    policy = DEQMPCPolicy.load(args.policy, env=args.env, device=resolve_device(args.device))
+    data = ExpertDataset.load(args.dataset, env_id=args.env)
+    expert = load_expert(args.env, kind=dataset_expert_kind(args.env))
+    tuned, data = dagger(policy, expert, data, args.env, args.out, cfg,
+                         TrainConfig(batch_size=args.batch_size, val_batches=10, val_every=100))
+    tuned.save(Path(args.out) / "best")
+    data.save(Path(args.out) / "data.npz")
+    print(f"DAgger on {args.env}: {cfg.rounds} rounds, {len(data)} trajectories -> {args.out}/best "
+          f"(rounds in {args.out}/dagger.json)")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from deqmpc_gym.evaluation import EvalConfig, rollout_batched
     from deqmpc_gym.experts.reference import reference_returns
@@ -591,8 +639,8 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"expert": _expert, "train": _train, "evaluate": _evaluate, "record": _record, "reproduce": _reproduce,
-            "plot": _plot, "zoo": _zoo, "demo": _demo}
+COMMANDS = {"expert": _expert, "train": _train, "dagger": _dagger, "evaluate": _evaluate, "record": _record,
+            "reproduce": _reproduce, "plot": _plot, "zoo": _zoo, "demo": _demo}
 
 
 def resume_command(argv: Sequence[str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import math
 import os
 import subprocess
 import sys
@@ -211,6 +212,25 @@ def test_train_fine_tunes_from_a_saved_policy_with_state_noise(trained: Path, ti
     capsys.readouterr()
     assert main([*base, "--hidden", "32", "--out", str(tmp_path / "bad")]) != 0
     assert "--hidden 16" in capsys.readouterr().err
+
+
+def test_dagger_continues_a_saved_policy_on_its_own_states(trained: Path, tiny_pendulum_dataset_file: Path,
+                                                           tmp_path: Path, capsys) -> None:
+    from deqmpc_gym.policies import DEQMPCPolicy
+
+    out = tmp_path / "dagger"
+    args = ["dagger", "--policy", str(trained / "best"), "--env", PEND, "--dataset", str(tiny_pendulum_dataset_file),
+            "--out", str(out), "--rounds", "1", "--episodes", "2", "--states-per-episode", "2", "--label-steps", "5",
+            "--train-steps", "2", "--batch-size", "8", "--select-episodes", "2"]
+    assert main(args) == 0
+    log = json.loads((out / "dagger.json").read_text())["rounds"]
+    assert [r["round"] for r in log] == [-1, 0] and all(math.isfinite(r["closed_loop_score"]) for r in log)
+    assert DEQMPCPolicy.load(out / "best").config.hidden == 16
+    assert len(ExpertDataset.load(out / "data.npz", env_id=PEND)) == len(ExpertDataset.load(
+        tiny_pendulum_dataset_file, env_id=PEND)) + 4
+    assert "DAgger on" in capsys.readouterr().out
+    assert main([*args[:-2], "--select-episodes", "1", "--seed", "-1", "--out", str(tmp_path / "bad")]) != 0
+    assert "seed" in capsys.readouterr().err
 
 
 def test_plot_draws_a_run_and_refuses_other_folders(trained: Path, tmp_path: Path, capsys) -> None:

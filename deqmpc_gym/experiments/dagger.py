@@ -58,7 +58,7 @@ class DaggerConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"DaggerConfig.{name} must be an integer >= 1, got {v!r}")
-        for name in ("select_episodes", "select_seed"):
+        for name in ("seed", "select_episodes", "select_seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"DaggerConfig.{name} must be an integer >= 0, got {v!r}")
