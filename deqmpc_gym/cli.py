@@ -101,7 +101,8 @@ def _add_expert(sub: Any) -> None:
     # defaults are read from the defining modules (tests replace the package attributes the commands call)
     from deqmpc_gym.experts.collect import DEFAULT_NUM_TRAJECTORIES, collect_dataset
     from deqmpc_gym.experts.config import ExpertConfig
-    from deqmpc_gym.experts.filtered import FilterConfig, export_filtered
+    from deqmpc_gym.experts.export import export_filtered
+    from deqmpc_gym.experts.filtered import FilterConfig
     from deqmpc_gym.experts.loader import DATASET_EXPERT_KIND, EXPERT_KINDS
 
     p = _parser(sub, "expert", "train PPO experts, measure safety-filtered experts and collect datasets")
@@ -152,7 +153,7 @@ def _add_expert(sub: Any) -> None:
     f.add_argument("--out", required=True, help="output dir of the filtered expert's card.json")
     f.add_argument("--expert", default=None, help="the PPO expert's dir (default: the shipped PPO expert of --env)")
     f.add_argument("--tune", action="store_true",
-                   help="choose the filter settings on the validation episodes (experts.filtered.FILTER_CANDIDATES) "
+                   help="choose the filter settings on the validation episodes (experts.export.FILTER_CANDIDATES) "
                         "instead of taking them from the options below")
     for name, kind in (("horizon", int), ("margin", float), ("trigger", float), ("rho_init", float), ("iters", int)):
         f.add_argument(f"--{name.replace('_', '-')}", type=kind, default=_default(FilterConfig, name),
@@ -436,7 +437,8 @@ def _expert_collect(args: argparse.Namespace) -> int:
 
 
 def _expert_filter(args: argparse.Namespace) -> int:
-    from deqmpc_gym.experts.filtered import FilterConfig, export_filtered
+    from deqmpc_gym.experts.export import export_filtered
+    from deqmpc_gym.experts.filtered import FilterConfig
     from deqmpc_gym.io import check_writable
 
     check_writable(args.out, kind="dir")

@@ -6,7 +6,8 @@ comes within ``trigger`` of the obstacles enlarged by ``margin``, it returns the
 tracks the plan under the sphere constraints (a cold solve per state), elsewhere the PPO action. Nothing is
 trained: a :class:`FilteredExpert` is the PPO actor plus the :class:`FilterConfig`, and its card
 (``pretrained/<Env>/filtered/card.json``) holds the settings and the figures measured on the card's 200 episodes
-(:func:`evaluate_filtered`, :func:`filtered_card`).
+(:func:`evaluate_filtered`, :func:`filtered_card`; written by
+:func:`~deqmpc_gym.experts.export.export_filtered`).
 """
 
 from __future__ import annotations
@@ -194,87 +195,3 @@ def filtered_card(expert: FilteredExpert, evaluation: dict[str, Any], base_exper
             "evaluation": {k: v for k, v in evaluation.items() if k != "returns"},
             "returns": evaluation["returns"], **(extra or {})}
 
-
-#: the settings :func:`tune_filter` tries by default (the first is :class:`FilterConfig`'s defaults)
-FILTER_CANDIDATES: tuple[FilterConfig, ...] = (
-    FilterConfig(), FilterConfig(trigger=0.5), FilterConfig(margin=0.3), FilterConfig(horizon=15),
-    FilterConfig(iters=20), FilterConfig(margin=0.3, trigger=0.5))
-#: validation episodes of the filter's settings and the confirmation episodes, apart from the card's 10000-10199
-#: and the teacher's DAgger rounds (20000-33199)
-VALIDATION_SEED = 40_000
-CONFIRMATION_SEED = 60_000
-
-
-def _summary(evaluation: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in evaluation.items() if k != "returns"}
-
-
-def tune_filter(base: Any, candidates: tuple[FilterConfig, ...] = FILTER_CANDIDATES, *,
-                seed: int = VALIDATION_SEED, episodes: int = CARD_EPISODES,
-                log: Any = None) -> tuple[FilterConfig, list[dict[str, Any]]]:
-    """Pick the filter settings around the PPO expert ``base`` on validation episodes (seeds ``seed``+, never
-    the card's): the highest success rate minus collision rate, then the highest mean return; ties keep the
-    earlier candidate.
-
-    Returns:
-        ``(the chosen FilterConfig, one record per candidate: its settings and evaluate_filtered's figures)``.
-    """
-    records, best, best_key = [], candidates[0], None
-    for cfg in candidates:
-        ev = _summary(evaluate_filtered(FilteredExpert(base, cfg), episodes, seed))
-        records.append({"filter": dataclasses.asdict(cfg), **ev})
-        key = (round(ev["success_rate"] - ev["collision_rate"], 9), ev["mean_return"])
-        if best_key is None or key > best_key:
-            best, best_key = cfg, key
-        if log is not None:
-            log(f"filter {dataclasses.asdict(cfg)}: success {ev['success_rate']:.1%}, collisions "
-                f"{ev['collision_rate']:.1%}, return {ev['mean_return']:.1f}")
-    return best, records
-
-
-def export_filtered(source: Any, out_dir: Any, config: FilterConfig | None = None, *, episodes: int = CARD_EPISODES,
-                    validation_seed: int = VALIDATION_SEED, confirmation_seed: int = CONFIRMATION_SEED,
-                    log: Any = None) -> dict[str, Any]:
-    """Measure the safety-filtered expert around a PPO expert and write its ``card.json`` to ``out_dir``.
-
-    Args:
-        source: the PPO expert: a registered env id (its shipped PPO expert) or an expert directory.
-        config: the filter settings; None: chosen by :func:`tune_filter` on the validation episodes.
-        episodes: episodes of the validation and confirmation runs (the card's are always its 200).
-        validation_seed, confirmation_seed: first env seeds of those runs.
-
-    Returns:
-        The card (also written to ``out_dir/card.json``; ``base`` is the PPO expert's folder relative to it).
-    """
-    import json
-    import os
-    from pathlib import Path
-
-    from deqmpc_gym.experts.loader import _digest, load_expert, pretrained_dir
-    from deqmpc_gym.io import atomic_write_text
-
-    src = Path(source)
-    base_dir = src if (src / "card.json").exists() else pretrained_dir(str(source))
-    base = load_expert(base_dir, kind="ppo")
-    tuning: list[dict[str, Any]] = []
-    if config is None:
-        config, tuning = tune_filter(base, seed=validation_seed, episodes=episodes, log=log)
-    expert = FilteredExpert(base, config)
-    card_eval = evaluate_filtered(expert, CARD_EPISODES, CARD_SEED)
-    extra: dict[str, Any] = {
-        "validation": tuning or [{"filter": dataclasses.asdict(config),
-                                  **_summary(evaluate_filtered(expert, episodes, validation_seed))}],
-        "confirmation": _summary(evaluate_filtered(expert, episodes, confirmation_seed)),
-        "ppo_confirmation": _summary(evaluate_filtered(base, episodes, confirmation_seed)),
-        "command": f"deqmpc-gym expert filter --env {base.env_id}{' --tune' if tuning else ''} --out {out_dir}"}
-    card = filtered_card(expert, card_eval, f"{base.env_id}@{_digest(base_dir)}", extra)
-    # the PPO expert alone on the card's episodes, counted the same way (its own card's collision rate counts
-    # every early end)
-    ppo = _summary(evaluate_filtered(base, CARD_EPISODES, CARD_SEED))
-    card["ppo"] = {k: ppo[k] for k in ("mean_return", "std_return", "success_rate", "collision_rate",
-                                       "early_end_rate")}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    card["base"] = os.path.relpath(base_dir.resolve(), out.resolve())
-    atomic_write_text(out / "card.json", json.dumps(card, indent=2))
-    return card

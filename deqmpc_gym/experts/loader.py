@@ -104,13 +104,15 @@ class Expert:
     Attributes:
         card: the expert card (dict) loaded from ``card.json``.
         env_id: the env the expert was trained on.
+        kind: ``"ppo"``.
+        expert_id: the id recorded in the datasets it collects (:func:`pretrained_expert_id` for a shipped
+            expert, ``"<folder>@<hash>"`` for one loaded from a folder, ``""`` for one built in code).
     """
 
     kind = "ppo"
 
     def __init__(self, policy: Any, card: dict[str, Any]) -> None:
         self.policy = policy
-        #: the id recorded in the datasets it collects (set by :func:`load_expert`)
         self.expert_id: str = ""
         self.card = card
         self.env_id: str = card["env_id"]
