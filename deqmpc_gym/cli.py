@@ -646,10 +646,11 @@ COMMANDS = {"expert": _expert, "train": _train, "dagger": _dagger, "evaluate": _
 
 
 def resume_command(argv: Sequence[str]) -> str:
-    """The ``deqmpc-gym`` command line that resumes the ``train`` run of ``argv`` (``--resume``, no
-    ``--overwrite``)."""
+    """The ``deqmpc-gym`` command line that resumes the interrupted run of ``argv``: ``train`` with ``--resume``
+    (no ``--overwrite``); ``reproduce`` and the other commands that continue their runs by themselves as they
+    were."""
     args = [a for a in argv if a != "--overwrite"]
-    if "--resume" not in args:
+    if build_parser().parse_args(args).cmd == "train" and "--resume" not in args:
         args.append("--resume")
     return "deqmpc-gym " + shlex.join(args)
 

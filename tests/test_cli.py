@@ -330,3 +330,14 @@ def test_expert_train_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch, ca
     assert seen[0].teacher is not None and seen[0].obstacle_features == 3
     assert seen[1].teacher is None and seen[1].train_obstacle_radius == 0.6
     assert "paused" in capsys.readouterr().out
+
+
+def test_the_resume_hint_is_a_valid_command() -> None:
+    from deqmpc_gym.cli import resume_command
+
+    train = ["train", "--env", PEND, "--dataset", "d.npz", "--out", "o", "--overwrite"]
+    assert resume_command(train) == f"deqmpc-gym train --env {PEND} --dataset d.npz --out o --resume"
+    rep = ["reproduce", "table1", "--scale", "zoo", "--envs", "DEQMPC/QPole-v0"]
+    assert resume_command(rep) == "deqmpc-gym " + " ".join(rep)
+    for argv in (train, rep):
+        build_parser().parse_args(resume_command(argv).split()[1:])  # parses (argparse exits on an unknown flag)
