@@ -442,8 +442,10 @@ def test_dagger_keeps_the_round_that_scores_best_in_closed_loop(small: ExpertDat
     assert tuned is seen[1] and tuned is not policy and tuned is not seen[2]
     log = json.loads((tmp_path / "dagger.json").read_text())["rounds"]
     assert [r["closed_loop_score"] for r in log] == [0.5, 0.9, 0.7] and log[0]["round"] == -1
-    with pytest.raises(ConfigError, match="overlaps the evaluation seeds"):
-        dg.DaggerConfig(select_episodes=10, select_seed=10_100)
+    for seed in (10_100, 9_950):
+        with pytest.raises(ConfigError, match="overlaps the evaluation seeds"):
+            dg.DaggerConfig(select_episodes=100, select_seed=seed)
+    dg.DaggerConfig(select_episodes=100, select_seed=9_900)  # ends at 9999
 
 
 # ---------------------------------------------------------------------------------------------- SB3 callbacks

@@ -62,7 +62,7 @@ class DaggerConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"DaggerConfig.{name} must be an integer >= 0, got {v!r}")
-        if self.select_episodes and 10_000 <= self.select_seed < 10_200 + self.select_episodes:
+        if self.select_episodes and self.select_seed < 10_200 and self.select_seed + self.select_episodes > 10_000:
             raise ConfigError(f"DaggerConfig.select_seed {self.select_seed} overlaps the evaluation seeds "
                               "10000-10199; choose validation seeds apart from them (e.g. 30000)")
 
