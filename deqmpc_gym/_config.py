@@ -26,12 +26,12 @@ def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
     return cls(**data)
 
 
-def require_at_least_one(config: Any, names: tuple[str, ...]) -> None:
-    """Raise :class:`ConfigError` unless every integer field ``names`` of ``config`` is ``>= 1``."""
+def require_at_least_one(config: Any, names: tuple[str, ...], minimum: int = 1) -> None:
+    """Raise :class:`ConfigError` unless every integer field ``names`` of ``config`` is ``>= minimum``."""
     for name in names:
         value = getattr(config, name)
-        if not isinstance(value, (int,)) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{type(config).__name__}.{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(value, (int,)) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(f"{type(config).__name__}.{name} must be an integer >= {minimum}, got {value!r}")
 
 
 #: the annotation atoms :func:`check_field_types` understands (others are not checked).

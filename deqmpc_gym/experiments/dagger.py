@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from deqmpc_gym._config import require_at_least_one
 from deqmpc_gym.data import ExpertDataset
 from deqmpc_gym.errors import ConfigError
 from deqmpc_gym.io import atomic_write_text
@@ -54,14 +55,9 @@ class DaggerConfig:
     select_seed: int = 30_000
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "episodes", "states_per_episode", "label_steps", "train_steps", "max_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"DaggerConfig.{name} must be an integer >= 1, got {v!r}")
-        for name in ("seed", "select_episodes", "select_seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ConfigError(f"DaggerConfig.{name} must be an integer >= 0, got {v!r}")
+        require_at_least_one(self, ("rounds", "episodes", "states_per_episode", "label_steps", "train_steps",
+                                    "max_steps"))
+        require_at_least_one(self, ("seed", "select_episodes", "select_seed"), minimum=0)
         if self.select_episodes and self.select_seed < 10_200 and self.select_seed + self.select_episodes > 10_000:
             raise ConfigError(f"DaggerConfig.select_seed {self.select_seed} overlaps the evaluation seeds "
                               "10000-10199; choose validation seeds apart from them (e.g. 30000)")
