@@ -110,6 +110,11 @@ FLAT_FIELDS: dict[str, tuple[str, str, str]] = {
 
 _DEFAULT_MPC = MPCConfig()
 
+#: the Hessians of Diff-MPC's backward (:attr:`PolicyConfig.diff_mpc_hessian`).
+_HESSIANS = ("gauss_newton", "exact")
+#: schedule fields :meth:`PolicyConfig.to_dict` writes only when they differ from their defaults.
+_WRITTEN_IF_SET = frozenset({"diff_mpc_hessian"})
+
 
 def _get(obj: Any, path: str) -> Any:
     for part in path.split("."):
@@ -183,6 +188,10 @@ class PolicyConfig:
             small control-bound-only problems such as the Pendulum). Batches are padded to the next power of two,
             so each of those sizes compiles once per process (35-60 s; seconds from torch's disk cache).
             Training keeps the eager solver. Problems it does not support raise a ``ConfigError``.
+        diff_mpc_hessian: the Hessian of Diff-MPC's ``"final_implicit"`` backward (``"gauss_newton"``, the paper's,
+            or ``"exact"``: the dynamics' second-order terms added, the exact sensitivity of the solved problem at
+            1.5-6x the backward's cost; see :func:`~deqmpc_gym.mpc.solve`). DEQ-MPC variants ignore it (their
+            ``"implicit"`` / ``"unroll"`` gradients differentiate the m AL iterations, not an optimum).
     """
 
     variant: Variant = Variant.DEQ_MPC_DEQ
@@ -195,6 +204,7 @@ class PolicyConfig:
     stream_al_iters: int = 2
     stream_exit_residual: float = 1e-3
     compiled_solver: bool = False
+    diff_mpc_hessian: str = "gauss_newton"
 
     def __init__(self, variant: str | Variant = Variant.DEQ_MPC_DEQ, **kwargs: Any) -> None:
         names = {f.name: f for f in dataclasses.fields(self)}
@@ -231,6 +241,9 @@ class PolicyConfig:
         if self.stream_exit_residual < 0:
             raise ConfigError(f"PolicyConfig.stream_exit_residual must be a number >= 0, "
                               f"got {self.stream_exit_residual!r}")
+        if self.diff_mpc_hessian not in _HESSIANS:
+            raise ConfigError(f"PolicyConfig.diff_mpc_hessian must be one of {list(_HESSIANS)}, got "
+                              f"{self.diff_mpc_hessian!r}")
         gradient = Gradient.resolve(self.mpc.gradient)
         if gradient not in (Gradient.IMPLICIT, Gradient.UNROLL):
             raise ConfigError(f"PolicyConfig.gradient (mpc.gradient) must be 'implicit' or 'unroll', got "
@@ -267,12 +280,15 @@ class PolicyConfig:
 
     # ------------------------------------------------------------------ layouts
     def to_dict(self) -> dict[str, Any]:
-        """The flat file layout: every key of :data:`FLAT_FIELDS` and the schedule fields, plus ``"net.<path>"`` /
-        ``"mpc.<path>"`` for the other nested settings that differ from their defaults (JSON values)."""
+        """The flat file layout: every key of :data:`FLAT_FIELDS` and the schedule fields (``diff_mpc_hessian`` only
+        when not the default), plus ``"net.<path>"`` / ``"mpc.<path>"`` for the other nested settings that differ
+        from their defaults (JSON values)."""
         out: dict[str, Any] = {"variant": self.variant.value}
         out.update({k: getattr(self, k) for k in FLAT_FIELDS})
         for f in dataclasses.fields(self):
             if f.name not in ("variant", "net", "mpc"):
+                if f.name in _WRITTEN_IF_SET and getattr(self, f.name) == f.default:
+                    continue  # files written before the field existed stay identical
                 out[f.name] = getattr(self, f.name)
         covered = {f"{section}.{path}" for section, path, _ in FLAT_FIELDS.values()}
         defaults = {"net": NetworkConfig(), "mpc": _DEFAULT_MPC}

@@ -186,6 +186,7 @@ class DEQMPCLayer(nn.Module):
         """:func:`~deqmpc_gym.mpc.solve` on :attr:`problem`, or -- with ``PolicyConfig.compiled_solver`` and no
         gradient needed -- the same call through :class:`~deqmpc_gym.mpc.CompiledSolver`."""
         if self._fast is not None and not (torch.is_grad_enabled() and (x0.requires_grad or theta.requires_grad)):
+            kw.pop("hessian", None)  # no backward: the Hessian of the gradient plays no part
             return self._fast(x0, theta, state, **kw)
         return solve(self.problem, x0, theta, state, **kw)
 
@@ -244,7 +245,8 @@ class DEQMPCLayer(nn.Module):
             solver_state = state.solver.shift(problem, x_last=theta[:, -1].detach(), iters_remaining=iters)
         x, u, solver_state, info = self._solve(x0, theta, solver_state, iters=iters,
                                                gradient="final_implicit", stop_at_rho_max=stream,
-                                               exit_residual=cfg.stream_exit_residual if stream else None)
+                                               exit_residual=cfg.stream_exit_residual if stream else None,
+                                               hessian=cfg.diff_mpc_hessian)
         new_state = detach_state(StreamState(plan=x, controls=u, z=z, solver=solver_state))
         return LayerOutput([theta], [x], [u], new_state, info, stats, info.newton_steps)
 

@@ -52,7 +52,8 @@ RESUMABLE_FIELDS = frozenset({f"policy.{k}" for k in RESUMABLE_POLICY_FIELDS} |
 
 #: fields added to the run definition after checkpoints were written without them, with the value such a
 #: checkpoint was trained with (compared instead of "<missing>")
-ADDED_FIELDS: dict[str, Any] = {"train.state_noise": 0.0, "train.eval_every": 0}
+ADDED_FIELDS: dict[str, Any] = {"train.state_noise": 0.0, "train.eval_every": 0,
+                                "policy.diff_mpc_hessian": "gauss_newton"}
 
 #: files and folders a training run writes into its output folder (``overwrite`` removes exactly these).
 RUN_FILES: tuple[str, ...] = ("checkpoint.pt", "best", "final", "progress.csv", "result.json")

@@ -63,3 +63,24 @@ def test_nested_settings_beyond_the_flat_keys_round_trip() -> None:
     for bad in ({"mpc.newton_step": 6}, {"solver.newton_steps": 6}, {"mpc": {"newton_steps": "six"}}):
         with pytest.raises(ConfigError):
             PolicyConfig.from_dict(bad)
+
+
+def test_diff_mpc_hessian_is_checked_written_only_when_set_and_reaches_the_backward() -> None:
+    assert "diff_mpc_hessian" not in PolicyConfig(variant="diff-mpc-nn").to_dict()  # older files stay identical
+    exact = PolicyConfig(variant="diff-mpc-nn", hidden=16, horizon=4, diff_mpc_hessian="exact")
+    assert exact.to_dict()["diff_mpc_hessian"] == "exact" and PolicyConfig.from_dict(exact.to_dict()) == exact
+    with pytest.raises(ConfigError, match="diff_mpc_hessian"):
+        PolicyConfig(variant="diff-mpc-nn", diff_mpc_hessian="newton")
+    from deqmpc_gym.policies import DEQMPCPolicy
+
+    grads = {}
+    for hessian in ("gauss_newton", "exact"):
+        torch.manual_seed(0)
+        policy = DEQMPCPolicy.from_env("DEQMPC/Pendulum-v0", "diff-mpc-nn", hidden=16, horizon=4,
+                                       diff_mpc_hessian=hessian)
+        x0 = torch.tensor([[2.5, 0.3], [-1.0, 2.0]], dtype=torch.float64)
+        out = policy.layer(x0)
+        out.controls[-1].sum().backward()
+        grads[hessian] = torch.cat([p.grad.reshape(-1) for p in policy.layer.parameters() if p.grad is not None])
+    assert torch.isfinite(grads["exact"]).all()
+    assert not torch.allclose(grads["exact"], grads["gauss_newton"])  # the second-order terms reach the weights
