@@ -123,7 +123,7 @@ def _ray() -> Any:
 
 
 @contextlib.contextmanager
-def session(config: LaunchConfig) -> Iterator[None]:
+def connection(config: LaunchConfig) -> Iterator[None]:
     """Keep one Ray connection open for several :func:`run_jobs` calls with ``config`` (each call would otherwise
     start and stop a local instance of its own); does nothing for the local launcher.
 
@@ -140,6 +140,10 @@ def session(config: LaunchConfig) -> Iterator[None]:
     finally:
         if started:
             ray.shutdown()
+
+
+#: the former name of :func:`connection`, kept for code that imports it.
+session = connection
 
 
 def _host_port(address: str) -> tuple[str, int] | None:

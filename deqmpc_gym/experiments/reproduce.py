@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deqmpc_gym.errors import ConfigError
-from deqmpc_gym.experiments.launch import Job, LaunchConfig, run_jobs, session
+from deqmpc_gym.experiments.launch import Job, LaunchConfig, connection, run_jobs
 from deqmpc_gym.io import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -359,7 +359,7 @@ def reproduce(what: str, *, scale: str = "cpu", seeds: Sequence[int] | None = No
     if episodes is not None:
         raise ConfigError("episodes applies to warmstart; the Table 1 evaluation episodes come from the scale")
     envs, variants = check_selection(envs, variants, seeds)
-    with session(launch):
+    with connection(launch):
         return _table1(SCALES[scale], scale, envs, variants, seeds, out_dir, device, launch)
 
 
@@ -506,7 +506,7 @@ def warmstart_ablation(*, scale: str = "cpu", out_dir: str | Path = "results", e
     ref = reference_returns(env_id, n, EvalConfig().seed)  # the dataset expert on the same episodes
     reference = (ref["random_return"], ref["expert_return"])
     curves: dict[str, list[float]] = {}
-    with session(launch):
+    with connection(launch):
         root = _table1(sc, scale, (env_id,), variants, (seed,), out_dir, device, launch, need_policy=True)
         jobs = [Job(run_name(env_id, v, seed), warmstart_scores,
                     (str(root / "train" / run_name(env_id, v, seed) / "best"), env_id, tuple(ks), n,
