@@ -13,6 +13,7 @@ Subcommands::
     deqmpc-gym reproduce table1|warmstart [--scale cpu|paper|zoo|tiny] [--seeds ...] [--envs ...] [--out DIR]
                         [--launcher local|ray] [--address ADDR] [--cpus-per-run C] [--gpus-per-run G]
     deqmpc-gym reproduce warmstart --pretrained [--envs ...] [--episodes N] [--out DIR]
+    deqmpc-gym reproduce sweep [--envs ID] [--variants V] [--hidden H ...] [--trajectories N ...] [--steps N]
     deqmpc-gym demo     [--out DIR]
     deqmpc-gym --version
 
@@ -251,6 +252,7 @@ def _add_misc(sub: Any) -> None:
     from deqmpc_gym.experiments.demo import DEMO_STEPS, run_demo
     from deqmpc_gym.experiments.record import record_rollouts
     from deqmpc_gym.experiments.reproduce import SCALES, TABLE1_ENVS, TABLE1_VARIANTS, reproduce
+    from deqmpc_gym.experiments.sweep import SweepConfig
     from deqmpc_gym.experiments.zoo import ShipConfig
     from deqmpc_gym.policies import DEQMPCPolicy
 
@@ -270,9 +272,10 @@ def _add_misc(sub: Any) -> None:
     r.add_argument("--max-steps", type=int, default=None, help="steps per episode (default: the env's limit)")
     _add_device(r)
     rep = _parser(sub, "reproduce", "reproduce the paper's experiments")
-    rep.add_argument("what", choices=["table1", "warmstart"],
+    rep.add_argument("what", choices=["table1", "warmstart", "sweep"],
                      help="table1: the Table 1 sweep (train and evaluate every env, variant and seed); "
-                          "warmstart: the warm-start ablation (Fig. 7)")
+                          "warmstart: the warm-start ablation (Fig. 7); sweep: learning curves over network "
+                          "widths x dataset sizes for one env and variant (default QPole, deq-mpc-nn)")
     rep.add_argument("--scale", choices=sorted(SCALES), default=_default(reproduce, "scale"),
                      help="budget (SCALES in deqmpc_gym.experiments.reproduce): paper (the paper's sizes), cpu "
                           "(smaller networks and runs, one seed of the table fits a 2-core CPU session), zoo "
@@ -290,6 +293,13 @@ def _add_misc(sub: Any) -> None:
     rep.add_argument("--episodes", type=int, default=None,
                      help="warmstart: evaluation episodes per K (default: the scale's; with --pretrained "
                           f"{_default(ShipConfig, 'episodes')})")
+    rep.add_argument("--hidden", type=int, nargs="+", default=None,
+                     help=f"sweep: network widths (default: {' '.join(map(str, _default(SweepConfig, 'hidden')))})")
+    rep.add_argument("--trajectories", type=int, nargs="+", default=None,
+                     help="sweep: expert dataset sizes (default: "
+                          f"{' '.join(map(str, _default(SweepConfig, 'trajectories')))})")
+    rep.add_argument("--steps", type=int, default=None,
+                     help=f"sweep: training steps per point (default: {_default(SweepConfig, 'steps')})")
     _add_launcher(rep, "run")
     rep.add_argument("--gpus-per-run", type=float, default=0.0,
                      help="with --launcher ray: GPUs per run (> 0 trains and evaluates on cuda)")
@@ -568,13 +578,35 @@ def _reproduce(args: argparse.Namespace) -> int:
     if args.pretrained:
         return _warmstart_pretrained(args)
     check_selection(args.envs, args.variants, args.seeds)
+    sweep_only = [f"--{k}" for k in ("hidden", "trajectories", "steps") if getattr(args, k) is not None]
+    if sweep_only and args.what != "sweep":
+        raise ConfigError(f"{', '.join(sweep_only)} apply to `reproduce sweep` only")
     launch = LaunchConfig(launcher=args.launcher, address=args.address, cpus_per_run=args.cpus_per_run,
                           gpus_per_run=args.gpus_per_run)
     device = resolve_device(args.device)
     check_writable(args.out, kind="dir")
+    if args.what == "sweep":
+        return _sweep(args, launch, device)
     out = reproduce(args.what, scale=args.scale, seeds=args.seeds, envs=args.envs, variants=args.variants,
                     out_dir=args.out, device=device, launch=launch, episodes=args.episodes)
     print(f"results written to {out}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace, launch: Any, device: Any) -> int:
+    from deqmpc_gym.experiments.sweep import SweepConfig, learning_curve_sweep
+
+    for flag, values in (("--envs", args.envs), ("--variants", args.variants), ("--seeds", args.seeds)):
+        if values is not None and len(values) != 1:
+            raise ConfigError(f"`reproduce sweep` takes one value of {flag}, got {values}")
+    if args.episodes is not None:
+        raise ConfigError("--episodes applies to warmstart; a sweep point is evaluated on the scale's episodes")
+    given = {"env_id": args.envs and args.envs[0], "variant": args.variants and args.variants[0],
+             "seed": args.seeds and args.seeds[0], "hidden": args.hidden and tuple(args.hidden),
+             "trajectories": args.trajectories and tuple(args.trajectories), "steps": args.steps,
+             "base_scale": args.scale}
+    config = SweepConfig(**{k: v for k, v in given.items() if v is not None})
+    print(f"results written to {learning_curve_sweep(config, out_dir=args.out, device=device, launch=launch)}")
     return 0
 
 
