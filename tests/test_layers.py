@@ -31,8 +31,6 @@ LAYERS: list[list[str]] = [
 
 #: import cycles that close only through ``TYPE_CHECKING`` imports or imports at call time, with the reason.
 CYCLES_ALLOWED: dict[frozenset[str], str] = {
-    frozenset({"deqmpc_gym.mpc.fused", "deqmpc_gym.mpc.solver"}):
-        "the solver runs the compiled Newton loop of mpc.fused, which reads the solver's batch type at call time",
     frozenset({"deqmpc_gym.systems.base", "deqmpc_gym.systems.kernels"}):
         "System.step calls the compiled kernels, whose functions annotate their argument as a System (type only)",
 }

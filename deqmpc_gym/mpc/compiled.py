@@ -16,7 +16,7 @@ loops over the batch:
 * data-dependent branches become masks: a sample that has finished its Newton loop keeps its values. The rare
   paths -- regularisation after a failed factorisation, the active-set re-solve, step lengths below the first
   ``line_search_trials`` -- are further calls of the same compiled step, made only when some sample needs them
-  and merged per sample (:meth:`CompiledSolver._step`). The loop exits (all samples done) are decided in Python.
+  and merged per sample (``CompiledSolver._step``). The loop exits (all samples done) are decided in Python.
 
 Scope: control bounds only (no obstacles or user constraints), any :class:`~deqmpc_gym.systems.System` whose
 ``_step`` uses the ``ops`` namespace (the Pendulum and the Cart-pole are tested), fixed numbers of AL iterations
@@ -27,11 +27,12 @@ functions run eagerly (slower than :func:`solve`) after a :class:`RuntimeWarning
 fail to build (GCC 12 meets an internal compiler error on the Cart-pole's Newton step with AVX-512, hence
 256-bit vectors by default), the functions are compiled again without SIMD code (``compile_options``).
 
-Differences from :func:`solve`: a sample whose factorisation fails is retried with the regularisation added to
-every factorisation of that Newton step (eager: the first one only); ``info.dual_residual`` and ``converged`` are
-measured at the returned iterate with the returned multipliers (:meth:`MPCProblem.stationarity`, as
-:func:`solve`'s ``stop_when_converged`` test; :func:`solve`'s fixed-iteration calls report the Newton loop's
-stationarity before its final step, which flags samples at the optimum unconverged).
+Where it differs from :func:`solve` on purpose is listed in one place, :class:`~deqmpc_gym.mpc.MPCSolver` (the
+interface both satisfy). What the two share -- input checks, cold start, constants, the gradients' backward -- is
+in :mod:`deqmpc_gym.mpc._common`; the merit's terms are :func:`~deqmpc_gym.mpc.problem.phr_equality` and
+:func:`~deqmpc_gym.mpc.problem.phr_inequality`. The Newton step mirrors the eager one's parts: :meth:`CompiledSolver.
+_linearize`, ``_direction``, ``_line_search``, ``_exit_test`` and ``_commit``, traced into one function
+(``_newton``, whose flat arguments and results are the fields of ``_NewtonIn`` and ``_NewtonOut``).
 """
 
 from __future__ import annotations
@@ -41,24 +42,26 @@ import math
 import types
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from deqmpc_gym.errors import ConfigError
-from deqmpc_gym.mpc.problem import MPCProblem
-from deqmpc_gym.mpc.solver import (
-    _REG_GROWTH,
+from deqmpc_gym.mpc._common import (
+    REG_GROWTH,
+    LastSubproblem,
     SolveInfo,
     SolverState,
-    _check_hessian,
-    _check_inputs,
-    _check_state,
-    _exit_residual,
-    _FinalImplicitFn,
-    _ImplicitFn,
+    attach_gradient,
+    check_gradient,
+    check_hessian,
+    check_inputs,
+    check_iters,
+    check_state,
+    exit_residual_of,
     init_state,
 )
+from deqmpc_gym.mpc.problem import MPCProblem, phr_equality, phr_inequality
 from deqmpc_gym.systems.components import sadd, smul, ssub, ssum, step_and_jacobian_components, step_components
 
 Sc = Any  # a per-sample scalar: python float or (B,) / (K, B) tensor
@@ -226,10 +229,10 @@ class CompiledSolver:
         self.max_unrolled_work = max_unrolled_work
         cfg = problem.config
         self._T, self._nx, self._nu, self._n = problem.T, problem.nx, problem.nu, problem.n
-        self._Q = [[float(v) for v in row] for row in problem._Q.tolist()]
-        self._R = [[float(v) for v in row] for row in problem._R.tolist()]
-        self._lo = [float(v) for v in problem._u_low]
-        self._hi = [float(v) for v in problem._u_high]
+        self._Q = [[float(v) for v in row] for row in problem.Q.tolist()]
+        self._R = [[float(v) for v in row] for row in problem.R.tolist()]
+        self._lo = [float(v) for v in problem.u_low]
+        self._hi = [float(v) for v in problem.u_high]
         unom = [float(v) for v in problem.system.nominal_control]
         self._u_init = [min(max(v, lo), hi) for v, lo, hi in zip(unom, self._lo, self._hi)]
         if not isinstance(line_search_trials, int) or line_search_trials < 1:
@@ -275,17 +278,184 @@ class CompiledSolver:
 
     @staticmethod
     def _merit_from(cost: Sc, d: list, g: list, LE: list, LI: list, rho: torch.Tensor) -> Sc:
-        """The PHR merit (as :meth:`MPCProblem._merit_from`) on scalar lists."""
-        hr = 0.5 * rho
+        """The PHR merit (:meth:`MPCProblem.merit_from`, the same terms) on scalar lists."""
         m = cost
         for t in range(len(d)):
             for i in range(len(d[t])):
-                m = m + (LE[t][i] + hr * d[t][i]) * d[t][i]
+                m = m + phr_equality(LE[t][i], d[t][i], rho)
         for t in range(len(g)):
             for r in range(len(g[t])):
-                s = LI[t][r] + rho * g[t][r]
-                m = m + torch.where(s > 0, (LI[t][r] + hr * g[t][r]) * g[t][r], LI[t][r] * LI[t][r] * (-0.5 / rho))
+                m = m + phr_inequality(LI[t][r], g[t][r], rho)
         return m
+
+    def _linearize(self, X: list, U: list, TH: list, LE: list, LI: list, rho: torch.Tensor) -> _Model:
+        """Residuals, merit, multiplier estimates, gradient and Hessian blocks at ``(X, U)``."""
+        T, nx, nu = self._T, self._nx, self._nu
+        sysm = self.problem.system
+        fJ = [step_and_jacobian_components(sysm, X[t], U[t]) for t in range(T - 1)]
+        d = [[X[t + 1][i] - fJ[t][0][i] for i in range(nx)] for t in range(T - 1)]
+        g = self._g(U)
+        m0 = self._merit_from(self._cost(X, U, TH), d, g, LE, LI, rho)
+        mu = [[LE[t][i] + rho * d[t][i] for i in range(nx)] for t in range(T - 1)]
+        s = [[LI[t][r] + rho * g[t][r] for r in range(2 * nu)] for t in range(T)]
+        act = [[(v > 0).to(rho.dtype) for v in s[t]] for t in range(T)]
+        mu_in = [[v.clamp_min(0.0) for v in s[t]] for t in range(T)]
+        grad, cgrad = self._gradient(X, U, TH, fJ, mu, mu_in)
+        D, L = self._hessian(fJ, act, rho)
+        return _Model(m0, mu, s, act, mu_in, grad, cgrad, D, L)
+
+    def _gradient(self, X: list, U: list, TH: list, fJ: list, mu: list, mu_in: list) -> tuple[list, list]:
+        """The merit's gradient and the cost's, per knot ``[x_t, u_t]`` (``x_0``'s entries: the cost's are 0)."""
+        T, nx, nu, n = self._T, self._nx, self._nu, self._n
+        Q, R = self._Q, self._R
+        grad, cgrad = [], []
+        for t in range(T):
+            e = [X[t][i] - TH[t][i] for i in range(nx)]
+            cg = ([ssum([smul(Q[i][j], e[j]) for j in range(nx)]) for i in range(nx)] if t > 0 else [0.0] * nx) + \
+                 [ssum([smul(R[i][j], U[t][j]) for j in range(nu)]) for i in range(nu)]
+            gr = list(cg)
+            if t > 0:
+                gr[:nx] = [sadd(gr[i], mu[t - 1][i]) for i in range(nx)]
+            if t < T - 1:
+                J = fJ[t][1]
+                for k in range(nx if t == 0 else 0, n):
+                    gr[k] = ssub(gr[k], ssum([smul(J[i][k], mu[t][i]) for i in range(nx)]))
+            for j in range(nu):
+                gr[nx + j] = sadd(gr[nx + j], mu_in[t][j] - mu_in[t][nu + j])
+            grad.append(gr)
+            cgrad.append(cg)
+        return grad, cgrad
+
+    def _hessian(self, fJ: list, act: list, rho: torch.Tensor) -> tuple[list, list]:
+        """The Gauss-Newton Hessian's blocks: ``D_t = W + rho (J^T J + I_x [t >= 1] + diag_u(active rows))`` with the
+        ``x_0`` rows and columns the identity, and ``L_t = H[t+1, t] = -rho [J_t; 0]``."""
+        T, nx, nu, n = self._T, self._nx, self._nu, self._n
+        Q, R = self._Q, self._R
+        D, L = [], []
+        for t in range(T):
+            Dt = [[0.0] * n for _ in range(n)]
+            for k in range(n):
+                for l in range(n):
+                    if t == 0 and (k < nx or l < nx):
+                        Dt[k][l] = 1.0 if k == l else 0.0
+                        continue
+                    c: Sc = 0.0
+                    if t < T - 1:
+                        J = fJ[t][1]
+                        c = ssum([smul(J[i][k], J[i][l]) for i in range(nx)])
+                    if k == l and k < nx and t > 0:
+                        c = sadd(c, 1.0)
+                    if k == l and k >= nx:
+                        c = sadd(c, act[t][k - nx] + act[t][nu + k - nx])
+                    w = Q[k][l] if (k < nx and l < nx) else (R[k - nx][l - nx] if (k >= nx and l >= nx) else 0.0)
+                    Dt[k][l] = sadd(w, smul(rho, c))
+            D.append(Dt)
+            if t < T - 1:
+                J = fJ[t][1]
+                L.append([[0.0 if (t == 0 and l < nx) else smul(-1.0, smul(rho, J[k][l])) for l in range(n)]
+                          for k in range(nx)] + [[0.0] * n for _ in range(nu)])
+        return D, L
+
+    def _direction(self, m: _Model, a: _NewtonIn) -> _Direction:
+        """The Newton direction by the block-tridiagonal Cholesky (a failed or non-finite one is zeroed), with the
+        rare-path inputs of ``a`` (zero on a first attempt, see :meth:`_step`): the regularisation ``H + reg max|diag
+        H| I`` after a failed factorisation, and the extra active rows ``extra0`` of the active-set prediction (their
+        PHR quadratic added to the model, as the eager re-solve); then the rows this step would make active."""
+        T, nx, nu, n = self._T, self._nx, self._nu, self._n
+        rho = a.rho
+        scale = _absmax([m.D[t][k][k] for t in range(T) for k in range(n)], rho).clamp_min(1.0)
+        rs = a.reg * scale
+        EX = _cols(a.extra0)
+        D = [[[sadd(m.D[t][k][l], rs + rho * (EX[t][k - nx] + EX[t][nu + k - nx])) if (k == l and k >= nx)
+               else (sadd(m.D[t][k][l], rs) if (k == l and not (t == 0 and k < nx)) else m.D[t][k][l])
+               for l in range(n)] for k in range(n)] for t in range(T)]
+        ge = [[sadd(m.grad[t][k], m.s[t][k - nx] * EX[t][k - nx] - m.s[t][nu + k - nx] * EX[t][nu + k - nx])
+               if k >= nx else m.grad[t][k] for k in range(n)] for t in range(T)]
+        z, fok = _btri_solve(D, m.L, ge)
+        fin = functools.reduce(torch.logical_and, [torch.isfinite(v) for row in z for v in row
+                                                   if isinstance(v, torch.Tensor)])
+        good = fok & fin
+        zero = torch.zeros_like(rho)
+        dz = [[0.0 if type(v) is float else torch.where(good, -v, zero) for v in z[t]] for t in range(T)]
+        # active-set prediction: inactive rows that this step would make active (lam + rho (g + G dz) > 0)
+        new_rows = [[((m.s[t][r] + rho * (dz[t][nx + r % nu] if r < nu else -dz[t][nx + r % nu])) > 0)
+                     & (m.act[t][r] == 0) & (EX[t][r] == 0) for r in range(2 * nu)] for t in range(T)]
+        redo = a.active & good & functools.reduce(torch.logical_or, [v for row in new_rows for v in row])
+        extra = torch.maximum(a.extra0, _stack([[v.to(a.x.dtype) for v in row] for row in new_rows], rho))
+        return _Direction(dz, good, ~fok | ~good | (a.reg > 0), redo, extra)
+
+    def _line_search(self, X: list, U: list, TH: list, LE: list, LI: list, a: _NewtonIn, m0: torch.Tensor,
+                     dz: list, good: torch.Tensor) -> _Trial:
+        """``alpha = alpha0 (1, 1/2, ..., 2^-(K-1))`` down to ``2^-line_search_steps``: the largest with a strict
+        merit decrease; ``ls_more``: none of the ``K`` has one (the caller continues with smaller ``alpha0``)."""
+        T, nx, nu = self._T, self._nx, self._nu
+        rho = a.rho
+        amin = 0.5 ** self._cfg.line_search_steps
+        al = a.alpha0 * (0.5 ** torch.arange(self._K, dtype=rho.dtype, device=rho.device))[:, None]  # (K, B)
+        Xk = [[X[t][i] if type(dz[t][i]) is float else X[t][i] + al * dz[t][i] for i in range(nx)] for t in range(T)]
+        Uk = [[U[t][j] + al * dz[t][nx + j] for j in range(nu)] for t in range(T)]
+        mk = self._merit_from(self._cost(Xk, Uk, TH), self._defects(Xk, Uk), self._g(Uk), LE, LI, rho)
+        okk = (mk < m0) & torch.isfinite(mk) & (al >= amin)
+        ok = okk.any(0)
+        alpha = torch.where(okk, al, torch.zeros_like(al)).amax(0)
+        ls_more = a.active & good & ~ok & (a.alpha0 * 0.5 ** self._K >= amin)
+        Xn = [[X[t][i] if type(dz[t][i]) is float else X[t][i] + alpha * dz[t][i] for i in range(nx)]
+              for t in range(T)]
+        Un = [[U[t][j] + alpha * dz[t][nx + j] for j in range(nu)] for t in range(T)]
+        return _Trial(alpha, ok, ls_more, Xn, Un, self._defects(Xn, Un), self._g(Un))
+
+    def _newton(self, *args):
+        """One Gauss-Newton step of the AL subproblem for the ``active (B,)`` samples (others keep every value): the
+        eager loop's step (linearisation, direction, line search, exit test) without branches, followed by the dual
+        update :meth:`_dual` of the ``run`` samples (used by the caller after the AL iteration's last Newton step).
+
+        The compiled boundary: it takes the fields of :class:`_NewtonIn` and returns those of :class:`_NewtonOut`,
+        flat, batch-last."""
+        a = _NewtonIn(*args)
+        X, U, TH, LE, LI = _cols(a.x), _cols(a.u), _cols(a.theta), _cols(a.lam_eq), _cols(a.lam_in)
+        m = self._linearize(X, U, TH, LE, LI, a.rho)
+        dr = self._direction(m, a)
+        ls = self._line_search(X, U, TH, LE, LI, a, m.m0, dr.dz, dr.good)
+        return tuple(self._commit(a, m, dr, ls, self._exit_test(a, m, dr.dz, ls)))
+
+    def _exit_test(self, a: _NewtonIn, m: _Model, dz: list, ls: _Trial) -> _Exit:
+        """The eager loop's exit test (a small step or predicted decrease, the contraction estimate, the constraint
+        residual below ``exit_residual``) and the stationarity at the linearisation point."""
+        T, n = self._T, self._n
+        rho = a.rho
+        dres = _absmax([v for r in m.grad for v in r], rho) / (
+            1.0 + torch.maximum(_absmax([v for r in m.cgrad for v in r], rho),
+                                torch.maximum(_absmax([v for r in m.mu for v in r], rho),
+                                              _absmax([v for r in m.mu_in for v in r], rho))))
+        tol_s = self._cfg.newton_tol * (1.0 + torch.maximum(a.x.abs().amax((0, 1)), a.u.abs().amax((0, 1))))
+        step_norm = _absmax([v for r in dz for v in r], rho)
+        gdz = ssum([smul(m.grad[t][k], dz[t][k]) for t in range(T) for k in range(n)])
+        small = (step_norm <= tol_s) | (_full(gdz, rho).abs() <= 1e-13 * (1.0 + m.m0.abs()))
+        rate = step_norm / a.prev
+        small = small | ((ls.alpha == 1.0) & torch.isfinite(a.prev) & (rate < 1.0)
+                         & (rate / (1.0 - rate) * step_norm <= tol_s))
+        res = torch.sqrt(ssum([v * v for r in ls.d for v in r])
+                         + ssum([v.clamp_min(0.0) ** 2 for r in ls.g for v in r]))
+        small = small | ((a.exit_residual > 0) & ls.ok & (res <= a.exit_residual))
+        return _Exit(small, dres, step_norm)
+
+    def _commit(self, a: _NewtonIn, m: _Model, dr: _Direction, ls: _Trial, ex: _Exit) -> _NewtonOut:
+        """The step taken by the ``active`` samples (the others keep every value), and the dual update the AL
+        iteration makes if this was its last Newton step."""
+        active, rho = a.active, a.rho
+        done = ex.small | ~ls.ok
+        nf = a.nf | (active & ~torch.isfinite(m.m0))
+        d = torch.where(active, _stack(ls.d, rho), a.d_cur)
+        g = torch.where(active, _stack(ls.g, rho), a.g_cur)
+        dual = self._dual(a.lam_eq, a.lam_in, rho, d, g, a.run, nf, a.al_iters, a.last_eq, a.last_in, a.last_rho,
+                          a.rho_cap)
+        return _NewtonOut(
+            torch.where(active, _stack(ls.x, rho), a.x), torch.where(active, _stack(ls.u, rho), a.u),
+            a.steps + (active & ls.ok).long(), torch.where(active, ex.small, a.small_exit),
+            torch.where(active, ex.dres, a.dres), a.fb | (active & dr.fallback), nf,
+            torch.where(active, ls.alpha * ex.step_norm, a.prev), d, g, active & ~done, active & ~dr.good, dr.redo,
+            dr.extra, ls.ls_more, *dual)
+
 
     # ------------------------------------------------------------------ the four compiled functions
     def _prepare(self, x0, theta, x, u, lam_eq, lam_in, rho, rho_cap):
@@ -324,131 +494,6 @@ class CompiledSolver:
                  "no_extra": torch.zeros(T, m, b, **f)}
             self._const_cache[key] = c
         return c
-
-    def _newton(self, x, u, theta, lam_eq, lam_in, rho, active, prev_step, reg, extra0, alpha0, steps, small_exit,
-                dres, fb, nf, d_cur, g_cur, exit_residual, run, al_iters, last_eq, last_in, last_rho, rho_cap):
-        """One Gauss-Newton step of the AL subproblem for the ``active (B,)`` samples (others keep every value):
-        the body of :func:`deqmpc_gym.mpc.solver._newton_loop` without branches, followed by the dual update
-        :meth:`_dual` of the ``run`` samples (used by the caller after the AL iteration's last Newton step).
-        Batch-last tensors; returns the values named by :data:`_OUT` in that order."""
-        cfg = self._cfg
-        T, nx, nu, n = self._T, self._nx, self._nu, self._n
-        sysm = self.problem.system
-        X, U, TH, LE, LI = _cols(x), _cols(u), _cols(theta), _cols(lam_eq), _cols(lam_in)
-        # ---- linearisation: residuals, multiplier estimates, gradient and Hessian blocks
-        fJ = [step_and_jacobian_components(sysm, X[t], U[t]) for t in range(T - 1)]
-        d = [[X[t + 1][i] - fJ[t][0][i] for i in range(nx)] for t in range(T - 1)]
-        g = self._g(U)
-        cost = self._cost(X, U, TH)
-        m0 = self._merit_from(cost, d, g, LE, LI, rho)
-        mu = [[LE[t][i] + rho * d[t][i] for i in range(nx)] for t in range(T - 1)]
-        s = [[LI[t][r] + rho * g[t][r] for r in range(2 * nu)] for t in range(T)]
-        act = [[(v > 0).to(x.dtype) for v in s[t]] for t in range(T)]
-        mu_in = [[v.clamp_min(0.0) for v in s[t]] for t in range(T)]
-        Q, R = self._Q, self._R
-        grad, cgrad, D, L = [], [], [], []
-        for t in range(T):
-            e = [X[t][i] - TH[t][i] for i in range(nx)]
-            cg = ([ssum([smul(Q[i][j], e[j]) for j in range(nx)]) for i in range(nx)] if t > 0 else [0.0] * nx) + \
-                 [ssum([smul(R[i][j], U[t][j]) for j in range(nu)]) for i in range(nu)]
-            gr = list(cg)
-            if t > 0:
-                gr[:nx] = [sadd(gr[i], mu[t - 1][i]) for i in range(nx)]
-            if t < T - 1:
-                J = fJ[t][1]
-                for k in range(nx if t == 0 else 0, n):
-                    gr[k] = ssub(gr[k], ssum([smul(J[i][k], mu[t][i]) for i in range(nx)]))
-            for j in range(nu):
-                gr[nx + j] = sadd(gr[nx + j], mu_in[t][j] - mu_in[t][nu + j])
-            grad.append(gr)
-            cgrad.append(cg)
-            # D_t = W + rho (J^T J + I_x [t >= 1] + diag_u(active rows)), x_0 rows/cols -> identity
-            Dt = [[0.0] * n for _ in range(n)]
-            for k in range(n):
-                for l in range(n):
-                    if t == 0 and (k < nx or l < nx):
-                        Dt[k][l] = 1.0 if k == l else 0.0
-                        continue
-                    c: Sc = 0.0
-                    if t < T - 1:
-                        J = fJ[t][1]
-                        c = ssum([smul(J[i][k], J[i][l]) for i in range(nx)])
-                    if k == l and k < nx and t > 0:
-                        c = sadd(c, 1.0)
-                    if k == l and k >= nx:
-                        c = sadd(c, act[t][k - nx] + act[t][nu + k - nx])
-                    w = Q[k][l] if (k < nx and l < nx) else (R[k - nx][l - nx] if (k >= nx and l >= nx) else 0.0)
-                    Dt[k][l] = sadd(w, smul(rho, c))
-            D.append(Dt)
-            if t < T - 1:
-                J = fJ[t][1]
-                L.append([[0.0 if (t == 0 and l < nx) else smul(-1.0, smul(rho, J[k][l])) for l in range(n)]
-                          for k in range(nx)] + [[0.0] * n for _ in range(nu)])
-        # ---- rare-path inputs, zero on a first attempt (see CompiledSolver._step): the regularisation
-        # H + reg max|diag H| I after a failed factorisation, and the extra active rows `extra0` of the
-        # active-set prediction (their PHR quadratic added to the model, as _newton_direction's re-solve)
-        scale = _absmax([D[t][k][k] for t in range(T) for k in range(n)], rho).clamp_min(1.0)
-        rs = reg * scale
-        EX = _cols(extra0)
-        D = [[[sadd(D[t][k][l], rs + rho * (EX[t][k - nx] + EX[t][nu + k - nx])) if (k == l and k >= nx)
-               else (sadd(D[t][k][l], rs) if (k == l and not (t == 0 and k < nx)) else D[t][k][l])
-               for l in range(n)] for k in range(n)] for t in range(T)]
-        ge = [[sadd(grad[t][k], s[t][k - nx] * EX[t][k - nx] - s[t][nu + k - nx] * EX[t][nu + k - nx])
-               if k >= nx else grad[t][k] for k in range(n)] for t in range(T)]
-        # ---- Newton direction (block-tridiagonal Cholesky); a failed or non-finite one is zeroed
-        z, fok = _btri_solve(D, L, ge)
-        fin = functools.reduce(torch.logical_and, [torch.isfinite(v) for row in z for v in row
-                                                   if isinstance(v, torch.Tensor)])
-        good = fok & fin
-        zero = torch.zeros_like(rho)
-        dz = [[0.0 if type(v) is float else torch.where(good, -v, zero) for v in z[t]] for t in range(T)]
-        fbs = ~fok | ~good | (reg > 0)
-        # active-set prediction: inactive rows that this step would make active (lam + rho (g + G dz) > 0)
-        new_rows = [[((s[t][r] + rho * (dz[t][nx + r % nu] if r < nu else -dz[t][nx + r % nu])) > 0)
-                     & (act[t][r] == 0) & (EX[t][r] == 0) for r in range(2 * nu)] for t in range(T)]
-        redo = active & good & functools.reduce(torch.logical_or, [v for row in new_rows for v in row])
-        extra_next = torch.maximum(extra0, _stack([[v.to(x.dtype) for v in row] for row in new_rows], rho))
-        # ---- exit tests measured at the linearisation point
-        dres_s = _absmax([v for r in grad for v in r], rho) / (
-            1.0 + torch.maximum(_absmax([v for r in cgrad for v in r], rho),
-                                torch.maximum(_absmax([v for r in mu for v in r], rho),
-                                              _absmax([v for r in mu_in for v in r], rho))))
-        tol_s = cfg.newton_tol * (1.0 + torch.maximum(x.abs().amax((0, 1)), u.abs().amax((0, 1))))
-        step_norm = _absmax([v for r in dz for v in r], rho)
-        gdz = ssum([smul(grad[t][k], dz[t][k]) for t in range(T) for k in range(n)])
-        small = (step_norm <= tol_s) | (_full(gdz, rho).abs() <= 1e-13 * (1.0 + m0.abs()))
-        # ---- line search: alpha = alpha0 (1, 1/2, ..., 2^-(K-1)) down to 2^-line_search_steps; the largest with
-        # a strict merit decrease (the caller continues with smaller alpha0 where none of the K has one)
-        amin = 0.5 ** cfg.line_search_steps
-        al = alpha0 * (0.5 ** torch.arange(self._K, dtype=x.dtype, device=x.device))[:, None]  # (K, B)
-        Xk = [[X[t][i] if type(dz[t][i]) is float else X[t][i] + al * dz[t][i] for i in range(nx)] for t in range(T)]
-        Uk = [[U[t][j] + al * dz[t][nx + j] for j in range(nu)] for t in range(T)]
-        mk = self._merit_from(self._cost(Xk, Uk, TH), self._defects(Xk, Uk), self._g(Uk), LE, LI, rho)
-        okk = (mk < m0) & torch.isfinite(mk) & (al >= amin)
-        ok = okk.any(0)
-        alpha = torch.where(okk, al, torch.zeros_like(al)).amax(0)
-        ls_more = active & good & ~ok & (alpha0 * 0.5 ** self._K >= amin)
-        Xn = [[X[t][i] if type(dz[t][i]) is float else X[t][i] + alpha * dz[t][i] for i in range(nx)]
-              for t in range(T)]
-        Un = [[U[t][j] + alpha * dz[t][nx + j] for j in range(nu)] for t in range(T)]
-        dn, gn = self._defects(Xn, Un), self._g(Un)
-        rate = step_norm / prev_step
-        small = small | ((alpha == 1.0) & torch.isfinite(prev_step) & (rate < 1.0)
-                         & (rate / (1.0 - rate) * step_norm <= tol_s))
-        res = torch.sqrt(ssum([v * v for r in dn for v in r]) + ssum([v.clamp_min(0.0) ** 2 for r in gn for v in r]))
-        small = small | ((exit_residual > 0) & ok & (res <= exit_residual))
-        done = small | ~ok
-        nfs = ~torch.isfinite(m0)
-        # ---- masked update, then the dual update the AL iteration makes if this was its last Newton step
-        nf_o = nf | (active & nfs)
-        d_o = torch.where(active, _stack(dn, rho), d_cur)
-        g_o = torch.where(active, _stack(gn, rho), g_cur)
-        return ((torch.where(active, _stack(Xn, rho), x), torch.where(active, _stack(Un, rho), u),
-                 steps + (active & ok).long(), torch.where(active, small, small_exit),
-                 torch.where(active, dres_s, dres), fb | (active & fbs), nf_o,
-                 torch.where(active, alpha * step_norm, prev_step), d_o, g_o, active & ~done, active & ~good, redo,
-                 extra_next, ls_more)
-                + self._dual(lam_eq, lam_in, rho, d_o, g_o, run, nf_o, al_iters, last_eq, last_in, last_rho, rho_cap))
 
     def _dual(self, lam_eq, lam_in, rho, d_cur, g_cur, run, nf, al_iters, last_eq, last_in, last_rho, rho_cap):
         """Dual and penalty update of the ``run (B,)`` samples; which samples run the next AL iteration."""
@@ -574,122 +619,140 @@ class CompiledSolver:
             through the iterations: use :func:`solve`), bad ``iters`` / ``exit_residual``.
         """
         problem, cfg = self.problem, self._cfg
-        _check_inputs(problem, x0, theta)
-        gradient = cfg.gradient if gradient is None else gradient
-        if gradient not in ("implicit", "final_implicit", "unroll"):
-            raise ConfigError(f"gradient must be 'implicit' or 'final_implicit', got {gradient!r}")
-        hessian = _check_hessian(cfg, hessian, gradient)
-        if not isinstance(iters, int) or iters < 0:
-            raise ConfigError(f"iters must be an int >= 0, got {iters!r}")
-        exit_residual = _exit_residual(cfg, exit_residual)
+        check_inputs(problem, x0, theta)
+        gradient = check_gradient(cfg, gradient, ("implicit", "final_implicit"))
+        hessian = check_hessian(cfg, hessian, gradient)
+        check_iters(iters)
+        exit_residual = exit_residual_of(cfg, exit_residual)
         needs_grad = torch.is_grad_enabled() and (x0.requires_grad or theta.requires_grad)
         if needs_grad and gradient == "unroll":
             raise ConfigError("CompiledSolver does not support gradient='unroll' (autograd through the "
                               "iterations); use deqmpc_gym.mpc.solve, or gradient='implicit' / 'final_implicit'")
-        dt = cfg.dtype
-        x0c, thc = x0.to(dt), theta.to(dt)
-        x0d, thd = x0c.detach(), thc.detach()
-        b = x0.shape[0]
-        if state is None:
-            state = init_state(problem, x0d, thd)
-        else:
-            _check_state(problem, state, b)
-            if state.lam_ineq.shape[2] != 2 * self._nu:
-                raise ConfigError(f"state.lam_ineq has {state.lam_ineq.shape[2]} rows per knot; this problem has "
-                                  f"{2 * self._nu} (control bounds)")
-        bp = 1 << (b - 1).bit_length() if self.pad_batches else b  # the compiled batch size
+        x0c, thc = x0.to(cfg.dtype), theta.to(cfg.dtype)
+        state = self._start_state(x0c.detach(), thc.detach(), state)
         with torch.no_grad():
-            # contiguous inputs: the compiled functions are specialised to their inputs' strides
-            st = [v.detach().to(x0d).contiguous() for v in (state.x, state.u, state.lam_eq, state.lam_ineq, state.rho)]
-            x0d, thd = x0d.contiguous(), thd.contiguous()
-            if bp != b:  # pad with copies of sample 0 (dropped again below)
-                x0d, thd, *st = (torch.cat([v, v[:1].expand(bp - b, *v.shape[1:])]) for v in (x0d, thd, *st))
-            b_in, b = b, bp
-            rho_cap = self._scalar(cfg.rho_max if stop_at_rho_max else math.inf, dt, x0d.device)
-            exit_t = self._scalar(exit_residual, dt, x0d.device)
-            # internally batch-last: x (T, nx, B), u (T, nu, B), theta, lam_eq (T-1, nx, B), lam_in (T, 2nu, B)
-            consts = self._constants(b, dt, x0d.device)
-            S = dict(consts)
-            S.update(zip(_PREP, self._call("prepare", x0d, thd, *st, rho_cap)))
-            for _ in range(iters):
-                if not bool(S["run"].any()):
+            loop, consts, settings = self._begin(x0c.detach(), thc.detach(), state, stop_at_rho_max, exit_residual)
+            loop = self._iterate(loop, iters, settings, consts)
+            fin = self._call("finish", loop.x, loop.u, loop.theta, loop.lam_eq, loop.lam_in, loop.last_eq,
+                             loop.last_in, loop.small_exit, loop.dres, loop.nf, loop.al_iters)
+        x, u, new_state, info, last = self._answer(loop, consts, fin, x0.shape[0])
+        if needs_grad:
+            x, u = attach_gradient(problem, gradient, hessian, x0c, thc, thc, x, u, last, new_state.lam_ineq, None)
+        return x, u, new_state, info
+
+    def _start_state(self, x0: torch.Tensor, theta: torch.Tensor, state: SolverState | None) -> SolverState:
+        """The call's first state: a cold start, or ``state`` checked (control-bound rows only)."""
+        if state is None:
+            return init_state(self.problem, x0, theta)
+        check_state(self.problem, state, x0.shape[0])
+        if state.lam_ineq.shape[2] != 2 * self._nu:
+            raise ConfigError(f"state.lam_ineq has {state.lam_ineq.shape[2]} rows per knot; this problem has "
+                              f"{2 * self._nu} (control bounds)")
+        return state
+
+    def _begin(self, x0: torch.Tensor, theta: torch.Tensor, state: SolverState, stop_at_rho_max: bool,
+               exit_residual: float) -> tuple[_Loop, dict, _Settings]:
+        """The loop state of the call's start (batch-last; padded to the compiled batch size), the cached starting
+        values it holds, and the call's settings as tensors."""
+        b = x0.shape[0]
+        bp = 1 << (b - 1).bit_length() if self.pad_batches else b  # the compiled batch size
+        dt, dev = self._cfg.dtype, x0.device
+        # contiguous inputs: the compiled functions are specialised to their inputs' strides
+        st = [v.detach().to(x0).contiguous() for v in (state.x, state.u, state.lam_eq, state.lam_ineq, state.rho)]
+        x0, theta = x0.contiguous(), theta.contiguous()
+        if bp != b:  # pad with copies of sample 0 (dropped again by _answer)
+            x0, theta, *st = (torch.cat([v, v[:1].expand(bp - b, *v.shape[1:])]) for v in (x0, theta, *st))
+        settings = _Settings(self._scalar(exit_residual, dt, dev),
+                             self._scalar(self._cfg.rho_max if stop_at_rho_max else math.inf, dt, dev))
+        consts = self._constants(bp, dt, dev)
+        x, u, th, lam_eq, lam_in, rho, run = self._call("prepare", x0, theta, *st, settings.rho_cap)
+        loop = _Loop(x, u, th, lam_eq, lam_in, rho, run, run, consts["inf"], consts["steps"], consts["small_exit"],
+                     consts["dres"], consts["fb"], consts["nf"], consts["d_cur"], consts["g_cur"], consts["al_iters"],
+                     consts["last_eq"], consts["last_in"], consts["last_rho"])
+        return loop, consts, settings
+
+    def _iterate(self, loop: _Loop, iters: int, settings: _Settings, consts: dict) -> _Loop:
+        """``iters`` AL iterations of the running samples: Newton steps (:meth:`_step`) until none is active, then
+        the dual update of the last step's output."""
+        for _ in range(iters):
+            if not bool(loop.run.any()):
+                break
+            loop = loop._replace(active=loop.run.clone(), prev=consts["inf"])  # (aliased inputs would recompile)
+            for _ in range(self._cfg.newton_steps):
+                out = self._step(loop, settings, consts)
+                loop = loop._replace(**{k: getattr(out, k) for k in _CARRY})
+                if not bool(loop.active.any()):
                     break
-                S["active"], S["prev"] = S["run"].clone(), S["inf"]  # (aliased inputs would recompile)
-                for _ in range(cfg.newton_steps):
-                    out = self._step(S, exit_t, rho_cap)
-                    S.update((k, out[i]) for i, k in enumerate(_OUT[:_N_CARRY]))
-                    if not bool(S["active"].any()):
-                        break
-                S.update((k, out[_N_CARRY + _N_RARE + i]) for i, k in enumerate(_DUAL))
-            pres, cost, converged, dres, x, u, lam_eq, lam_in, last_eq, last_in = self._call(
-                "finish", S["x"], S["u"], S["theta"], S["lam_eq"], S["lam_in"], S["last_eq"], S["last_in"],
-                S["small_exit"], S["dres"], S["nf"], S["al_iters"])
+            loop = loop._replace(lam_eq=out.lam_eq, lam_in=out.lam_in, rho=out.rho, nf=out.al_nf,
+                                 al_iters=out.al_iters, last_eq=out.last_eq, last_in=out.last_in,
+                                 last_rho=out.last_rho, run=out.run)
+        return loop
+
+    def _answer(self, loop: _Loop, consts: dict, fin: tuple, b_in: int):
+        """``(x, u, state, info, last)`` of the caller's samples (batch-first) from the final loop state and the
+        outputs of ``finish``."""
+        pres, cost, converged, dres, x, u, lam_eq, lam_in, last_eq, last_in = fin
+
         def own(v: torch.Tensor, k: str = "") -> torch.Tensor:
             """The caller's samples of ``v``, never a cached starting value (when no AL iteration ran)."""
-            v = v if b == b_in else v[:b_in]
-            return v.clone() if k and S[k] is consts.get(k) else v
+            v = v if v.shape[0] == b_in else v[:b_in]
+            return v.clone() if k and getattr(loop, k) is consts.get(k) else v
 
         x, u, lam_eq, lam_in, last_eq, last_in, pres, cost, converged, dres = (
             own(v) for v in (x, u, lam_eq, lam_in, last_eq, last_in, pres, cost, converged, dres))
-        rho, last_rho, al_iters = own(S["rho"]), own(S["last_rho"]), own(S["al_iters"], "al_iters")
+        rho, last_rho, al_iters = own(loop.rho), own(loop.last_rho), own(loop.al_iters, "al_iters")
         new_state = SolverState(x, u, lam_eq, lam_in, rho, None)
-        info = SolveInfo(converged, pres, dres, al_iters, own(S["steps"], "steps"), rho, cost,
-                         own(S["fb"], "fb"), own(S["nf"], "nf"), torch.zeros_like(converged))  # x: the iterate
-        if needs_grad:
-            if gradient == "implicit":
-                x, u = _ImplicitFn.apply(thc, x0c, x, u, problem, (last_eq, last_in, last_rho, al_iters > 0), None,
-                                         thc.detach())
-            else:
-                x, u = _FinalImplicitFn.apply(thc, x0c, x, u, problem, lam_in, None, thc.detach(), hessian)
-        return x, u, new_state, info
+        info = SolveInfo(converged, pres, dres, al_iters, own(loop.steps, "steps"), rho, cost,
+                         own(loop.fb, "fb"), own(loop.nf, "nf"), torch.zeros_like(converged))  # x: the iterate
+        return x, u, new_state, info, LastSubproblem(last_eq, last_in, last_rho, al_iters > 0)
 
-    def _step(self, S: dict, exit_t: torch.Tensor, rho_cap: torch.Tensor) -> tuple:
-        """One Newton step of the ``S["active"]`` samples (one compiled call), then -- only for the samples that
-        need it -- the rare paths of :func:`deqmpc_gym.mpc.solver._newton_direction` and ``_line_search`` as
-        further calls of the same function, merged per sample:
+    def _step(self, loop: _Loop, settings: _Settings, consts: dict) -> _NewtonOut:
+        """One Newton step of the ``loop.active`` samples (one compiled call), then -- only for the samples that
+        need it -- the rare paths of the eager direction and line search as further calls of the same function,
+        merged per sample:
 
         1. a failed factorisation: ``H + mu max|diag H| I`` with ``mu = reg_min``, grown by 1e3 up to twice;
         2. the active-set prediction: re-solve with the predicted rows added (at most twice);
         3. no decrease among the first ``K`` line-search trials: the next ``K`` smaller step lengths, down to
            ``2^-line_search_steps``.
         """
-        zero = S["zero"]
+        zero = consts["zero"]
 
-        def newton(active, reg, extra0, alpha0):
-            return self._call("newton", S["x"], S["u"], S["theta"], S["lam_eq"], S["lam_in"], S["rho"], active,
-                              S["prev"], reg, extra0, alpha0, S["steps"], S["small_exit"], S["dres"], S["fb"],
-                              S["nf"], S["d_cur"], S["g_cur"], exit_t, S["run"], S["al_iters"], S["last_eq"],
-                              S["last_in"], S["last_rho"], rho_cap)
+        def newton(active, reg, extra0, alpha0) -> _NewtonOut:
+            args = _NewtonIn(loop.x, loop.u, loop.theta, loop.lam_eq, loop.lam_in, loop.rho, active, loop.prev, reg,
+                             extra0, alpha0, loop.steps, loop.small_exit, loop.dres, loop.fb, loop.nf, loop.d_cur,
+                             loop.g_cur, settings.exit_residual, loop.run, loop.al_iters, loop.last_eq, loop.last_in,
+                             loop.last_rho, settings.rho_cap)
+            return _NewtonOut(*self._call("newton", *args))
 
-        def merge(take, new, old):
-            return tuple(torch.where(take, a, c) for a, c in zip(new, old))  # batch-last: (B,) broadcasts
+        def merge(take, new: _NewtonOut, old: _NewtonOut) -> _NewtonOut:
+            return _NewtonOut(*(torch.where(take, a, c) for a, c in zip(new, old)))  # batch-last: (B,) broadcasts
 
-        reg, extra0, alpha0 = zero, S["no_extra"], S["one"]
-        out = newton(S["active"], reg, extra0, alpha0)
-        if not bool((out[_I_BAD] | out[_I_REDO] | out[_I_LS]).any()):
+        reg, extra0, alpha0 = zero, consts["no_extra"], consts["one"]
+        out = newton(loop.active, reg, extra0, alpha0)
+        if not bool((out.bad | out.redo | out.ls_more).any()):
             return out
         mu = self._cfg.reg_min
         for _ in range(3):  # 1. regularise failed factorisations
-            fail = out[_I_BAD]
+            fail = out.bad
             if not bool(fail.any()):
                 break
             reg = torch.where(fail, torch.full_like(zero, mu), reg)
             new = newton(fail, reg, extra0, alpha0)
-            out = merge(fail & ~new[_I_BAD], new, out)
-            mu *= _REG_GROWTH
+            out = merge(fail & ~new.bad, new, out)
+            mu *= REG_GROWTH
         for _ in range(2):  # 2. active-set re-solves
-            redo = out[_I_REDO]
+            redo = out.redo
             if not bool(redo.any()):
                 break
-            ex = torch.where(redo, out[_I_EXTRA], extra0)
+            ex = torch.where(redo, out.extra, extra0)
             new = newton(redo, reg, ex, alpha0)
-            take = redo & ~new[_I_BAD]
-            out = merge(take, new, out)
-            out = out[:_I_REDO] + (take & new[_I_REDO],) + out[_I_REDO + 1:]  # a failed re-solve stops re-solving
+            take = redo & ~new.bad
+            out = merge(take, new, out)._replace(redo=take & new.redo)  # a failed re-solve stops re-solving
             extra0 = torch.where(take, ex, extra0)
         scale = 1.0
         while True:  # 3. smaller step lengths
-            more = out[_I_LS]
+            more = out.ls_more
             if not bool(more.any()):
                 break
             scale *= 0.5 ** self._K
@@ -698,14 +761,157 @@ class CompiledSolver:
         return out
 
 
-#: outputs of CompiledSolver._prepare, _newton (carried state, rare-path flags, the dual update) -- by name
-_PREP = ("x", "u", "theta", "lam_eq", "lam_in", "rho", "run")
-_CARRY = ("x", "u", "steps", "small_exit", "dres", "fb", "nf", "prev", "d_cur", "g_cur", "active")
-_RARE = ("bad", "redo", "extra", "ls_more")
-_DUAL = ("lam_eq", "lam_in", "rho", "nf", "al_iters", "last_eq", "last_in", "last_rho", "run")
-_OUT = _CARRY + _RARE + _DUAL
-_N_CARRY, _N_RARE = len(_CARRY), len(_RARE)
-_I_BAD, _I_REDO, _I_EXTRA, _I_LS = (_N_CARRY + i for i in range(_N_RARE))
+class _Settings(NamedTuple):
+    """A call's settings as 0-d tensors (inputs of the compiled functions: python floats would be baked in)."""
+
+    exit_residual: torch.Tensor
+    rho_cap: torch.Tensor  #: ``rho_max`` in streaming calls (samples above it stop), else ``inf``
+
+
+class _Loop(NamedTuple):
+    """The state of a call between compiled calls, batch-last (``(T, m, B)`` and ``(B,)``): the AL subproblem
+    (``x``, ``u``, ``theta``, ``lam_eq``, ``lam_in``, ``rho``), ``run``: the samples running this AL iteration,
+    ``active``: those still in its Newton loop, ``prev``: ``|alpha dz|_inf`` of their last step; the accumulators
+    of :class:`SolveInfo`; ``d_cur``, ``g_cur``: the residuals at the iterate; ``last_*``: the last subproblem."""
+
+    x: torch.Tensor
+    u: torch.Tensor
+    theta: torch.Tensor
+    lam_eq: torch.Tensor
+    lam_in: torch.Tensor
+    rho: torch.Tensor
+    run: torch.Tensor
+    active: torch.Tensor
+    prev: torch.Tensor
+    steps: torch.Tensor
+    small_exit: torch.Tensor
+    dres: torch.Tensor
+    fb: torch.Tensor
+    nf: torch.Tensor
+    d_cur: torch.Tensor
+    g_cur: torch.Tensor
+    al_iters: torch.Tensor
+    last_eq: torch.Tensor
+    last_in: torch.Tensor
+    last_rho: torch.Tensor
+
+
+class _NewtonIn(NamedTuple):
+    """The inputs of the compiled Newton step, in the order the compiled function takes them: the subproblem,
+    the samples stepping and their last step, the rare-path inputs (``reg``, ``extra0``, ``alpha0``: zero, no
+    extra rows and 1 on a first attempt), the Newton loop's accumulators, the AL loop's state, the settings."""
+
+    x: torch.Tensor
+    u: torch.Tensor
+    theta: torch.Tensor
+    lam_eq: torch.Tensor
+    lam_in: torch.Tensor
+    rho: torch.Tensor
+    active: torch.Tensor
+    prev: torch.Tensor
+    reg: torch.Tensor
+    extra0: torch.Tensor
+    alpha0: torch.Tensor
+    steps: torch.Tensor
+    small_exit: torch.Tensor
+    dres: torch.Tensor
+    fb: torch.Tensor
+    nf: torch.Tensor
+    d_cur: torch.Tensor
+    g_cur: torch.Tensor
+    exit_residual: torch.Tensor
+    run: torch.Tensor
+    al_iters: torch.Tensor
+    last_eq: torch.Tensor
+    last_in: torch.Tensor
+    last_rho: torch.Tensor
+    rho_cap: torch.Tensor
+
+
+class _NewtonOut(NamedTuple):
+    """The outputs of the compiled Newton step: the Newton loop's state after the step (``x`` .. ``active``), the
+    rare-path flags (``bad``: the factorisation failed; ``redo``: the active-set prediction asks for a re-solve with
+    the rows ``extra``; ``ls_more``: no decrease among the step lengths tried), and the AL state after the dual
+    update (``lam_eq`` .. ``run``; ``al_nf``: the non-finite flag with the update's)."""
+
+    x: torch.Tensor
+    u: torch.Tensor
+    steps: torch.Tensor
+    small_exit: torch.Tensor
+    dres: torch.Tensor
+    fb: torch.Tensor
+    nf: torch.Tensor
+    prev: torch.Tensor
+    d_cur: torch.Tensor
+    g_cur: torch.Tensor
+    active: torch.Tensor
+    bad: torch.Tensor
+    redo: torch.Tensor
+    extra: torch.Tensor
+    ls_more: torch.Tensor
+    lam_eq: torch.Tensor
+    lam_in: torch.Tensor
+    rho: torch.Tensor
+    al_nf: torch.Tensor
+    al_iters: torch.Tensor
+    last_eq: torch.Tensor
+    last_in: torch.Tensor
+    last_rho: torch.Tensor
+    run: torch.Tensor
+
+
+class _Model(NamedTuple):
+    """The Gauss-Newton model at the iterate, on scalar lists: the merit ``m0``, the multiplier estimates ``mu``
+    (dynamics), ``s = lam + rho g`` and its active rows ``act`` and positive part ``mu_in`` (inequalities), the
+    merit's and the cost's gradients, the Hessian's diagonal and sub-diagonal blocks."""
+
+    m0: torch.Tensor
+    mu: list
+    s: list
+    act: list
+    mu_in: list
+    grad: list
+    cgrad: list
+    D: list
+    L: list
+
+
+class _Direction(NamedTuple):
+    """The Newton direction ``dz`` (zero where not ``good``), the fallback flag, and the active-set prediction:
+    ``redo`` with the rows ``extra``."""
+
+    dz: list
+    good: torch.Tensor
+    fallback: torch.Tensor
+    redo: torch.Tensor
+    extra: torch.Tensor
+
+
+class _Trial(NamedTuple):
+    """The line search: the step length ``alpha`` (0 without a decrease, ``ok`` False), ``ls_more``, the new
+    iterate ``x``, ``u`` and its residuals ``d``, ``g`` (scalar lists)."""
+
+    alpha: torch.Tensor
+    ok: torch.Tensor
+    ls_more: torch.Tensor
+    x: list
+    u: list
+    d: list
+    g: list
+
+
+class _Exit(NamedTuple):
+    """The exit test of a Newton step: ``small`` (the step test passed), the stationarity at the linearisation
+    point and ``|dz|_inf``."""
+
+    small: torch.Tensor
+    dres: torch.Tensor
+    step_norm: torch.Tensor
+
+
+#: the Newton loop's outputs of the compiled step (test hooks read them by name)
+_CARRY = _NewtonOut._fields[:11]
+_I_BAD = _NewtonOut._fields.index("bad")
 
 
 def _default_compile_options() -> dict:

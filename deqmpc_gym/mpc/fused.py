@@ -1,4 +1,5 @@
-"""The fused Gauss-Newton loop: :func:`deqmpc_gym.mpc.solver._newton_loop` as one compiled call per AL iteration.
+"""The fused Gauss-Newton loop: the eager Newton loop of :mod:`deqmpc_gym.mpc.solver` as one compiled call per AL
+iteration.
 
 :mod:`deqmpc_gym.mpc.newton_kernel` holds the per-sample loop; it is appended to the system's generated dynamics
 module and compiled with numba (:func:`deqmpc_gym.systems.kernels.load_module`), once per system and machine.
@@ -59,15 +60,12 @@ def _build(problem: MPCProblem, fresh: bool) -> Any:
 
 def _warm_up(problem: MPCProblem, fn: Any) -> None:
     """One call on a single all-zero sample with the problem's shapes (compiles the kernel for these types)."""
-    from deqmpc_gym.mpc.solver import _Batch  # the solver imports this module: import at call time
-
     t, nx, nu = problem.T, problem.nx, problem.nu
     z = torch.zeros
     f64 = torch.float64
     obs = z(1, t, problem.k, dtype=torch.int64) if problem.k else None
-    bt = _Batch(z(1, t, nx, dtype=f64), z(1, t, nu, dtype=f64), z(1, t, nx, dtype=f64), z(1, t - 1, nx, dtype=f64),
-                z(1, t, problem.n_ineq, dtype=f64), torch.ones(1, dtype=f64), obs)
-    _run(problem, fn, bt, 0.0, 1e3)
+    _run(problem, fn, z(1, t, nx, dtype=f64), z(1, t, nu, dtype=f64), z(1, t, nx, dtype=f64),
+         z(1, t - 1, nx, dtype=f64), z(1, t, problem.n_ineq, dtype=f64), torch.ones(1, dtype=f64), obs, 0.0, 1e3)
 
 
 def usable(problem: MPCProblem, x: torch.Tensor, track_grad: bool) -> bool:
@@ -80,10 +78,13 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().numpy())
 
 
-def newton_loop(problem: MPCProblem, bt: Any, exit_residual: float, reg_growth: float) -> tuple:
-    """The fused equivalent of ``_newton_loop(problem, bt, track_grad=False, ...)``; returns the same tuple (the
-    dynamics at the new iterate are not returned: None)."""
-    return _run(problem, _module(problem).newton_loop, bt, exit_residual, reg_growth)
+def newton_loop(problem: MPCProblem, sub: Any, exit_residual: float, reg_growth: float) -> tuple[torch.Tensor, ...]:
+    """The Newton loop of the AL subproblem ``sub`` (a :class:`~deqmpc_gym.mpc.solver.Subproblem`: ``x``, ``u``,
+    ``theta``, ``lam_eq``, ``lam_in``, ``rho``, ``obs``) without autograd. Returns the fields of
+    :class:`~deqmpc_gym.mpc.solver.NewtonResult` in order, ``(x, u, steps, small_exit, dual_residual, fallback,
+    nonfinite, d, g)`` (the dynamics at the new iterate are not computed)."""
+    return _run(problem, _module(problem).newton_loop, sub.x, sub.u, sub.theta, sub.lam_eq, sub.lam_in, sub.rho,
+                sub.obs, exit_residual, reg_growth)
 
 
 def _problem_data(problem: MPCProblem, x: torch.Tensor, obs_idx: torch.Tensor | None) -> tuple[np.ndarray, tuple]:
@@ -115,11 +116,13 @@ def implicit_solve(problem: MPCProblem, x: torch.Tensor, u: torch.Tensor, ref: t
     return torch.from_numpy(V), torch.from_numpy(cross), torch.from_numpy(ok)
 
 
-def _run(problem: MPCProblem, fn: Any, bt: Any, exit_residual: float, reg_growth: float) -> tuple:
+def _run(problem: MPCProblem, fn: Any, x: torch.Tensor, u: torch.Tensor, theta: torch.Tensor, lam_eq: torch.Tensor,
+         lam_in: torch.Tensor, rho: torch.Tensor, obs_idx: torch.Tensor | None, exit_residual: float,
+         reg_growth: float) -> tuple[torch.Tensor, ...]:
     cfg = problem.config
-    b, t = bt.x.shape[:2]
-    X, U = _np(bt.x), _np(bt.u)
-    obs, P = _problem_data(problem, bt.x, bt.obs)
+    b, t = x.shape[:2]
+    X, U = _np(x), _np(u)
+    obs, P = _problem_data(problem, x, obs_idx)
     XO, UO = np.empty_like(X), np.empty_like(U)
     steps = np.zeros(b, np.int64)
     small, fb, nf = np.zeros(b, np.bool_), np.zeros(b, np.bool_), np.zeros(b, np.bool_)
@@ -129,8 +132,8 @@ def _run(problem: MPCProblem, fn: Any, bt: Any, exit_residual: float, reg_growth
     settings = (cfg.newton_steps, float(cfg.newton_tol), float(exit_residual), cfg.line_search_steps,
                 float(cfg.reg_min), float(reg_growth))
     with np.errstate(all="ignore"):
-        fn(X, U, _np(bt.theta), _np(bt.lam_eq), _np(bt.lam_in), _np(bt.rho), obs, P, settings, XO, UO, steps, small,
-           dres, fb, nf, DO, GO)
+        fn(X, U, _np(theta), _np(lam_eq), _np(lam_in), _np(rho), obs, P, settings, XO, UO, steps, small, dres, fb,
+           nf, DO, GO)
     f = torch.from_numpy
-    return f(XO), f(UO), f(steps), f(small), f(dres), f(fb), f(nf), (f(DO), f(GO)), None
+    return f(XO), f(UO), f(steps), f(small), f(dres), f(fb), f(nf), f(DO), f(GO)
 

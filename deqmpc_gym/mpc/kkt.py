@@ -85,7 +85,7 @@ def multipliers(problem: MPCProblem, x: torch.Tensor, u: torch.Tensor, ref: torc
 def _multipliers(problem: MPCProblem, x, u, ref, A, Ga, act, S) -> tuple[torch.Tensor, torch.Tensor]:
     c = problem.consts(x)
     b, T, mi = x.shape[0], problem.T, Ga.shape[2]
-    th, du = problem._split_ref(u, ref)
+    th, du = problem.split_ref(u, ref)
     cg = torch.cat([(x - th) @ c.Q, du @ c.R], -1)  # (B,T,n) cost gradient
     sg = torch.einsum("btnm,btn->bm", S, cg)  # reduced cost gradient
     C = (Ga @ S).reshape(b, T * mi, -1)

@@ -4,9 +4,9 @@ This file is not imported to run. :mod:`deqmpc_gym.mpc.fused` appends its text t
 module (:mod:`deqmpc_gym.systems.kernels`, which defines ``step(X, U, Y)`` and ``step_jac(X, U, Y, J)`` on rows)
 and compiles the result with numba, so that numba's disk cache holds one module per system.
 
-The loop is the algorithm of :func:`deqmpc_gym.mpc.solver._newton_loop` (with :meth:`~deqmpc_gym.mpc.MPCProblem.
-linearize`, :func:`~deqmpc_gym.mpc.solver._newton_direction` and :func:`~deqmpc_gym.mpc.solver._line_search`)
-written per sample instead of per batch: the same merit, Gauss-Newton model, regularisation fallback, active-set
+The loop is the algorithm of the eager Newton loop of :mod:`deqmpc_gym.mpc.solver` (its steps: the linearisation
+:meth:`~deqmpc_gym.mpc.MPCProblem.linearize`, the direction, the line search, the exit test) written per sample
+instead of per batch: the same merit, Gauss-Newton model, regularisation fallback, active-set
 prediction, backtracking and exit tests, on float64 numpy arrays. Inequality rows per knot: the ``2 nu`` control
 bounds, then ``k`` obstacle rows (nearest obstacles ``obs``; knot 0 holds inactive dummies).
 """

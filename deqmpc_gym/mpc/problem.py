@@ -37,6 +37,20 @@ from deqmpc_gym.systems.obstacles import nearest_obstacles
 Constraint = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def phr_equality(lam: torch.Tensor, d: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """The merit's term of equality rows, elementwise: ``(lam + rho/2 d) d`` (``rho`` broadcast to ``d``). The
+    eager merit (:meth:`MPCProblem.merit_from`, batched tensors) and the compiled one (per-sample scalars) both
+    take their terms from here."""
+    return (lam + (0.5 * rho) * d) * d
+
+
+def phr_inequality(lam: torch.Tensor, g: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """The merit's PHR term of inequality rows, elementwise: ``(lam + rho/2 g) g`` where ``s = lam + rho g > 0``,
+    else ``-lam^2 / (2 rho)`` (``rho`` broadcast to ``g``)."""
+    s = lam + rho * g
+    return torch.where(s > 0, (lam + (0.5 * rho) * g) * g, lam * lam * (-0.5 / rho))
+
+
 def _as_matrix(name: str, value, size: int, default) -> np.ndarray:
     v = np.asarray(default if value is None else (value.detach().cpu().numpy() if isinstance(value, torch.Tensor)
                                                    else value), dtype=np.float64)
@@ -60,6 +74,13 @@ def _as_vector(name: str, value, size: int, default) -> np.ndarray:
         v = np.full(size, float(v))
     if v.shape != (size,):
         raise ShapeError(f"{name} must have shape ({size},), got {v.shape}")
+    return v
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A view of ``a`` that cannot be written to."""
+    v = a.view()
+    v.flags.writeable = False
     return v
 
 
@@ -175,6 +196,26 @@ class MPCProblem:
 
     # ------------------------------------------------------------------ constants
     @property
+    def Q(self) -> np.ndarray:
+        """``(nx, nx)`` state weight (read-only)."""
+        return _read_only(self._Q)
+
+    @property
+    def R(self) -> np.ndarray:
+        """``(nu, nu)`` control weight (read-only)."""
+        return _read_only(self._R)
+
+    @property
+    def u_low(self) -> np.ndarray:
+        """``(nu,)`` lower control bounds (read-only)."""
+        return _read_only(self._u_low)
+
+    @property
+    def u_high(self) -> np.ndarray:
+        """``(nu,)`` upper control bounds (read-only)."""
+        return _read_only(self._u_high)
+
+    @property
     def n_ineq(self) -> int:
         """Inequality rows per knot ``2 nu + k + m_user`` (``m_user`` is known after the first evaluation)."""
         return 2 * self.nu + self.k + (self.m_user or 0)
@@ -269,7 +310,7 @@ class MPCProblem:
             self.m_user = hs.shape[-1]
         return hs, (torch.cat([o[1] for o in outs], -2) if jac else None)
 
-    def _split_ref(self, u: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_ref(self, u: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(theta (B,T,nx), u - u_ref (B,T,nu))`` of a reference ``theta``: ``(B,T,nx)`` waypoints (``u_ref = 0``)
         or ``(B,T,nx+nu)`` waypoints and control reference ``[theta | u_ref]``."""
         if theta.shape[-1] == self.nx:
@@ -280,7 +321,7 @@ class MPCProblem:
         """Tracking cost ``(B,)``: ``1/2 sum_t (x_t-theta_t)^T Q (x_t-theta_t) + 1/2 sum_t (u_t-u_ref_t)^T R
         (u_t-u_ref_t)``; ``theta``: ``(B,T,nx)`` waypoints (``u_ref = 0``) or ``(B,T,nx+nu)`` ``[theta | u_ref]``."""
         c = self.consts(x)
-        th, u = self._split_ref(u, theta)
+        th, u = self.split_ref(u, theta)
         e = x - th
         if c.w_diag is not None:  # diagonal weights: elementwise (fewer small kernels)
             return (e * e * c.q_half).sum((1, 2)) + (u * u * c.r_half).sum((1, 2))
@@ -306,15 +347,16 @@ class MPCProblem:
         """``(M (B,), d (B,T-1,nx), g (B,T,mi))``: the merit with the defects and inequality residuals it used."""
         d = self.defects(x, u)
         g, _ = self.ineq(x, u, obs_idx, jac=False)
-        return self._merit_from(self.cost(x, u, theta), d, g, lam_eq, lam_in, rho), d, g
+        return self.merit_from(self.cost(x, u, theta), d, g, lam_eq, lam_in, rho), d, g
 
     @staticmethod
-    def _merit_from(cost, d, g, lam_eq, lam_in, rho):
+    def merit_from(cost: torch.Tensor, d: torch.Tensor, g: torch.Tensor, lam_eq: torch.Tensor, lam_in: torch.Tensor,
+                   rho: torch.Tensor) -> torch.Tensor:
+        """The merit ``M (B,)`` from the cost ``(B,)``, defects ``d (B,T-1,nx)``, inequality residuals ``g (B,T,mi)``,
+        multipliers of the same shapes and the penalty ``rho (B,)`` (:func:`phr_equality`, :func:`phr_inequality`)."""
         r = rho.view(-1, 1, 1)
-        hr = 0.5 * r
-        s = lam_in + r * g
-        term = torch.where(s > 0, (lam_in + hr * g) * g, lam_in * lam_in * (-0.5 / r))
-        return cost + ((lam_eq + hr * d) * d).sum((1, 2)) + term.sum((1, 2))
+        term = phr_inequality(lam_in, g, r)
+        return cost + phr_equality(lam_eq, d, r).sum((1, 2)) + term.sum((1, 2))
 
     def violation(self, x: torch.Tensor, u: torch.Tensor, obs_idx) -> torch.Tensor:
         """``(B,)`` max(|dynamics defect|, max(inequality residual, 0))."""
@@ -368,7 +410,7 @@ class MPCProblem:
         alone, for multipliers ``mu (B,T-1,nx)``, ``mu_in (B,T,mi)``, ``ABt = [A B]^T (B,T-1,n,nx)``,
         ``G (B,T,mi,n)``."""
         c = self.consts(x)
-        theta, u = self._split_ref(u, theta)
+        theta, u = self.split_ref(u, theta)
         if c.w_diag is not None:
             cgrad = torch.cat([x - theta, u], -1) * c.w_diag
         else:
@@ -475,7 +517,7 @@ class MPCProblem:
         cost = self.cost(x, u, theta)
         lin = Linearization()
         lin.cost = cost
-        lin.merit = self._merit_from(cost, d, g, lam_eq, lam_in, rho)
+        lin.merit = self.merit_from(cost, d, g, lam_eq, lam_in, rho)
         mu = lam_eq + r * d  # (B,T-1,nx)
         s = lam_in + r * g
         act = s > 0
