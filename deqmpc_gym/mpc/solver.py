@@ -60,7 +60,7 @@ from deqmpc_gym.mpc.problem import Linearization, MPCProblem
 __all__ = ["EagerSolver", "NewtonResult", "SolveInfo", "SolverState", "Subproblem", "init_state", "shooting_kkt",
            "solve"]
 
-# the autograd functions under their former names (benchmarks/training.py times their backward)
+# the autograd functions under the names benchmarks/training.py times their backward by
 _ImplicitFn, _FinalImplicitFn = ImplicitFn, FinalImplicitFn
 
 
