@@ -65,7 +65,10 @@ def make_batch(system, B, T, seed=0, noise=0.1):
     return x0, torch.stack(xs, 1) + noise * torch.tensor(rng.standard_normal((B, T, system.nx)))
 
 
-def mpc_pytorch_solver(system, x0, theta, lqr_iter=20):
+def mpc_pytorch_solver(system, x0, theta, lqr_iter=20, u_ref=None, u_init=None):
+    """A cold (or, with ``u_init (B, T, nu)``, warm-started) mpc.pytorch solve of the tracking problem of
+    ``x0 (B, nx)``, ``theta (B, T, nx)`` with the control reference ``u_ref (nu,)`` (default 0), as a function
+    returning ``(x (B, T, nx), u (B, T, nu))``."""
     from mpc import mpc as mp
     from mpc.mpc import GradMethods, QuadCost
 
@@ -74,7 +77,9 @@ def mpc_pytorch_solver(system, x0, theta, lqr_iter=20):
     Q = torch.tensor(system.Q_diag, dtype=torch.float64)
     R = torch.tensor(system.R_diag, dtype=torch.float64)
     C = torch.diag(torch.cat([Q, R])).expand(T, B, nx + nu, nx + nu)
-    c = torch.cat([-(theta * Q), torch.zeros(B, T, nu, dtype=torch.float64)], -1).transpose(0, 1)
+    cu = torch.zeros(B, T, nu, dtype=torch.float64) if u_ref is None else (-(u_ref * R)).expand(B, T, nu)
+    c = torch.cat([-(theta * Q), cu], -1).transpose(0, 1)
+    ui = None if u_init is None else u_init.transpose(0, 1).contiguous()
     ul = torch.tensor(system.u_low, dtype=torch.float64).expand(T, B, nu)
     uh = torch.tensor(system.u_high, dtype=torch.float64).expand(T, B, nu)
 
@@ -85,8 +90,8 @@ def mpc_pytorch_solver(system, x0, theta, lqr_iter=20):
     dyn = Dyn()
 
     def run():
-        ctrl = mp.MPC(nx, nu, T, u_lower=ul, u_upper=uh, lqr_iter=lqr_iter, exit_unconverged=False, eps=1e-4,
-                      n_batch=B, grad_method=GradMethods.AUTO_DIFF, verbose=-1, backprop=False)
+        ctrl = mp.MPC(nx, nu, T, u_lower=ul, u_upper=uh, u_init=ui, lqr_iter=lqr_iter, exit_unconverged=False,
+                      eps=1e-4, n_batch=B, grad_method=GradMethods.AUTO_DIFF, verbose=-1, backprop=False)
         x, u, objs = ctrl(x0, QuadCost(C, c), dyn)
         return x.transpose(0, 1), u.transpose(0, 1)
 

@@ -1,8 +1,8 @@
 """A suite of MPC problems the solver's defaults were not tuned on, solved cold and checked against IPOPT.
 
-Run:  python benchmarks/solver_suite.py [--B 200] [--split report|tune|both] [--problems pendulum,cartpole,quadrotor]
-      [--horizons 5,10,20] [--rho-init 1] [--iters 30] [--threads 1] [--mpc-pytorch]
-Writes a markdown table to stdout and benchmarks/results/solver_suite.json.
+Run:  python benchmarks/solver_suite.py [--B 200] [--split report|tune] [--problems pendulum,cartpole,quadrotor]
+      [--horizons 5,10,20] [--rho-init 1] [--iters 30] [--threads 1] [--mpc-pytorch] [--reps 3]
+Writes a markdown table to stdout and benchmarks/results/solver_suite_<split>.json.
 
 Three user-defined systems, each written as a new user would write it: the dynamics only (``_deriv`` with the
 ``ops`` namespace, RK4 by :func:`~deqmpc_gym.systems.base.rk4`), no hand-written Jacobians:
@@ -40,8 +40,16 @@ Columns (ours: ``solve(problem, x0, theta, iters=STANDALONE_ITERS, stop_when_con
   record also keeps the exact gradient's error at the standalone answers (``grad_exact_standalone``, solved to
   ``tol_shooting = 1e-5``); ``bwd exact / GN``: the backward's time at batch B with
   the exact Hessian over the Gauss-Newton one;
-* ``time ratio``: our time / IPOPT's time over the same B instances (IPOPT one instance at a time) -- measured side
-  by side in one process, so a ratio is meaningful on a loaded machine where absolute times are not.
+* ``time B / IPOPT B``: our time at batch B over IPOPT's time for the same B instances one at a time (its solve
+  calls, extrapolated from the first 20); ``time 1 / IPOPT 1``: our time over IPOPT's on the first 20 instances,
+  both one instance at a time (:func:`time_single`) -- measured side by side in one process, medians of
+  ``--reps``, so a ratio is meaningful on a loaded machine where absolute times are not;
+* with ``--mpc-pytorch`` (:func:`compare_mpc_pytorch`; ``pip install --no-deps mpc==0.0.6``): our cold time at
+  batch B beside mpc.pytorch's on the same problems (``ours_vs_mpcpytorch_cold`` = its time / ours), mpc.pytorch's
+  answers against IPOPT (``mpcpytorch_ok``, ``mpcpytorch_gap_max``), and the next control step warm-started:
+  ours by 2 AL iterations (``warm``: the default ``MPCConfig``; ``stream``: ``act()``'s streaming exits) against
+  mpc.pytorch warm-started by ``u_init`` (``ours_warm_vs_mpcpytorch_warm``, ``..._cold``: against its cold time),
+  with the warm answers' cost difference to mpc.pytorch's.
 """
 
 from __future__ import annotations
@@ -50,8 +58,11 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +74,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from deqmpc_gym.io import atomic_write_text  # noqa: E402
 from deqmpc_gym.mpc import STANDALONE_ITERS, MPCConfig, MPCProblem, solve  # noqa: E402
+from deqmpc_gym.policies import PolicyConfig  # noqa: E402
 from deqmpc_gym.systems.base import System, rk4  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -510,9 +522,145 @@ def time_ipopt(inst: Instances, n: int) -> float:
                for i in range(n))
 
 
+def alternating_medians(fns: list[Callable[[], object]], reps: int, warmup: bool = True) -> list[float]:
+    """Median wall times [s] of ``reps`` calls of each of ``fns``, the functions called in turn (after one untimed
+    warm-up call each with ``warmup``), so that a change of the machine's load falls on all of them alike."""
+    for f in fns if warmup else ():
+        f()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for f, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def mpc_pytorch_run(inst: Instances, u_init: torch.Tensor | None = None) -> Callable[[], tuple]:
+    """mpc.pytorch's solve of the instances as a function returning ``(x (B, T, nx), u (B, T, nu))`` (detached).
+
+    The problem of ``benchmarks/solver.py``'s comparison (:func:`solver.mpc_pytorch_solver`: the same weights,
+    bounds, control reference and dynamics ``system.step``, Jacobians by its ``AUTO_DIFF``) with its settings there:
+    at most ``lqr_iter = 20`` iLQR iterations, its exit test ``max |du| < eps = 1e-4`` and its other defaults
+    (line search, best iterate per sample). The cold start is its default ``u = 0``, or ``u = u_ref`` when the
+    problem has a control reference (as ours and IPOPT's); ``u_init (B, T, nu)`` warm-starts it."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    try:
+        from solver import mpc_pytorch_solver
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise SystemExit("--mpc-pytorch needs mpc.pytorch: pip install --no-deps mpc==0.0.6") from e
+
+    system = SYSTEMS[inst.name]()
+    B = inst.x0.shape[0]
+    has_ref = bool((inst.u_ref != 0).any())
+    if u_init is None and has_ref:
+        u_init = inst.u_ref.expand(B, inst.T, system.nu)
+    run = mpc_pytorch_solver(system, inst.x0, inst.theta, u_ref=inst.u_ref if has_ref else None, u_init=u_init)
+
+    def call() -> tuple:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            x, u = run()
+        return x.detach(), u.detach()
+
+    return call
+
+
+#: standard deviation of the move of the warm call's initial state away from the planned next state
+WARM_NOISE = 0.01
+
+
+def compare_mpc_pytorch(inst: Instances, pb: MPCProblem, iters: int, ref_cost: np.ndarray, reps: int) -> dict:
+    """Our solver beside mpc.pytorch on the instances, timed alternately (medians of ``reps``):
+
+    * cold, B = all instances: ours as :func:`solve_suite` against :func:`mpc_pytorch_run`, with mpc.pytorch's
+      answers checked against IPOPT's costs ``ref_cost (B,)`` as ours are (:func:`evaluate`);
+    * warm MPC-m: the next control step -- x0 moved to the planned next state ``x_1`` plus noise of standard
+      deviation :data:`WARM_NOISE`, the waypoints shifted -- solved by ``m = 2`` AL iterations from our shifted cold
+      solution (``SolverState.shift``, as ``DEQMPCPolicy.act()`` warm-starts) with the default ``MPCConfig`` (the
+      settings of warm-started calls), *warm*, and with ``act()``'s streaming exits (``stop_at_rho_max``,
+      ``stream_exit_residual``), *stream*; against mpc.pytorch warm-started by ``u_init`` = its own shifted cold
+      solution (otherwise its cold settings). All solve the same problem; the record gives the time ratios to
+      mpc.pytorch's warm and cold calls and the relative cost difference of the warm answers (rollout costs, ours
+      minus mpc.pytorch's: negative where ours is lower).
+    """
+    system = SYSTEMS[inst.name]()
+    B, T = inst.x0.shape[0], inst.T
+    kw: dict[str, Any] = {"u_ref": inst.u_ref} if bool((inst.u_ref != 0).any()) else {}
+    out: dict[str, Any] = {}
+
+    def ours_cold() -> None:
+        with torch.no_grad():
+            out["ours"] = solve(pb, inst.x0, inst.theta, iters=iters, stop_when_converged=True, **kw)
+
+    mp_cold = mpc_pytorch_run(inst)
+    # no warm-up calls: ours is compiled and warm from the solves before, mpc.pytorch compiles nothing
+    t_ours, t_mp = alternating_medians([ours_cold, lambda: out.__setitem__("mp", mp_cold())], reps, warmup=False)
+    x, _, st, _ = out["ours"]
+    xm, um = out["mp"]
+    ev = evaluate(inst, xm, um, torch.ones(B, dtype=torch.bool), ref_cost)
+    row: dict[str, Any] = {
+        "ours_cold_s": t_ours, "mpcpytorch_cold_s": t_mp, "ours_vs_mpcpytorch_cold": t_mp / t_ours,
+        "mpcpytorch_ok": ev["ok"], "mpcpytorch_gap_max": ev["gap_max"], "mpcpytorch_gap_median": ev["gap_median"],
+        "mpcpytorch_xu_max": ev["xu_max"],
+    }
+    # warm MPC-m: the next control step from a slightly moved x0, with the settings of a warm-started
+    # receding-horizon call (the default MPCConfig, DEQMPCPolicy.act()'s; benchmarks/solver.py's warm column)
+    g = torch.Generator().manual_seed(7 + T)
+    x1 = x[:, 1] + WARM_NOISE * torch.randn(B, system.nx, generator=g, dtype=x.dtype)
+    th1 = torch.cat([inst.theta[:, 1:], inst.theta[:, -1:]], 1)
+    pw = MPCProblem(system, MPCConfig(horizon=T))
+    warm = st.shift(pw, x_last=th1[:, -1])
+    stream = st.shift(pw, x_last=th1[:, -1], iters_remaining=2)
+    exit_residual = PolicyConfig().stream_exit_residual
+
+    def ours_warm() -> None:
+        with torch.no_grad():
+            out["ours_warm"] = solve(pw, x1, th1, state=warm, iters=2, **kw)
+
+    def ours_stream() -> None:
+        with torch.no_grad():
+            out["ours_stream"] = solve(pw, x1, th1, state=stream, iters=2, stop_at_rho_max=True,
+                                       exit_residual=exit_residual, **kw)
+
+    um_shifted = torch.cat([um[:, 1:], um[:, -1:]], 1)
+    mp_warm = mpc_pytorch_run(Instances(inst.name, T, x1, th1, inst.u_ref), u_init=um_shifted)
+    t_ow, t_os, t_mw = alternating_medians(
+        [ours_warm, ours_stream, lambda: out.__setitem__("mp_warm", mp_warm())], reps, warmup=False)
+    uw = out["mp_warm"][1]
+    c_m = suite_cost(system, rollout(system, x1, uw), uw, th1, inst.u_ref)
+    row.update({"ours_warm_s": t_ow, "ours_stream_s": t_os, "mpcpytorch_warm_s": t_mw})
+    for key, t in (("warm", t_ow), ("stream", t_os)):
+        uo = out[f"ours_{key}"][1]
+        c_o = suite_cost(system, rollout(system, x1, uo), uo, th1, inst.u_ref)
+        rel = ((c_o - c_m) / c_m.abs().clamp_min(1e-12)).numpy()
+        row.update({f"ours_{key}_vs_mpcpytorch_warm": t_mw / t, f"ours_{key}_vs_mpcpytorch_cold": t_mp / t,
+                    f"{key}_cost_vs_mpcpytorch_median": float(np.median(rel)),
+                    f"{key}_cost_vs_mpcpytorch_max": float(rel.max())})
+    return row
+
+
+def time_single(inst: Instances, pb: MPCProblem, iters: int, n: int, reps: int) -> tuple[float, float]:
+    """``(ours, IPOPT)``: medians over ``reps`` of the seconds to solve the first ``n`` instances one at a time
+    (B = 1), ours as :func:`solve_suite`, IPOPT as :func:`time_ipopt`, the two alternating."""
+    ones = [Instances(inst.name, inst.T, inst.x0[i:i + 1], inst.theta[i:i + 1], inst.u_ref) for i in range(n)]
+    ipopt: list[float] = []
+
+    def ours() -> None:
+        for one in ones:
+            solve_suite(one, pb, iters)
+
+    def ip() -> None:
+        ipopt.append(time_ipopt(inst, n))
+
+    t_ours, _ = alternating_medians([ours, ip], reps)
+    # IPOPT's own solve times (not the wall time of building its problems), as time_ipopt measures them
+    return t_ours, statistics.median(ipopt[1:])
+
+
 def run(problems: list[str], horizons: list[int], B: int, split: str, iters: int, overrides: dict,
-        time_ratio: bool = True, gradients: bool = True) -> list[dict]:
-    """The suite's rows (one per problem and horizon)."""
+        time_ratio: bool = True, gradients: bool = True, mpc_pytorch: bool = False, reps: int = 3) -> list[dict]:
+    """The suite's rows (one per problem and horizon); ``mpc_pytorch``: with :func:`compare_mpc_pytorch`."""
     cache = load_cache()
     gcache = load_grad_cache() if gradients else {}
     rows = []
@@ -547,11 +695,14 @@ def run(problems: list[str], horizons: list[int], B: int, split: str, iters: int
                 at_opt = info.converged.numpy() & (cost - ref_cost <= GAP_OPT * np.abs(ref_cost))
                 row["grad_exact_standalone"] = gradient_errors(our_gradients(inst, pb, iters, "exact", 1)[0], g_ip,
                                                                at_opt)
+            if mpc_pytorch:
+                row.update(compare_mpc_pytorch(inst, pb, iters, ref_cost, reps))
+                row["ours_s"] = row["ours_cold_s"]
             if time_ratio:
                 n = min(B, 20)
-                t_ip = time_ipopt(inst, n) / n
-                _, _, _, t1 = solve_suite(Instances(name, T, inst.x0[:1], inst.theta[:1], inst.u_ref), pb, iters)
-                row["ours_B_over_ipopt_B"] = sec / (t_ip * B)
+                t1, t_ip = time_single(inst, pb, iters, n, reps)
+                row["ours_1_s"], row["ipopt_1_s"] = t1 / n, t_ip / n
+                row["ours_B_over_ipopt_B"] = row["ours_s"] / (t_ip / n * B)
                 row["ours_1_over_ipopt_1"] = t1 / t_ip
             rows.append(row)
             print(_fmt_row(row), flush=True)
@@ -560,7 +711,9 @@ def run(problems: list[str], horizons: list[int], B: int, split: str, iters: int
 
 COLUMNS = ("| problem | T | B | conv | ok (<= 1e-4) | gap max | false conv | false unconv | X-U max | viol max | "
            "grad GN (median / max) | grad exact (median / max) | bwd exact / GN | time B / IPOPT B | "
-           "time 1 / IPOPT 1 |")
+           "time 1 / IPOPT 1 | cold B: ours [ms] | mpc.pytorch [ms] | speed-up | mpc.pytorch ok / gap max | "
+           "warm / stream m=2 [ms] | mpc.pytorch warm [ms] | speed-up vs its warm (warm / stream) | "
+           "vs its cold (warm / stream) | cost vs its warm, max (warm / stream) |")
 
 
 def _fmt_row(r: dict) -> str:
@@ -571,10 +724,20 @@ def _fmt_row(r: dict) -> str:
         e = r.get(k)
         return "-" if not e or not e["n"] else f"{e['median']:.1e} / {e['max']:.1e}"
 
+    def ms(k: str) -> str:
+        return "-" if k not in r else f"{1e3 * r[k]:.3g}"
+
+    mp_ok = "-" if "mpcpytorch_ok" not in r else f"{r['mpcpytorch_ok']} / {r['mpcpytorch_gap_max']:.1e}"
+
     return (f"| {r['problem']} | {r['T']} | {r['B']} | {r['converged']} | {r['ok']} | {r['gap_max']:.1e} | "
             f"{r['false_converged']} | {r['false_unconverged']} | {r['xu_max']:.1e} | {r['viol_max']:.1e} | "
             f"{ge('grad_gn')} | {ge('grad_exact')} | {g('bwd_exact_over_gn', '.2f')} | "
-            f"{g('ours_B_over_ipopt_B', '.2f')} | {g('ours_1_over_ipopt_1', '.2f')} |")
+            f"{g('ours_B_over_ipopt_B', '.2f')} | {g('ours_1_over_ipopt_1', '.2f')} | {ms('ours_cold_s')} | "
+            f"{ms('mpcpytorch_cold_s')} | {g('ours_vs_mpcpytorch_cold', '.2f')} | {mp_ok} | {ms('ours_warm_s')} / "
+            f"{ms('ours_stream_s')} | {ms('mpcpytorch_warm_s')} | {g('ours_warm_vs_mpcpytorch_warm', '.1f')} / "
+            f"{g('ours_stream_vs_mpcpytorch_warm', '.1f')} | {g('ours_warm_vs_mpcpytorch_cold', '.1f')} / "
+            f"{g('ours_stream_vs_mpcpytorch_cold', '.1f')} | {g('warm_cost_vs_mpcpytorch_max', '.1e')} / "
+            f"{g('stream_cost_vs_mpcpytorch_max', '.1e')} |")
 
 
 def main() -> None:
@@ -591,6 +754,9 @@ def main() -> None:
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--no-gradients", action="store_true", help="skip the gradient comparison with IPOPT")
     ap.add_argument("--refs-only", action="store_true", help="only compute (and cache) the IPOPT references")
+    ap.add_argument("--mpc-pytorch", action="store_true",
+                    help="time mpc.pytorch beside ours, cold and warm (pip install --no-deps mpc==0.0.6)")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions (medians) of the time comparisons")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     overrides: dict[str, Any] = {} if args.rho_init is None else {"rho_init": args.rho_init}
@@ -608,7 +774,8 @@ def main() -> None:
     print(COLUMNS)
     print("|" + "---|" * (COLUMNS.count("|") - 1))
     rows = run(args.problems.split(","), [int(t) for t in args.horizons.split(",")], args.B, args.split,
-               args.iters, overrides, time_ratio=not args.no_timing, gradients=not args.no_gradients)
+               args.iters, overrides, time_ratio=not args.no_timing, gradients=not args.no_gradients,
+               mpc_pytorch=args.mpc_pytorch, reps=args.reps)
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"solver_suite_{args.split}.json")
     out = {"threads": args.threads, "torch": torch.__version__, "B": args.B, "split": args.split,
