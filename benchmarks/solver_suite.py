@@ -672,8 +672,10 @@ def run(problems: list[str], horizons: list[int], B: int, split: str, iters: int
             solve_suite(Instances(name, T, inst.x0[:2], inst.theta[:2], inst.u_ref), pb, iters)  # compile / warm up
             x, u, info, sec = solve_suite(inst, pb, iters)
             row = {"problem": name, "T": T, "split": split, **evaluate(inst, x, u, info.converged, ref_cost),
-                   "ours_s": sec, "al_iters_max": int(info.al_iters.max()),
-                   "rho_max": float(info.rho.max())}
+                   "al_iters_max": int(info.al_iters.max()), "al_iters_mean": float(info.al_iters.float().mean()),
+                   "newton_steps_mean": float(info.newton_steps.float().mean()), "rho_max": float(info.rho.max())}
+            if time_ratio or mpc_pytorch:  # an untimed run keeps the recorded times
+                row["ours_s"] = sec
             if gradients:
                 g_ip = ipopt_gradients(inst, ref_u, gcache)
                 save_grad_cache(gcache)
