@@ -279,13 +279,14 @@ class CompiledSolver:
     @staticmethod
     def _merit_from(cost: Sc, d: list, g: list, LE: list, LI: list, rho: torch.Tensor) -> Sc:
         """The PHR merit (:meth:`MPCProblem.merit_from`, the same terms) on scalar lists."""
+        hr = 0.5 * rho
         m = cost
         for t in range(len(d)):
             for i in range(len(d[t])):
-                m = m + phr_equality(LE[t][i], d[t][i], rho)
+                m = m + phr_equality(LE[t][i], d[t][i], rho, hr)
         for t in range(len(g)):
             for r in range(len(g[t])):
-                m = m + phr_inequality(LI[t][r], g[t][r], rho)
+                m = m + phr_inequality(LI[t][r], g[t][r], rho, hr)
         return m
 
     def _linearize(self, X: list, U: list, TH: list, LE: list, LI: list, rho: torch.Tensor) -> _Model:

@@ -37,18 +37,22 @@ from deqmpc_gym.systems.obstacles import nearest_obstacles
 Constraint = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def phr_equality(lam: torch.Tensor, d: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
-    """The merit's term of equality rows, elementwise: ``(lam + rho/2 d) d`` (``rho`` broadcast to ``d``). The
-    eager merit (:meth:`MPCProblem.merit_from`, batched tensors) and the compiled one (per-sample scalars) both
-    take their terms from here."""
-    return (lam + (0.5 * rho) * d) * d
+def phr_equality(lam: torch.Tensor, d: torch.Tensor, rho: torch.Tensor,
+                 half_rho: torch.Tensor | None = None) -> torch.Tensor:
+    """The merit's term of equality rows, elementwise: ``(lam + rho/2 d) d`` (``rho`` broadcast to ``d``;
+    ``half_rho``: ``0.5 * rho`` if the caller has it). The eager merit (:meth:`MPCProblem.merit_from`, batched
+    tensors) and the compiled one (per-sample scalars) both take their terms from here."""
+    hr = 0.5 * rho if half_rho is None else half_rho
+    return (lam + hr * d) * d
 
 
-def phr_inequality(lam: torch.Tensor, g: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+def phr_inequality(lam: torch.Tensor, g: torch.Tensor, rho: torch.Tensor,
+                   half_rho: torch.Tensor | None = None) -> torch.Tensor:
     """The merit's PHR term of inequality rows, elementwise: ``(lam + rho/2 g) g`` where ``s = lam + rho g > 0``,
-    else ``-lam^2 / (2 rho)`` (``rho`` broadcast to ``g``)."""
+    else ``-lam^2 / (2 rho)`` (``rho`` broadcast to ``g``; ``half_rho`` as :func:`phr_equality`)."""
+    hr = 0.5 * rho if half_rho is None else half_rho
     s = lam + rho * g
-    return torch.where(s > 0, (lam + (0.5 * rho) * g) * g, lam * lam * (-0.5 / rho))
+    return torch.where(s > 0, (lam + hr * g) * g, lam * lam * (-0.5 / rho))
 
 
 def _as_matrix(name: str, value, size: int, default) -> np.ndarray:
@@ -355,8 +359,9 @@ class MPCProblem:
         """The merit ``M (B,)`` from the cost ``(B,)``, defects ``d (B,T-1,nx)``, inequality residuals ``g (B,T,mi)``,
         multipliers of the same shapes and the penalty ``rho (B,)`` (:func:`phr_equality`, :func:`phr_inequality`)."""
         r = rho.view(-1, 1, 1)
-        term = phr_inequality(lam_in, g, r)
-        return cost + phr_equality(lam_eq, d, r).sum((1, 2)) + term.sum((1, 2))
+        hr = 0.5 * r
+        term = phr_inequality(lam_in, g, r, hr)
+        return cost + phr_equality(lam_eq, d, r, hr).sum((1, 2)) + term.sum((1, 2))
 
     def violation(self, x: torch.Tensor, u: torch.Tensor, obs_idx) -> torch.Tensor:
         """``(B,)`` max(|dynamics defect|, max(inequality residual, 0))."""
