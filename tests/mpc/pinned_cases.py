@@ -8,6 +8,8 @@ non-finite warm starts, user constraints, obstacles, float32).
 
 from __future__ import annotations
 
+import json
+import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,16 @@ from deqmpc_gym.mpc import CompiledSolver, MPCConfig, MPCProblem, SolveInfo, Sol
 from deqmpc_gym.systems import OBSTACLE_CENTERS, Cartpole, Pendulum, QPole, Quadrotor, kernels
 
 PINNED = Path(__file__).resolve().parents[1] / "data" / "solver_pinned.pt"
+#: where the values were recorded: bit-level results hold for the same libraries on the same kind of CPU
+PINNED_ON = PINNED.with_suffix(".json")
+
+
+def environment() -> dict[str, str]:
+    """What bit-identical results depend on besides the code: the libraries and the CPU's vector extensions."""
+    import numba
+
+    return {"torch": torch.__version__, "numpy": np.__version__, "numba": numba.__version__,
+            "cpu": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine()}
 
 
 def _batch(system, B: int, T: int, seed: int = 0, noise: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,4 +220,5 @@ if __name__ == "__main__":
         allres.update(compute(case))
     PINNED.parent.mkdir(parents=True, exist_ok=True)
     torch.save(allres, PINNED)
+    PINNED_ON.write_text(json.dumps(environment(), indent=1) + "\n")
     print(f"{len(allres)} tensors -> {PINNED}", file=sys.stderr)
