@@ -439,9 +439,24 @@ def test_dagger_keeps_the_round_that_scores_best_in_closed_loop(small: ExpertDat
     monkeypatch.setattr(dg, "_closed_loop_score", fake)
     tuned, _ = dg.dagger(policy, load_expert(PEND), small, PEND, tmp_path, cfg,
                          TrainConfig(batch_size=4, val_batches=1, val_every=2))
-    assert tuned is seen[1] and tuned is not policy and tuned is not seen[2]
+    assert tuned is not policy and tuned is not seen[2]
+
+    def weights(p) -> list[torch.Tensor]:
+        return [t.detach().clone() for t in p.layer.state_dict().values()]
+
+    # the kept round's weights as saved, not those the later rounds trained further in place
+    saved = weights(DEQMPCPolicy.load(tmp_path / "round_0" / "best"))
+    assert all(torch.equal(a, b) for a, b in zip(weights(tuned), saved, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(weights(seen[2]), saved, strict=True))
     log = json.loads((tmp_path / "dagger.json").read_text())["rounds"]
     assert [r["closed_loop_score"] for r in log] == [0.5, 0.9, 0.7] and log[0]["round"] == -1
+    # the starting policy scores best: its weights as they were, although round 0 trained it in place
+    policy2, scores = _policy(), iter([0.9, 0.5, 0.7])
+    start = weights(policy2)
+    tuned, _ = dg.dagger(policy2, load_expert(PEND), small, PEND, tmp_path / "again", cfg,
+                         TrainConfig(batch_size=4, val_batches=1, val_every=2))
+    assert all(torch.equal(a, b) for a, b in zip(weights(tuned), start, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(weights(policy2), start, strict=True))  # trained in place
     for seed in (10_100, 9_950):
         with pytest.raises(ConfigError, match="overlaps the evaluation seeds"):
             dg.DaggerConfig(select_episodes=100, select_seed=seed)

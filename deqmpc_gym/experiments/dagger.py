@@ -15,6 +15,7 @@ not predict its closed-loop score.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -129,6 +130,8 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
     if config.select_episodes:
         best_score = _closed_loop_score(policy, expert, env_id, config)
         log.append({"round": -1, "closed_loop_score": best_score})
+        # round 0 trains ``policy`` in place: the kept starting policy is a copy
+        best_policy = copy.deepcopy(policy)
     for r in range(config.rounds):
         seqs = visited_states(policy, env_id, config.episodes, config.seed + 1000 * r, config.max_steps)
         picks = [s[rng.integers(0, len(s), config.states_per_episode)] for s in seqs if len(s)]
@@ -143,7 +146,7 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
                     "dataset_trajectories": len(dataset), "best_val_loss": res.best_val_loss})
         if config.select_episodes:
             log[-1]["closed_loop_score"] = score = _closed_loop_score(policy, expert, env_id, config)
-            if score > best_score:
-                best_score, best_policy = score, policy
+            if score > best_score:  # a fresh copy: the next round trains ``policy`` in place
+                best_score, best_policy = score, DEQMPCPolicy.load(run_dir / "best", device=policy.device)
         atomic_write_text(out / "dagger.json", json.dumps({"config": asdict(config), "rounds": log}, indent=2))
     return (best_policy if config.select_episodes else policy), dataset
