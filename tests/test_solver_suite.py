@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("mpc")
+pytest.importorskip("mpc.mpc")  # mpc.pytorch (a bare "mpc" would also find the tests/mpc folder)
 pytest.importorskip("casadi")
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
