@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from deqmpc_gym._config import require_at_least_one
 from deqmpc_gym.errors import ConfigError
 from deqmpc_gym.experiments.launch import Job, LaunchConfig, connection, run_jobs
-from deqmpc_gym.experiments.reproduce import SCALES, _job_device, _short, check_selection, run_one
+from deqmpc_gym.experiments.reproduce import SCALES, Scale, _job_device, _short, check_selection, run_one
 from deqmpc_gym.io import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,7 +55,7 @@ class SweepConfig:
     base_scale: str = "cpu"
 
     def __post_init__(self) -> None:
-        envs, variants = check_selection([self.env_id], [self.variant], [self.seed])
+        _, variants = check_selection([self.env_id], [self.variant], [self.seed])
         object.__setattr__(self, "variant", variants[0])
         for name in ("hidden", "trajectories"):
             values = getattr(self, name)
@@ -75,7 +75,7 @@ class SweepConfig:
         """The grid's ``(hidden, trajectories)`` points, widths first."""
         return [(h, n) for h in self.hidden for n in self.trajectories]
 
-    def scale(self, hidden: int, trajectories: int) -> Any:
+    def scale(self, hidden: int, trajectories: int) -> Scale:
         """The :class:`~deqmpc_gym.experiments.reproduce.Scale` of one point (only this env's entries change)."""
         base, short = SCALES[self.base_scale], _short(self.env_id)
         return dataclasses.replace(
@@ -104,13 +104,11 @@ def learning_curve_sweep(config: SweepConfig = SweepConfig(), *, out_dir: str | 
     runs_dir = root / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     data_dir = Path(out_dir) / "datasets"
-    jobs = []
-    for hidden, n in config.points():
-        name = point_name(hidden, n)
-        if not (runs_dir / f"{name}.json").exists():
-            jobs.append(Job(name, run_one, (config.env_id, config.variant, config.seed, config.scale(hidden, n),
-                                            root / name, data_dir), {"device": _job_device(device, launch)}))
-    _collect(config, {int(j.name.rsplit("-n", 1)[1]) for j in jobs}, data_dir)
+    todo = [(h, n) for h, n in config.points() if not (runs_dir / f"{point_name(h, n)}.json").exists()]
+    jobs = [Job(point_name(h, n), run_one, (config.env_id, config.variant, config.seed, config.scale(h, n),
+                                            root / point_name(h, n), data_dir), {"device": _job_device(device, launch)})
+            for h, n in todo]
+    _collect(config, {n for _, n in todo}, data_dir)
 
     def done(name: str, rec: dict[str, Any]) -> None:
         atomic_write_text(runs_dir / f"{name}.json", json.dumps(rec, indent=2))
