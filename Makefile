@@ -22,13 +22,18 @@ lint: $(STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m mypy deqmpc_gym
 
+# mpc.pytorch (no dependencies of its own needed) for the tests of the solver suite's comparison with it
+MPC_PYTORCH := mpc==0.0.6
+
 test: $(STAMP) lint
+	$(PY) -m pip install -q --no-deps $(MPC_PYTORCH)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)
+	$(PY) -m pip install -q --no-deps $(MPC_PYTORCH)  # mpc.pytorch, for the solver comparison
 	$(PY) benchmarks/envs.py
 	$(PY) benchmarks/solver.py
 	$(PY) benchmarks/al_floor.py

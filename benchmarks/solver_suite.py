@@ -44,7 +44,7 @@ Columns (ours: ``solve(problem, x0, theta, iters=STANDALONE_ITERS, stop_when_con
   calls, extrapolated from the first 20); ``time 1 / IPOPT 1``: our time over IPOPT's on the first 20 instances,
   both one instance at a time (:func:`time_single`) -- measured side by side in one process, medians of
   ``--reps``, so a ratio is meaningful on a loaded machine where absolute times are not;
-* with ``--mpc-pytorch`` (:func:`compare_mpc_pytorch`; the ``reference`` extra): our cold time at
+* with ``--mpc-pytorch`` (:func:`compare_mpc_pytorch`; ``pip install --no-deps mpc==0.0.6``): our cold time at
   batch B beside mpc.pytorch's on the same problems (``ours_vs_mpcpytorch_cold`` = its time / ours), mpc.pytorch's
   answers against IPOPT (``mpcpytorch_ok``, ``mpcpytorch_gap_max``), and the next control step warm-started:
   ours by 2 AL iterations (``warm``: the default ``MPCConfig``; ``stream``: ``act()``'s streaming exits) against
@@ -548,7 +548,7 @@ def mpc_pytorch_run(inst: Instances, u_init: torch.Tensor | None = None) -> Call
     try:
         from solver import mpc_pytorch_solver
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise SystemExit("--mpc-pytorch needs mpc.pytorch: pip install 'deqmpc_gym[reference]'") from e
+        raise SystemExit("--mpc-pytorch needs mpc.pytorch: pip install --no-deps mpc==0.0.6") from e
 
     system = SYSTEMS[inst.name]()
     B = inst.x0.shape[0]
@@ -757,7 +757,7 @@ def main() -> None:
     ap.add_argument("--no-gradients", action="store_true", help="skip the gradient comparison with IPOPT")
     ap.add_argument("--refs-only", action="store_true", help="only compute (and cache) the IPOPT references")
     ap.add_argument("--mpc-pytorch", action="store_true",
-                    help="time mpc.pytorch beside ours, cold and warm (needs the reference extra)")
+                    help="time mpc.pytorch beside ours, cold and warm (pip install --no-deps mpc==0.0.6)")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions (medians) of the time comparisons")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

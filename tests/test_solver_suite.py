@@ -1,7 +1,7 @@
 """``benchmarks/solver_suite.py``'s mpc.pytorch comparison: mpc.pytorch is given the suite's problem (weights, bounds,
 control reference, warm start) and the comparison's record holds what the docs quote.
 
-Needs mpc.pytorch (the ``reference`` extra, which ``make`` installs) and CasADi (the
+Needs mpc.pytorch (``pip install --no-deps mpc==0.0.6``, as ``make bench`` installs it) and CasADi (the
 ``reference`` extra); skipped without them.
 """
 
