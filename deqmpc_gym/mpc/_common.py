@@ -283,7 +283,7 @@ def controls(name: str, problem: MPCProblem, v, x0: torch.Tensor) -> torch.Tenso
 # ====================================================================== cold start
 def init_state(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, u_init: torch.Tensor | None = None,
                u_ref: torch.Tensor | None = None) -> SolverState:
-    """Cold start, multipliers 0, ``rho = rho_init``, obstacle sets = nearest obstacles of ``theta`` (all detached).
+    """Cold start, multipliers 0, ``rho = problem.cold_rho``, obstacle sets = nearest obstacles of ``theta`` (all detached).
 
     Primal guess: without ``u_init``, ``x = theta`` with ``x[:, 0] = x0`` and ``u`` = the control reference
     ``u_ref`` (default: the system's nominal control) clipped to the bounds; with ``u_init``, ``u = u_init`` clipped
@@ -319,7 +319,7 @@ def init_state(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, u_ini
         problem.ineq(x, u, obs, jac=False)
     lam_in = x.new_zeros(b, problem.T, problem.n_ineq)
     return SolverState(x, u, x.new_zeros(b, problem.T - 1, problem.nx), lam_in,
-                       torch.full((b,), float(problem.config.rho_init), dtype=dt, device=x0.device), obs)
+                       torch.full((b,), problem.cold_rho, dtype=dt, device=x0.device), obs)
 
 
 # ====================================================================== gradients

@@ -474,7 +474,7 @@ class CompiledSolver:
         u = torch.where(m3, u_init, u)
         lam_eq = torch.where(m3, torch.zeros_like(lam_eq), lam_eq)
         lam_in = torch.where(m3, torch.zeros_like(lam_in), lam_in)
-        rho = torch.where(bad, torch.full_like(rho, float(self._cfg.rho_init)), rho)
+        rho = torch.where(bad, torch.full_like(rho, self.problem.cold_rho), rho)
         return tuple(_batch_last(a) for a in (x, u, theta, lam_eq, lam_in)) + (rho, rho <= rho_cap)
 
     def _constants(self, b: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:

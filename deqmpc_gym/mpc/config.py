@@ -23,10 +23,14 @@ class MPCConfig:
         horizon: ``T``, the number of knots including the current state (``x_0`` is fixed to ``x_init``).
         newton_steps: maximum Gauss-Newton steps per AL iteration (per sample).
         rho_init: cold-start penalty ``rho`` (1: the DEQ-MPC setting, loose first iterations while the network adapts).
-            A standalone cold solve to convergence of the Pendulum, Cartpole or Quadrotor is 2-3x faster from 1e5
-            (``benchmarks/solver.py``); not so with a tiny control weight (the QPole's R = 1e-8): the Hessian's
-            condition number ``rho / R`` loses the cost's curvature to round-off before the iterate nears the
-            optimum, and samples stall -- start such problems at 1.
+            :meth:`standalone` solves to convergence start at 1e3 (fewer AL iterations, the same answers on the
+            solver suite); not so with a tiny control weight (the QPole's R = 1e-8): the Hessian's condition number
+            ``rho / R`` loses the cost's curvature to round-off before the iterate nears the optimum, and samples
+            stall -- start such problems at 1.
+        rho_init_r_ratio: if > 0, a cold start's first penalty is ``min(rho_init, max(1, rho_init_r_ratio *
+            r_min))`` with ``r_min`` the smallest eigenvalue of the control weight R: it keeps the Gauss-Newton
+            Hessian's condition number ``rho / r_min`` near ``rho_init_r_ratio`` where R is tiny, and never starts
+            below the DEQ-MPC default 1. 0 (the default): the first penalty is ``rho_init``.
         rho_growth: ``rho <- rho_growth * rho`` after every AL iteration.
         rho_max: in streaming use (``solve(..., stop_at_rho_max=True)``) a sample stops once its ``rho``
             exceeds this value; the last AL iteration of a sample therefore runs at ``rho <= rho_max``.
@@ -70,6 +74,7 @@ class MPCConfig:
     horizon: int = 5
     newton_steps: int = 4
     rho_init: float = 1.0
+    rho_init_r_ratio: float = 0.0
     rho_growth: float = 10.0
     rho_max: float = 1e8
     rho_init_max: float = 1e7
@@ -91,12 +96,17 @@ class MPCConfig:
     @classmethod
     def standalone(cls, horizon: int, **overrides: object) -> MPCConfig:
         """The configuration of standalone cold solves to convergence (``solve(problem, x0, theta, iters=
-        STANDALONE_ITERS, stop_when_converged=True)``): ``rho_init = 1``, up to 12 Newton steps per AL
-        iteration and the Newton step test at ``newton_tol = 1e-6`` (DEQ-MPC's 4 steps to 1e-3 leave the
-        subproblems of long rigid-body horizons too loose: the multiplier updates stall). Chosen on the tuning
-        split of ``benchmarks/solver_suite.py``, where ``rho_init = 1e5`` ends up to 8 % of the T = 20 samples
-        in worse local solutions; ``overrides`` replace any field."""
-        kw: dict = {"horizon": horizon, "rho_init": 1.0, "newton_steps": 12, "newton_tol": 1e-6}
+        STANDALONE_ITERS, stop_when_converged=True)``): ``rho_init = 1e3`` capped at ``1e8`` times the smallest
+        control weight (``rho_init_r_ratio``, never below 1), up to 12 Newton steps per AL iteration and the Newton
+        step test at ``newton_tol = 1e-6`` (DEQ-MPC's 4 steps to 1e-3 leave the subproblems of long rigid-body
+        horizons too loose: the multiplier updates stall). Chosen on the tuning split of
+        ``benchmarks/solver_suite.py``: every first penalty from 1 to 1e3 reaches IPOPT's cost on all 450
+        samples, 1e4 and 1e5 leave a quadrotor T = 20 sample in a worse local solution, and 1e3 takes the fewest
+        AL iterations of the robust ones. The cap keeps tiny control weights (the package's Cartpole, R = 1e-10,
+        and QPole, R = 1e-8) at 1, where larger first penalties end more samples in worse local solutions.
+        ``overrides`` replace any field."""
+        kw: dict = {"horizon": horizon, "rho_init": 1e3, "rho_init_r_ratio": 1e8, "newton_steps": 12,
+                    "newton_tol": 1e-6}
         kw.update(overrides)
         return cls(**kw)
 
@@ -115,6 +125,8 @@ class MPCConfig:
                               f"{self.rho_cap!r}, rho_max={self.rho_max!r}")
         if not (isinstance(self.newton_exit_residual, (int, float)) and self.newton_exit_residual >= 0):
             raise ConfigError(f"newton_exit_residual must be a number >= 0, got {self.newton_exit_residual!r}")
+        if not (isinstance(self.rho_init_r_ratio, (int, float)) and self.rho_init_r_ratio >= 0):
+            raise ConfigError(f"rho_init_r_ratio must be a number >= 0, got {self.rho_init_r_ratio!r}")
         if not self.rho_growth >= 1.0:
             raise ConfigError(f"rho_growth must be >= 1, got {self.rho_growth!r}")
         if self.linear_solver not in _LINEAR_SOLVERS:

@@ -32,8 +32,8 @@ def _source() -> str:
 
 
 def _module(problem: MPCProblem) -> Any:
-    """The compiled kernel module of ``problem.system`` (``newton_loop``, ``implicit_solve``; None if it cannot be
-    built; warned once)."""
+    """The compiled kernel module of ``problem.system`` (``newton_loop``, ``implicit_solve``, ``shooting_kkt``; None if it
+    cannot be built; warned once)."""
     key = kernels.system_key(problem.system)
     if key in _MODULES:
         return _MODULES[key]
@@ -88,10 +88,11 @@ def newton_loop(problem: MPCProblem, sub: Any, exit_residual: float, reg_growth:
 
 
 def _problem_data(problem: MPCProblem, x: torch.Tensor, obs_idx: torch.Tensor | None) -> tuple[np.ndarray, tuple]:
-    """The kernels' obstacle indices ``OBS (B, T, k)`` and problem tuple ``P`` for ``x (B, T, nx)``."""
+    """The kernels' obstacle indices ``OBS (B, T, k)`` and problem tuple ``P`` for ``x (B, T, nx)`` (without
+    ``obs_idx``: no obstacle rows)."""
     b, t = x.shape[:2]
     c = problem.consts(x)
-    if problem.k:
+    if problem.k and obs_idx is not None:
         obs = _np(obs_idx.to(torch.int64))
         centers, radius2 = _np(c.centers), float(problem.obstacle_radius) ** 2
         pos0 = problem.system.position_slice[0]
@@ -114,6 +115,19 @@ def implicit_solve(problem: MPCProblem, x: torch.Tensor, u: torch.Tensor, ref: t
         _module(problem).implicit_solve(_np(x), _np(u), _np(ref), _np(lam_eq), _np(lam_in), _np(rho), obs, P,
                                         _np(rhs), V, cross, ok)
     return torch.from_numpy(V), torch.from_numpy(cross), torch.from_numpy(ok)
+
+
+def shooting_kkt(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused :func:`deqmpc_gym.mpc.solver.shooting_kkt` (no graph): ``(violation (B,), stationarity (B,))`` of
+    the controls ``u (B,T,nu)`` rolled out from ``x0 (B,nx)``, cost reference ``ref`` (``(B,T,nx)`` or
+    ``(B,T,nx+nu)``); the same formulas in one compiled call."""
+    b = x0.shape[0]
+    _, P = _problem_data(problem, u, None)
+    viol, stat = np.empty(b), np.empty(b)
+    with np.errstate(all="ignore"):
+        _module(problem).shooting_kkt(_np(x0), _np(u), _np(ref), P, viol, stat)
+    return torch.from_numpy(viol), torch.from_numpy(stat)
 
 
 def _run(problem: MPCProblem, fn: Any, x: torch.Tensor, u: torch.Tensor, theta: torch.Tensor, lam_eq: torch.Tensor,

@@ -1,7 +1,8 @@
 """Source of the fused Gauss-Newton loop: one AL subproblem of every sample in one compiled call.
 
 This file is not imported to run. :mod:`deqmpc_gym.mpc.fused` appends its text to a system's generated dynamics
-module (:mod:`deqmpc_gym.systems.kernels`, which defines ``step(X, U, Y)`` and ``step_jac(X, U, Y, J)`` on rows)
+module (:mod:`deqmpc_gym.systems.kernels`, which defines ``step_into(X, U, Y, ws)`` and ``step_jac_into(X, U, Y, J,
+ws)`` on rows, with the work space ``ws = workspace()`` allocated once per call of the loop)
 and compiles the result with numba, so that numba's disk cache holds one module per system.
 
 The loop is the algorithm of the eager Newton loop of :mod:`deqmpc_gym.mpc.solver` (its steps: the linearisation
@@ -15,11 +16,15 @@ bounds, then ``k`` obstacle rows (nearest obstacles ``obs``; knot 0 holds inacti
 from __future__ import annotations
 
 
-def step(X, U, Y):  # placeholder: the generated dynamics module defines the compiled one
+def workspace():  # placeholder: the generated dynamics module defines the compiled one
     raise NotImplementedError("newton_kernel.py is kernel source, appended to a generated dynamics module")
 
 
-def step_jac(X, U, Y, J):  # placeholder (see step)
+def step_into(X, U, Y, ws):  # placeholder (see workspace)
+    raise NotImplementedError("newton_kernel.py is kernel source, appended to a generated dynamics module")
+
+
+def step_jac_into(X, U, Y, J, ws):  # placeholder (see workspace)
     raise NotImplementedError("newton_kernel.py is kernel source, appended to a generated dynamics module")
 
 
@@ -130,10 +135,10 @@ def _merit(cost, d, g, leq, lin, rho):  # pragma: no cover - compiled
 
 @njit(**_NOPTS)
 def _merit_at(x, u, th, leq, lin, rho, obs, centers, u_low, u_high, radius2, pos0, W, wdiag, fx, d, g,
-              G):  # pragma: no cover - compiled
-    """Merit at ``(x, u)``; fills the defects ``d`` and residuals ``g`` (``fx``, ``G``: work space)."""
+              G, sw):  # pragma: no cover - compiled
+    """Merit at ``(x, u)``; fills the defects ``d`` and residuals ``g`` (``fx``, ``G``, ``sw``: work space)."""
     T = x.shape[0]
-    step(x[: T - 1], u[: T - 1], fx)
+    step_into(x[: T - 1], u[: T - 1], fx, sw)
     for t in range(T - 1):
         for i in range(x.shape[1]):
             d[t, i] = x[t + 1, i] - fx[t, i]
@@ -348,8 +353,8 @@ def _direction(D, L, G, grad, sv, act, rho, nx, reg_min, reg_growth, ws, dz):  #
 
 
 @njit(**_NOPTS)
-def _line_search(x, u, dz, m0, ls_steps, th, leq, lin, rho, obs, P, xt, ut, fx, dn, gn,
-                 Gw):  # pragma: no cover - compiled
+def _line_search(x, u, dz, m0, ls_steps, th, leq, lin, rho, obs, P, xt, ut, fx, dn, gn, Gw,
+                 sw):  # pragma: no cover - compiled
     """Largest ``alpha = 1, 1/2, ..., 2^-ls_steps`` with a strict finite decrease of the merit below ``m0``
     (``dn``, ``gn``: the residuals there); returns ``(alpha, ok)``, ``(0, False)`` when none."""
     centers, W, wdiag, u_low, u_high, radius2, pos0 = P
@@ -362,7 +367,7 @@ def _line_search(x, u, dz, m0, ls_steps, th, leq, lin, rho, obs, P, xt, ut, fx, 
             for i in range(nu):
                 ut[t, i] = u[t, i] + alpha * dz[t, nx + i]
         m1 = _merit_at(xt, ut, th, leq, lin, rho, obs, centers, u_low, u_high, radius2, pos0, W, wdiag, fx, dn, gn,
-                       Gw)
+                       Gw, sw)
         if m1 < m0 and math.isfinite(m1):
             return alpha, True
         if j < ls_steps:
@@ -405,9 +410,9 @@ def _linearize(x, u, th, leq, lin, rho, obs, P, ws):  # pragma: no cover - compi
     """Merit, pinned gradient and Hessian blocks at ``(x, u)`` into the work arrays ``ws``; returns
     ``(merit, ||cost grad||_inf, largest multiplier)``."""
     centers, W, wdiag, u_low, u_high, radius2, pos0 = P
-    fx, J, d, g, G, gd, grad, sv, act, D, L = ws
+    fx, J, d, g, G, gd, grad, sv, act, D, L, sw = ws
     T, nx = x.shape
-    step_jac(x[: T - 1], u[: T - 1], fx, J)
+    step_jac_into(x[: T - 1], u[: T - 1], fx, J, sw)
     for t in range(T - 1):
         for i in range(nx):
             d[t, i] = x[t + 1, i] - fx[t, i]
@@ -424,13 +429,13 @@ def _workspace(T, nx, nu, mi):  # pragma: no cover - compiled
     n = nx + nu
     lin_ws = (np.empty((T - 1, nx)), np.empty((T - 1, nx, n)), np.empty((T - 1, nx)), np.empty((T, mi)),
               np.empty((T, mi, n)), np.empty((T, n)), np.empty((T, n)), np.empty((T, mi)),
-              np.empty((T, mi), dtype=np.bool_), np.empty((T, n, n)), np.zeros((T - 1, n, n)))
+              np.empty((T, mi), dtype=np.bool_), np.empty((T, n, n)), np.zeros((T - 1, n, n)), workspace())
     dir_ws = (np.empty((T, n, n)), np.empty((max(T - 1, 0), n, n)), np.empty((T, n, n)),
               np.empty((max(T - 1, 0), n, n)), np.empty((n, n)), np.empty((T, n, n)), np.empty((T, n)),
               np.empty((T, n)), np.empty((T, n)), np.empty((T, mi), dtype=np.bool_),
               np.empty((T, mi), dtype=np.bool_))
     ls_ws = (np.empty((T, nx)), np.empty((T, nu)), np.empty((T - 1, nx)), np.empty((T - 1, nx)), np.empty((T, mi)),
-             np.empty((T, mi, n)))
+             np.empty((T, mi, n)), lin_ws[11])
     return lin_ws, dir_ws, ls_ws, np.empty((T, n))
 
 
@@ -452,7 +457,7 @@ def newton_loop(X, U, TH, LEQ, LIN, RHO, OBS, P, settings, XO, UO, STEPS, SMALL,
     lin_ws, dir_ws, ls_ws, dz = _workspace(T, nx, U.shape[2], LIN.shape[2])
     d, g, grad, sv, act, D, L, G = lin_ws[2], lin_ws[3], lin_ws[6], lin_ws[7], lin_ws[8], lin_ws[9], lin_ws[10], \
         lin_ws[4]
-    xt, ut, fx2, dn, gn, Gw = ls_ws
+    xt, ut, fx2, dn, gn, Gw, sw = ls_ws
     for b in range(X.shape[0]):
         x, u = XO[b], UO[b]
         x[:, :] = X[b]
@@ -466,7 +471,8 @@ def newton_loop(X, U, TH, LEQ, LIN, RHO, OBS, P, settings, XO, UO, STEPS, SMALL,
             gnorm, snorm, gdz, xnorm = _norms(grad, dz, x, u)
             tol_s = newton_tol * (1.0 + xnorm)
             small = snorm <= tol_s or abs(gdz) <= 1e-13 * (1.0 + abs(m0))
-            alpha, ok = _line_search(x, u, dz, m0, ls_steps, th, leq, lin, rho, obs, P, xt, ut, fx2, dn, gn, Gw)
+            alpha, ok = _line_search(x, u, dz, m0, ls_steps, th, leq, lin, rho, obs, P, xt, ut, fx2, dn, gn, Gw,
+                                     sw)
             if not ok:
                 dn[:, :] = d
                 gn[:, :] = g
@@ -525,3 +531,63 @@ def implicit_solve(X, U, TH, LEQ, LIN, RHO, OBS, P, RHS, V, CROSS, OK):  # pragm
                 for i in range(nx):
                     s -= rho * J[0, i, j] * v[1, i]
             CROSS[b, j] = s
+
+
+@njit(**_NOPTS)
+def shooting_kkt(X0, U, TH, P, VIOL, STAT):  # pragma: no cover - compiled
+    """:func:`deqmpc_gym.mpc.solver.shooting_kkt` of every sample: the rollout of ``U (B, T, nu)`` from
+    ``X0 (B, nx)``, its Jacobians, the costates by one backward pass and the projected reduced gradient of the
+    cost (``TH``: ``(B, T, nx)`` waypoints or ``(B, T, nx + nu)`` with the control reference; ``P`` as in
+    :func:`newton_loop`). Outputs ``VIOL (B,)`` (largest control-bound violation) and ``STAT (B,)`` (relative
+    stationarity; inf where the costates or the projected gradient are not finite)."""
+    W, u_low, u_high = P[1], P[3], P[4]
+    T, nu = U.shape[1], U.shape[2]
+    nx = X0.shape[1]
+    x, fx = np.empty((T, nx)), np.empty((1, nx))
+    J, lam, qe = np.empty((T - 1, nx, nx + nu)), np.empty((T - 1, nx)), np.empty((T, nx))
+    sw = workspace()
+    for b in range(X0.shape[0]):
+        u, th = U[b], TH[b]
+        for i in range(nx):
+            x[0, i] = X0[b, i]
+        for t in range(T - 1):
+            step_jac_into(x[t:t + 1], u[t:t + 1], fx, J[t:t + 1], sw)
+            for i in range(nx):
+                x[t + 1, i] = fx[0, i]
+        for t in range(T):  # qe = (x - theta) Q
+            for i in range(nx):
+                s = 0.0
+                for j in range(nx):
+                    s += (x[t, j] - th[t, j]) * W[j, i]
+                qe[t, i] = s
+        for i in range(nx):
+            lam[T - 2, i] = -qe[T - 1, i]
+        for t in range(T - 2, 0, -1):  # lam_{t-1} = A_t^T lam_t - Q e_t
+            for i in range(nx):
+                s = 0.0
+                for q in range(nx):
+                    s += J[t, q, i] * lam[t, q]
+                lam[t - 1, i] = s - qe[t, i]
+        fin, lmax, rmax, pmax, viol = True, 0.0, 0.0, 0.0, 0.0
+        for t in range(T - 1):
+            for i in range(nx):
+                fin = fin and math.isfinite(lam[t, i])
+                lmax = _nmax(lmax, abs(lam[t, i]))
+        for t in range(T):
+            for j in range(nu):
+                r = 0.0  # (u - u_ref) R
+                for k in range(nu):
+                    r += _du(u, th, t, k, nx) * W[nx + k, nx + j]
+                rmax = _nmax(rmax, abs(r))
+                gr = r
+                if t < T - 1:
+                    s = 0.0
+                    for q in range(nx):
+                        s += J[t, q, nx + j] * lam[t, q]
+                    gr -= s
+                pg = u[t, j] - _nmax(min(u[t, j] - gr, u_high[j]), u_low[j])
+                fin = fin and math.isfinite(pg)
+                pmax = _nmax(pmax, abs(pg))
+                viol = _nmax(viol, _nmax(_nmax(u[t, j] - u_high[j], 0.0), _nmax(u_low[j] - u[t, j], 0.0)))
+        VIOL[b] = viol
+        STAT[b] = pmax / (1.0 + _nmax(rmax, lmax)) if fin else np.inf

@@ -210,6 +210,16 @@ class MPCProblem:
         return _read_only(self._R)
 
     @property
+    def cold_rho(self) -> float:
+        """The first penalty of a cold start: ``config.rho_init``, capped by ``config.rho_init_r_ratio`` times the
+        smallest eigenvalue of R (never below 1) when that ratio is set (see :class:`MPCConfig`)."""
+        cfg = self.config
+        if cfg.rho_init_r_ratio <= 0:
+            return float(cfg.rho_init)
+        r_min = float(np.linalg.eigvalsh(self._R).min())
+        return float(min(cfg.rho_init, max(1.0, cfg.rho_init_r_ratio * r_min)))
+
+    @property
     def u_low(self) -> np.ndarray:
         """``(nu,)`` lower control bounds (read-only)."""
         return _read_only(self._u_low)

@@ -568,8 +568,10 @@ def _al_update(problem: MPCProblem, st: _ALState, rows: _Rows, bt: Subproblem, r
     penalty growth, the convergence test of ``stop_when_converged``; the state with it all committed."""
     cfg = problem.config
     dyn_r = res.dyn
-    if stop_when_converged and dyn_r is None:  # for the stationarity test below (and reused by the next
-        with torch.no_grad():                   # AL iteration's first linearisation)
+    # for the stationarity test below, and reused by the next AL iteration's first linearisation (not by the fused
+    # loop, which linearises itself; the shooting test rolls the controls out instead)
+    if stop_when_converged and dyn_r is None and not (shooting and fused.usable(problem, res.x, track_grad)):
+        with torch.no_grad():
             dyn_r = problem.dynamics(res.x.detach(), res.u.detach())
     dyn, dyn_ok = st.dyn, rows.fill(st.dyn_ok, dyn_r is not None)
     if dyn_r is not None:
@@ -618,17 +620,17 @@ def _stop_test(problem: MPCProblem, bt: Subproblem, x, u, d, g, leq, lin_, dyn, 
     cfg = problem.config
     with torch.no_grad():
         pres = problem.violation_from(d, g)
-        # stationarity at the new iterate with the updated multipliers (the Newton loop's is measured before its
-        # last step): a converged sample stops without a confirming AL iteration
-        dr = problem.stationarity(x, u, bt.theta, leq, lin_, bt.obs, dyn)
-        conv = (pres <= cfg.tol_primal) & (dr <= cfg.tol_dual) & small_exit & ~nonfinite
         # a sample already primal-feasible keeps its penalty: a larger one only worsens the Hessian's
         # conditioning (rho / smallest weight) while the multipliers converge (QPole, R = 1e-8, T = 20:
         # 29 -> 16 of 200 samples unconverged; no change on the Pendulum, Cartpole and Quadrotor)
         rnew = torch.where(pres <= cfg.tol_primal, bt.rho, rnew)
-        if shooting:  # the returned answer is the rollout of u: test that instead (shooting_kkt)
+        if shooting:  # the returned answer is the rollout of u: test that (shooting_kkt)
             viol, dr = shooting_kkt(problem, x[:, 0], bt.theta, u)
-            conv = (viol <= cfg.tol_primal) & (dr <= cfg.tol_shooting) & ~nonfinite
+            return (viol <= cfg.tol_primal) & (dr <= cfg.tol_shooting) & ~nonfinite, dr, rnew
+        # stationarity at the new iterate with the updated multipliers (the Newton loop's is measured before its
+        # last step): a converged sample stops without a confirming AL iteration
+        dr = problem.stationarity(x, u, bt.theta, leq, lin_, bt.obs, dyn)
+        conv = (pres <= cfg.tol_primal) & (dr <= cfg.tol_dual) & small_exit & ~nonfinite
     return conv, dr, rnew
 
 
@@ -677,9 +679,8 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
         stop_when_converged: a sample stops as soon as its iterate meets ``config.tol_primal`` (dynamics defect
             and constraint violation) and ``config.tol_dual`` (KKT stationarity at the new iterate with the updated
             multipliers) -- ``iters`` becomes a maximum, and a sample whose iterate meets ``tol_primal`` keeps
-            its penalty instead of growing it. For standalone cold solves a first penalty
-            ``rho_init = 1e5`` converges 2-3x faster than the DEQ-MPC default 1 where the control weight is not
-            tiny (see :class:`MPCConfig`).
+            its penalty instead of growing it. Standalone cold solves: :meth:`MPCConfig.standalone` (first
+            penalty 1e3; keep 1 for tiny control weights, see :class:`MPCConfig`).
             Off by default: DEQ-MPC runs a fixed number of AL iterations per network pass.
         exit_residual: Newton-loop exit on the constraint residual (default ``config.newton_exit_residual``;
             see :class:`MPCConfig`).
@@ -818,7 +819,9 @@ def shooting_kkt(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u: to
     ``[theta | u_ref] (B,T,nx+nu)``), with the costates ``lam_{T-2} = -Q e_{T-1}``,
     ``lam_{t-1} = A_t^T lam_t - Q e_t`` by one backward pass. It is independent of the solver's multipliers and
     penalty: zero exactly at a KKT point of the problem, with the bounds' multipliers implied by the sign of the
-    reduced gradient."""
+    reduced gradient. Without a graph on float64 CPU tensors it runs compiled (:func:`fused.shooting_kkt`)."""
+    if not (u.requires_grad or x0.requires_grad or ref.requires_grad) and fused.usable(problem, u, False):
+        return fused.shooting_kkt(problem, x0, ref, u)
     c = problem.consts(u)
     T = problem.T
     xr = problem.rollout(x0, u)

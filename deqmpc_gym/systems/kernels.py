@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from deqmpc_gym.systems.base import System
 
 #: bump when the generated code's template changes (part of the cache key)
-KERNEL_FORMAT = 1
+KERNEL_FORMAT = 2
 
 _ENABLED = [os.environ.get("DEQMPC_GYM_KERNELS", "1").strip() not in ("0", "false", "no", "off")]
 _CACHE: dict[Any, Kernels | None] = {}
@@ -167,31 +167,35 @@ def _body(exprs: list[Any], targets: list[str], syms: Any) -> list[str]:
 
 _TEMPLATE_RK4 = '''
 @njit(**_OPTS)
-def step(X, U, Y):
-    k1, k2, k3, k4, xi = np.empty(NX), np.empty(NX), np.empty(NX), np.empty(NX), np.empty(NX)
-    for b in range(X.shape[0]):
-        x, u = X[b], U[b]
-        deriv(x, u, k1)
-        for i in range(NX):
-            xi[i] = x[i] + 0.5 * DT * k1[i]
-        deriv(xi, u, k2)
-        for i in range(NX):
-            xi[i] = x[i] + 0.5 * DT * k2[i]
-        deriv(xi, u, k3)
-        for i in range(NX):
-            xi[i] = x[i] + DT * k3[i]
-        deriv(xi, u, k4)
-        for i in range(NX):
-            Y[b, i] = x[i] + (DT / 6.0) * (k1[i] + 2.0 * k2[i] + 2.0 * k3[i] + k4[i])
+def workspace():
+    """Work space of ``step_into`` / ``step_jac_into``: stage derivatives, stage state, Jacobian entries and the
+    two stage Jacobians (allocated once by a caller that steps many times)."""
+    return np.empty((4, NX)), np.empty(NX), np.empty(NNZ), np.empty((2, NX, NX + NU))
 
 
 @njit(**_OPTS)
-def step_jac(X, U, Y, J):
+def step_into(X, U, Y, ws):
+    k, xi = ws[0], ws[1]
+    for b in range(X.shape[0]):
+        x, u = X[b], U[b]
+        deriv(x, u, k[0])
+        for i in range(NX):
+            xi[i] = x[i] + 0.5 * DT * k[0, i]
+        deriv(xi, u, k[1])
+        for i in range(NX):
+            xi[i] = x[i] + 0.5 * DT * k[1, i]
+        deriv(xi, u, k[2])
+        for i in range(NX):
+            xi[i] = x[i] + DT * k[2, i]
+        deriv(xi, u, k[3])
+        for i in range(NX):
+            Y[b, i] = x[i] + (DT / 6.0) * (k[0, i] + 2.0 * k[1, i] + 2.0 * k[2, i] + k[3, i])
+
+
+@njit(**_OPTS)
+def step_jac_into(X, U, Y, J, ws):
     m = NX + NU
-    k = np.empty((4, NX))
-    xi = np.empty(NX)
-    g = np.empty(NNZ)
-    D = np.zeros((2, NX, m))
+    k, xi, g, D = ws
     for b in range(X.shape[0]):
         x, u = X[b], U[b]
         Jb = J[b]
@@ -230,20 +234,40 @@ def step_jac(X, U, Y, J):
 
 _TEMPLATE_DISCRETE = '''
 @njit(**_OPTS)
-def step(X, U, Y):
+def workspace():
+    """Work space of ``step_into`` / ``step_jac_into`` (the Jacobian entries; the rest keeps one signature
+    for every system)."""
+    return np.empty((4, NX)), np.empty(NX), np.empty(NNZ), np.empty((2, NX, NX + NU))
+
+
+@njit(**_OPTS)
+def step_into(X, U, Y, ws):
     for b in range(X.shape[0]):
         deriv(X[b], U[b], Y[b])
 
 
 @njit(**_OPTS)
-def step_jac(X, U, Y, J):
-    g = np.empty(NNZ)
+def step_jac_into(X, U, Y, J, ws):
+    g = ws[2]
     for b in range(X.shape[0]):
         deriv(X[b], U[b], Y[b])
         jac(X[b], U[b], g)
         J[b, :, :] = 0.0
         for q in range(NNZ):
             J[b, ROWS[q], COLS[q]] = g[q]
+'''
+
+#: ``step(X, U, Y)`` and ``step_jac(X, U, Y, J)`` on rows: the entry points of one call (a fresh work space each)
+_TEMPLATE_ENTRY = '''
+
+@njit(**_OPTS)
+def step(X, U, Y):
+    step_into(X, U, Y, workspace())
+
+
+@njit(**_OPTS)
+def step_jac(X, U, Y, J):
+    step_jac_into(X, U, Y, J, workspace())
 '''
 
 
@@ -272,7 +296,7 @@ def generate_source(system: System) -> str:
     ]
     if not nz:
         lines.append("    pass")
-    return "\n".join(lines) + "\n" + (_TEMPLATE_RK4 if rk4 else _TEMPLATE_DISCRETE)
+    return "\n".join(lines) + "\n" + (_TEMPLATE_RK4 if rk4 else _TEMPLATE_DISCRETE) + _TEMPLATE_ENTRY
 
 
 def cache_dir() -> Path:

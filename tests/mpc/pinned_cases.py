@@ -107,7 +107,7 @@ def case_standalone() -> dict[str, torch.Tensor]:
     """Cold solves to convergence (``stop_when_converged``: sub-batches of the AL loop, rollout answers)."""
     res = {}
     for name, system, T in (("pendulum", Pendulum(), 10), ("cartpole", Cartpole(), 8)):
-        problem = MPCProblem(system, MPCConfig.standalone(horizon=T))
+        problem = MPCProblem(system, MPCConfig.standalone(horizon=T, rho_init=1.0))
         x0, theta = _batch(system, 10, T, seed=3)
         u_ref = torch.linspace(-0.5, 0.5, 10, dtype=torch.float64)[:, None].expand(10, system.nu)
 

@@ -146,6 +146,41 @@ def test_shooting_kkt_vanishes_only_at_the_optimum():
     assert float(stat2.min()) > 10 * problem.config.tol_shooting
 
 
+def test_the_standalone_first_penalty_is_capped_for_tiny_control_weights():
+    """``MPCConfig.standalone`` starts at rho = 1e3 unless R is tiny: ``rho_init_r_ratio`` caps the first penalty
+    at 1e8 r_min (never below 1); the cold start takes it; the DEQ-MPC default keeps ``rho_init``."""
+    system, x0, theta = _pendulum_batch(3, 5)
+    for R, want in ((1e-2, 1e3), (1e-6, 100.0), (1e-10, 1.0)):
+        problem = MPCProblem(system, MPCConfig.standalone(5), R=[R])
+        assert problem.cold_rho == pytest.approx(want)
+        assert init_state(problem, x0, theta).rho.tolist() == pytest.approx([want] * 3)
+    assert MPCProblem(system, MPCConfig(rho_init=7.0), R=[1e-10]).cold_rho == 7.0
+    with pytest.raises(ConfigError, match="rho_init_r_ratio"):
+        MPCConfig(rho_init_r_ratio=-1.0)
+
+
+def test_compiled_shooting_kkt_equals_the_torch_one():
+    """Without a graph the shooting test runs compiled: the same violation and stationarity as the torch formulas
+    (waypoints with and without a control reference, bounds violated, a non-finite sample: inf)."""
+    from deqmpc_gym.mpc import shooting_kkt
+
+    system = Cartpole()
+    rng = np.random.default_rng(2)
+    x0 = torch.tensor(system.sample_initial_states(rng, 6))
+    theta = torch.tensor(rng.standard_normal((6, 7, 4)))
+    u = torch.tensor(rng.standard_normal((6, 7, 1))) * 30.0
+    u[0, 1], u[1, 4], u[3, 2] = 150.0, -120.0, float("nan")  # beyond the bounds (|F| <= 100), not finite
+    problem = MPCProblem(system, MPCConfig(horizon=7))
+    ref = torch.cat([theta, torch.full((6, 7, 1), 0.5, dtype=torch.float64)], -1)
+    for r in (theta, ref):
+        viol, stat = shooting_kkt(problem, x0, r, u)
+        with kernels.disabled():
+            viol_t, stat_t = shooting_kkt(problem, x0, r, u)
+        torch.testing.assert_close(viol, viol_t, rtol=1e-12, atol=0, equal_nan=True)
+        torch.testing.assert_close(stat, stat_t, rtol=1e-10, atol=1e-14)
+        assert float(viol.nan_to_num(0).max()) > 0 and stat[3] == float("inf")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["pendulum", "cartpole", "quadrotor"])
 def test_the_suite_problems_reach_ipopt_with_honest_flags(name):
