@@ -283,7 +283,8 @@ def controls(name: str, problem: MPCProblem, v, x0: torch.Tensor) -> torch.Tenso
 # ====================================================================== cold start
 def init_state(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, u_init: torch.Tensor | None = None,
                u_ref: torch.Tensor | None = None) -> SolverState:
-    """Cold start, multipliers 0, ``rho = problem.cold_rho``, obstacle sets = nearest obstacles of ``theta`` (all detached).
+    """Cold start, multipliers 0, ``rho = problem.cold_rho``, obstacle sets = nearest obstacles of ``theta`` (all
+    detached).
 
     Primal guess: without ``u_init``, ``x = theta`` with ``x[:, 0] = x0`` and ``u`` = the control reference
     ``u_ref`` (default: the system's nominal control) clipped to the bounds; with ``u_init``, ``u = u_init`` clipped

@@ -123,18 +123,15 @@ class MPCConfig:
         if not self.rho_cap > self.rho_max:
             raise ConfigError(f"rho_cap must be > rho_max (streaming calls stop above rho_max), got rho_cap="
                               f"{self.rho_cap!r}, rho_max={self.rho_max!r}")
-        if not (isinstance(self.newton_exit_residual, (int, float)) and self.newton_exit_residual >= 0):
-            raise ConfigError(f"newton_exit_residual must be a number >= 0, got {self.newton_exit_residual!r}")
-        if not (isinstance(self.rho_init_r_ratio, (int, float)) and self.rho_init_r_ratio >= 0):
-            raise ConfigError(f"rho_init_r_ratio must be a number >= 0, got {self.rho_init_r_ratio!r}")
+        for name in ("newton_exit_residual", "rho_init_r_ratio"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v >= 0):
+                raise ConfigError(f"{name} must be a number >= 0, got {v!r}")
         if not self.rho_growth >= 1.0:
             raise ConfigError(f"rho_growth must be >= 1, got {self.rho_growth!r}")
-        if self.linear_solver not in _LINEAR_SOLVERS:
-            raise ConfigError(f"linear_solver must be one of {_LINEAR_SOLVERS}, got {self.linear_solver!r}")
-        if self.gradient not in _GRADIENTS:
-            raise ConfigError(f"gradient must be one of {_GRADIENTS}, got {self.gradient!r}")
-        if self.hessian not in _HESSIANS:
-            raise ConfigError(f"hessian must be one of {_HESSIANS}, got {self.hessian!r}")
+        for name, choices in (("linear_solver", _LINEAR_SOLVERS), ("gradient", _GRADIENTS), ("hessian", _HESSIANS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.hessian == "exact" and self.gradient != "final_implicit":
             raise ConfigError(f"hessian='exact' applies to gradient='final_implicit' only, got gradient="
                               f"{self.gradient!r}")

@@ -32,8 +32,8 @@ def _source() -> str:
 
 
 def _module(problem: MPCProblem) -> Any:
-    """The compiled kernel module of ``problem.system`` (``newton_loop``, ``implicit_solve``, ``shooting_kkt``; None if it
-    cannot be built; warned once)."""
+    """The compiled kernel module of ``problem.system`` (``newton_loop``, ``implicit_solve``, ``shooting_kkt``;
+    None if it cannot be built; warned once)."""
     key = kernels.system_key(problem.system)
     if key in _MODULES:
         return _MODULES[key]

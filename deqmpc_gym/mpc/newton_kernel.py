@@ -534,6 +534,59 @@ def implicit_solve(X, U, TH, LEQ, LIN, RHO, OBS, P, RHS, V, CROSS, OK):  # pragm
 
 
 @njit(**_NOPTS)
+def _costates(x, th, J, W, qe, lam):  # pragma: no cover - compiled
+    """The shooting costates of the rollout ``x (T, nx)`` with Jacobians ``J (T-1, nx, n)``: ``qe = (x - theta)
+    Q``, ``lam_{T-2} = -qe_{T-1}``, ``lam_{t-1} = A_t^T lam_t - qe_t``; returns ``(all finite, max |lam|)``."""
+    T, nx = x.shape
+    for t in range(T):
+        for i in range(nx):
+            s = 0.0
+            for j in range(nx):
+                s += (x[t, j] - th[t, j]) * W[j, i]
+            qe[t, i] = s
+    for i in range(nx):
+        lam[T - 2, i] = -qe[T - 1, i]
+    for t in range(T - 2, 0, -1):
+        for i in range(nx):
+            s = 0.0
+            for q in range(nx):
+                s += J[t, q, i] * lam[t, q]
+            lam[t - 1, i] = s - qe[t, i]
+    fin, lmax = True, 0.0
+    for t in range(T - 1):
+        for i in range(nx):
+            fin = fin and math.isfinite(lam[t, i])
+            lmax = _nmax(lmax, abs(lam[t, i]))
+    return fin, lmax
+
+
+@njit(**_NOPTS)
+def _projected_gradient(u, th, J, lam, W, u_low, u_high):  # pragma: no cover - compiled
+    """``(all finite, max |pg|, max |R (u - u_ref)|, bound violation)`` of the projected reduced gradient
+    ``pg = u - clip(u - grad_u J, u_low, u_high)``, ``grad_u J = R (u - u_ref) - B^T lam``."""
+    T, nu = u.shape
+    nx = lam.shape[1]
+    fin, pmax, rmax, viol = True, 0.0, 0.0, 0.0
+    for t in range(T):
+        for j in range(nu):
+            r = 0.0
+            for k in range(nu):
+                r += _du(u, th, t, k, nx) * W[nx + k, nx + j]
+            rmax = _nmax(rmax, abs(r))
+            gr = r
+            if t < T - 1:
+                s = 0.0
+                for q in range(nx):
+                    s += J[t, q, nx + j] * lam[t, q]
+                gr -= s
+            pg = u[t, j] - _nmax(min(u[t, j] - gr, u_high[j]), u_low[j])
+            fin = fin and math.isfinite(pg)
+            pmax = _nmax(pmax, abs(pg))
+            viol = _nmax(viol, _nmax(_nmax(u[t, j] - u_high[j], 0.0), _nmax(u_low[j] - u[t, j], 0.0)))
+    return fin, pmax, rmax, viol
+
+
+@njit(**_NOPTS)
 def shooting_kkt(X0, U, TH, P, VIOL, STAT):  # pragma: no cover - compiled
     """:func:`deqmpc_gym.mpc.solver.shooting_kkt` of every sample: the rollout of ``U (B, T, nu)`` from
     ``X0 (B, nx)``, its Jacobians, the costates by one backward pass and the projected reduced gradient of the
@@ -554,40 +607,7 @@ def shooting_kkt(X0, U, TH, P, VIOL, STAT):  # pragma: no cover - compiled
             step_jac_into(x[t:t + 1], u[t:t + 1], fx, J[t:t + 1], sw)
             for i in range(nx):
                 x[t + 1, i] = fx[0, i]
-        for t in range(T):  # qe = (x - theta) Q
-            for i in range(nx):
-                s = 0.0
-                for j in range(nx):
-                    s += (x[t, j] - th[t, j]) * W[j, i]
-                qe[t, i] = s
-        for i in range(nx):
-            lam[T - 2, i] = -qe[T - 1, i]
-        for t in range(T - 2, 0, -1):  # lam_{t-1} = A_t^T lam_t - Q e_t
-            for i in range(nx):
-                s = 0.0
-                for q in range(nx):
-                    s += J[t, q, i] * lam[t, q]
-                lam[t - 1, i] = s - qe[t, i]
-        fin, lmax, rmax, pmax, viol = True, 0.0, 0.0, 0.0, 0.0
-        for t in range(T - 1):
-            for i in range(nx):
-                fin = fin and math.isfinite(lam[t, i])
-                lmax = _nmax(lmax, abs(lam[t, i]))
-        for t in range(T):
-            for j in range(nu):
-                r = 0.0  # (u - u_ref) R
-                for k in range(nu):
-                    r += _du(u, th, t, k, nx) * W[nx + k, nx + j]
-                rmax = _nmax(rmax, abs(r))
-                gr = r
-                if t < T - 1:
-                    s = 0.0
-                    for q in range(nx):
-                        s += J[t, q, nx + j] * lam[t, q]
-                    gr -= s
-                pg = u[t, j] - _nmax(min(u[t, j] - gr, u_high[j]), u_low[j])
-                fin = fin and math.isfinite(pg)
-                pmax = _nmax(pmax, abs(pg))
-                viol = _nmax(viol, _nmax(_nmax(u[t, j] - u_high[j], 0.0), _nmax(u_low[j] - u[t, j], 0.0)))
+        fin_l, lmax = _costates(x, th, J, W, qe, lam)
+        fin_p, pmax, rmax, viol = _projected_gradient(u, th, J, lam, W, u_low, u_high)
         VIOL[b] = viol
-        STAT[b] = pmax / (1.0 + _nmax(rmax, lmax)) if fin else np.inf
+        STAT[b] = pmax / (1.0 + _nmax(rmax, lmax)) if (fin_l and fin_p) else np.inf
