@@ -7,7 +7,7 @@ a call takes). The merit itself lives with the problem (:func:`deqmpc_gym.mpc.pr
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -76,17 +76,19 @@ class SolverState:
 
     def detach(self) -> SolverState:
         """A copy with every tensor detached from the autograd graph."""
-        return SolverState(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).detach())
-                              for f in fields(self)})
+        out: dict[str, Any] = {f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).detach())
+                               for f in fields(self)}
+        return SolverState(**out)
 
     def index(self, mask_or_idx) -> SolverState:
         """The sub-batch selected by a ``(B,)`` bool mask or an index tensor/list."""
-        return SolverState(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[mask_or_idx])
-                              for f in fields(self)})
+        out: dict[str, Any] = {f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[mask_or_idx])
+                               for f in fields(self)}
+        return SolverState(**out)
 
     def where(self, mask: torch.Tensor, other: SolverState) -> SolverState:
         """Per sample: ``self`` where ``mask (B,)`` is True, ``other`` elsewhere (e.g. reset a subset)."""
-        out = {}
+        out: dict[str, Any] = {}
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
             if a is None or b is None:
@@ -127,7 +129,10 @@ class SolverState:
         rho = torch.clamp(self.rho.detach(), max=cap)
         obs = self.obstacle_idx
         if obs is not None:
-            obs = torch.cat([obs[:, 1:], problem.select_obstacles(xs[:, -1:])], 1)
+            last_obs = problem.select_obstacles(xs[:, -1:])
+            if last_obs is None:
+                raise ConfigError("the state has obstacle sets (obstacle_idx) but the problem has no obstacles")
+            obs = torch.cat([obs[:, 1:], last_obs], 1)
         return SolverState(xs, us, torch.zeros_like(self.lam_eq), torch.zeros_like(self.lam_ineq), rho, obs)
 
 

@@ -22,6 +22,10 @@ import torch
 from deqmpc_gym.mpc.problem import MPCProblem
 from deqmpc_gym.systems import kernels
 
+#: what the fused Newton loop returns: ``(x, u, steps, small_exit, dual_residual, fallback, nonfinite, d, g)``
+NewtonArrays = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                     torch.Tensor, torch.Tensor]
+
 _SENTINEL = "# --- kernel source: everything below this line is appended to the generated dynamics module ---\n"
 _MODULES: dict[Any, Any] = {}
 
@@ -78,7 +82,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().numpy())
 
 
-def newton_loop(problem: MPCProblem, sub: Any, exit_residual: float, reg_growth: float) -> tuple[torch.Tensor, ...]:
+def newton_loop(problem: MPCProblem, sub: Any, exit_residual: float, reg_growth: float) -> NewtonArrays:
     """The Newton loop of the AL subproblem ``sub`` (a :class:`~deqmpc_gym.mpc.solver.Subproblem`: ``x``, ``u``,
     ``theta``, ``lam_eq``, ``lam_in``, ``rho``, ``obs``) without autograd. Returns the fields of
     :class:`~deqmpc_gym.mpc.solver.NewtonResult` in order, ``(x, u, steps, small_exit, dual_residual, fallback,
@@ -94,8 +98,8 @@ def _problem_data(problem: MPCProblem, x: torch.Tensor, obs_idx: torch.Tensor | 
     c = problem.consts(x)
     if problem.k and obs_idx is not None:
         obs = _np(obs_idx.to(torch.int64))
-        centers, radius2 = _np(c.centers), float(problem.obstacle_radius) ** 2
-        pos0 = problem.system.position_slice[0]
+        centers_t, radius, pos0, _ = problem.obstacle_geometry(x)
+        centers, radius2 = _np(centers_t), float(radius) ** 2
     else:
         obs, centers, radius2, pos0 = np.zeros((b, t, 0), np.int64), np.zeros((0, 3)), 0.0, 0
     return obs, (centers, _np(c.W), c.w_diag is not None, _np(c.u_low), _np(c.u_high), radius2, pos0)
@@ -132,7 +136,7 @@ def shooting_kkt(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u: to
 
 def _run(problem: MPCProblem, fn: Any, x: torch.Tensor, u: torch.Tensor, theta: torch.Tensor, lam_eq: torch.Tensor,
          lam_in: torch.Tensor, rho: torch.Tensor, obs_idx: torch.Tensor | None, exit_residual: float,
-         reg_growth: float) -> tuple[torch.Tensor, ...]:
+         reg_growth: float) -> NewtonArrays:
     cfg = problem.config
     b, t = x.shape[:2]
     X, U = _np(x), _np(u)

@@ -19,10 +19,12 @@ Cholesky of :mod:`deqmpc_gym.mpc.linalg_kernels` instead (one numba loop per sam
 
 from __future__ import annotations
 
-from typing import NamedTuple, cast
+from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
+from deqmpc_gym.errors import ShapeError
 from deqmpc_gym.systems import kernels as _kernels
 
 
@@ -30,10 +32,24 @@ class Factor(NamedTuple):
     """A factorisation of ``H``: ``kind`` is ``"dense"`` or ``"banded"``."""
 
     kind: str
-    C: object  # dense: (B, Tn, Tn) lower factor; banded: list of T (B, n, n) lower factors
-    Y: object  # banded: list of T-1 (B, n, n) sub-diagonal blocks; dense: None
+    C: torch.Tensor | list[torch.Tensor]  # dense: (B, Tn, Tn) lower factor; banded: list of T (B, n, n) lower factors
+    Y: list[torch.Tensor] | None  # banded: list of T-1 (B, n, n) sub-diagonal blocks; dense: None
     ok: torch.Tensor  # (B,) bool
-    blocks: object = None  # compiled banded factor: (C (B, T, n, n), Y (B, T-1, n, n)) tensors, else None
+    blocks: tuple[torch.Tensor, torch.Tensor] | None = None  # compiled banded factor: (C (B,T,n,n), Y (B,T-1,n,n))
+
+    def dense(self) -> torch.Tensor:
+        """The ``(B, Tn, Tn)`` lower factor of a ``"dense"`` factor (:class:`~deqmpc_gym.errors.ShapeError` if
+        ``C`` is not one tensor)."""
+        if not isinstance(self.C, torch.Tensor):
+            raise ShapeError(f"a dense Factor holds C as one (B, Tn, Tn) tensor, got {type(self.C).__name__}")
+        return self.C
+
+    def banded(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``(C, Y)``: the ``T`` lower diagonal blocks ``(B, n, n)`` and ``T-1`` sub-diagonal blocks ``(B, n, n)``
+        of a ``"banded"`` factor (:class:`~deqmpc_gym.errors.ShapeError` if they are not lists)."""
+        if isinstance(self.C, torch.Tensor) or self.Y is None:
+            raise ShapeError("a banded Factor holds C and Y as lists of (B, n, n) blocks")
+        return self.C, self.Y
 
 
 def assemble_dense(D: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
@@ -57,7 +73,9 @@ def dense_factor(D: torch.Tensor, L: torch.Tensor) -> Factor:
 def banded_factor(D: torch.Tensor, L: torch.Tensor) -> Factor:
     """Block-tridiagonal Cholesky ``H = C C^T`` (sequential over knots, batched over samples)."""
     t_len = D.shape[1]
-    Cs, Ys, infos = [], [], []
+    Cs: list[torch.Tensor] = []
+    Ys: list[torch.Tensor] = []
+    infos: list[torch.Tensor] = []
     Lt = L.transpose(-1, -2)
     Y = None
     for t in range(t_len):
@@ -72,7 +90,7 @@ def banded_factor(D: torch.Tensor, L: torch.Tensor) -> Factor:
     return Factor("banded", Cs, Ys, torch.stack(infos, 1).eq(0).all(1))
 
 
-def _compiled() -> object | None:
+def _compiled() -> ModuleType | None:
     """The numba kernels module, or None when compiled kernels are off or numba is missing."""
     if not _kernels.enabled():
         return None
@@ -95,7 +113,7 @@ def compiled_factor(D: torch.Tensor, L: torch.Tensor) -> Factor | None:
     mod = _compiled() if _plain(D, L) else None
     if mod is None:
         return None
-    C, Y, ok = (torch.from_numpy(a) for a in mod.factor(D.detach().numpy(), L.detach().numpy()))  # type: ignore
+    C, Y, ok = (torch.from_numpy(a) for a in mod.factor(D.detach().numpy(), L.detach().numpy()))
     return Factor("banded", list(C.unbind(1)), list(Y.unbind(1)), ok, (C, Y))
 
 
@@ -111,29 +129,29 @@ def solve(F: Factor, b: torch.Tensor) -> torch.Tensor:
     """Solve ``H x = b`` for ``b: (B, T, n)`` with a factor from :func:`factor`; returns ``(B, T, n)``."""
     if F.kind == "dense":
         bs, t, n = b.shape
-        return torch.cholesky_solve(b.reshape(bs, t * n, 1), F.C).reshape(bs, t, n)
+        return torch.cholesky_solve(b.reshape(bs, t * n, 1), F.dense()).reshape(bs, t, n)
     if F.blocks is not None and _plain(b):
         mod = _compiled()
         if mod is not None:
-            C_all, Y_all = cast("tuple[torch.Tensor, torch.Tensor]", F.blocks)
-            out = mod.solve(C_all.numpy(), Y_all.numpy(), b.detach().numpy())  # type: ignore[attr-defined]
+            C_all, Y_all = F.blocks
+            out = mod.solve(C_all.numpy(), Y_all.numpy(), b.detach().numpy())
             return torch.from_numpy(out)
-    Cs, Ys = F.C, F.Y
+    Cs, Ys = F.banded()
     t_len = len(Cs)
-    ys = []
-    prev = None
+    ys: list[torch.Tensor] = []
+    prev: torch.Tensor | None = None
     bc = b[..., None]
     for t in range(t_len):
         rhs = bc[:, t] if prev is None else torch.baddbmm(bc[:, t], Ys[t - 1], prev, alpha=-1.0)
         prev = torch.linalg.solve_triangular(Cs[t], rhs, upper=False)
         ys.append(prev)
-    xs = [None] * t_len
-    nxt = None
+    xs: list[torch.Tensor] = []  # x_{T-1}, ..., x_0
+    nxt: torch.Tensor | None = None
     for t in range(t_len - 1, -1, -1):
         rhs = ys[t] if nxt is None else torch.baddbmm(ys[t], Ys[t].transpose(-1, -2), nxt, alpha=-1.0)
         nxt = torch.linalg.solve_triangular(Cs[t].transpose(-1, -2), rhs, upper=True)
-        xs[t] = nxt
-    return torch.stack(xs, 1)[..., 0]
+        xs.append(nxt)
+    return torch.stack(xs[::-1], 1)[..., 0]
 
 
 def block_matvec(D: torch.Tensor, L: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,12 @@ blocks ``H[t+1, t]``; the factor ``C (B, T, n, n)`` (lower-triangular blocks) an
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numba import njit
 
-_OPTS = {"cache": True, "error_model": "numpy", "nogil": True}
+_OPTS: dict[str, Any] = {"cache": True, "error_model": "numpy", "nogil": True}
 
 
 @njit(**_OPTS)

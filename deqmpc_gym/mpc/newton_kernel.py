@@ -30,13 +30,14 @@ def step_jac_into(X, U, Y, J, ws):  # placeholder (see workspace)
 
 # --- kernel source: everything below this line is appended to the generated dynamics module ---
 import math  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 from numba import njit  # noqa: E402
 
 from deqmpc_gym.mpc.linalg_kernels import factor_one, solve_one  # noqa: E402
 
-_NOPTS = {"cache": True, "error_model": "numpy", "nogil": True}
+_NOPTS: dict[str, Any] = {"cache": True, "error_model": "numpy", "nogil": True}
 
 
 @njit(**_NOPTS)

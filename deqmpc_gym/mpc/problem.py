@@ -107,18 +107,29 @@ class _Consts:
     r_half: torch.Tensor | None  # (nu,) diag(R) / 2 when w_diag is set
 
 
+@dataclass(slots=True)
 class Linearization:
-    """Quantities of one Gauss-Newton step at ``(x, u)`` (all batched over ``B``).
+    """Quantities of one Gauss-Newton step at ``(x, u)`` (all batched over ``B``; built by
+    :meth:`MPCProblem.linearize`)."""
 
-    Attributes: ``merit (B,)``, ``cost (B,)``, ``grad (B,T,n)`` pinned merit gradient, ``D (B,T,n,n)`` and
-    ``L (B,T-1,n,n)`` pinned Hessian blocks, ``d (B,T-1,nx)`` defects, ``g (B,T,mi)`` inequality residuals,
-    ``act (B,T,mi)`` active mask, ``fx (B,T-1,nx)`` the discrete map of knots ``0..T-2``, ``A (B,T-1,nx,nx)``,
-    ``Bu (B,T-1,nx,nu)``, ``G (B,T,mi,n)``,
-    ``D0x (B,n,nx)`` / ``L0x (B,n,nx)``: unpinned couplings of ``x_0`` with knot 0 / knot 1 (for ``d/dx0``).
-    """
-
-    __slots__ = ("merit", "cost", "grad", "D", "L", "d", "g", "act", "fx", "A", "Bu", "G", "D0x", "L0x", "cgrad", "rho",
-                 "mu_max", "s")
+    merit: torch.Tensor  # (B,) AL merit
+    cost: torch.Tensor  # (B,) tracking cost
+    grad: torch.Tensor  # (B,T,n) pinned merit gradient
+    cgrad: torch.Tensor  # (B,T,n) pinned cost gradient
+    D: torch.Tensor  # (B,T,n,n) pinned diagonal Hessian blocks
+    L: torch.Tensor  # (B,T-1,n,n) pinned sub-diagonal Hessian blocks H[t+1, t]
+    d: torch.Tensor  # (B,T-1,nx) dynamics defects
+    g: torch.Tensor  # (B,T,mi) inequality residuals
+    act: torch.Tensor  # (B,T,mi) bool active mask (lam + rho g > 0)
+    fx: torch.Tensor  # (B,T-1,nx) the discrete map of knots 0..T-2
+    A: torch.Tensor  # (B,T-1,nx,nx) its state Jacobian
+    Bu: torch.Tensor  # (B,T-1,nx,nu) its control Jacobian
+    G: torch.Tensor  # (B,T,mi,n) inequality Jacobian
+    D0x: torch.Tensor  # (B,n,nx) unpinned coupling of x_0 with knot 0 (for d/dx0)
+    L0x: torch.Tensor  # (B,n,nx) unpinned coupling of x_0 with knot 1 (for d/dx0)
+    rho: torch.Tensor  # (B,) penalty
+    s: torch.Tensor  # (B,T,mi) lam_in + rho g
+    mu_max: torch.Tensor  # (B,) largest absolute first-order multiplier
 
 
 class MPCProblem:
@@ -179,7 +190,7 @@ class MPCProblem:
         #: only the control bounds constrain the problem (G^T G is diagonal; the solver takes elementwise paths)
         self.box_only = self.k == 0 and not self.constraints
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self._cache: dict = {}
+        self._cache: dict[tuple[torch.device, torch.dtype], _Consts] = {}
 
     def linear_solver_kind(self, batch: int) -> str:
         """``"dense"`` or ``"banded"`` factorisation of the Gauss-Newton Hessian for a batch of ``batch`` problems
@@ -239,23 +250,24 @@ class MPCProblem:
         key = (like.device, like.dtype)
         c = self._cache.get(key)
         if c is None:
-            kw = dict(device=like.device, dtype=like.dtype)
-            Q, R = torch.as_tensor(self._Q, **kw), torch.as_tensor(self._R, **kw)
+            dev, dt = like.device, like.dtype
+            Q, R = torch.as_tensor(self._Q, device=dev, dtype=dt), torch.as_tensor(self._R, device=dev, dtype=dt)
             W = torch.block_diag(Q, R)
-            G_box = torch.zeros(2 * self.nu, self.n, **kw)
-            eye_u = torch.eye(self.nu, **kw)
+            G_box = torch.zeros(2 * self.nu, self.n, device=dev, dtype=dt)
+            eye_u = torch.eye(self.nu, device=dev, dtype=dt)
             G_box[: self.nu, self.nx:] = eye_u
             G_box[self.nu:, self.nx:] = -eye_u
-            pin = torch.ones(self.T, self.n, **kw)
+            pin = torch.ones(self.T, self.n, device=dev, dtype=dt)
             pin[0, : self.nx] = 0.0
-            eye_x = torch.zeros(self.n, self.n, **kw)
-            eye_x[: self.nx, : self.nx] = torch.eye(self.nx, **kw)
+            eye_x = torch.zeros(self.n, self.n, device=dev, dtype=dt)
+            eye_x[: self.nx, : self.nx] = torch.eye(self.nx, device=dev, dtype=dt)
             w_diag = torch.diagonal(W).clone() if bool((W == torch.diag(torch.diagonal(W))).all()) else None
-            c = _Consts(Q, R, W, torch.as_tensor(self._u_low, **kw), torch.as_tensor(self._u_high, **kw),
-                        None if self._centers is None else torch.as_tensor(self._centers, **kw), G_box, pin,
-                        torch.eye(self.n, **kw), pin[:, :, None] * pin[:, None, :], torch.diag_embed(1.0 - pin),
-                        eye_x, w_diag, *((None, None) if w_diag is None else
-                                         (0.5 * w_diag[: self.nx], 0.5 * w_diag[self.nx:])))
+            c = _Consts(Q, R, W, torch.as_tensor(self._u_low, device=dev, dtype=dt),
+                        torch.as_tensor(self._u_high, device=dev, dtype=dt),
+                        None if self._centers is None else torch.as_tensor(self._centers, device=dev, dtype=dt),
+                        G_box, pin, torch.eye(self.n, device=dev, dtype=dt), pin[:, :, None] * pin[:, None, :],
+                        torch.diag_embed(1.0 - pin), eye_x, w_diag,
+                        *((None, None) if w_diag is None else (0.5 * w_diag[: self.nx], 0.5 * w_diag[self.nx:])))
             self._cache[key] = c
         return c
 
@@ -264,8 +276,17 @@ class MPCProblem:
         """Indices ``(B, T', k)`` of the ``k`` obstacles nearest to ``system.position(x)`` for ``x: (B, T', nx)``."""
         if self.k == 0:
             return None
-        c = self.consts(x)
-        return nearest_obstacles(self.system.position(x.detach()), c.centers, self.k)
+        centers, _, _, _ = self.obstacle_geometry(x)
+        return nearest_obstacles(self.system.position(x.detach()), centers, self.k)
+
+    def obstacle_geometry(self, like: torch.Tensor) -> tuple[torch.Tensor, float, int, int]:
+        """``(centers (K, 3) [m], radius [m], a0, a1)`` of a problem with obstacles: the sphere centres (on
+        ``like``'s device/dtype), their radius and the position slice ``x[..., a0:a1]`` of the state. Raises
+        :class:`~deqmpc_gym.errors.ConfigError` if the problem has no obstacles."""
+        centers, ps = self.consts(like).centers, self.system.position_slice
+        if centers is None or self.obstacle_radius is None or ps is None:
+            raise ConfigError("this MPC problem has no obstacles (obstacle_centers was not given)")
+        return centers, self.obstacle_radius, ps[0], ps[1]
 
     # ------------------------------------------------------------------ residuals
     def ineq(self, x: torch.Tensor, u: torch.Tensor, obs_idx: torch.Tensor | None, jac: bool):
@@ -275,11 +296,13 @@ class MPCProblem:
         parts = [u - c.u_high, c.u_low - u]
         jparts = [c.G_box.expand(b, t, 2 * self.nu, self.n)] if jac else []
         if self.k:
-            a0, a1 = self.system.position_slice
+            if obs_idx is None:
+                raise ConfigError("obs_idx (select_obstacles) is required for a problem with obstacles")
+            centers, radius, a0, a1 = self.obstacle_geometry(x)
             p = x[..., a0:a1]
-            oc = c.centers[obs_idx]  # (B,T,k,3)
+            oc = centers[obs_idx]  # (B,T,k,3)
             diff = p[:, :, None, :] - oc
-            go = self.obstacle_radius ** 2 - (diff * diff).sum(-1)
+            go = radius ** 2 - (diff * diff).sum(-1)
             knot0 = torch.zeros(t, 1, dtype=x.dtype, device=x.device)
             knot0[0] = 1.0
             go = go * (1.0 - knot0) - knot0  # knot 0: inactive dummy rows (x_0 is fixed)
@@ -301,7 +324,8 @@ class MPCProblem:
     def _user(self, x: torch.Tensor, u: torch.Tensor, jac: bool):
         create = torch.is_grad_enabled() and (x.requires_grad or u.requires_grad)
         b, t = x.shape[:2]
-        outs = []
+        values: list[torch.Tensor] = []
+        jacs: list[torch.Tensor] = []
         for h in self.constraints:
             with torch.enable_grad():
                 xr = x if create else x.detach().requires_grad_(jac)
@@ -318,11 +342,13 @@ class MPCProblem:
                         gx = torch.zeros_like(x) if gx is None else gx
                         gu = torch.zeros_like(u) if gu is None else gu
                         rows.append(torch.cat([gx, gu], -1))
-            outs.append((v if create else v.detach(), torch.stack(rows, -2) if jac else None))
-        hs = torch.cat([o[0] for o in outs], -1)
+            values.append(v if create else v.detach())
+            if jac:
+                jacs.append(torch.stack(rows, -2))
+        hs = torch.cat(values, -1)
         if self.m_user is None:
             self.m_user = hs.shape[-1]
-        return hs, (torch.cat([o[1] for o in outs], -2) if jac else None)
+        return hs, (torch.cat(jacs, -2) if jac else None)
 
     def split_ref(self, u: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(theta (B,T,nx), u - u_ref (B,T,nu))`` of a reference ``theta``: ``(B,T,nx)`` waypoints (``u_ref = 0``)
@@ -337,7 +363,7 @@ class MPCProblem:
         c = self.consts(x)
         th, u = self.split_ref(u, theta)
         e = x - th
-        if c.w_diag is not None:  # diagonal weights: elementwise (fewer small kernels)
+        if c.q_half is not None and c.r_half is not None:  # diagonal weights: elementwise (fewer small kernels)
             return (e * e * c.q_half).sum((1, 2)) + (u * u * c.r_half).sum((1, 2))
         return 0.5 * ((e @ c.Q) * e).sum((1, 2)) + 0.5 * ((u @ c.R) * u).sum((1, 2))
 
@@ -469,7 +495,7 @@ class MPCProblem:
                             hess[k] = hk
         out[:, :-1] -= hess.detach().transpose(0, 1).reshape(b, T - 1, n, n)
         if self.k:
-            a0, a1 = self.system.position_slice
+            _, _, a0, a1 = self.obstacle_geometry(x)
             w = -2.0 * mu_in[..., 2 * nu:2 * nu + self.k].sum(-1)  # (B,T); knot 0's dummy rows have no multiplier
             w = torch.cat([torch.zeros_like(w[:, :1]), w[:, 1:]], 1)
             idx = torch.arange(a0, a1, device=x.device)
@@ -530,9 +556,7 @@ class MPCProblem:
         g, G = self.ineq(x, u, obs_idx, jac=True)
         r = rho.view(-1, 1, 1)
         cost = self.cost(x, u, theta)
-        lin = Linearization()
-        lin.cost = cost
-        lin.merit = self.merit_from(cost, d, g, lam_eq, lam_in, rho)
+        merit = self.merit_from(cost, d, g, lam_eq, lam_in, rho)
         mu = lam_eq + r * d  # (B,T-1,nx)
         s = lam_in + r * g
         act = s > 0
@@ -548,15 +572,8 @@ class MPCProblem:
         D = c.W + r4 * curv
         L = x.new_zeros(b, t - 1, n, n)  # H[t+1, t]
         L[:, :, :nx] = -r4 * AB
-        lin.D0x = D[:, 0, :, :nx]
-        lin.L0x = L[:, 0, :, :nx]
         pin = c.pin
-        lin.grad = grad * pin
-        lin.cgrad = cgrad * pin
-        lin.D = D * c.pin2 + c.unpin_diag
-        lin.L = L * pin[:-1, None, :]
-        lin.d, lin.g, lin.act, lin.fx, lin.A, lin.Bu, lin.G = d, g, act, fx, A, Bu, G
-        lin.rho = rho
-        lin.s = s
-        lin.mu_max = self._max_multiplier(mu, mu_in)
-        return lin
+        return Linearization(merit=merit, cost=cost, grad=grad * pin, cgrad=cgrad * pin,
+                             D=D * c.pin2 + c.unpin_diag, L=L * pin[:-1, None, :], d=d, g=g, act=act, fx=fx, A=A,
+                             Bu=Bu, G=G, D0x=D[:, 0, :, :nx], L0x=L[:, 0, :, :nx], rho=rho, s=s,
+                             mu_max=self._max_multiplier(mu, mu_in))

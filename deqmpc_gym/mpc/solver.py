@@ -211,17 +211,18 @@ def _predict_active_set(problem: MPCProblem, lin: Linearization, F: linalg.Facto
     return dz
 
 
-def _merge_factor(F, F2, take):
-    """Per-sample merge of two factors (``take``: samples taken from ``F2``)."""
+def _merge_factor(F: linalg.Factor, F2: linalg.Factor, take: torch.Tensor) -> linalg.Factor:
+    """Per-sample merge of two factors of the same kind (``take (B,)`` bool: samples taken from ``F2``)."""
     if F.kind == "dense":
-        C = torch.where(take[:, None, None], F2.C, F.C)
+        C = torch.where(take[:, None, None], F2.dense(), F.dense())
         return linalg.Factor("dense", C, None, F.ok | take)
     m = take[:, None, None]
     if F.blocks is not None and F2.blocks is not None:
         C, Y = (torch.where(take.view(-1, 1, 1, 1), a, b) for a, b in zip(F2.blocks, F.blocks))
         return linalg.Factor("banded", list(C.unbind(1)), list(Y.unbind(1)), F.ok | take, (C, Y))
-    Cs = [torch.where(m, a, b) for a, b in zip(F2.C, F.C)]
-    Ys = [torch.where(m, a, b) for a, b in zip(F2.Y, F.Y)]
+    (C2s, Y2s), (C1s, Y1s) = F2.banded(), F.banded()
+    Cs = [torch.where(m, a, b) for a, b in zip(C2s, C1s)]
+    Ys = [torch.where(m, a, b) for a, b in zip(Y2s, Y1s)]
     return linalg.Factor("banded", Cs, Ys, F.ok | take)
 
 
@@ -391,7 +392,7 @@ class _NewtonState:
             put(self.dres, step.dres), put(self.fb, take(self.fb) | step.fallback),
             put(self.nf, take(self.nf) | step.nonfinite), put(self.prev_step, step.moved), put(self.d, step.d),
             put(self.g, step.g), rows.put_dynamics(self.dyn, step.dyn) if trial else None,
-            put(self.dyn_ok, step.dyn_ok) if trial else self.dyn_ok)
+            put(self.dyn_ok, step.dyn_ok) if trial and step.dyn_ok is not None else self.dyn_ok)
 
 
 def _newton_loop(problem: MPCProblem, bt: Subproblem, track_grad: bool, exit_residual: float = 0.0, dyn=None,
@@ -419,6 +420,8 @@ def _newton_loop(problem: MPCProblem, bt: Subproblem, track_grad: bool, exit_res
                             exit_residual)
         st = st.commit(rows, step, trial)
     dyn_out = st.dyn if st.dyn is not None and bool(st.dyn_ok.all()) else None
+    # B >= 1 and newton_steps >= 1: the first step covers every sample, so the residuals are set
+    assert st.d is not None and st.g is not None
     return NewtonResult(st.x, st.u, st.steps, st.small_exit, st.dres, st.fb, st.nf, st.d, st.g, dyn_out)
 
 
@@ -639,7 +642,11 @@ def _al_result(problem: MPCProblem, st: _ALState, theta: torch.Tensor, obs: torc
     cfg = problem.config
     with torch.no_grad():
         xd, ud = st.x.detach(), st.u.detach()
-        pres = problem.violation_from(st.d, st.g) if bool(st.seen.all()) else problem.violation(xd, ud, obs)
+        d, g = st.d, st.g  # set where seen
+        if d is not None and g is not None and bool(st.seen.all()):
+            pres = problem.violation_from(d, g)
+        else:
+            pres = problem.violation(xd, ud, obs)
         cost = problem.cost(xd, ud, theta.detach())
         converged = (pres <= cfg.tol_primal) & (st.dres <= cfg.tol_dual) & st.small_exit & ~st.nf
     new_state = SolverState(xd, ud, st.lam_eq.detach(), st.lam_in.detach(), st.rho.detach(), obs)
