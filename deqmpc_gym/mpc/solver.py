@@ -420,8 +420,8 @@ def _newton_loop(problem: MPCProblem, bt: Subproblem, track_grad: bool, exit_res
                             exit_residual)
         st = st.commit(rows, step, trial)
     dyn_out = st.dyn if st.dyn is not None and bool(st.dyn_ok.all()) else None
-    # B >= 1 and newton_steps >= 1: the first step covers every sample, so the residuals are set
-    assert st.d is not None and st.g is not None
+    if st.d is None or st.g is None:  # unreachable: B >= 1 and newton_steps >= 1, the first step covers every sample
+        raise RuntimeError("the Newton loop took no step; its residuals are unset")
     return NewtonResult(st.x, st.u, st.steps, st.small_exit, st.dres, st.fb, st.nf, st.d, st.g, dyn_out)
 
 
