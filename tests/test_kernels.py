@@ -313,3 +313,16 @@ def test_a_fused_loop_that_cannot_compile_falls_back_with_a_warning(monkeypatch)
     theta = torch.zeros(3, 5, 2, dtype=torch.float64)
     out, ref = _solve_both(problem, x0, theta)
     torch.testing.assert_close(out[0], ref[0], rtol=1e-12, atol=1e-12)
+
+
+def test_the_fused_kernel_source_names_the_linear_algebra_it_compiles_in():
+    """numba's disk cache keys a module on its own source: the fused Newton loop's source carries a digest of
+    ``linalg_kernels.py`` (whose factorisation it calls), so editing that file compiles the loop afresh instead of
+    loading stale machine code."""
+    import hashlib
+    from pathlib import Path
+
+    from deqmpc_gym.mpc import fused, linalg_kernels
+
+    digest = hashlib.sha256(Path(linalg_kernels.__file__).read_bytes()).hexdigest()[:16]
+    assert f"# linalg_kernels {digest}" in fused._source()

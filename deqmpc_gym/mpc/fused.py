@@ -12,6 +12,7 @@ batched torch loop runs. Both are the same algorithm: answers agree to round-off
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,13 @@ _MODULES: dict[Any, Any] = {}
 
 
 def _source() -> str:
-    text = (Path(__file__).with_name("newton_kernel.py")).read_text()
-    return "\n\n" + text.split(_SENTINEL, 1)[1]
+    """The kernel source appended to a system's generated module, stamped with a digest of the kernels it imports
+    (:mod:`deqmpc_gym.mpc.linalg_kernels`): numba's disk cache tracks the source of the module it compiles, not
+    of the functions that module calls, so a change there must change the module's name."""
+    here = Path(__file__)
+    text = here.with_name("newton_kernel.py").read_text()
+    stamp = hashlib.sha256(here.with_name("linalg_kernels.py").read_bytes()).hexdigest()[:16]
+    return f"\n\n# linalg_kernels {stamp}\n" + text.split(_SENTINEL, 1)[1]
 
 
 def _module(problem: MPCProblem) -> Any:

@@ -20,57 +20,46 @@ _OPTS: dict[str, Any] = {"cache": True, "error_model": "numpy", "nogil": True}
 
 
 @njit(**_OPTS)
-def _chol(S, C):  # pragma: no cover - compiled
-    """Lower Cholesky factor of ``S (n, n)`` into ``C``; returns False at a non-positive or non-finite pivot."""
-    n = S.shape[0]
-    for j in range(n):
-        d = S[j, j]
-        for k in range(j):
-            d -= C[j, k] * C[j, k]
-        if not (d > 0.0) or d == np.inf:
-            return False
-        cjj = np.sqrt(d)
-        C[j, j] = cjj
-        for i in range(j + 1, n):
-            s = S[i, j]
-            for k in range(j):
-                s -= C[i, k] * C[j, k]
-            C[i, j] = s / cjj
-        for i in range(j):
-            C[i, j] = 0.0
-    return True
-
-
-@njit(**_OPTS)
 def factor_one(D, L, C, Y, S):  # pragma: no cover - compiled
     """One sample: ``D (T, n, n)``, ``L (T-1, n, n)`` -> ``C``, ``Y`` (``S (n, n)``: work space); returns ok.
-    A failed factorisation leaves NaN blocks."""
+    A failed factorisation leaves NaN blocks. Per block: ``S = D_t - Y_{t-1} Y_{t-1}^T`` (lower triangle), its
+    Cholesky factor ``C_t`` and ``Y_t = L_t C_t^{-T}`` by rows, indexed in place (no block views: on the MPC's
+    small blocks the views' bookkeeping costs as much as the arithmetic)."""
     t_len, n = D.shape[0], D.shape[1]
     for t in range(t_len):
         for i in range(n):
-            for j in range(n):
-                S[i, j] = D[t, i, j]
-        if t > 0:  # S -= Y_{t-1} Y_{t-1}^T
-            Yp = Y[t - 1]
-            for i in range(n):
-                for j in range(i + 1):
-                    s = 0.0
+            for j in range(i + 1):
+                s = D[t, i, j]
+                if t > 0:
+                    a = 0.0
                     for k in range(n):
-                        s += Yp[i, k] * Yp[j, k]
-                    S[i, j] -= s
-        Ct = C[t]
-        if not _chol(S, Ct):
-            C[:, :, :] = np.nan
-            Y[:, :, :] = np.nan
-            return False
+                        a += Y[t - 1, i, k] * Y[t - 1, j, k]
+                    s -= a
+                S[i, j] = s
+        for j in range(n):
+            d = S[j, j]
+            for k in range(j):
+                d -= C[t, j, k] * C[t, j, k]
+            if not (d > 0.0) or d == np.inf:
+                C[:, :, :] = np.nan
+                Y[:, :, :] = np.nan
+                return False
+            cjj = np.sqrt(d)
+            C[t, j, j] = cjj
+            for i in range(j + 1, n):
+                s = S[i, j]
+                for k in range(j):
+                    s -= C[t, i, k] * C[t, j, k]
+                C[t, i, j] = s / cjj
+            for i in range(j):
+                C[t, i, j] = 0.0
         if t < t_len - 1:  # row r of Y_t solves C_t y = (row r of L_t)
-            Lt, Yt = L[t], Y[t]
             for r in range(n):
                 for i in range(n):
-                    s = Lt[r, i]
+                    s = L[t, r, i]
                     for k in range(i):
-                        s -= Ct[i, k] * Yt[r, k]
-                    Yt[r, i] = s / Ct[i, i]
+                        s -= C[t, i, k] * Y[t, r, k]
+                    Y[t, r, i] = s / C[t, i, i]
     return True
 
 
@@ -79,25 +68,23 @@ def solve_one(C, Y, rhs, out, z):  # pragma: no cover - compiled
     """One sample: ``out (T, n) = H^{-1} rhs`` (``z (T, n)``: work space)."""
     t_len, n = C.shape[0], C.shape[1]
     for t in range(t_len):  # forward: C_t z_t = rhs_t - Y_{t-1} z_{t-1}
-        Ct = C[t]
         for i in range(n):
             s = rhs[t, i]
             if t > 0:
                 for k in range(n):
                     s -= Y[t - 1, i, k] * z[t - 1, k]
             for k in range(i):
-                s -= Ct[i, k] * z[t, k]
-            z[t, i] = s / Ct[i, i]
+                s -= C[t, i, k] * z[t, k]
+            z[t, i] = s / C[t, i, i]
     for t in range(t_len - 1, -1, -1):  # backward: C_t^T x_t = z_t - Y_t^T x_{t+1}
-        Ct = C[t]
         for i in range(n - 1, -1, -1):
             s = z[t, i]
             if t < t_len - 1:
                 for k in range(n):
                     s -= Y[t, k, i] * out[t + 1, k]
             for k in range(i + 1, n):
-                s -= Ct[k, i] * out[t, k]
-            out[t, i] = s / Ct[i, i]
+                s -= C[t, k, i] * out[t, k]
+            out[t, i] = s / C[t, i, i]
 
 
 @njit(**_OPTS)
