@@ -20,6 +20,29 @@ _OPTS: dict[str, Any] = {"cache": True, "error_model": "numpy", "nogil": True}
 
 
 @njit(**_OPTS)
+def _chol_block(S, C, t):  # pragma: no cover - compiled
+    """Lower Cholesky factor of ``S (n, n)`` (lower triangle read) into ``C[t]``; False at a non-positive or
+    non-finite pivot."""
+    n = S.shape[0]
+    for j in range(n):
+        d = S[j, j]
+        for k in range(j):
+            d -= C[t, j, k] * C[t, j, k]
+        if not (d > 0.0) or d == np.inf:
+            return False
+        cjj = np.sqrt(d)
+        C[t, j, j] = cjj
+        for i in range(j + 1, n):
+            s = S[i, j]
+            for k in range(j):
+                s -= C[t, i, k] * C[t, j, k]
+            C[t, i, j] = s / cjj
+        for i in range(j):
+            C[t, i, j] = 0.0
+    return True
+
+
+@njit(**_OPTS)
 def factor_one(D, L, C, Y, S):  # pragma: no cover - compiled
     """One sample: ``D (T, n, n)``, ``L (T-1, n, n)`` -> ``C``, ``Y`` (``S (n, n)``: work space); returns ok.
     A failed factorisation leaves NaN blocks. Per block: ``S = D_t - Y_{t-1} Y_{t-1}^T`` (lower triangle), its
@@ -36,23 +59,10 @@ def factor_one(D, L, C, Y, S):  # pragma: no cover - compiled
                         a += Y[t - 1, i, k] * Y[t - 1, j, k]
                     s -= a
                 S[i, j] = s
-        for j in range(n):
-            d = S[j, j]
-            for k in range(j):
-                d -= C[t, j, k] * C[t, j, k]
-            if not (d > 0.0) or d == np.inf:
-                C[:, :, :] = np.nan
-                Y[:, :, :] = np.nan
-                return False
-            cjj = np.sqrt(d)
-            C[t, j, j] = cjj
-            for i in range(j + 1, n):
-                s = S[i, j]
-                for k in range(j):
-                    s -= C[t, i, k] * C[t, j, k]
-                C[t, i, j] = s / cjj
-            for i in range(j):
-                C[t, i, j] = 0.0
+        if not _chol_block(S, C, t):
+            C[:, :, :] = np.nan
+            Y[:, :, :] = np.nan
+            return False
         if t < t_len - 1:  # row r of Y_t solves C_t y = (row r of L_t)
             for r in range(n):
                 for i in range(n):
