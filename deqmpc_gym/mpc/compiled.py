@@ -484,18 +484,15 @@ class CompiledSolver:
         c = self._const_cache.get(key)
         if c is None:
             T, nx, m = self._T, self._nx, 2 * self._nu
-            dt, dev = dtype, device
-            c = {"steps": torch.zeros(b, dtype=torch.long, device=dev),
-                 "al_iters": torch.zeros(b, dtype=torch.long, device=dev),
-                 **{k: torch.zeros(b, dtype=torch.bool, device=dev) for k in ("small_exit", "fb", "nf")},
-                 "dres": torch.full((b,), math.inf, dtype=dt, device=dev),
-                 "inf": torch.full((b,), math.inf, dtype=dt, device=dev),
-                 "d_cur": torch.zeros(T - 1, nx, b, dtype=dt, device=dev),
-                 "g_cur": torch.zeros(T, m, b, dtype=dt, device=dev),
-                 "last_eq": torch.zeros(T - 1, nx, b, dtype=dt, device=dev),
-                 "last_in": torch.zeros(T, m, b, dtype=dt, device=dev),
-                 "last_rho": torch.zeros(b, dtype=dt, device=dev), "zero": torch.zeros(b, dtype=dt, device=dev),
-                 "one": torch.ones(b, dtype=dt, device=dev), "no_extra": torch.zeros(T, m, b, dtype=dt, device=dev)}
+            f: dict[str, Any] = {"dtype": dtype, "device": device}
+            c = {"steps": torch.zeros(b, dtype=torch.long, device=device),
+                 "al_iters": torch.zeros(b, dtype=torch.long, device=device),
+                 **{k: torch.zeros(b, dtype=torch.bool, device=device) for k in ("small_exit", "fb", "nf")},
+                 "dres": torch.full((b,), math.inf, **f), "inf": torch.full((b,), math.inf, **f),
+                 "d_cur": torch.zeros(T - 1, nx, b, **f), "g_cur": torch.zeros(T, m, b, **f),
+                 "last_eq": torch.zeros(T - 1, nx, b, **f), "last_in": torch.zeros(T, m, b, **f),
+                 "last_rho": torch.zeros(b, **f), "zero": torch.zeros(b, **f), "one": torch.ones(b, **f),
+                 "no_extra": torch.zeros(T, m, b, **f)}
             self._const_cache[key] = c
         return c
 

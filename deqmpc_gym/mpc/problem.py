@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -250,24 +251,23 @@ class MPCProblem:
         key = (like.device, like.dtype)
         c = self._cache.get(key)
         if c is None:
-            dev, dt = like.device, like.dtype
-            Q, R = torch.as_tensor(self._Q, device=dev, dtype=dt), torch.as_tensor(self._R, device=dev, dtype=dt)
+            kw: dict[str, Any] = {"device": like.device, "dtype": like.dtype}
+            Q, R = torch.as_tensor(self._Q, **kw), torch.as_tensor(self._R, **kw)
             W = torch.block_diag(Q, R)
-            G_box = torch.zeros(2 * self.nu, self.n, device=dev, dtype=dt)
-            eye_u = torch.eye(self.nu, device=dev, dtype=dt)
+            G_box = torch.zeros(2 * self.nu, self.n, **kw)
+            eye_u = torch.eye(self.nu, **kw)
             G_box[: self.nu, self.nx:] = eye_u
             G_box[self.nu:, self.nx:] = -eye_u
-            pin = torch.ones(self.T, self.n, device=dev, dtype=dt)
+            pin = torch.ones(self.T, self.n, **kw)
             pin[0, : self.nx] = 0.0
-            eye_x = torch.zeros(self.n, self.n, device=dev, dtype=dt)
-            eye_x[: self.nx, : self.nx] = torch.eye(self.nx, device=dev, dtype=dt)
+            eye_x = torch.zeros(self.n, self.n, **kw)
+            eye_x[: self.nx, : self.nx] = torch.eye(self.nx, **kw)
             w_diag = torch.diagonal(W).clone() if bool((W == torch.diag(torch.diagonal(W))).all()) else None
-            c = _Consts(Q, R, W, torch.as_tensor(self._u_low, device=dev, dtype=dt),
-                        torch.as_tensor(self._u_high, device=dev, dtype=dt),
-                        None if self._centers is None else torch.as_tensor(self._centers, device=dev, dtype=dt),
-                        G_box, pin, torch.eye(self.n, device=dev, dtype=dt), pin[:, :, None] * pin[:, None, :],
-                        torch.diag_embed(1.0 - pin), eye_x, w_diag,
-                        *((None, None) if w_diag is None else (0.5 * w_diag[: self.nx], 0.5 * w_diag[self.nx:])))
+            c = _Consts(Q, R, W, torch.as_tensor(self._u_low, **kw), torch.as_tensor(self._u_high, **kw),
+                        None if self._centers is None else torch.as_tensor(self._centers, **kw), G_box, pin,
+                        torch.eye(self.n, **kw), pin[:, :, None] * pin[:, None, :], torch.diag_embed(1.0 - pin),
+                        eye_x, w_diag, *((None, None) if w_diag is None else
+                                         (0.5 * w_diag[: self.nx], 0.5 * w_diag[self.nx:])))
             self._cache[key] = c
         return c
 

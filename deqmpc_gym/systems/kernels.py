@@ -167,13 +167,6 @@ def _body(exprs: list[Any], targets: list[str], syms: Any) -> list[str]:
 
 _TEMPLATE_RK4 = '''
 @njit(**_OPTS)
-def workspace():
-    """Work space of ``step_into`` / ``step_jac_into``: stage derivatives, stage state, Jacobian entries and the
-    two stage Jacobians (allocated once by a caller that steps many times)."""
-    return np.empty((4, NX)), np.empty(NX), np.empty(NNZ), np.empty((2, NX, NX + NU))
-
-
-@njit(**_OPTS)
 def step_into(X, U, Y, ws):
     k, xi = ws[0], ws[1]
     for b in range(X.shape[0]):
@@ -234,13 +227,6 @@ def step_jac_into(X, U, Y, J, ws):
 
 _TEMPLATE_DISCRETE = '''
 @njit(**_OPTS)
-def workspace():
-    """Work space of ``step_into`` / ``step_jac_into`` (the Jacobian entries; the rest keeps one signature
-    for every system)."""
-    return np.empty((4, NX)), np.empty(NX), np.empty(NNZ), np.empty((2, NX, NX + NU))
-
-
-@njit(**_OPTS)
 def step_into(X, U, Y, ws):
     for b in range(X.shape[0]):
         deriv(X[b], U[b], Y[b])
@@ -257,8 +243,17 @@ def step_jac_into(X, U, Y, J, ws):
             J[b, ROWS[q], COLS[q]] = g[q]
 '''
 
-#: ``step(X, U, Y)`` and ``step_jac(X, U, Y, J)`` on rows: the entry points of one call (a fresh work space each)
+#: the work space of ``step_into`` / ``step_jac_into`` (one signature for every system; the discrete template uses
+#: only the Jacobian entries), and ``step(X, U, Y)`` / ``step_jac(X, U, Y, J)`` on rows: the entry points of one
+#: call (a fresh work space each)
 _TEMPLATE_ENTRY = '''
+
+@njit(**_OPTS)
+def workspace():
+    """Work space of ``step_into`` / ``step_jac_into``: stage derivatives, stage state, Jacobian entries and the
+    two stage Jacobians (allocated once by a caller that steps many times)."""
+    return np.empty((4, NX)), np.empty(NX), np.empty(NNZ), np.empty((2, NX, NX + NU))
+
 
 @njit(**_OPTS)
 def step(X, U, Y):
