@@ -26,11 +26,11 @@ class MPCConfig:
             :meth:`standalone` solves to convergence start at 1e3 (fewer AL iterations, the same answers on the
             solver suite); not so with a tiny control weight (the QPole's R = 1e-8): the Hessian's condition number
             ``rho / R`` loses the cost's curvature to round-off before the iterate nears the optimum, and samples
-            stall -- start such problems at 1.
+            stall -- start such problems at 1 (``rho_init_r_ratio`` does so for the standalone configuration).
         rho_init_r_ratio: if > 0, a cold start's first penalty is ``min(rho_init, max(1, rho_init_r_ratio *
             r_min))`` with ``r_min`` the smallest eigenvalue of the control weight R: it keeps the Gauss-Newton
-            Hessian's condition number ``rho / r_min`` near ``rho_init_r_ratio`` where R is tiny, and never starts
-            below the DEQ-MPC default 1. 0 (the default): the first penalty is ``rho_init``.
+            Hessian's first condition number ``rho / r_min`` at most ``rho_init_r_ratio`` where R is tiny, but never
+            starts below the DEQ-MPC default 1. 0 (the default): the first penalty is ``rho_init``.
         rho_growth: ``rho <- rho_growth * rho`` after every AL iteration.
         rho_max: in streaming use (``solve(..., stop_at_rho_max=True)``) a sample stops once its ``rho``
             exceeds this value; the last AL iteration of a sample therefore runs at ``rho <= rho_max``.
