@@ -190,6 +190,7 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--hidden", type=int, default=_default(NetworkConfig, "hidden"),
                    help="network width, divisible by 4")
     t.add_argument("--batch-size", type=int, default=_default(TrainConfig, "batch_size"), help="windows per step")
+    t.add_argument("--lr", type=float, default=_default(TrainConfig, "lr"), help="Adam learning rate")
     t.add_argument("--val-every", type=int, default=_default(TrainConfig, "val_every"),
                    help="validate (and checkpoint) every this many steps")
     t.add_argument("--val-batches", type=int, default=_default(TrainConfig, "val_batches"),
@@ -230,6 +231,8 @@ def _add_train(sub: Any) -> None:
         dg.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=_default(DaggerConfig, name),
                         help=help_)
     dg.add_argument("--batch-size", type=int, default=_default(TrainConfig, "batch_size"), help="windows per step")
+    dg.add_argument("--lr", type=float, default=_default(TrainConfig, "lr"),
+                    help="Adam learning rate of each round (each round starts a fresh optimizer)")
     _add_device(dg)
     e = _parser(sub, "evaluate", "evaluate a saved or shipped policy (normalized score vs the env's dataset expert)")
     which = e.add_mutually_exclusive_group(required=True)
@@ -475,7 +478,7 @@ def _train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     check_writable(args.out, kind="dir")
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, val_every=args.val_every,
-                      val_batches=args.val_batches, seed=args.seed, state_noise=args.state_noise)
+                      val_batches=args.val_batches, seed=args.seed, state_noise=args.state_noise, lr=args.lr)
     ds = ExpertDataset.load(args.dataset, env_id=args.env)
     if args.init is not None:  # fine-tuning: the saved policy's weights and config
         policy = DEQMPCPolicy.load(args.init, env=args.env, device=device)
@@ -511,7 +514,7 @@ def _dagger(args: argparse.Namespace) -> int:
     data = ExpertDataset.load(args.dataset, env_id=args.env)
     expert = load_expert(args.env, kind=dataset_expert_kind(args.env))
     tuned, data = dagger(policy, expert, data, args.env, args.out, cfg,
-                         TrainConfig(batch_size=args.batch_size, val_batches=10, val_every=100))
+                         TrainConfig(batch_size=args.batch_size, lr=args.lr, val_batches=10, val_every=100))
     tuned.save(Path(args.out) / "best")
     data.save(Path(args.out) / "data.npz")
     print(f"DAgger on {args.env}: {cfg.rounds} rounds, {len(data)} trajectories -> {args.out}/best "

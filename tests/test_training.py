@@ -199,7 +199,7 @@ def test_batch_loss_real_diff_mpc_matches_final_iterate(small) -> None:
 # ---------------------------------------------------------------------------------------------- config
 @pytest.mark.parametrize("bad", [dict(steps=0), dict(batch_size=0), dict(val_every=0), dict(val_batches=0),
                                  dict(log_every=0), dict(streaming_steps=-1), dict(val_fraction=0.0),
-                                 dict(val_fraction=1.0)])
+                                 dict(val_fraction=1.0), dict(lr=0.0), dict(lr=float("nan")), dict(grad_clip=-1.0)])
 def test_train_config_rejects_bad_values(bad: dict) -> None:
     with pytest.raises(ConfigError):
         TrainConfig(**bad)

@@ -109,6 +109,9 @@ class TrainConfig:
         if self.eval_every < 0 or (self.eval_every and self.eval_every % self.val_every):
             raise ConfigError(f"TrainConfig.eval_every must be 0 or a multiple of val_every ({self.val_every}), "
                               f"got {self.eval_every}")
+        for name in ("lr", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0.0):
+                raise ConfigError(f"TrainConfig.{name} must be a finite number > 0, got {getattr(self, name)}")
         if not (math.isfinite(self.state_noise) and self.state_noise >= 0.0):
             raise ConfigError(f"TrainConfig.state_noise must be a finite number >= 0, got {self.state_noise}")
         if not 0.0 < self.val_fraction < 1.0:
