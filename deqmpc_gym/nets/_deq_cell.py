@@ -4,8 +4,9 @@
 it without autograd and returns the intermediates its backward needs; :func:`cell` is the differentiable cell (one
 autograd node whose backward is the chain of the layers' backward kernels: the two convolutions' matrix products,
 the three GroupNorm backward kernels and the two ReLU masks). Given the intermediates of an evaluation at the same
-``z`` (a forward solve's last one), :func:`cell` reuses them instead of evaluating ``f`` again: same value and same
-gradient, bit for bit, since the forward is the same code on the same inputs.
+``z`` (a forward solve's last one), :func:`cell` reuses them instead of evaluating ``f`` again: the same value and
+gradient to round-off (the solve's prepared weights put the convolutions' taps on the narrower side, a fresh
+evaluation uses the channel-major windows; see :mod:`deqmpc_gym.nets._channel_last`).
 
 Notation: ``B`` batch, ``L`` length, ``h`` hidden width, ``e`` expanded width, ``k`` kernel width, ``G`` groups.
 """
@@ -20,7 +21,6 @@ from torch import Tensor
 from deqmpc_gym.nets._channel_last import (
     _conv_backward,
     _forward,
-    _weight_matrix,
     group_norm_backward_cl,
     group_norm_stats_cl,
 )
@@ -50,14 +50,15 @@ class CellEval(NamedTuple):
     saved: tuple[Tensor, ...]
 
 
-def cell_forward(z: Tensor, ub: Tensor, p: CellWeights, wm1: Tensor, wm2: Tensor) -> CellEval:
+def cell_forward(z: Tensor, ub: Tensor, p: CellWeights, wm1: Tensor | None, wm2: Tensor | None) -> CellEval:
     """Evaluate the cell without autograd.
 
     Args:
         z: ``(B, L, h)`` contiguous latent.
         ub: ``(B, L, h)`` injection plus the second convolution's bias (``u + b2``).
         p: the parameters (used detached).
-        wm1, wm2: the weight matrices of ``p.w1``, ``p.w2`` (:func:`~deqmpc_gym.nets._channel_last.transposed_weight`).
+        wm1, wm2: the prepared weight matrices of ``p.w1``, ``p.w2``
+            (:func:`~deqmpc_gym.nets._channel_last.transposed_weight`), or None for the channel-major windows.
 
     Returns:
         :class:`CellEval` with ``out = f(z, u)`` ``(B, L, h)``.
@@ -80,7 +81,7 @@ class _CellFn(torch.autograd.Function):
                 groups: tuple[int, int, int], eps: tuple[float, float, float], pre: CellEval | None) -> Tensor:
         if pre is None:
             p = CellWeights(w1, b1, w2, b2, ((n1w, n1b), (n2w, n2b), (n3w, n3b)), groups, eps)
-            pre = cell_forward(z, u if b2 is None else u + b2, p, _weight_matrix(w1), _weight_matrix(w2))
+            pre = cell_forward(z, u if b2 is None else u + b2, p, None, None)
         ctx.save_for_backward(w1, w2, n1w, n2w, n3w, *pre.saved)
         ctx.groups = groups
         ctx.has_bias = (b1 is not None, b2 is not None)

@@ -16,7 +16,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from deqmpc_gym.errors import ConfigError, ShapeError, check_shape
-from deqmpc_gym.nets._channel_last import conv_cl, group_norm_cl, transposed_weight
+from deqmpc_gym.nets._channel_last import (
+    conv_cl,
+    group_norm_cl,
+    same_conv_taps,
+    split_input_conv_cl,
+    transposed_weight,
+)
 from deqmpc_gym.nets._deq_cell import CellEval, CellWeights, cell, cell_forward
 from deqmpc_gym.nets.fixed_point import AndersonConfig, SolverStats, fixed_point_iter, get_solver
 
@@ -217,6 +223,8 @@ _SPLIT_ENCODER_MIN_BATCH = 8
 class _InputBlock(nn.Module):
     """Node / x0 encoders, learned time embedding and the conv input encoder -> ``(B, h, L)``."""
 
+    taps: Tensor  # buffer (registered in __init__)
+
     def __init__(self, cfg: NetConfig) -> None:
         super().__init__()
         h, k = cfg.hidden, cfg.kernel
@@ -226,6 +234,8 @@ class _InputBlock(nn.Module):
         self.input_encoder = nn.Sequential(
             _conv(3 * h, cfg.expansion * h, k), nn.ReLU(), _conv(cfg.expansion * h, h, k), nn.GroupNorm(cfg.groups, h)
         )
+        # (L, k): which taps of the input encoder's convolution read inside the horizon (the split path's context)
+        self.register_buffer("taps", same_conv_taps(cfg.L, k), persistent=False)
 
     def forward(self, x0: Tensor, x_prev: Tensor) -> Tensor:
         """``x0: (B, nx)``, ``x_prev: (B, T, nx)`` (normalised) -> ``(B, h, L)``."""
@@ -241,15 +251,8 @@ class _InputBlock(nn.Module):
             cat = torch.cat([nodes, ctx[:, None].expand_as(nodes), self.time_embedding[None].expand_as(nodes)], -1)
             a = _cconv(conv_a, cat)
         else:  # conv(cat([nodes, ctx, time])) = conv(nodes) + conv(ctx) + conv(time), each zero-padded
-            w = cast(nn.Conv1d, conv_a).weight  # (e, 3h, k)
-            k, p = w.shape[2], w.shape[2] // 2
-            # knot t sees the constant ctx through the kernel taps j with 0 <= t + j - p < L
-            t = torch.arange(length, device=w.device)[:, None] + torch.arange(k, device=w.device)[None] - p
-            taps = ((t >= 0) & (t < length)).to(w.dtype)  # (L, k)
-            w_ctx = torch.einsum("tj,ocj->toc", taps, w[:, h:2 * h])  # (L, e, h)
-            ctx_out = (ctx @ w_ctx.reshape(-1, h).t()).view(b, length, -1)
-            time_out = conv_cl(self.time_embedding[None], w[:, 2 * h:].contiguous(), None)  # (1, L, e)
-            a = conv_cl(nodes, w[:, :h].contiguous(), cast(nn.Conv1d, conv_a).bias, ctx_out + time_out)
+            c = cast(nn.Conv1d, conv_a)
+            a = split_input_conv_cl(nodes, ctx, self.time_embedding, c.weight, c.bias, self.taps.to(c.weight.dtype))
         return _cgn(gn, _cconv(conv_b, _relu(a)))
 
 

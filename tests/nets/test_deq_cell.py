@@ -28,7 +28,7 @@ def _seed():
 @pytest.mark.parametrize("c_in, c_out", [(3, 7), (7, 3), (4, 4)])
 @pytest.mark.parametrize("length", [1, 2, 4])
 @pytest.mark.parametrize("kernel", [1, 3, 5])
-def test_conv_cl_both_tap_layouts_match_conv1d(c_in, c_out, length, kernel):
+def test_conv_cl_layouts_match_conv1d(c_in, c_out, length, kernel):
     x = torch.randn(2, length, c_in, dtype=torch.float64, requires_grad=True)
     w = torch.randn(c_out, c_in, kernel, dtype=torch.float64, requires_grad=True)
     b = torch.randn(c_out, dtype=torch.float64, requires_grad=True)
@@ -102,7 +102,7 @@ def test_cell_gradient_of_the_injection_only():
 
 
 @pytest.mark.parametrize("solver", [anderson, fixed_point_iter])
-def test_first_phantom_step_reuses_the_solve_and_gives_the_identical_gradient(solver):
+def test_first_phantom_step_reuses_the_solve_and_gives_the_same_gradient(solver):
     net = _net()
     u = torch.randn(7, 4, 16, dtype=torch.float64, requires_grad=True)
     fmap = net._f_solve(u)
@@ -115,7 +115,9 @@ def test_first_phantom_step_reuses_the_solve_and_gives_the_identical_gradient(so
     with_reuse = torch.autograd.grad(net._grad_path(z_star, u, pre), params, g)
     without = torch.autograd.grad(net._grad_path(z_star, u), params, g)
     for a, b in zip(with_reuse, without):
-        assert torch.equal(a, b)  # bit for bit: the same forward code on the same inputs
+        # the solve's evaluation (taps on the narrower side) and a fresh one (channel-major windows) differ only in
+        # the order of the products' sums
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_training_forward_evaluates_the_cell_once_less_with_reuse(monkeypatch):
