@@ -43,11 +43,11 @@ class CellWeights(NamedTuple):
 
 class CellEval(NamedTuple):
     """One gradient-free evaluation of the cell: its input ``z`` and output ``out`` ``(B, L, h)`` and the
-    intermediates of the backward (``saved``)."""
+    intermediates of the backward (``saved``; its weight matrices are None for the channel-major windows)."""
 
     z: Tensor
     out: Tensor
-    saved: tuple[Tensor, ...]
+    saved: tuple[Tensor | None, ...]
 
 
 def cell_forward(z: Tensor, ub: Tensor, p: CellWeights, wm1: Tensor | None, wm2: Tensor | None) -> CellEval:
