@@ -16,7 +16,8 @@ With ``--baseline-src DIR`` the baseline is instead the eager path of the code c
 ``git worktree`` of an earlier commit), run in a worker process that imports that checkout, the two processes
 alternating chunk by chunk: the speed-up then includes every change between the two checkouts (the network's too).
 
-Writes ``benchmarks/results/training.json``; rows of (env, variant) pairs not measured in a run are kept.
+Writes ``benchmarks/results/training.json``; rows of (env, variant) pairs not measured in a run are kept. Each row
+holds the commit of the measured checkout (``code``) and its ``trials`` x ``steps``.
 Usage: ``python benchmarks/training.py [--threads 1] [--steps 5] [--trials 3] [--envs Pendulum Cartpole ...]
 [--baseline-src DIR]``.
 """
@@ -176,6 +177,8 @@ def main() -> None:
     remote = _Baseline(args.baseline_src, args) if args.baseline_src else None
     baseline_name = remote.name if remote else "eager path of this checkout"
 
+    here = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip() or "unknown"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for short in args.envs:
@@ -220,7 +223,8 @@ def main() -> None:
                 rows.append({"env": short, "variant": variant, "hidden": hidden, "batch": batch,
                              "steps_per_s": rate, "windows_per_s": rate * batch,
                              "baseline_windows_per_s": base_rate * batch, "speedup": rate / base_rate,
-                             "baseline": baseline_name, "share": {k: v / total for k, v in shares.items()}})
+                             "baseline": baseline_name, "share": {k: v / total for k, v in shares.items()},
+                             "code": here, "trials": args.trials, "steps": args.steps})
                 print(f"  {short} {variant}: {rate * batch:.1f} windows/s, baseline {base_rate * batch:.1f} "
                       f"({rate / base_rate:.2f}x)", file=sys.stderr, flush=True)
     if remote is not None:
@@ -232,8 +236,8 @@ def main() -> None:
         kept = [r for r in json.loads(args.out.read_text())["rows"] if (r["env"], r["variant"]) not in measured]
     order = {(e, v): i for i, (e, v) in enumerate((e, v) for e in ENVS for v in VARIANTS)}
     merged = sorted(kept + rows, key=lambda r: order.get((r["env"], r["variant"]), len(order)))
-    atomic_write_text(args.out, json.dumps({"threads": args.threads, "torch": torch.__version__,
-                                            "steps": args.steps, "trials": args.trials, "rows": merged}, indent=2))
+    atomic_write_text(args.out, json.dumps({"threads": args.threads, "torch": torch.__version__, "rows": merged},
+                                           indent=2))
     print(f"Baseline: {baseline_name}.")
     print(f"Imitation training at the CPU scale of Table 1 (streaming L = 2), {args.threads} torch thread(s); "
           f"median of {args.trials} x {args.steps} steps")
