@@ -43,17 +43,22 @@ def _chol_block(S, C, t):  # pragma: no cover - compiled
 
 
 @njit(**_OPTS)
-def factor_one(D, L, C, Y, S):  # pragma: no cover - compiled
+def factor_one(D, L, C, Y, S, m):  # pragma: no cover - compiled
     """One sample: ``D (T, n, n)``, ``L (T-1, n, n)`` -> ``C``, ``Y`` (``S (n, n)``: work space); returns ok.
     A failed factorisation leaves NaN blocks. Per block: ``S = D_t - Y_{t-1} Y_{t-1}^T`` (lower triangle), its
     Cholesky factor ``C_t`` and ``Y_t = L_t C_t^{-T}`` by rows, indexed in place (no block views: on the MPC's
-    small blocks the views' bookkeeping costs as much as the arithmetic)."""
+    small blocks the views' bookkeeping costs as much as the arithmetic).
+
+    Rows ``m..n-1`` of every ``L_t`` are zero (``m = n``: none; the MPC's ``L_t = -rho [A B]`` has ``m = nx``), so
+    the same rows of ``Y_t`` are zero and are written as such without arithmetic, and ``S``'s entries in those rows
+    and columns are ``D_t``'s: the same values as the full computation, which adds and subtracts only exact zeros
+    there."""
     t_len, n = D.shape[0], D.shape[1]
     for t in range(t_len):
         for i in range(n):
             for j in range(i + 1):
                 s = D[t, i, j]
-                if t > 0:
+                if t > 0 and i < m:  # j <= i < m
                     a = 0.0
                     for k in range(n):
                         a += Y[t - 1, i, k] * Y[t - 1, j, k]
@@ -64,23 +69,27 @@ def factor_one(D, L, C, Y, S):  # pragma: no cover - compiled
             Y[:, :, :] = np.nan
             return False
         if t < t_len - 1:  # row r of Y_t solves C_t y = (row r of L_t)
-            for r in range(n):
+            for r in range(m):
                 for i in range(n):
                     s = L[t, r, i]
                     for k in range(i):
                         s -= C[t, i, k] * Y[t, r, k]
                     Y[t, r, i] = s / C[t, i, i]
+            for r in range(m, n):
+                for i in range(n):
+                    Y[t, r, i] = 0.0
     return True
 
 
 @njit(**_OPTS)
-def solve_one(C, Y, rhs, out, z):  # pragma: no cover - compiled
-    """One sample: ``out (T, n) = H^{-1} rhs`` (``z (T, n)``: work space)."""
+def solve_one(C, Y, rhs, out, z, m):  # pragma: no cover - compiled
+    """One sample: ``out (T, n) = H^{-1} rhs`` (``z (T, n)``: work space), with the factor of :func:`factor_one`
+    (``m``: its count of rows of ``Y_t`` that may be non-zero)."""
     t_len, n = C.shape[0], C.shape[1]
     for t in range(t_len):  # forward: C_t z_t = rhs_t - Y_{t-1} z_{t-1}
         for i in range(n):
             s = rhs[t, i]
-            if t > 0:
+            if t > 0 and i < m:
                 for k in range(n):
                     s -= Y[t - 1, i, k] * z[t - 1, k]
             for k in range(i):
@@ -90,7 +99,7 @@ def solve_one(C, Y, rhs, out, z):  # pragma: no cover - compiled
         for i in range(n - 1, -1, -1):
             s = z[t, i]
             if t < t_len - 1:
-                for k in range(n):
+                for k in range(m):
                     s -= Y[t, k, i] * out[t + 1, k]
             for k in range(i + 1, n):
                 s -= C[t, k, i] * out[t, k]
@@ -103,7 +112,7 @@ def banded_factor(D, L, C, Y, ok):  # pragma: no cover - compiled
     n = D.shape[2]
     S = np.empty((n, n))
     for b in range(D.shape[0]):
-        ok[b] = factor_one(D[b], L[b], C[b], Y[b], S)
+        ok[b] = factor_one(D[b], L[b], C[b], Y[b], S, n)
 
 
 @njit(**_OPTS)
@@ -111,7 +120,7 @@ def banded_solve(C, Y, rhs, out):  # pragma: no cover - compiled
     """``out (B, T, n) = H^{-1} rhs`` with the factor from :func:`banded_factor`."""
     z = np.empty((C.shape[1], C.shape[2]))
     for b in range(C.shape[0]):
-        solve_one(C[b], Y[b], rhs[b], out[b], z)
+        solve_one(C[b], Y[b], rhs[b], out[b], z, C.shape[2])
 
 
 def factor(D: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

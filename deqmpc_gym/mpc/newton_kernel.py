@@ -225,6 +225,21 @@ def _merit_grad(J, d, G, g, leq, lin, rho, grad, gd, sv, act):  # pragma: no cov
 
 
 @njit(**_NOPTS)
+def _add_jtj(D, J, t):  # pragma: no cover - compiled
+    """``D_t += [A B]^T [A B]`` for ``J[t] = [A B] (nx, n)``, each symmetric pair once (the same products in the same
+    order as entry by entry)."""
+    n, nx = D.shape[1], J.shape[1]
+    for i in range(n):
+        for j in range(i + 1):
+            s = 0.0
+            for q in range(nx):
+                s += J[t, q, i] * J[t, q, j]
+            D[t, i, j] += s
+            if j < i:
+                D[t, j, i] += s
+
+
+@njit(**_NOPTS)
 def _hessian(J, G, act, W, rho, D, L):  # pragma: no cover - compiled
     """Pinned Gauss-Newton blocks: ``D_t = W + rho (active G^T G + [A B]^T [A B] (t < T-1) + I_x (t >= 1))`` and
     ``L_t = H[t+1, t] = -rho [A B]`` on the state rows; knot 0's x_0 rows / columns pinned (unit diagonal)."""
@@ -233,12 +248,7 @@ def _hessian(J, G, act, W, rho, D, L):  # pragma: no cover - compiled
     D[:, :, :] = 0.0
     _add_gram(D, G, act)
     for t in range(T - 1):
-        for i in range(n):
-            for j in range(n):
-                s = 0.0
-                for q in range(nx):
-                    s += J[t, q, i] * J[t, q, j]
-                D[t, i, j] += s
+        _add_jtj(D, J, t)
         for i in range(nx):
             D[t + 1, i, i] += 1.0
             for j in range(n):
@@ -257,10 +267,10 @@ def _hessian(J, G, act, W, rho, D, L):  # pragma: no cover - compiled
 
 
 @njit(**_NOPTS)
-def _factor_regularised(D, L, C, Y, S, D2, reg_min, reg_growth):  # pragma: no cover - compiled
+def _factor_regularised(D, L, C, Y, S, D2, reg_min, reg_growth, m):  # pragma: no cover - compiled
     """Factor; on failure retry with ``mu max|diag D| I`` added, ``mu = reg_min`` grown by ``reg_growth`` (3
-    tries). Returns ``(ok, fell_back)``."""
-    if factor_one(D, L, C, Y, S):
+    tries; ``m``: the rows of ``L_t`` that may be non-zero, see ``factor_one``). Returns ``(ok, fell_back)``."""
+    if factor_one(D, L, C, Y, S, m):
         return True, False
     T, n = D.shape[0], D.shape[1]
     scale = 1.0
@@ -273,16 +283,16 @@ def _factor_regularised(D, L, C, Y, S, D2, reg_min, reg_growth):  # pragma: no c
         for t in range(T):
             for i in range(n):
                 D2[t, i, i] = D[t, i, i] + mu * scale
-        if factor_one(D2, L, C, Y, S):
+        if factor_one(D2, L, C, Y, S, m):
             return True, True
         mu *= reg_growth
     return False, True
 
 
 @njit(**_NOPTS)
-def _solve_neg(C, Y, rhs, out, zw):  # pragma: no cover - compiled
+def _solve_neg(C, Y, rhs, out, zw, m):  # pragma: no cover - compiled
     """``out = -H^{-1} rhs``; returns whether every entry is finite."""
-    solve_one(C, Y, rhs, out, zw)
+    solve_one(C, Y, rhs, out, zw, m)
     fin = True
     for t in range(out.shape[0]):
         for i in range(out.shape[1]):
@@ -332,8 +342,8 @@ def _direction(D, L, G, grad, sv, act, rho, nx, reg_min, reg_growth, ws, dz):  #
     """Newton direction ``dz = -H^{-1} grad`` with the regularisation fallback and up to two active-set
     predictions (as :func:`deqmpc_gym.mpc.solver._newton_direction`); returns the fallback flag."""
     C, Y, C2, Y2, S, D2, ge, dz2, zw, extra, new_rows = ws
-    ok_f, fbs = _factor_regularised(D, L, C, Y, S, D2, reg_min, reg_growth)
-    _solve_neg(C, Y, grad, dz, zw)
+    ok_f, fbs = _factor_regularised(D, L, C, Y, S, D2, reg_min, reg_growth, nx)
+    _solve_neg(C, Y, grad, dz, zw, nx)
     extra[:, :] = False
     for _ in range(2):
         if not (_predict_new_rows(G, dz, sv, act, extra, rho, new_rows) and ok_f):
@@ -342,7 +352,7 @@ def _direction(D, L, G, grad, sv, act, rho, nx, reg_min, reg_growth, ws, dz):  #
             for r in range(extra.shape[1]):
                 extra[t, r] = extra[t, r] or new_rows[t, r]
         _with_extra_rows(D, grad, G, sv, extra, rho, nx, D2, ge)
-        if factor_one(D2, L, C2, Y2, S) and _solve_neg(C2, Y2, ge, dz2, zw):
+        if factor_one(D2, L, C2, Y2, S, nx) and _solve_neg(C2, Y2, ge, dz2, zw, nx):
             dz[:, :] = dz2
     good = ok_f
     for t in range(dz.shape[0]):
@@ -510,10 +520,10 @@ def implicit_solve(X, U, TH, LEQ, LIN, RHO, OBS, P, RHS, V, CROSS, OK):  # pragm
     for b in range(X.shape[0]):
         rho = RHO[b]
         _linearize(X[b], U[b], TH[b], LEQ[b], LIN[b], rho, OBS[b], P, lin_ws)
-        ok = factor_one(D, L, C, Y, S)
+        ok = factor_one(D, L, C, Y, S, nx)
         v = V[b]
         if ok:
-            solve_one(C, Y, RHS[b], v, zw)
+            solve_one(C, Y, RHS[b], v, zw, nx)
             for t in range(T):
                 for i in range(n):
                     ok = ok and math.isfinite(v[t, i])
