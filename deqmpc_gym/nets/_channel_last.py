@@ -342,7 +342,10 @@ class _SplitConvFn(torch.autograd.Function):
         if need[2]:
             dt = _col2im(gsum @ wm[:, 2 * hk:], 1, length, h, k)[0]
         if need[3]:
-            dw = torch.cat([gf.t() @ cols, gsum.t() @ tcols], 1).view(weight.shape)
+            dw = weight.new_empty(e, 3 * hk)  # the three parts' products written in place
+            torch.mm(gf.t(), cols, out=dw[:, : 2 * hk])
+            torch.mm(gsum.t(), tcols, out=dw[:, 2 * hk:])
+            dw = dw.view(weight.shape)
         if ctx.has_bias and need[4]:
             db = gsum.sum(0)
         return dn, dc, dt, dw, db, None
