@@ -227,7 +227,9 @@ def _add_train(sub: Any) -> None:
                         ("train_steps", "training steps per round on the aggregated dataset"),
                         ("select_episodes", "closed-loop validation episodes per round (seeds 30000+); the "
                                             "best-scoring round is returned (0: the last round)"),
-                        ("seed", "seeds the rollouts and the choice of states")):
+                        ("seed", "seeds the rollouts and the choice of states"),
+                        ("patience", "with --select-episodes: stop after this many rounds in a row without a better "
+                                     "validation score (0: run all rounds)")):
         dg.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=_default(DaggerConfig, name),
                         help=help_)
     dg.add_argument("--batch-size", type=int, default=_default(TrainConfig, "batch_size"), help="windows per step")
@@ -509,7 +511,7 @@ def _dagger(args: argparse.Namespace) -> int:
     check_writable(args.out, kind="dir")
     cfg = DaggerConfig(rounds=args.rounds, episodes=args.episodes, states_per_episode=args.states_per_episode,
                        label_steps=args.label_steps, train_steps=args.train_steps, seed=args.seed,
-                       select_episodes=args.select_episodes)
+                       select_episodes=args.select_episodes, patience=args.patience)
     policy = DEQMPCPolicy.load(args.policy, env=args.env, device=resolve_device(args.device))
     data = ExpertDataset.load(args.dataset, env_id=args.env)
     expert = load_expert(args.env, kind=dataset_expert_kind(args.env))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -457,6 +458,14 @@ def test_dagger_keeps_the_round_that_scores_best_in_closed_loop(small: ExpertDat
                          TrainConfig(batch_size=4, val_batches=1, val_every=2))
     assert all(torch.equal(a, b) for a, b in zip(weights(tuned), start, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(weights(policy2), start, strict=True))  # trained in place
+    # patience 1: round 0 does not beat the start (0.9), so the rounds stop there
+    scores = iter([0.9, 0.5, 0.7])
+    tuned, _ = dg.dagger(_policy(), load_expert(PEND), small, PEND, tmp_path / "patience",
+                         dataclasses.replace(cfg, patience=1), TrainConfig(batch_size=4, val_batches=1, val_every=2))
+    log = json.loads((tmp_path / "patience" / "dagger.json").read_text())["rounds"]
+    assert [r["round"] for r in log] == [-1, 0] and not (tmp_path / "patience" / "round_1").exists()
+    with pytest.raises(ConfigError, match="patience"):
+        dg.DaggerConfig(patience=2)  # without select_episodes
     for seed in (10_100, 9_950):
         with pytest.raises(ConfigError, match="overlaps the evaluation seeds"):
             dg.DaggerConfig(select_episodes=100, select_seed=seed)

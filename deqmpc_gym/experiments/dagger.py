@@ -43,6 +43,8 @@ class DaggerConfig:
         seed: seeds the rollouts and the choice of states.
         select_episodes: closed-loop validation episodes per round (0: return the last round's policy).
         select_seed: first seed of those episodes.
+        patience: with ``select_episodes``, stop after this many rounds in a row without a better validation score
+            than the best so far (0: run all ``rounds``).
     """
 
     rounds: int = 3
@@ -54,11 +56,15 @@ class DaggerConfig:
     seed: int = 0
     select_episodes: int = 0
     select_seed: int = 30_000
+    patience: int = 0
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("rounds", "episodes", "states_per_episode", "label_steps", "train_steps",
                                     "max_steps"))
-        require_at_least_one(self, ("seed", "select_episodes", "select_seed"), minimum=0)
+        require_at_least_one(self, ("seed", "select_episodes", "select_seed", "patience"), minimum=0)
+        if self.patience and not self.select_episodes:
+            raise ConfigError(f"DaggerConfig.patience {self.patience} needs select_episodes > 0 (the rounds' "
+                              "validation scores decide when to stop)")
         if self.select_episodes and self.select_seed < 10_200 and self.select_seed + self.select_episodes > 10_000:
             raise ConfigError(f"DaggerConfig.select_seed {self.select_seed} overlaps the evaluation seeds "
                               "10000-10199; choose validation seeds apart from them (e.g. 30000)")
@@ -105,7 +111,8 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
     """Run ``config.rounds`` DAgger rounds from ``policy`` (trained further in place of a copy: each round continues
     from the previous round's best policy by validation loss); returns ``(policy, aggregated dataset)`` with the
     last round's policy, or with ``config.select_episodes`` the best-scoring one in closed loop (the starting
-    policy included; the scores are in ``dagger.json``).
+    policy included; the scores are in ``dagger.json``). With ``config.patience`` the rounds stop early once that
+    many in a row have not beaten the best score.
 
     Args:
         policy: a :class:`~deqmpc_gym.policies.DEQMPCPolicy` (typically trained on ``dataset`` already).
@@ -126,7 +133,7 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
     cfg = replace(base, steps=config.train_steps)
     log: list[dict[str, Any]] = []
     rng = np.random.default_rng(config.seed)
-    best_score, best_policy = -np.inf, policy
+    best_score, best_policy, since_best = -np.inf, policy, 0
     if config.select_episodes:
         best_score = _closed_loop_score(policy, expert, env_id, config)
         log.append({"round": -1, "closed_loop_score": best_score})
@@ -146,7 +153,11 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
                     "dataset_trajectories": len(dataset), "best_val_loss": res.best_val_loss})
         if config.select_episodes:
             log[-1]["closed_loop_score"] = score = _closed_loop_score(policy, expert, env_id, config)
+            since_best += 1
             if score > best_score:  # a fresh copy: the next round trains ``policy`` in place
                 best_score, best_policy = score, DEQMPCPolicy.load(run_dir / "best", device=policy.device)
+                since_best = 0
         atomic_write_text(out / "dagger.json", json.dumps({"config": asdict(config), "rounds": log}, indent=2))
+        if config.patience and since_best >= config.patience:
+            break
     return (best_policy if config.select_episodes else policy), dataset
