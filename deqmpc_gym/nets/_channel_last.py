@@ -60,13 +60,12 @@ def _im2col(x: Tensor, k: int) -> Tensor:
     return F.pad(x, (0, 0, p, p)).unfold(1, k, 1).reshape(b * length, c * k)
 
 
-def _col2im(cols: Tensor, b: int, length: int, c: int, k: int, base: Tensor | None = None) -> Tensor:
-    """Adjoint of :func:`_im2col` ``(B*L, C*k) -> (B, L, C)`` (each position sums the window slots that read it),
-    added to ``base`` ``(B, L, C)`` when given (a new tensor; ``base`` is not modified). ``cols`` may be a column
-    slice of a wider matrix."""
+def _col2im(cols: Tensor, b: int, length: int, c: int, k: int) -> Tensor:
+    """Adjoint of :func:`_im2col` ``(B*L, C*k) -> (B, L, C)`` (each position sums the window slots that read it;
+    a new contiguous tensor). ``cols`` may be a column slice of a wider matrix."""
     win = cols.reshape(b, length, c, k)
     p = k // 2
-    out = win[..., p].clone(memory_format=torch.contiguous_format) if base is None else torch.add(base, win[..., p])
+    out = win[..., p].clone(memory_format=torch.contiguous_format)
     for j in range(k):
         s = j - p  # slot j of row t reads position t + s
         if s == 0 or abs(s) >= length:
@@ -96,8 +95,8 @@ def _forward_cm(x: Tensor, weight: Tensor, wm: Tensor, bias: Tensor | None,
 
 
 def _conv_backward_cm(grad: Tensor, saved: Tensor, weight: Tensor, wm: Tensor, need_x: bool, need_w: bool,
-                   need_b: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients ``(dx (B, L, C_in), dw (C_out, C_in, k), db (C_out,))`` of :func:`_forward` (None where not needed)
+                      need_b: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients ``(dx (B, L, C_in), dw (C_out, C_in, k), db (C_out,))`` of :func:`_forward_cm` (None where not needed)
     for ``grad`` ``(B, L, C_out)`` contiguous, with the windows ``saved`` and weight matrix ``wm`` of its forward."""
     b, length, c_out = grad.shape
     c_in, k = weight.shape[1], weight.shape[2]
@@ -136,7 +135,7 @@ def _im2col_tm(x: Tensor, k: int, sign: int = 1) -> Tensor:
 
 
 def _col2im_tm(cols: Tensor, b: int, length: int, c: int, k: int, sign: int = 1, base: Tensor | None = None) -> Tensor:
-    """Adjoint of :func:`_im2col` ``(B*L, k*C) -> (B, L, C)`` (each position sums the window slots that read it),
+    """Adjoint of :func:`_im2col_tm` ``(B*L, k*C) -> (B, L, C)`` (each position sums the window slots that read it),
     added to ``base`` ``(B, L, C)`` when given (a new tensor; ``base`` is not modified)."""
     win = cols.view(b, length, k, c)
     p = k // 2
