@@ -355,10 +355,10 @@ def split_input_conv_cl(nodes: Tensor, context: Tensor, time: Tensor, weight: Te
     """'Same' Conv1d of the channel-last concatenation ``[nodes, context, time]`` without forming it.
 
     The input encoder's convolution sees, at every knot, the knot's node features, the (constant) context of the
-    current state and the (batch-independent) time embedding. Convolving the three parts separately needs far
-    fewer products than convolving their concatenation (the time embedding's part is computed once for the batch);
-    this function does that in one autograd node whose weight gradient is written once (slicing the weight per part
-    would cost a zero-filled weight-sized gradient per slice).
+    current state and the (batch-independent) time embedding. Convolving the three parts separately needs two
+    thirds of the products of convolving their concatenation (the time embedding's part is computed once for the
+    batch); this function does that in one autograd node whose weight gradient is written once (slicing the weight
+    per part would cost a zero-filled weight-sized gradient per slice).
 
     Args:
         nodes: ``(B, L, h)`` contiguous node features.
