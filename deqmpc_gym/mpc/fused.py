@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -97,6 +97,61 @@ def newton_loop(problem: MPCProblem, sub: Any, exit_residual: float, reg_growth:
                 sub.obs, exit_residual, reg_growth)
 
 
+class ALArrays(NamedTuple):
+    """What the fused AL iterations (:func:`al_iterations`) return, per sample: the final iterate ``x``, ``u``,
+    multipliers ``lam_eq``, ``lam_in`` and penalty ``rho``; the last subproblem's multipliers and penalty
+    (``last_*``: the start's where no iteration ran); ``al_iters``, ``newton_steps`` run; the last Newton loop's
+    ``small_exit`` and ``dual_residual``; ``fallback``, ``nonfinite``; the defects ``d`` and residuals ``g`` at the
+    final iterate (valid where ``al_iters > 0``)."""
+
+    x: torch.Tensor
+    u: torch.Tensor
+    lam_eq: torch.Tensor
+    lam_in: torch.Tensor
+    rho: torch.Tensor
+    last_eq: torch.Tensor
+    last_in: torch.Tensor
+    last_rho: torch.Tensor
+    al_iters: torch.Tensor
+    newton_steps: torch.Tensor
+    small_exit: torch.Tensor
+    dual_residual: torch.Tensor
+    fallback: torch.Tensor
+    nonfinite: torch.Tensor
+    d: torch.Tensor
+    g: torch.Tensor
+
+
+def al_iterations(problem: MPCProblem, sub: Any, iters: int, stop_at_rho_max: bool, exit_residual: float,
+                  reg_growth: float) -> ALArrays:
+    """``iters`` AL iterations of the subproblem ``sub`` (as :func:`newton_loop`'s; its multipliers and penalty
+    are the start's) in one compiled call: each a Newton loop, the dual update and the penalty growth
+    (:func:`deqmpc_gym.mpc.solver._al_iterations` without autograd and without ``stop_when_converged``; with
+    ``stop_at_rho_max`` a sample stops once its penalty exceeds ``rho_max``)."""
+    cfg = problem.config
+    b, t = sub.x.shape[:2]
+    nx, mi = problem.nx, problem.n_ineq
+    X, U = _np(sub.x), _np(sub.u)
+    obs, P = _problem_data(problem, sub.x, sub.obs)
+    f64 = np.float64
+    outs = (np.empty_like(X), np.empty_like(U), np.empty((b, t - 1, nx)), np.empty((b, t, mi)), np.empty(b),
+            np.empty((b, t - 1, nx)), np.empty((b, t, mi)), np.empty(b), np.zeros(b, np.int64), np.zeros(b, np.int64),
+            np.zeros(b, np.bool_), np.full(b, np.inf), np.zeros(b, np.bool_), np.zeros(b, np.bool_),
+            np.zeros((b, t - 1, nx), f64), np.zeros((b, t, mi), f64))
+    al_settings = (int(iters), bool(stop_at_rho_max), float(cfg.rho_max), float(cfg.rho_growth), float(cfg.rho_cap))
+    with np.errstate(all="ignore"):
+        _module(problem).al_loop(X, U, _np(sub.theta), _np(sub.lam_eq), _np(sub.lam_in), _np(sub.rho), obs, P,
+                                 _settings(problem, exit_residual, reg_growth), al_settings, outs)
+    return ALArrays(*(torch.from_numpy(a) for a in outs))
+
+
+def _settings(problem: MPCProblem, exit_residual: float, reg_growth: float) -> tuple:
+    """The Newton loop's settings tuple (see ``newton_loop`` in :mod:`deqmpc_gym.mpc.newton_kernel`)."""
+    cfg = problem.config
+    return (cfg.newton_steps, float(cfg.newton_tol), float(exit_residual), cfg.line_search_steps,
+            float(cfg.reg_min), float(reg_growth))
+
+
 def _problem_data(problem: MPCProblem, x: torch.Tensor, obs_idx: torch.Tensor | None) -> tuple[np.ndarray, tuple]:
     """The kernels' obstacle indices ``OBS (B, T, k)`` and problem tuple ``P`` for ``x (B, T, nx)`` (without
     ``obs_idx``: no obstacle rows)."""
@@ -143,7 +198,6 @@ def shooting_kkt(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u: to
 def _run(problem: MPCProblem, fn: Any, x: torch.Tensor, u: torch.Tensor, theta: torch.Tensor, lam_eq: torch.Tensor,
          lam_in: torch.Tensor, rho: torch.Tensor, obs_idx: torch.Tensor | None, exit_residual: float,
          reg_growth: float) -> NewtonArrays:
-    cfg = problem.config
     b, t = x.shape[:2]
     X, U = _np(x), _np(u)
     obs, P = _problem_data(problem, x, obs_idx)
@@ -153,11 +207,9 @@ def _run(problem: MPCProblem, fn: Any, x: torch.Tensor, u: torch.Tensor, theta: 
     dres = np.full(b, np.inf)
     DO = np.empty((b, t - 1, problem.nx))
     GO = np.empty((b, t, problem.n_ineq))
-    settings = (cfg.newton_steps, float(cfg.newton_tol), float(exit_residual), cfg.line_search_steps,
-                float(cfg.reg_min), float(reg_growth))
     with np.errstate(all="ignore"):
-        fn(X, U, _np(theta), _np(lam_eq), _np(lam_in), _np(rho), obs, P, settings, XO, UO, steps, small, dres, fb,
-           nf, DO, GO)
+        fn(X, U, _np(theta), _np(lam_eq), _np(lam_in), _np(rho), obs, P, _settings(problem, exit_residual, reg_growth),
+           XO, UO, steps, small, dres, fb, nf, DO, GO)
     f = torch.from_numpy
     return f(XO), f(UO), f(steps), f(small), f(dres), f(fb), f(nf), f(DO), f(GO)
 

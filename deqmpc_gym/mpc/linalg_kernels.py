@@ -19,11 +19,10 @@ from numba import njit
 _OPTS: dict[str, Any] = {"cache": True, "error_model": "numpy", "nogil": True}
 
 
-@njit(**_OPTS)
-def _chol_block(S, C, t):  # pragma: no cover - compiled
+@njit(inline="always", **_OPTS)
+def _chol_block(S, C, t, n):  # pragma: no cover - compiled
     """Lower Cholesky factor of ``S (n, n)`` (lower triangle read) into ``C[t]``; False at a non-positive or
     non-finite pivot."""
-    n = S.shape[0]
     for j in range(n):
         d = S[j, j]
         for k in range(j):
@@ -42,9 +41,10 @@ def _chol_block(S, C, t):  # pragma: no cover - compiled
     return True
 
 
-@njit(**_OPTS)
-def factor_one(D, L, C, Y, S, m):  # pragma: no cover - compiled
-    """One sample: ``D (T, n, n)``, ``L (T-1, n, n)`` -> ``C``, ``Y`` (``S (n, n)``: work space); returns ok.
+@njit(inline="always", **_OPTS)
+def factor_one(D, L, C, Y, S, m, n):  # pragma: no cover - compiled
+    """One sample: ``D (T, n, n)``, ``L (T-1, n, n)`` -> ``C``, ``Y`` (``S (n, n)``: work space; ``n`` the block
+    size); returns ok.
     A failed factorisation leaves NaN blocks. Per block: ``S = D_t - Y_{t-1} Y_{t-1}^T`` (lower triangle), its
     Cholesky factor ``C_t`` and ``Y_t = L_t C_t^{-T}`` by rows, indexed in place (no block views: on the MPC's
     small blocks the views' bookkeeping costs as much as the arithmetic).
@@ -53,7 +53,7 @@ def factor_one(D, L, C, Y, S, m):  # pragma: no cover - compiled
     the same rows of ``Y_t`` are zero and are written as such without arithmetic, and ``S``'s entries in those rows
     and columns are ``D_t``'s: the same values as the full computation, which adds and subtracts only exact zeros
     there."""
-    t_len, n = D.shape[0], D.shape[1]
+    t_len = D.shape[0]
     for t in range(t_len):
         for i in range(n):
             for j in range(i + 1):
@@ -64,7 +64,7 @@ def factor_one(D, L, C, Y, S, m):  # pragma: no cover - compiled
                         a += Y[t - 1, i, k] * Y[t - 1, j, k]
                     s -= a
                 S[i, j] = s
-        if not _chol_block(S, C, t):
+        if not _chol_block(S, C, t, n):
             C[:, :, :] = np.nan
             Y[:, :, :] = np.nan
             return False
@@ -81,11 +81,11 @@ def factor_one(D, L, C, Y, S, m):  # pragma: no cover - compiled
     return True
 
 
-@njit(**_OPTS)
-def solve_one(C, Y, rhs, out, z, m):  # pragma: no cover - compiled
+@njit(inline="always", **_OPTS)
+def solve_one(C, Y, rhs, out, z, m, n):  # pragma: no cover - compiled
     """One sample: ``out (T, n) = H^{-1} rhs`` (``z (T, n)``: work space), with the factor of :func:`factor_one`
     (``m``: its count of rows of ``Y_t`` that may be non-zero)."""
-    t_len, n = C.shape[0], C.shape[1]
+    t_len = C.shape[0]
     for t in range(t_len):  # forward: C_t z_t = rhs_t - Y_{t-1} z_{t-1}
         for i in range(n):
             s = rhs[t, i]
@@ -112,7 +112,7 @@ def banded_factor(D, L, C, Y, ok):  # pragma: no cover - compiled
     n = D.shape[2]
     S = np.empty((n, n))
     for b in range(D.shape[0]):
-        ok[b] = factor_one(D[b], L[b], C[b], Y[b], S, n)
+        ok[b] = factor_one(D[b], L[b], C[b], Y[b], S, n, n)
 
 
 @njit(**_OPTS)
@@ -120,7 +120,7 @@ def banded_solve(C, Y, rhs, out):  # pragma: no cover - compiled
     """``out (B, T, n) = H^{-1} rhs`` with the factor from :func:`banded_factor`."""
     z = np.empty((C.shape[1], C.shape[2]))
     for b in range(C.shape[0]):
-        solve_one(C[b], Y[b], rhs[b], out[b], z, C.shape[2])
+        solve_one(C[b], Y[b], rhs[b], out[b], z, C.shape[2], C.shape[2])
 
 
 def factor(D: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -549,6 +549,10 @@ def _al_iterations(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, s
     cfg = problem.config
     st = _ALState.start(x0, state)
     obs = state.obstacle_idx
+    if not track_grad and not stop_when_converged and fused.usable(problem, st.x, track_grad):
+        # the same iterations, compiled: one call for all of them (deqmpc_gym.mpc.fused)
+        st = _fused_al_state(problem, st, theta, obs, iters, stop_at_rho_max, exit_residual)
+        return _al_result(problem, st, theta, obs)
     for it in range(iters):
         run = st.rho <= cfg.rho_max if stop_at_rho_max else torch.ones_like(st.done)
         run = run & ~st.done
@@ -563,6 +567,18 @@ def _al_iterations(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, s
         res = _newton_loop(problem, bt, track_grad, exit_residual, rows.take_dynamics(st.dyn, st.dyn_ok), last)
         st = _al_update(problem, st, rows, bt, res, track_grad, stop_when_converged, shooting)
     return _al_result(problem, st, theta, obs)
+
+
+def _fused_al_state(problem: MPCProblem, st: _ALState, theta: torch.Tensor, obs: torch.Tensor | None, iters: int,
+                    stop_at_rho_max: bool, exit_residual: float) -> _ALState:
+    """The state after :func:`fused.al_iterations` from ``st`` (the loop of :func:`_al_iterations` and
+    :func:`_al_update` in one compiled call; no dynamics are kept)."""
+    sub = Subproblem(st.x.detach(), st.u.detach(), theta, st.lam_eq, st.lam_in, st.rho, obs)
+    r = fused.al_iterations(problem, sub, iters, stop_at_rho_max, exit_residual, REG_GROWTH)
+    seen = r.al_iters > 0
+    return _ALState(r.x, r.u, r.lam_eq, r.lam_in, r.rho, r.last_eq, r.last_in, r.last_rho, r.al_iters,
+                    r.newton_steps, r.small_exit, r.dual_residual, r.fallback, r.nonfinite, torch.zeros_like(seen),
+                    r.d, r.g, seen, None, torch.zeros_like(seen))
 
 
 def _al_update(problem: MPCProblem, st: _ALState, rows: _Rows, bt: Subproblem, res: NewtonResult, track_grad: bool,
