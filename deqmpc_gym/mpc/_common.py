@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from deqmpc_gym.errors import ConfigError, ShapeError
@@ -26,11 +27,18 @@ GRADIENTS = ("implicit", "unroll", "final_implicit")
 HESSIANS = ("gauss_newton", "exact")
 
 
+_NUMPY_FLOATS = (torch.float64, torch.float32)
+
+
 def finite_rows(*ts: torch.Tensor) -> torch.Tensor:
     """``(B,)`` bool: every entry of sample ``b`` of every ``t (B, ...)`` is finite. A finite per-sample sum
     proves it (one reduction per tensor instead of an elementwise test; ``v - v == 0`` is the cheapest finiteness
-    test of the sums); only if some sum is not finite are the entries tested."""
+    test of the sums); only if some sum is not finite are the entries tested. CPU float tensors are first tested
+    whole by numpy (one call per tensor instead of a few torch operations)."""
     b = ts[0].shape[0]
+    if all(t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS for t in ts):
+        if all(np.isfinite(t.detach().numpy()).all() for t in ts):
+            return torch.ones(b, dtype=torch.bool)
     v = ts[0].reshape(b, -1).sum(1)
     for t in ts[1:]:
         v = v + t.reshape(b, -1).sum(1)

@@ -1,5 +1,6 @@
-"""The fused Gauss-Newton loop: the eager Newton loop of :mod:`deqmpc_gym.mpc.solver` as one compiled call per AL
-iteration.
+"""The fused Gauss-Newton loop: the eager Newton loop of :mod:`deqmpc_gym.mpc.solver` compiled, as one call per AL
+iteration (:func:`newton_loop`) or, for calls with a fixed number of AL iterations, one call for all of them with
+their dual and penalty updates (:func:`al_iterations`).
 
 :mod:`deqmpc_gym.mpc.newton_kernel` holds the per-sample loop; it is appended to the system's generated dynamics
 module and compiled with numba (:func:`deqmpc_gym.systems.kernels.load_module`), once per system and machine.
@@ -102,7 +103,8 @@ class ALArrays(NamedTuple):
     multipliers ``lam_eq``, ``lam_in`` and penalty ``rho``; the last subproblem's multipliers and penalty
     (``last_*``: the start's where no iteration ran); ``al_iters``, ``newton_steps`` run; the last Newton loop's
     ``small_exit`` and ``dual_residual``; ``fallback``, ``nonfinite``; the defects ``d`` and residuals ``g`` at the
-    final iterate (valid where ``al_iters > 0``)."""
+    final iterate, the violation ``primal_residual`` there and the convergence flag ``converged`` (as
+    :class:`~deqmpc_gym.mpc.SolveInfo`'s; these four valid where ``al_iters > 0``)."""
 
     x: torch.Tensor
     u: torch.Tensor
@@ -120,12 +122,15 @@ class ALArrays(NamedTuple):
     nonfinite: torch.Tensor
     d: torch.Tensor
     g: torch.Tensor
+    primal_residual: torch.Tensor
+    converged: torch.Tensor
 
 
-def al_iterations(problem: MPCProblem, sub: Any, iters: int, stop_at_rho_max: bool, exit_residual: float,
-                  reg_growth: float) -> ALArrays:
+def al_iterations(problem: MPCProblem, x0: torch.Tensor, sub: Any, iters: int, stop_at_rho_max: bool,
+                  exit_residual: float, reg_growth: float) -> ALArrays:
     """``iters`` AL iterations of the subproblem ``sub`` (as :func:`newton_loop`'s; its multipliers and penalty
-    are the start's) in one compiled call: each a Newton loop, the dual update and the penalty growth
+    are the start's; its states' knot 0 is replaced by ``x0 (B, nx)``) in one compiled call: each a Newton loop,
+    the dual update and the penalty growth
     (:func:`deqmpc_gym.mpc.solver._al_iterations` without autograd and without ``stop_when_converged``; with
     ``stop_at_rho_max`` a sample stops once its penalty exceeds ``rho_max``)."""
     cfg = problem.config
@@ -137,10 +142,11 @@ def al_iterations(problem: MPCProblem, sub: Any, iters: int, stop_at_rho_max: bo
     outs = (np.empty_like(X), np.empty_like(U), np.empty((b, t - 1, nx)), np.empty((b, t, mi)), np.empty(b),
             np.empty((b, t - 1, nx)), np.empty((b, t, mi)), np.empty(b), np.zeros(b, np.int64), np.zeros(b, np.int64),
             np.zeros(b, np.bool_), np.full(b, np.inf), np.zeros(b, np.bool_), np.zeros(b, np.bool_),
-            np.zeros((b, t - 1, nx), f64), np.zeros((b, t, mi), f64))
-    al_settings = (int(iters), bool(stop_at_rho_max), float(cfg.rho_max), float(cfg.rho_growth), float(cfg.rho_cap))
+            np.zeros((b, t - 1, nx), f64), np.zeros((b, t, mi), f64), np.full(b, np.inf), np.zeros(b, np.bool_))
+    al_settings = (int(iters), bool(stop_at_rho_max), float(cfg.rho_max), float(cfg.rho_growth), float(cfg.rho_cap),
+                   float(cfg.tol_primal), float(cfg.tol_dual))
     with np.errstate(all="ignore"):
-        _module(problem).al_loop(X, U, _np(sub.theta), _np(sub.lam_eq), _np(sub.lam_in), _np(sub.rho), obs, P,
+        _module(problem).al_loop(_np(x0), X, U, _np(sub.theta), _np(sub.lam_eq), _np(sub.lam_in), _np(sub.rho), obs, P,
                                  _settings(problem, exit_residual, reg_growth), al_settings, outs)
     return ALArrays(*(torch.from_numpy(a) for a in outs))
 

@@ -11,6 +11,8 @@ instead of per batch: the same merit, Gauss-Newton model, regularisation fallbac
 prediction, backtracking and exit tests, on float64 numpy arrays. Inequality rows per knot: the ``2 nu`` control
 bounds, then ``k`` obstacle rows (nearest obstacles ``obs``; knot 0 holds inactive dummies).
 
+The steps that unpack work-space tuples (linearisation, direction, line search, merit) are inlined into the loop:
+a call would take and release a reference to every array of the tuple (7 % of the Pendulum's stream call).
 The state and control sizes are the generated module's constants ``NX``, ``NU`` (and ``N = NX + NU``), not the
 arrays' shapes: numba compiles them as constants, so the loops over them have known trip counts that LLVM unrolls
 and vectorises (the same operations in the same order: bit-identical results, 1.2-1.3x faster loops on the
@@ -163,7 +165,7 @@ def _merit(cost, d, g, leq, lin, rho):  # pragma: no cover - compiled
     return cost + a + b
 
 
-@njit(**_NOPTS)
+@njit(inline="always", **_NOPTS)
 def _merit_at(x, u, th, leq, lin, rho, obs, centers, u_low, u_high, radius2, pos0, W, wdiag, fx, d, g,
               G, sw):  # pragma: no cover - compiled
     """Merit at ``(x, u)``; fills the defects ``d`` and residuals ``g`` (``fx``, ``G``, ``sw``: work space)."""
@@ -366,7 +368,7 @@ def _with_extra_rows(D, grad, G, sv, extra, rho, nx, D2, ge):  # pragma: no cove
             ge[t, j] = grad[t, j] + s * (0.0 if (t == 0 and j < nx) else 1.0)
 
 
-@njit(**_NOPTS)
+@njit(inline="always", **_NOPTS)
 def _direction(D, L, G, grad, sv, act, rho, nx, reg_min, reg_growth, ws, dz):  # pragma: no cover - compiled
     """Newton direction ``dz = -H^{-1} grad`` with the regularisation fallback and up to two active-set
     predictions (as :func:`deqmpc_gym.mpc.solver._newton_direction`); returns the fallback flag."""
@@ -392,7 +394,7 @@ def _direction(D, L, G, grad, sv, act, rho, nx, reg_min, reg_growth, ws, dz):  #
     return fbs or not good
 
 
-@njit(**_NOPTS)
+@njit(inline="always", **_NOPTS)
 def _line_search(x, u, dz, m0, ls_steps, th, leq, lin, rho, obs, P, xt, ut, fx, dn, gn, Gw,
                  sw):  # pragma: no cover - compiled
     """Largest ``alpha = 1, 1/2, ..., 2^-ls_steps`` with a strict finite decrease of the merit below ``m0``
@@ -445,7 +447,7 @@ def _residual_norm(dn, gn):  # pragma: no cover - compiled
     return math.sqrt(res)
 
 
-@njit(**_NOPTS)
+@njit(inline="always", **_NOPTS)
 def _linearize(x, u, th, leq, lin, rho, obs, P, ws):  # pragma: no cover - compiled
     """Merit, pinned gradient and Hessian blocks at ``(x, u)`` into the work arrays ``ws``; returns
     ``(merit, ||cost grad||_inf, largest multiplier)``."""
@@ -564,20 +566,36 @@ def _dual_update(leq, lin, d, g, rho, leq_new, lin_new):  # pragma: no cover - c
 
 
 @njit(**_NOPTS)
-def al_loop(X, U, TH, LEQ, LIN, RHO, OBS, P, settings, al_settings, outs):  # pragma: no cover - compiled
+def _violation(d, g):  # pragma: no cover - compiled
+    """``max(|d|, max(g, 0))`` (NaN-propagating, as :meth:`~deqmpc_gym.mpc.MPCProblem.violation_from`)."""
+    v = 0.0
+    for t in range(d.shape[0]):
+        for i in range(NX):
+            v = _nmax(v, abs(d[t, i]))
+    for t in range(g.shape[0]):
+        for r in range(g.shape[1]):
+            v = _nmax(v, g[t, r] if not g[t, r] < 0.0 else 0.0)
+    return v
+
+
+@njit(**_NOPTS)
+def al_loop(X0, X, U, TH, LEQ, LIN, RHO, OBS, P, settings, al_settings, outs):  # pragma: no cover - compiled
     """``iters`` AL iterations of every sample (:func:`deqmpc_gym.mpc.solver._al_iterations` without autograd
     and without ``stop_when_converged``): per iteration the Newton loop (:func:`_newton_one`), the dual update
     (a non-finite one keeps the multipliers and is flagged) and the penalty growth.
 
-    Inputs as :func:`newton_loop` (``LEQ``, ``LIN``, ``RHO``: the start's multipliers and penalty);
-    ``al_settings = (iters, stop_at_rho_max, rho_max, rho_growth, rho_cap)``: with ``stop_at_rho_max`` a sample
-    runs no further iteration once its penalty exceeds ``rho_max``. ``outs = (XO, UO, LEQO, LINO, RHOO, LEQL,
-    LINL, RHOL, ITERS, STEPS, SMALL, DRES, FB, NF, DO, GO)``: the final iterate, multipliers and penalty; those of
-    the last subproblem (the start's where none ran); AL iterations and Newton steps run; the last Newton loop's
-    exit test and stationarity; the fallback and non-finite flags; the defects and residuals at the final iterate
-    (valid where ``ITERS > 0``)."""
-    iters, stop_at_rho_max, rho_max, rho_growth, rho_cap = al_settings
-    XO, UO, LEQO, LINO, RHOO, LEQL, LINL, RHOL, ITERS, STEPS, SMALL, DRES, FB, NF, DO, GO = outs
+    Inputs as :func:`newton_loop` (``X``: the start's states, whose knot 0 is replaced by ``X0 (B, nx)``;
+    ``LEQ``, ``LIN``, ``RHO``: the start's multipliers and penalty);
+    ``al_settings = (iters, stop_at_rho_max, rho_max, rho_growth, rho_cap, tol_primal, tol_dual)``: with
+    ``stop_at_rho_max`` a sample runs no further iteration once its penalty exceeds ``rho_max``. ``outs = (XO, UO,
+    LEQO, LINO, RHOO, LEQL, LINL, RHOL, ITERS, STEPS, SMALL, DRES, FB, NF, DO, GO, PRES, CONV)``: the final
+    iterate, multipliers and penalty; those of the last subproblem (the start's where none ran); AL iterations and
+    Newton steps run; the last Newton loop's exit test and stationarity; the fallback and non-finite flags; the
+    defects and residuals at the final iterate, their largest violation ``max(|d|, max(g, 0))`` and the convergence
+    flag (``PRES <= tol_primal``, ``DRES <= tol_dual``, exited by the step test, all finite) -- these four valid
+    where ``ITERS > 0``."""
+    iters, stop_at_rho_max, rho_max, rho_growth, rho_cap, tol_primal, tol_dual = al_settings
+    XO, UO, LEQO, LINO, RHOO, LEQL, LINL, RHOL, ITERS, STEPS, SMALL, DRES, FB, NF, DO, GO, PRES, CONV = outs
     _check_sizes(X.shape[2], U.shape[2])
     T, mi = X.shape[1], LIN.shape[2]
     ws = _workspace(T, NX, NU, mi)
@@ -585,6 +603,7 @@ def al_loop(X, U, TH, LEQ, LIN, RHO, OBS, P, settings, al_settings, outs):  # pr
     for b in range(X.shape[0]):
         x, u, leq, lin = XO[b], UO[b], LEQO[b], LINO[b]
         x[:, :] = X[b]
+        x[0, :] = X0[b]
         u[:, :] = U[b]
         leq[:, :] = LEQ[b]
         lin[:, :] = LIN[b]
@@ -611,6 +630,9 @@ def al_loop(X, U, TH, LEQ, LIN, RHO, OBS, P, settings, al_settings, outs):  # pr
             STEPS[b] += steps
             SMALL[b], DRES[b], FB[b], NF[b] = small, dres, FB[b] or fb, NF[b] or nf or not fin
         RHOO[b] = rho
+        pres = _violation(DO[b], GO[b])
+        PRES[b] = pres
+        CONV[b] = pres <= tol_primal and DRES[b] <= tol_dual and SMALL[b] and not NF[b]
 
 
 @njit(**_NOPTS)

@@ -21,8 +21,9 @@ class MPCSolver(Protocol):
     :mod:`deqmpc_gym.mpc._common` and the merit of :mod:`deqmpc_gym.mpc.problem`):
 
     * :class:`~deqmpc_gym.mpc.solver.EagerSolver` (:func:`~deqmpc_gym.mpc.solve` bound to a problem): batched
-      PyTorch; on float64 CPU calls without an autograd graph its Newton loop runs as one compiled numba call per AL
-      iteration (:mod:`deqmpc_gym.mpc.fused`), which gives the torch loop's iterates to round-off;
+      PyTorch; on float64 CPU calls without an autograd graph its Newton loop runs compiled by numba (one call for
+      all AL iterations, or one per AL iteration with ``stop_when_converged``: :mod:`deqmpc_gym.mpc.fused`), which
+      gives the torch loop's iterates to round-off;
     * :class:`~deqmpc_gym.mpc.CompiledSolver`: the same iteration on per-sample scalar lists, fused by
       ``torch.compile`` (:mod:`deqmpc_gym.mpc.compiled`).
 

@@ -547,12 +547,12 @@ def _al_iterations(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, s
     (``stop_when_converged``). ``shooting``: with ``stop_when_converged``, a sample stops when the rollout of its
     controls passes :func:`shooting_kkt` (the answer is that rollout) instead of the iterate's tests."""
     cfg = problem.config
-    st = _ALState.start(x0, state)
     obs = state.obstacle_idx
-    if not track_grad and not stop_when_converged and fused.usable(problem, st.x, track_grad):
+    if not track_grad and not stop_when_converged and fused.usable(problem, state.x, track_grad):
         # the same iterations, compiled: one call for all of them (deqmpc_gym.mpc.fused)
-        st = _fused_al_state(problem, st, theta, obs, iters, stop_at_rho_max, exit_residual)
-        return _al_result(problem, st, theta, obs)
+        st, pres_conv = _fused_al_state(problem, x0, state, theta, iters, stop_at_rho_max, exit_residual)
+        return _al_result(problem, st, theta, obs, pres_conv)
+    st = _ALState.start(x0, state)
     for it in range(iters):
         run = st.rho <= cfg.rho_max if stop_at_rho_max else torch.ones_like(st.done)
         run = run & ~st.done
@@ -569,16 +569,19 @@ def _al_iterations(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, s
     return _al_result(problem, st, theta, obs)
 
 
-def _fused_al_state(problem: MPCProblem, st: _ALState, theta: torch.Tensor, obs: torch.Tensor | None, iters: int,
-                    stop_at_rho_max: bool, exit_residual: float) -> _ALState:
-    """The state after :func:`fused.al_iterations` from ``st`` (the loop of :func:`_al_iterations` and
-    :func:`_al_update` in one compiled call; no dynamics are kept)."""
-    sub = Subproblem(st.x.detach(), st.u.detach(), theta, st.lam_eq, st.lam_in, st.rho, obs)
-    r = fused.al_iterations(problem, sub, iters, stop_at_rho_max, exit_residual, REG_GROWTH)
+def _fused_al_state(problem: MPCProblem, x0: torch.Tensor, state: SolverState, theta: torch.Tensor, iters: int,
+                    stop_at_rho_max: bool, exit_residual: float
+                    ) -> tuple[_ALState, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The state after :func:`fused.al_iterations` from ``state`` with ``x_0 = x0`` (the loop of
+    :func:`_al_iterations` and :func:`_al_update` in one compiled call; no dynamics are kept), and the kernel's
+    ``(primal residual, converged)`` at it when every sample ran an AL iteration (else None)."""
+    sub = Subproblem(state.x, state.u, theta, state.lam_eq, state.lam_ineq, state.rho, state.obstacle_idx)
+    r = fused.al_iterations(problem, x0, sub, iters, stop_at_rho_max, exit_residual, REG_GROWTH)
     seen = r.al_iters > 0
-    return _ALState(r.x, r.u, r.lam_eq, r.lam_in, r.rho, r.last_eq, r.last_in, r.last_rho, r.al_iters,
-                    r.newton_steps, r.small_exit, r.dual_residual, r.fallback, r.nonfinite, torch.zeros_like(seen),
-                    r.d, r.g, seen, None, torch.zeros_like(seen))
+    st = _ALState(r.x, r.u, r.lam_eq, r.lam_in, r.rho, r.last_eq, r.last_in, r.last_rho, r.al_iters,
+                  r.newton_steps, r.small_exit, r.dual_residual, r.fallback, r.nonfinite, torch.zeros_like(seen),
+                  r.d, r.g, seen, None, torch.zeros_like(seen))
+    return st, ((r.primal_residual, r.converged) if bool(seen.all()) else None)
 
 
 def _al_update(problem: MPCProblem, st: _ALState, rows: _Rows, bt: Subproblem, res: NewtonResult, track_grad: bool,
@@ -653,18 +656,24 @@ def _stop_test(problem: MPCProblem, bt: Subproblem, x, u, d, g, leq, lin_, dyn, 
     return conv, dr, rnew
 
 
-def _al_result(problem: MPCProblem, st: _ALState, theta: torch.Tensor, obs: torch.Tensor | None) -> _ALResult:
-    """The call's answer from the final state: the residuals and cost at the iterate, the convergence flags."""
+def _al_result(problem: MPCProblem, st: _ALState, theta: torch.Tensor, obs: torch.Tensor | None,
+               pres_conv: tuple[torch.Tensor, torch.Tensor] | None = None) -> _ALResult:
+    """The call's answer from the final state: the residuals and cost at the iterate, the convergence flags
+    (``pres_conv``: the primal residual and convergence flags when already known, from the fused loop)."""
     cfg = problem.config
     with torch.no_grad():
         xd, ud = st.x.detach(), st.u.detach()
-        d, g = st.d, st.g  # set where seen
-        if d is not None and g is not None and bool(st.seen.all()):
-            pres = problem.violation_from(d, g)
-        else:
-            pres = problem.violation(xd, ud, obs)
         cost = problem.cost(xd, ud, theta.detach())
-        converged = (pres <= cfg.tol_primal) & (st.dres <= cfg.tol_dual) & st.small_exit & ~st.nf
+    if pres_conv is not None:
+        pres, converged = pres_conv
+    else:
+        with torch.no_grad():
+            d, g = st.d, st.g  # set where seen
+            if d is not None and g is not None and bool(st.seen.all()):
+                pres = problem.violation_from(d, g)
+            else:
+                pres = problem.violation(xd, ud, obs)
+            converged = (pres <= cfg.tol_primal) & (st.dres <= cfg.tol_dual) & st.small_exit & ~st.nf
     new_state = SolverState(xd, ud, st.lam_eq.detach(), st.lam_in.detach(), st.rho.detach(), obs)
     info = SolveInfo(converged, pres, st.dres, st.al_iters, st.nsteps, st.rho.detach(), cost, st.fb, st.nf)
     last = LastSubproblem(st.last_eq.detach(), st.last_in.detach(), st.last_rho.detach(), st.al_iters > 0)
