@@ -279,6 +279,36 @@ def test_the_fused_newton_loop_gives_the_eager_solve(name: str) -> None:
         assert bool((g[:, 1:, 2 * system.nu:] > -0.5).any()), "the obstacle rows matter in this test"
 
 
+def test_the_fused_al_loop_streams_as_the_eager_loop() -> None:
+    """A streaming call (``stop_at_rho_max``) whose samples run 3, 2, 1 and 0 AL iterations, one of them from a
+    non-finite warm start: the fused AL loop (all iterations in one compiled call) gives the eager loop's iterates,
+    multipliers, penalties, counts and flags."""
+    from dataclasses import replace
+
+    from deqmpc_gym.mpc import MPCConfig, MPCProblem, solve
+
+    system = get_system("cartpole")
+    problem = MPCProblem(system, MPCConfig())
+    x0, _ = _xu(system, 5, seed=3)
+    theta = torch.as_tensor(np.asarray(system.goal)).expand(5, 5, -1).clone()
+    theta[:, 0] = x0
+    _, _, st, _ = solve(problem, x0, theta, iters=2)  # penalty 100
+    lam = st.lam_eq.clone()
+    lam[4, 0, 0] = float("nan")  # restarted cold
+    st = replace(st, rho=st.rho * torch.tensor([1.0, 1e5, 1e6, 1e7, 1.0], dtype=st.rho.dtype), lam_eq=lam)
+    out = solve(problem, x0, theta, state=st, iters=3, stop_at_rho_max=True)
+    with kernels.disabled():
+        ref = solve(problem, x0, theta, state=st, iters=3, stop_at_rho_max=True)
+    assert out[3].al_iters.tolist() == ref[3].al_iters.tolist() == [3, 2, 1, 0, 3]
+    for a, b in ((out[0], ref[0]), (out[1], ref[1]), (out[2].rho, ref[2].rho)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # round-off, amplified at a penalty of 1e8
+    for a, b in ((out[2].lam_eq, ref[2].lam_eq), (out[2].lam_ineq, ref[2].lam_ineq)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # lam + rho d: the defects' round-off times 1e8
+    for field in ("newton_steps", "converged", "fallback", "nonfinite"):
+        assert torch.equal(getattr(out[3], field), getattr(ref[3], field)), field
+    torch.testing.assert_close(out[3].primal_residual, ref[3].primal_residual, rtol=1e-6, atol=1e-12)
+
+
 def test_the_fused_loop_contains_a_nan_sample_and_skips_user_constraints() -> None:
     from deqmpc_gym.mpc import MPCConfig, MPCProblem, fused
 
