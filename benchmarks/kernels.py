@@ -6,9 +6,10 @@ tables and writes ``benchmarks/results/kernels.json``.
    ``--episodes`` expert episodes (the shipped PPO expert drives, the policy acts on the visited states; at least
    ``--calls`` calls per path), the two paths alternating episode by episode. Medians in ms and their ratio.
 2. Cold compile time per system: a fresh process with an empty kernel cache (``DEQMPC_GYM_CACHE``) builds the
-   dynamics kernels, the fused Newton loop, the implicit gradient's solve (``fused.implicit_solve``, compiled
-   at its first call) and the fused AL loop (compiled at the first gradient-free call with a fixed number of AL
-   iterations); then a second fresh process loads them from numba's disk cache.
+   dynamics kernels, the fused AL loop (compiled when the kernel module is built), the implicit gradient's solve
+   (``fused.implicit_solve``, compiled at its first call) and the per-AL-iteration Newton loop of
+   ``stop_when_converged`` solves (compiled at the first such solve); then a second fresh process loads them from
+   numba's disk cache.
 
 With ``--baseline-src DIR`` the act() baseline is instead the eager path of the code checked out in ``DIR`` (e.g. a
 ``git worktree`` of an earlier commit), in a worker process that imports that checkout, the two processes
@@ -64,8 +65,8 @@ fused.implicit_solve(pb, z(1, pb.T, s.nx), z(1, pb.T, s.nu), z(1, pb.T, s.nx), z
                      z(1, pb.T, pb.n_ineq), torch.ones(1, dtype=torch.float64), None, z(1, pb.T, pb.n))
 t3 = time.perf_counter()
 from deqmpc_gym.mpc import solve
-with torch.no_grad():  # a fixed number of AL iterations: the fused AL loop
-    solve(pb, z(1, s.nx), z(1, pb.T, s.nx))
+with torch.no_grad():  # a standalone solve: one compiled Newton loop per AL iteration
+    solve(pb, z(1, s.nx), z(1, pb.T, s.nx), stop_when_converged=True)
 print(t1 - t, t2 - t1, t3 - t2, time.perf_counter() - t3)
 """
 
@@ -192,15 +193,15 @@ def compile_rows() -> list[dict]:
                 out = subprocess.run([sys.executable, "-c", _COMPILE_SNIPPET.format(name=name)], env=env,
                                      capture_output=True, text=True, check=True)
                 total = time.perf_counter() - t
-                dyn, loop, implicit, al_loop = (float(v) for v in out.stdout.split())
-                runs.append((dyn, loop, implicit, al_loop, total))
-        rows.append({"system": name, "cold_dynamics_s": runs[0][0], "cold_newton_s": runs[0][1],
-                     "cold_implicit_s": runs[0][2], "cold_al_loop_s": runs[0][3], "warm_dynamics_s": runs[1][0],
-                     "warm_newton_s": runs[1][1], "warm_implicit_s": runs[1][2], "warm_al_loop_s": runs[1][3]})
+                dyn, al_loop, implicit, newton = (float(v) for v in out.stdout.split())
+                runs.append((dyn, al_loop, implicit, newton, total))
+        rows.append({"system": name, "cold_dynamics_s": runs[0][0], "cold_al_loop_s": runs[0][1],
+                     "cold_implicit_s": runs[0][2], "cold_newton_s": runs[0][3], "warm_dynamics_s": runs[1][0],
+                     "warm_al_loop_s": runs[1][1], "warm_implicit_s": runs[1][2], "warm_newton_s": runs[1][3]})
         r = rows[-1]
-        print(f"  {name}: cold {r['cold_dynamics_s']:.1f} + {r['cold_newton_s']:.1f} + {r['cold_implicit_s']:.1f} + "
-              f"{r['cold_al_loop_s']:.1f} s, warm {r['warm_dynamics_s']:.2f} + {r['warm_newton_s']:.2f} + "
-              f"{r['warm_implicit_s']:.2f} + {r['warm_al_loop_s']:.2f} s", file=sys.stderr, flush=True)
+        print(f"  {name}: cold {r['cold_dynamics_s']:.1f} + {r['cold_al_loop_s']:.1f} + {r['cold_implicit_s']:.1f} + "
+              f"{r['cold_newton_s']:.1f} s, warm {r['warm_dynamics_s']:.2f} + {r['warm_al_loop_s']:.2f} + "
+              f"{r['warm_implicit_s']:.2f} + {r['warm_newton_s']:.2f} s", file=sys.stderr, flush=True)
     return rows
 
 
@@ -238,14 +239,14 @@ def main() -> None:
         print()
         print("Compile time per system (fresh process; cold = empty kernel cache, warm = numba's disk cache):")
         print()
-        print("| system | cold: dynamics [s] | cold: Newton loop [s] | cold: implicit solve [s] | cold: AL loop [s] "
-              "| warm: dynamics [s] | warm: Newton loop [s] | warm: implicit solve [s] | warm: AL loop [s] |")
+        print("| system | cold: dynamics [s] | cold: AL loop [s] | cold: implicit solve [s] | cold: Newton loop [s] "
+              "| cached: dynamics [s] | cached: AL loop [s] | cached: implicit solve [s] | cached: Newton loop [s] |")
         print("|---|---|---|---|---|---|---|---|---|")
         for r in comp:
-            print(f"| {r['system']} | {r['cold_dynamics_s']:.1f} | {r['cold_newton_s']:.1f} "
-                  f"| {r['cold_implicit_s']:.1f} | {r.get('cold_al_loop_s', float('nan')):.1f} "
-                  f"| {r['warm_dynamics_s']:.2f} | {r['warm_newton_s']:.2f} | {r['warm_implicit_s']:.2f} "
-                  f"| {r.get('warm_al_loop_s', float('nan')):.2f} |")
+            print(f"| {r['system']} | {r['cold_dynamics_s']:.1f} | {r['cold_al_loop_s']:.1f} "
+                  f"| {r['cold_implicit_s']:.1f} | {r['cold_newton_s']:.1f} "
+                  f"| {r['warm_dynamics_s']:.2f} | {r['warm_al_loop_s']:.2f} | {r['warm_implicit_s']:.2f} "
+                  f"| {r['warm_newton_s']:.2f} |")
     atomic_write_text(args.out, json.dumps({"torch": torch.__version__, "threads": 1, "act": acts, "compile": comp},
                                            indent=2))
 

@@ -43,8 +43,8 @@ def _source() -> str:
 
 
 def _module(problem: MPCProblem) -> Any:
-    """The compiled kernel module of ``problem.system`` (``newton_loop``, ``implicit_solve``, ``shooting_kkt``;
-    None if it cannot be built; warned once)."""
+    """The compiled kernel module of ``problem.system`` (``al_loop``, ``newton_loop``, ``implicit_solve``,
+    ``shooting_kkt``; None if it cannot be built; warned once)."""
     key = kernels.system_key(problem.system)
     if key in _MODULES:
         return _MODULES[key]
@@ -63,20 +63,34 @@ def _module(problem: MPCProblem) -> Any:
 
 
 def _build(problem: MPCProblem, fresh: bool) -> Any:
-    """Import the kernel module and compile (or load from numba's disk cache) its loop by one call."""
+    """Import the kernel module and compile (or load from numba's disk cache) its AL loop by one call (the
+    per-AL-iteration ``newton_loop`` of ``stop_when_converged`` solves compiles at its first call)."""
     mod, _ = kernels.load_module(problem.system, _source(), tag="newton_", fresh=fresh)
-    _warm_up(problem, mod.newton_loop)
+    _warm_up(problem, mod)
     return mod
 
 
-def _warm_up(problem: MPCProblem, fn: Any) -> None:
-    """One call on a single all-zero sample with the problem's shapes (compiles the kernel for these types)."""
+def _warm_up(problem: MPCProblem, mod: Any) -> None:
+    """One AL-loop call on a single all-zero sample with the problem's shapes (compiles it for these types)."""
     t, nx, nu = problem.T, problem.nx, problem.nu
     z = torch.zeros
     f64 = torch.float64
     obs = z(1, t, problem.k, dtype=torch.int64) if problem.k else None
-    _run(problem, fn, z(1, t, nx, dtype=f64), z(1, t, nu, dtype=f64), z(1, t, nx, dtype=f64),
-         z(1, t - 1, nx, dtype=f64), z(1, t, problem.n_ineq, dtype=f64), torch.ones(1, dtype=f64), obs, 0.0, 1e3)
+    sub = _Zeros(z(1, t, nx, dtype=f64), z(1, t, nu, dtype=f64), z(1, t, nx, dtype=f64), z(1, t - 1, nx, dtype=f64),
+                 z(1, t, problem.n_ineq, dtype=f64), torch.ones(1, dtype=f64), obs)
+    _al_run(problem, mod, z(1, nx, dtype=f64), sub, 1, False, 0.0, 1e3)
+
+
+class _Zeros(NamedTuple):
+    """A subproblem (the fields :func:`al_iterations` reads) for :func:`_warm_up`."""
+
+    x: torch.Tensor
+    u: torch.Tensor
+    theta: torch.Tensor
+    lam_eq: torch.Tensor
+    lam_in: torch.Tensor
+    rho: torch.Tensor
+    obs: torch.Tensor | None
 
 
 def usable(problem: MPCProblem, x: torch.Tensor, track_grad: bool) -> bool:
@@ -133,6 +147,12 @@ def al_iterations(problem: MPCProblem, x0: torch.Tensor, sub: Any, iters: int, s
     the dual update and the penalty growth
     (:func:`deqmpc_gym.mpc.solver._al_iterations` without autograd and without ``stop_when_converged``; with
     ``stop_at_rho_max`` a sample stops once its penalty exceeds ``rho_max``)."""
+    return _al_run(problem, _module(problem), x0, sub, iters, stop_at_rho_max, exit_residual, reg_growth)
+
+
+def _al_run(problem: MPCProblem, mod: Any, x0: torch.Tensor, sub: Any, iters: int, stop_at_rho_max: bool,
+            exit_residual: float, reg_growth: float) -> ALArrays:
+    """:func:`al_iterations` with the kernel module ``mod``."""
     cfg = problem.config
     b, t = sub.x.shape[:2]
     nx, mi = problem.nx, problem.n_ineq
@@ -146,8 +166,8 @@ def al_iterations(problem: MPCProblem, x0: torch.Tensor, sub: Any, iters: int, s
     al_settings = (int(iters), bool(stop_at_rho_max), float(cfg.rho_max), float(cfg.rho_growth), float(cfg.rho_cap),
                    float(cfg.tol_primal), float(cfg.tol_dual))
     with np.errstate(all="ignore"):
-        _module(problem).al_loop(_np(x0), X, U, _np(sub.theta), _np(sub.lam_eq), _np(sub.lam_in), _np(sub.rho), obs, P,
-                                 _settings(problem, exit_residual, reg_growth), al_settings, outs)
+        mod.al_loop(_np(x0), X, U, _np(sub.theta), _np(sub.lam_eq), _np(sub.lam_in), _np(sub.rho), obs, P,
+                    _settings(problem, exit_residual, reg_growth), al_settings, outs)
     return ALArrays(*(torch.from_numpy(a) for a in outs))
 
 
