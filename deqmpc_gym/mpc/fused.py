@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -76,21 +77,10 @@ def _warm_up(problem: MPCProblem, mod: Any) -> None:
     z = torch.zeros
     f64 = torch.float64
     obs = z(1, t, problem.k, dtype=torch.int64) if problem.k else None
-    sub = _Zeros(z(1, t, nx, dtype=f64), z(1, t, nu, dtype=f64), z(1, t, nx, dtype=f64), z(1, t - 1, nx, dtype=f64),
-                 z(1, t, problem.n_ineq, dtype=f64), torch.ones(1, dtype=f64), obs)
+    sub = SimpleNamespace(x=z(1, t, nx, dtype=f64), u=z(1, t, nu, dtype=f64), theta=z(1, t, nx, dtype=f64),
+                          lam_eq=z(1, t - 1, nx, dtype=f64), lam_in=z(1, t, problem.n_ineq, dtype=f64),
+                          rho=torch.ones(1, dtype=f64), obs=obs)  # the fields of solver.Subproblem
     _al_run(problem, mod, z(1, nx, dtype=f64), sub, 1, False, 0.0, 1e3)
-
-
-class _Zeros(NamedTuple):
-    """A subproblem (the fields :func:`al_iterations` reads) for :func:`_warm_up`."""
-
-    x: torch.Tensor
-    u: torch.Tensor
-    theta: torch.Tensor
-    lam_eq: torch.Tensor
-    lam_in: torch.Tensor
-    rho: torch.Tensor
-    obs: torch.Tensor | None
 
 
 def usable(problem: MPCProblem, x: torch.Tensor, track_grad: bool) -> bool:
