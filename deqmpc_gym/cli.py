@@ -9,7 +9,7 @@ Subcommands::
     deqmpc-gym train    --env ID --variant V --dataset FILE --out DIR [--steps N] [--hidden H] [--resume | --overwrite]
     deqmpc-gym evaluate (--policy DIR | --pretrained ID [--variant V]) [--episodes N] [--stream-iters K] [--json FILE]
     deqmpc-gym record   (--env ID [--policy DIR] | --pretrained ID [--variant V]) [--episodes N] --out DIR
-    deqmpc-gym zoo list | zoo ship --from DIR --envs ID ... [--variants V ...] [--episodes N]
+    deqmpc-gym zoo list | zoo ship --from DIR --envs ID ... [--variants V ...] [--episodes N] | zoo refresh [--envs ...]
     deqmpc-gym reproduce table1|warmstart [--scale cpu|paper|zoo|tiny] [--seeds ...] [--envs ...] [--out DIR]
                         [--launcher local|ray] [--address ADDR] [--cpus-per-run C] [--gpus-per-run G]
     deqmpc-gym reproduce warmstart --pretrained [--envs ...] [--episodes N] [--out DIR]
@@ -315,7 +315,7 @@ def _add_misc(sub: Any) -> None:
     pl.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/curves.png)")
     z = _parser(sub, "zoo", "list the shipped controllers, or package trained Table 1 runs as controllers")
     z.set_defaults(print_help=z.print_help)
-    zsub = z.add_subparsers(dest="zoo_cmd", metavar="{list,ship}")
+    zsub = z.add_subparsers(dest="zoo_cmd", metavar="{list,ship,refresh}")
     _parser(zsub, "list", "the shipped controllers with their scores")
     zs = _parser(zsub, "ship", "evaluate every trained seed of Table 1 cells and ship the best with a card")
     zs.add_argument("--from", dest="table_dir", required=True, metavar="DIR",
@@ -329,6 +329,13 @@ def _add_misc(sub: Any) -> None:
                     help=f"evaluation episodes per seed (env seeds {first}, {first + 1}, ...)")
     zs.add_argument("--out", default=None, help="zoo root (default: the package's pretrained_policies/)")
     zs.add_argument("--trained-commit", default=None, help="commit of the training code, for records without one")
+    zr = _parser(zsub, "refresh", "re-measure the shipped controllers' cards (score, expert reference, act latency) "
+                                  "with the installed code, on each card's own episodes")
+    zr.add_argument("--envs", nargs="+", default=None, metavar="ENV_ID",
+                    help=f"envs (default: all of Table 1: {', '.join(TABLE1_ENVS)})")
+    zr.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
+                    help=f"variants (default: the four of Table 1: {', '.join(TABLE1_VARIANTS)})")
+    zr.add_argument("--root", default=None, help="zoo root (default: the package's pretrained_policies/)")
     d = _parser(sub, "demo", "train a small DEQ-MPC policy on the shipped dataset, evaluate, make a video")
     d.add_argument("--out", default=_default(run_demo, "out_dir"), help="output folder")
     d.add_argument("--steps", type=int, default=None, help=f"training steps per variant (default: {DEMO_STEPS})")
@@ -657,9 +664,12 @@ def _zoo(args: argparse.Namespace) -> int:
                   f"(success {ev['success_rate']:.0%}, {ev['episodes']} episodes)")
         return 0
     from deqmpc_gym.experiments.reproduce import check_selection
-    from deqmpc_gym.experiments.zoo import ShipConfig, ship
+    from deqmpc_gym.experiments.zoo import ShipConfig, refresh, ship
 
     envs, variants = check_selection(args.envs, args.variants, None)
+    if args.zoo_cmd == "refresh":
+        refresh(envs, variants, root=args.root)
+        return 0
     if args.episodes < 1:
         raise ConfigError(f"--episodes must be >= 1, got {args.episodes}")
     ship(args.table_dir, envs, variants, config=ShipConfig(episodes=args.episodes), out_root=args.out,

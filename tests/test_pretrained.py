@@ -10,7 +10,7 @@ import torch
 
 from deqmpc_gym.errors import ConfigError
 from deqmpc_gym.experiments.reproduce import run_name
-from deqmpc_gym.experiments.zoo import ShipConfig, ship, ship_cell, warmstart_pretrained
+from deqmpc_gym.experiments.zoo import ShipConfig, refresh_card, ship, ship_cell, warmstart_pretrained
 from deqmpc_gym.policies import DEQMPCPolicy, pretrained
 
 PEND = "DEQMPC/Pendulum-v0"
@@ -105,6 +105,35 @@ def test_a_run_beyond_the_papers_protocol_says_so_on_its_card(tmp_path):
     assert card["protocol"] == "DAgger: 3 rounds after imitation"
     assert card["command"].startswith("python dagger.py; deqmpc-gym zoo ship --from")
     assert "| Pendulum-v0 | deq-mpc-nn + DAgger |" in markdown_table(tmp_path / "z")
+
+
+def test_refresh_re_measures_a_card_on_its_own_episodes(zoo, tmp_path, capsys):
+    """``zoo refresh`` re-evaluates a shipped controller on its card's episodes with the running code and keeps
+    the training fields and the selection (whose commit stays as ``commit.selected``)."""
+    import shutil
+
+    from deqmpc_gym.cli import main
+
+    out, cards = zoo
+    root = tmp_path / "zoo"
+    shutil.copytree(out, root)
+    before = cards[0]
+    card = refresh_card(PEND, "deq-mpc-nn", config=ShipConfig(latency_calls=3), root=root)
+    assert card == json.loads((root / "Pendulum-v0" / "deq-mpc-nn" / "card.json").read_text())
+    # same weights, same code, same episodes: the same evaluation
+    for key in ("normalized_score", "normalized_std", "success_rate", "expert_return", "random_return"):
+        assert card["evaluation"][key] == pytest.approx(before["evaluation"][key], rel=1e-12)
+    assert card["evaluation"]["episodes"] == 3 and card["evaluation"]["seeds"] == before["evaluation"]["seeds"]
+    assert card["selection"] == before["selection"] and card["train_steps"] == before["train_steps"]
+    assert card["commit"]["selected"] == before["commit"]["evaluated"]
+    assert card["commit"]["trained"] == before["commit"]["trained"] and card["warm_act_latency_ms"] > 0
+    with pytest.raises(ConfigError, match="shipped: DEQMPC/Pendulum-v0: deq-mpc-nn"):
+        refresh_card(PEND, "deq-mpc-deq", root=root)
+    assert main(["zoo", "refresh", "--envs", PEND, "--root", str(root)]) == 0
+    printed = capsys.readouterr().out
+    assert "DEQMPC/Pendulum-v0 deq-mpc-nn:" in printed and "deq-mpc-deq does not ship" in printed
+    assert main(["zoo", "refresh", "--envs", "DEQMPC/Nope-v0"]) == 2
+    assert "unknown Table 1 env" in capsys.readouterr().err
 
 
 def test_ship_cell_without_runs_says_how_to_train(tmp_path):

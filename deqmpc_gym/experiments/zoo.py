@@ -201,6 +201,77 @@ def ship(table_dir: str | Path, envs: Sequence[str], variants: Sequence[str], *,
     return cards
 
 
+def _card_config(card: dict[str, Any], config: ShipConfig) -> ShipConfig:
+    """``config`` with the episodes of a card's evaluation (``episodes`` and the seed range ``"first..last"``)."""
+    ev = card["evaluation"]
+    first = int(str(ev["seeds"]).split("..", 1)[0])
+    return ShipConfig(episodes=int(ev["episodes"]), seed=first, latency_calls=config.latency_calls)
+
+
+def refresh_card(env_id: str, variant: str, *, config: ShipConfig = ShipConfig(), root: str | Path | None = None,
+                 reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Re-measure a shipped controller's card with the code that runs now and rewrite it in place.
+
+    The controller is evaluated on the card's own episodes (its ``evaluation.episodes`` and seed range), the
+    expert's return is measured again on exactly those episodes, and the warm ``act()`` latency is timed again
+    (``config.latency_calls`` calls); ``evaluation``, ``warm_act_latency_ms`` and ``commit.evaluated`` are
+    replaced. The weights, the training fields, the protocol and the ``selection`` stay: the seed scores of the
+    selection were measured when the cell shipped, by the commit now kept as ``commit.selected``.
+
+    Args:
+        reference: :func:`_expert_reference` of ``env_id`` on the card's episodes, if already measured.
+
+    Returns:
+        The rewritten card (a dict).
+
+    Raises:
+        ConfigError: ``(env_id, variant)`` does not ship in ``root`` (default: the package's zoo).
+    """
+    from deqmpc_gym.policies import DEQMPCPolicy, pretrained
+
+    zoo_root = None if root is None else Path(root)
+    card = pretrained.card(env_id, variant, zoo_root)  # raises the typed error naming what ships
+    cfg = _card_config(card, config)
+    ref = reference or _expert_reference(env_id, cfg)
+    folder = pretrained.pretrained_dir(env_id, variant, zoo_root)
+    policy = DEQMPCPolicy.load(folder)
+    evaluation = _evaluate(policy, env_id, cfg, (ref["random_return"], ref["expert_return"]))
+    commit = dict(card.get("commit") or {})
+    commit.setdefault("selected", commit.get("evaluated"))
+    commit.pop("latency", None)  # the latency is re-timed below, by this commit
+    commit["evaluated"] = git_commit()
+    card = {**card, "evaluation": {"episodes": cfg.episodes, "seeds": card["evaluation"]["seeds"], **evaluation,
+                                   **ref},
+            "warm_act_latency_ms": warm_act_latency_ms(policy, env_id, config.latency_calls), "commit": commit}
+    atomic_write_text(folder / "card.json", json.dumps(card, indent=2))
+    return card
+
+
+def refresh(envs: Sequence[str], variants: Sequence[str], *, config: ShipConfig = ShipConfig(),
+            root: str | Path | None = None) -> list[dict[str, Any]]:
+    """:func:`refresh_card` for every shipped (env, variant) of the selection (cells that do not ship are skipped
+    with a message); one expert rollout per env and episode range."""
+    from deqmpc_gym.policies import pretrained
+
+    shipped = set(pretrained.available(None if root is None else Path(root)))
+    cards = []
+    for env_id in envs:
+        refs: dict[tuple[int, int], dict[str, Any]] = {}
+        for variant in variants:
+            if (env_id, variant) not in shipped:
+                print(f"skipped: {env_id} {variant} does not ship", flush=True)
+                continue
+            cfg = _card_config(pretrained.card(env_id, variant, None if root is None else Path(root)), config)
+            key = (cfg.seed, cfg.episodes)
+            refs[key] = refs.get(key) or _expert_reference(env_id, cfg)
+            cards.append(refresh_card(env_id, variant, config=config, root=root, reference=refs[key]))
+            ev = cards[-1]["evaluation"]
+            print(f"{env_id} {variant}: {ev['normalized_score']:.3f} (± {ev['normalized_std']:.3f} over episodes; "
+                  f"success {ev['success_rate']:.2f}, early end {ev['early_end_rate']:.2f}; warm act "
+                  f"{cards[-1]['warm_act_latency_ms']:.1f} ms)", flush=True)
+    return cards
+
+
 def warmstart_pretrained(env_id: str, *, ks: Sequence[int] = (1, 2, 3, 4), config: ShipConfig = ShipConfig(),
                          out_dir: str | Path = "results", root: str | Path | None = None) -> Path:
     """Paper Fig. 7 with the shipped controllers of ``env_id``: normalized score and warm ``act()`` latency against
@@ -282,4 +353,5 @@ def markdown_table(root: str | Path | None = None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ShipConfig", "markdown_table", "ship", "ship_cell", "warm_act_latency_ms", "warmstart_pretrained"]
+__all__ = ["ShipConfig", "markdown_table", "refresh", "refresh_card", "ship", "ship_cell", "warm_act_latency_ms",
+           "warmstart_pretrained"]
