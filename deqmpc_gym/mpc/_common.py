@@ -299,10 +299,11 @@ def init_state(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, u_ini
     """Cold start, multipliers 0, ``rho = problem.cold_rho``, obstacle sets = nearest obstacles of ``theta`` (all
     detached).
 
-    Primal guess: without ``u_init``, ``x = theta`` with ``x[:, 0] = x0`` and ``u`` = the control reference
-    ``u_ref`` (default: the system's nominal control) clipped to the bounds; with ``u_init``, ``u = u_init`` clipped
-    to the bounds and ``x`` its rollout from ``x0`` (a dynamically feasible start; samples whose rollout is not
-    finite start from ``x = theta``).
+    Primal guess: without ``u_init``, ``u`` = the control reference ``u_ref`` (default: the system's nominal
+    control) clipped to the bounds and ``x = theta`` with ``x[:, 0] = x0`` (``MPCConfig.cold_start = "theta"``) or
+    ``x`` the rollout of ``u`` from ``x0`` (``"rollout"``); with ``u_init``, ``u = u_init`` clipped to the bounds
+    and ``x`` its rollout from ``x0``. A rollout start is dynamically feasible; samples whose rollout is not
+    finite start from ``x = theta``.
 
     Args:
         x0: ``(B, nx)`` initial states; theta: ``(B, T, nx)`` waypoints.
@@ -320,14 +321,15 @@ def init_state(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, u_ini
     if u_init is not None:
         u = controls("u_init", problem, u_init, x0).detach()
         u = torch.maximum(torch.minimum(u, c.u_high), c.u_low)
-        with torch.no_grad():
-            xr = problem.rollout(x0, u)
-        fin = finite_rows(xr)
-        x = torch.where(fin[:, None, None], xr, x)
     else:
         unom = (torch.as_tensor(problem.system.nominal_control, dtype=dt, device=x0.device) if u_ref is None
                 else controls("u_ref", problem, u_ref, x0).detach())
         u = torch.maximum(torch.minimum(unom, c.u_high), c.u_low).expand(b, problem.T, problem.nu).clone()
+    if u_init is not None or problem.config.cold_start == "rollout":
+        with torch.no_grad():
+            xr = problem.rollout(x0, u)
+        fin = finite_rows(xr)
+        x = torch.where(fin[:, None, None], xr, x)
     obs = problem.select_obstacles(theta)
     if problem.m_user is None:
         problem.ineq(x, u, obs, jac=False)

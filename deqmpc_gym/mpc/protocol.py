@@ -47,7 +47,9 @@ class MPCSolver(Protocol):
     6. **Round-off.** The fused loops evaluate the same formulas in another order, so iterates agree with the eager
        ones to round-off, not bit for bit; near convergence, where the exit tests and the strict merit decrease
        compare quantities at round-off level, a sample may take one Newton step more or less.
-    7. **Batches.** ``pad_batches=True`` solves a batch as one of the next power of two (copies of the first
+    7. **Restarts.** A non-finite warm-start sample restarts from ``x = theta`` whatever ``MPCConfig.cold_start``
+       says (cold calls start as :func:`~deqmpc_gym.mpc.init_state`, the rollout included).
+    8. **Batches.** ``pad_batches=True`` solves a batch as one of the next power of two (copies of the first
        sample, dropped from the results), so that varying batch sizes compile at most ``log2(B) + 1`` times.
 
     Both raise :class:`~deqmpc_gym.errors.ShapeError` / :class:`~deqmpc_gym.errors.ConfigError` on bad inputs with

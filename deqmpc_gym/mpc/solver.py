@@ -759,7 +759,8 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
     # standalone answers that are rollouts are tested as such (shooting_kkt; control bounds only)
     shooting = output == "rollout" and stop_when_converged and problem.box_only
     if needs_grad and gradient == "unroll":
-        if cold_start and u_init is None:  # the cold primal guess x = theta is part of the differentiated computation
+        if cold_start and u_init is None and cfg.cold_start == "theta":
+            # the cold primal guess x = theta is part of the differentiated computation
             state = replace(state, x=thc)
         x, u, new_state, info, last = _al_iterations(problem, x0c, ref, state, iters, stop_at_rho_max, True,
                                                      stop_when_converged, exit_residual, shooting)

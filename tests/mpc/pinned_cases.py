@@ -107,7 +107,8 @@ def case_standalone() -> dict[str, torch.Tensor]:
     """Cold solves to convergence (``stop_when_converged``: sub-batches of the AL loop, rollout answers)."""
     res = {}
     for name, system, T in (("pendulum", Pendulum(), 10), ("cartpole", Cartpole(), 8)):
-        problem = MPCProblem(system, MPCConfig.standalone(horizon=T, rho_init=1.0))
+        # the start of the pinned iterates: x = theta (the standalone configuration's default is the rollout)
+        problem = MPCProblem(system, MPCConfig.standalone(horizon=T, rho_init=1.0, cold_start="theta"))
         x0, theta = _batch(system, 10, T, seed=3)
         u_ref = torch.linspace(-0.5, 0.5, 10, dtype=torch.float64)[:, None].expand(10, system.nu)
 

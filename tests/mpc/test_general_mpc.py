@@ -112,6 +112,28 @@ def test_u_init_is_rolled_out_for_the_cold_start():
     assert bool(torch.isfinite(info.cost).all())
 
 
+def test_the_standalone_cold_start_is_the_rollout_of_the_control_reference():
+    """``MPCConfig.standalone`` starts cold from the rollout of the clipped control reference (``cold_start =
+    "rollout"``): the same start, and so the same answers, as passing that reference as ``u_init``; the DEQ-MPC
+    default keeps ``x = theta``; an unknown start is a ConfigError."""
+    system, x0, theta = _pendulum_batch(6, 8)
+    theta = theta + torch.tensor([3.0, 0.0], dtype=torch.float64)
+    u_ref = torch.tensor([0.7], dtype=torch.float64)
+    standalone = MPCProblem(system, MPCConfig.standalone(8))
+    st = init_state(standalone, x0, theta, u_ref=u_ref.expand(6, 8, 1))
+    torch.testing.assert_close(st.x, standalone.rollout(x0, st.u), rtol=0, atol=0)
+    assert bool((st.u == 0.7).all())
+    assert bool((init_state(MPCProblem(system, MPCConfig(horizon=8)), x0, theta).x[:, 1:] == theta[:, 1:]).all())
+    a = solve(standalone, x0, theta, iters=30, stop_when_converged=True, u_ref=u_ref)
+    b = solve(standalone, x0, theta, iters=30, stop_when_converged=True, u_ref=u_ref,
+              u_init=u_ref.expand(6, 8, 1))
+    for p, q in zip(a[:2], b[:2]):
+        assert torch.equal(p, q)
+    assert bool(a[3].converged.all())
+    with pytest.raises(ConfigError, match="cold_start must be one of"):
+        MPCConfig(cold_start="zeros")
+
+
 @pytest.mark.parametrize("stop", [False, True])
 def test_the_penalty_is_capped_in_every_mode(stop):
     system = Cartpole()
