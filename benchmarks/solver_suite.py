@@ -14,6 +14,11 @@ Three user-defined systems, each written as a new user would write it: the dynam
 * ``quadrotor``: a 12-state Euler-angle quadrotor (position, roll-pitch-yaw, world velocity, body rates; four
   rotor thrusts in [0, 2 hover]) tracking hover at the origin with the control reference ``u_ref`` = hover thrust.
 
+Held-out problems (``--problems acrobot,unicycle,car,planar_quadrotor``), added after the defaults were chosen and
+reported only: an acrobot swing-up (underactuated, torque bound), a unicycle and a kinematic car parking at the
+origin from any heading (nonholonomic; distinct local solutions turn left or right), and a planar quadrotor
+tracking hover with a control reference.
+
 Horizons T = 5 / 10 / 20. Instances are seeded: split ``tune`` (seed 0) was used to choose the defaults, split
 ``report`` (seed 1) is reported. Per instance IPOPT (CasADi, the ``reference`` extra) gives the reference optimum:
 the better of two starts (the rollout of the reference control, and ``x = theta`` with ``u = u_ref``), solved to
@@ -179,7 +184,103 @@ class EulerQuadrotor(System):
         return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
 
 
-SYSTEMS = {"pendulum": SwingUpPendulum, "cartpole": WeightedCartpole, "quadrotor": EulerQuadrotor}
+# ---------------------------------------------------------------------- held-out problems (reported only)
+class Acrobot(System):
+    """Acrobot (two unit links, torque |u| <= 4 N m at the elbow only), ``x = [q1, q2, dq1, dq2]``, q1 = 0 hanging
+    down; from near hanging toward upright (q1 = pi) at rest."""
+
+    name = "suite_acrobot"
+    nx, nu, nq, dt = 4, 1, 2, 0.05
+    u_low, u_high = (-4.0,), (4.0,)
+    Q_diag, R_diag = (10.0, 10.0, 0.5, 0.5), (0.05,)
+    goal = (math.pi, 0.0, 0.0, 0.0)
+    init_low, init_high = (-0.5, -0.5, -1.0, -1.0), (0.5, 0.5, 1.0, 1.0)
+    reward_weights, effort_weights, success_tolerance = (1.0,) * 4, (0.01,), (0.1,) * 4
+
+    def _deriv(self, x: Any, u: Any, ops: Any) -> Any:
+        q2, d1, d2 = x[..., 1], x[..., 2], x[..., 3]
+        c2, s2, s1, s12 = ops.cos(q2), ops.sin(q2), ops.sin(x[..., 0]), ops.sin(x[..., 0] + q2)
+        inertia, g = 1.0 / 12 + 0.25, 9.81  # unit masses and lengths, centres of mass at mid-link
+        m11, m12 = 2 * inertia + 1.0 + c2, inertia + 0.5 * c2
+        b1 = s2 * d2 * (2 * d1 + d2) * 0.5 - 1.5 * g * s1 - 0.5 * g * s12 - 0.1 * d1
+        b2 = u[..., 0] - 0.5 * s2 * d1 * d1 - 0.5 * g * s12 - 0.1 * d2
+        det = m11 * inertia - m12 * m12
+        return ops.stack([d1, d2, (inertia * b1 - m12 * b2) / det, (m11 * b2 - m12 * b1) / det])
+
+    def _step(self, x: Any, u: Any, ops: Any) -> Any:
+        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
+
+
+class Unicycle(System):
+    """Unicycle, ``x = [px, py, heading, speed]``, controls acceleration |a| <= 2 and turn rate |w| <= 1.5, from
+    any heading within 3 m of the origin, to the origin at rest heading 0 (nonholonomic: turning left or right
+    are distinct local solutions)."""
+
+    name = "suite_unicycle"
+    nx, nu, nq, dt = 4, 2, 3, 0.1
+    u_low, u_high = (-2.0, -1.5), (2.0, 1.5)
+    Q_diag, R_diag = (5.0, 5.0, 1.0, 0.5), (0.2, 0.2)
+    goal = (0.0, 0.0, 0.0, 0.0)
+    init_low, init_high = (-3.0, -3.0, -math.pi, -1.0), (3.0, 3.0, math.pi, 1.0)
+    reward_weights, effort_weights, success_tolerance = (1.0,) * 4, (0.01,) * 2, (0.1,) * 4
+
+    def _deriv(self, x: Any, u: Any, ops: Any) -> Any:
+        th, v = x[..., 2], x[..., 3]
+        return ops.stack([v * ops.cos(th), v * ops.sin(th), u[..., 1], u[..., 0]])
+
+    def _step(self, x: Any, u: Any, ops: Any) -> Any:
+        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
+
+
+class KinematicCar(System):
+    """Kinematic bicycle (wheelbase 0.5 m), ``x = [px, py, heading, speed]``, controls acceleration |a| <= 3 and
+    steering angle |delta| <= 0.5 rad, to the origin at rest heading 0."""
+
+    name = "suite_car"
+    nx, nu, nq, dt = 4, 2, 3, 0.1
+    u_low, u_high = (-3.0, -0.5), (3.0, 0.5)
+    Q_diag, R_diag = (4.0, 4.0, 2.0, 0.2), (0.1, 1.0)
+    goal = (0.0, 0.0, 0.0, 0.0)
+    init_low, init_high = (-4.0, -2.0, -1.5, -1.0), (4.0, 2.0, 1.5, 2.0)
+    reward_weights, effort_weights, success_tolerance = (1.0,) * 4, (0.01,) * 2, (0.1,) * 4
+
+    def _deriv(self, x: Any, u: Any, ops: Any) -> Any:
+        psi, v, delta = x[..., 2], x[..., 3], u[..., 1]
+        return ops.stack([v * ops.cos(psi), v * ops.sin(psi), v * ops.sin(delta) / (0.5 * ops.cos(delta)),
+                          u[..., 0]])
+
+    def _step(self, x: Any, u: Any, ops: Any) -> Any:
+        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
+
+
+class PlanarQuadrotor(System):
+    """Planar quadrotor (m = 1, I = 0.02, arm 0.2), ``x = [px, pz, roll, vx, vz, roll rate]``, two thrusts in
+    [0, 1.6 hover], tracking hover at the origin with the control reference ``u_ref`` = hover thrust."""
+
+    name = "suite_planar_quadrotor"
+    nx, nu, nq, dt = 6, 2, 3, 0.05
+    hover = 9.81 / 2
+    u_low, u_high = (0.0, 0.0), (1.6 * hover, 1.6 * hover)
+    u_nominal = (hover, hover)
+    Q_diag, R_diag = (10.0, 10.0, 2.0, 1.0, 1.0, 0.2), (0.3, 0.3)
+    goal = (0.0,) * 6
+    init_low, init_high = (-2.0, -2.0, -0.8, -1.0, -1.0, -1.0), (2.0, 2.0, 0.8, 1.0, 1.0, 1.0)
+    reward_weights, effort_weights, success_tolerance = (1.0,) * 6, (0.01,) * 2, (0.1,) * 6
+
+    def _deriv(self, x: Any, u: Any, ops: Any) -> Any:
+        phi, f = x[..., 2], u[..., 0] + u[..., 1]
+        return ops.stack([x[..., 3], x[..., 4], x[..., 5], -f * ops.sin(phi), f * ops.cos(phi) - 9.81,
+                          0.2 * (u[..., 0] - u[..., 1]) / 0.02])
+
+    def _step(self, x: Any, u: Any, ops: Any) -> Any:
+        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
+
+
+#: the suite (defaults chosen on its tuning split) and, after it, the held-out problems no default was chosen on
+SUITE = ("pendulum", "cartpole", "quadrotor")
+HELD_OUT = ("acrobot", "unicycle", "car", "planar_quadrotor")
+SYSTEMS = {"pendulum": SwingUpPendulum, "cartpole": WeightedCartpole, "quadrotor": EulerQuadrotor,
+           "acrobot": Acrobot, "unicycle": Unicycle, "car": KinematicCar, "planar_quadrotor": PlanarQuadrotor}
 HORIZONS = (5, 10, 20)
 
 
@@ -746,7 +847,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--B", type=int, default=200)
     ap.add_argument("--split", default="report", choices=("tune", "report"))
-    ap.add_argument("--problems", default=",".join(SYSTEMS))
+    ap.add_argument("--problems", default=",".join(SUITE),
+                    help=f"comma-separated, of {', '.join(SYSTEMS)} (default: the suite; the held-out problems "
+                         f"{', '.join(HELD_OUT)} were not used to choose any default)")
     ap.add_argument("--horizons", default=",".join(map(str, HORIZONS)))
     ap.add_argument("--iters", type=int, default=STANDALONE_ITERS, help="maximum AL iterations of the cold solve")
     ap.add_argument("--rho-init", type=float, default=None, help="override MPCConfig.standalone's rho_init")
