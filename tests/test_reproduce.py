@@ -314,3 +314,33 @@ def test_obstacle_task_runs_use_the_filtered_expert(tmp_path) -> None:
     assert rec["normalized_score"] == pytest.approx(expected)
     (data,) = (tmp_path / "datasets").glob("QPoleObs-*.npz")
     assert data.name.endswith("-filtered.npz") and ExpertDataset.load(data).expert_id == fid
+
+
+def test_git_commit_is_dirty_only_for_changes_of_the_package(tmp_path):
+    """A reproduction rewrites tracked result files; the records' commit stays clean unless the code changed."""
+    import shutil
+    import subprocess
+
+    from deqmpc_gym.experiments.reproduce import git_commit
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    assert git_commit(tmp_path) is None  # not a checkout
+    pkg, res = tmp_path / "pkg", tmp_path / "results"
+    pkg.mkdir()
+    res.mkdir()
+    (pkg / "code.py").write_text("x = 1\n")
+    (res / "table.json").write_text("[]\n")
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    clean = git_commit(pkg)
+    assert clean and not clean.endswith("-dirty")
+    (res / "table.json").write_text("[1]\n")
+    assert git_commit(pkg) == clean
+    (pkg / "code.py").write_text("x = 2\n")
+    assert git_commit(pkg) == clean + "-dirty"

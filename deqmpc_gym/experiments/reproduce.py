@@ -110,15 +110,23 @@ def _short(env_id: str) -> str:
     return env_id.split("/")[-1].rsplit("-v", 1)[0]
 
 
-def git_commit() -> str | None:
-    """``git describe --always --dirty`` of the package's checkout (the code that made a record), or None outside
-    a git checkout."""
+def git_commit(package: str | Path | None = None) -> str | None:
+    """The commit of the package's checkout (``git describe --always``, the code that made a record), with
+    ``-dirty`` when the package's own files (``package``, default this package's folder) differ from it; None
+    outside a git checkout. Files outside the package (the ``results/`` a reproduction writes) do not make it
+    dirty."""
+    package = Path(__file__).resolve().parents[1] if package is None else Path(package)
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
-                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(["git", "describe", "--always", "--abbrev=12"], capture_output=True, text=True,
+                             timeout=10, cwd=package)
+        if out.returncode != 0 or not out.stdout.strip():
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                                capture_output=True, text=True, timeout=10, cwd=package)
     except (OSError, subprocess.SubprocessError):
         return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
+    dirty = status.returncode != 0 or bool(status.stdout.strip())
+    return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def run_name(env_id: str, variant: str, seed: int) -> str:
