@@ -340,7 +340,12 @@ def test_git_commit_is_dirty_only_for_changes_of_the_package(tmp_path):
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
     clean = git_commit(pkg)
     assert clean and not clean.endswith("-dirty")
+    (pkg / "card.json").write_text("{}\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "d")
+    clean = git_commit(pkg)
     (res / "table.json").write_text("[1]\n")
+    (pkg / "card.json").write_text("{\"x\": 1}\n")  # data written into the package (zoo ship)
     assert git_commit(pkg) == clean
     (pkg / "code.py").write_text("x = 2\n")
     assert git_commit(pkg) == clean + "-dirty"

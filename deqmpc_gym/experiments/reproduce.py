@@ -112,16 +112,16 @@ def _short(env_id: str) -> str:
 
 def git_commit(package: str | Path | None = None) -> str | None:
     """The commit of the package's checkout (``git describe --always``, the code that made a record), with
-    ``-dirty`` when the package's own files (``package``, default this package's folder) differ from it; None
-    outside a git checkout. Files outside the package (the ``results/`` a reproduction writes) do not make it
-    dirty."""
+    ``-dirty`` when the package's Python sources (under ``package``, default this package's folder) differ from
+    it; None outside a git checkout. Other files -- the ``results/`` a reproduction writes, the controllers and
+    cards ``zoo ship`` writes into the package -- do not make it dirty."""
     package = Path(__file__).resolve().parents[1] if package is None else Path(package)
     try:
         out = subprocess.run(["git", "describe", "--always", "--abbrev=12"], capture_output=True, text=True,
                              timeout=10, cwd=package)
         if out.returncode != 0 or not out.stdout.strip():
             return None
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(glob)**/*.py"],
                                 capture_output=True, text=True, timeout=10, cwd=package)
     except (OSError, subprocess.SubprocessError):
         return None
