@@ -118,7 +118,7 @@ def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParse
 
 def test_every_option_has_help() -> None:
     parsers = _all_parsers(build_parser())
-    assert len(parsers) == 15  # deqmpc-gym, its 9 commands, expert train/collect/filter and zoo list/ship
+    assert len(parsers) == 16  # deqmpc-gym, its 9 commands, expert train/collect/filter and zoo list/ship/refresh
     for parser in parsers:
         for action in parser._actions:
             if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
