@@ -134,6 +134,15 @@ def test_refresh_re_measures_a_card_on_its_own_episodes(zoo, tmp_path, capsys):
     assert "DEQMPC/Pendulum-v0 deq-mpc-nn:" in printed and "deq-mpc-deq does not ship" in printed
     assert main(["zoo", "refresh", "--envs", "DEQMPC/Nope-v0"]) == 2
     assert "unknown Table 1 env" in capsys.readouterr().err
+    # a card without a readable episode range: a typed error naming the fix, the card untouched
+    from deqmpc_gym.errors import CheckpointError
+
+    path = root / "Pendulum-v0" / "deq-mpc-nn" / "card.json"
+    broken = {**card, "evaluation": {**card["evaluation"], "seeds": "ten..twenty"}}
+    path.write_text(json.dumps(broken))
+    with pytest.raises(CheckpointError, match="zoo ship"):
+        refresh_card(PEND, "deq-mpc-nn", root=root)
+    assert json.loads(path.read_text()) == broken
 
 
 def test_ship_cell_without_runs_says_how_to_train(tmp_path):

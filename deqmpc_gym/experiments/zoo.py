@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from deqmpc_gym.errors import ConfigError
+from deqmpc_gym.errors import CheckpointError, ConfigError
 from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched, set_stream_iters
 from deqmpc_gym.experiments.reproduce import SCALES, git_commit, run_name
 from deqmpc_gym.io import atomic_write, atomic_write_text
@@ -202,10 +202,22 @@ def ship(table_dir: str | Path, envs: Sequence[str], variants: Sequence[str], *,
 
 
 def _card_config(card: dict[str, Any], config: ShipConfig) -> ShipConfig:
-    """``config`` with the episodes of a card's evaluation (``episodes`` and the seed range ``"first..last"``)."""
-    ev = card["evaluation"]
-    first = int(str(ev["seeds"]).split("..", 1)[0])
-    return ShipConfig(episodes=int(ev["episodes"]), seed=first, latency_calls=config.latency_calls)
+    """``config`` with the episodes of a card's evaluation (``episodes`` and the seed range ``"first..last"``).
+
+    Raises:
+        CheckpointError: the card has no readable ``evaluation.episodes`` / ``evaluation.seeds``.
+    """
+    try:
+        ev = card["evaluation"]
+        first, episodes = int(str(ev["seeds"]).split("..", 1)[0]), int(ev["episodes"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"the card of {card.get('env_id')!r} / {card.get('variant')!r} has no readable "
+                              f"evaluation episodes and seed range ('episodes', 'seeds': 'first..last'): {exc!r}; "
+                              "ship the cell again with `deqmpc-gym zoo ship`") from exc
+    if episodes < 1:
+        raise CheckpointError(f"the card of {card.get('env_id')!r} / {card.get('variant')!r} names {episodes} "
+                              "evaluation episodes; ship the cell again with `deqmpc-gym zoo ship`")
+    return ShipConfig(episodes=episodes, seed=first, latency_calls=config.latency_calls)
 
 
 def refresh_card(env_id: str, variant: str, *, config: ShipConfig = ShipConfig(), root: str | Path | None = None,
