@@ -862,6 +862,8 @@ def main() -> None:
     ap.add_argument("--mpc-pytorch", action="store_true",
                     help="time mpc.pytorch beside ours, cold and warm (pip install --no-deps mpc==0.0.6)")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions (medians) of the time comparisons")
+    ap.add_argument("--tag", default="", help="record name suffix: results/solver_suite_<split>[_<tag>].json (e.g. "
+                                              "for a run with --set starts=4 beside the default record)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     overrides: dict[str, Any] = {} if args.rho_init is None else {"rho_init": args.rho_init}
@@ -882,7 +884,7 @@ def main() -> None:
                args.iters, overrides, time_ratio=not args.no_timing, gradients=not args.no_gradients,
                mpc_pytorch=args.mpc_pytorch, reps=args.reps)
     os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"solver_suite_{args.split}.json")
+    path = os.path.join(RESULTS, f"solver_suite_{args.split}{'_' + args.tag if args.tag else ''}.json")
     out = {"threads": args.threads, "torch": torch.__version__, "B": args.B, "split": args.split,
            "overrides": overrides, "rows": rows}
     if os.path.exists(path):  # keep the record's rows of the problems and horizons not run now (same settings)

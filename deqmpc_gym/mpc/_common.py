@@ -167,6 +167,8 @@ class SolveInfo:
         rollout: ``True`` where the returned ``x`` is the rollout of the returned ``u`` from ``x0`` (``output=
             "rollout"``: ``primal_residual`` and ``cost`` are then those of the rollout), ``False`` where it is the
             solver's iterate (``output="iterate"``, or a rollout that was not finite).
+        start: ``(B,)`` int64, the start each sample's answer came from, in a multi-start cold call
+            (``MPCConfig.starts > 1``, :mod:`deqmpc_gym.mpc.starts`); None in other calls.
     """
 
     converged: torch.Tensor
@@ -179,6 +181,7 @@ class SolveInfo:
     fallback: torch.Tensor
     nonfinite: torch.Tensor
     rollout: torch.Tensor | None = None
+    start: torch.Tensor | None = None
 
 
 class LastSubproblem(NamedTuple):
@@ -295,7 +298,7 @@ def controls(name: str, problem: MPCProblem, v, x0: torch.Tensor) -> torch.Tenso
 
 # ====================================================================== cold start
 def init_state(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, u_init: torch.Tensor | None = None,
-               u_ref: torch.Tensor | None = None) -> SolverState:
+               u_ref: torch.Tensor | None = None, cold_start: str | None = None) -> SolverState:
     """Cold start, multipliers 0, ``rho = problem.cold_rho``, obstacle sets = nearest obstacles of ``theta`` (all
     detached).
 
@@ -309,8 +312,12 @@ def init_state(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, u_ini
         x0: ``(B, nx)`` initial states; theta: ``(B, T, nx)`` waypoints.
         u_init: ``(B, T, nu)`` initial control guess, or None.
         u_ref: ``(B, T, nu)`` control reference of the cost, or None (see :func:`~deqmpc_gym.mpc.solve`).
+        cold_start: ``"theta"`` or ``"rollout"`` in place of ``problem.config.cold_start`` (None: the config's).
     """
     check_inputs(problem, x0, theta)
+    kind = problem.config.cold_start if cold_start is None else cold_start
+    if kind not in ("theta", "rollout"):
+        raise ConfigError(f"cold_start must be 'theta' or 'rollout', got {cold_start!r}")
     dt = problem.config.dtype
     x0 = x0.detach().to(dt)
     theta = theta.detach().to(dt)
@@ -325,7 +332,7 @@ def init_state(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, u_ini
         unom = (torch.as_tensor(problem.system.nominal_control, dtype=dt, device=x0.device) if u_ref is None
                 else controls("u_ref", problem, u_ref, x0).detach())
         u = torch.maximum(torch.minimum(unom, c.u_high), c.u_low).expand(b, problem.T, problem.nu).clone()
-    if u_init is not None or problem.config.cold_start == "rollout":
+    if u_init is not None or kind == "rollout":
         with torch.no_grad():
             xr = problem.rollout(x0, u)
         fin = finite_rows(xr)

@@ -209,7 +209,8 @@ class CompiledSolver:
             ``DEQMPCPolicy.predict`` when some envs reset -- compile at most ``log2(B_max) + 1`` times.
 
     Raises:
-        ConfigError: a problem with obstacle or user constraints, or one above ``max_unrolled_work``.
+        ConfigError: a problem with obstacle or user constraints, one above ``max_unrolled_work``, or one with
+            ``MPCConfig.starts > 1``.
     """
 
     def __init__(self, problem: MPCProblem, *, compile: bool = True, max_unrolled_work: int = 1500,
@@ -220,6 +221,10 @@ class CompiledSolver:
             raise ConfigError("CompiledSolver supports problems constrained by the control bounds only; this one has "
                               f"{problem.k} obstacle rows and {len(problem.constraints)} user constraints per knot -- "
                               "use deqmpc_gym.mpc.solve")
+        if problem.config.starts > 1:
+            raise ConfigError(f"CompiledSolver runs single-start calls; this problem's MPCConfig.starts is "
+                              f"{problem.config.starts} -- use deqmpc_gym.mpc.solve for multi-start cold solves (or "
+                              "MPCConfig(starts=1))")
         work = problem.T * problem.n ** 3
         if work > max_unrolled_work:
             raise ConfigError(f"T (nx + nu)^3 = {problem.T} * {problem.n}^3 = {work} exceeds max_unrolled_work = "

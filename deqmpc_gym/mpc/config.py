@@ -73,6 +73,14 @@ class MPCConfig:
             the guess, and ``u`` the control reference clipped to the bounds) or ``"rollout"`` (:meth:`standalone`:
             ``u`` the clipped control reference and ``x`` its rollout from ``x_0``, a dynamically feasible start as
             shooting solvers and IPOPT's first start take). With ``u_init`` the start is always its rollout.
+        starts: ``K``, the starting guesses of each sample of a cold call (no ``state``) to :func:`~deqmpc_gym.mpc.
+            solve`: 1 (the default) solves from the cold start alone; ``K > 1`` solves the ``K`` starts of
+            :mod:`deqmpc_gym.mpc.starts` as one batch of ``K B`` (``K`` times the work, gradients included) and keeps
+            per sample the converged answer of the lowest cost (``SolveInfo.start`` says whose). For standalone
+            solves of nonconvex problems whose local solutions differ (vehicles turning left or right): on the
+            held-out unicycle and car of ``benchmarks/solver_suite.py`` at ``T = 20``, see docs/solver.md.
+            Warm calls (with a ``state``) run from that state alone; :class:`~deqmpc_gym.mpc.CompiledSolver`
+            refuses ``K > 1``.
         dense_max_work: crossover of ``linear_solver="auto"`` in ``B (T n)^3`` (measured on one CPU thread: the
             dense factorisation wins below it, the banded one above; ``benchmarks/linalg.py``).
     """
@@ -99,6 +107,7 @@ class MPCConfig:
     reg_min: float = 1e-10
     dense_max_work: float = 2e6
     cold_start: str = "theta"
+    starts: int = 1
 
     @classmethod
     def standalone(cls, horizon: int, **overrides: object) -> MPCConfig:
@@ -149,7 +158,7 @@ class MPCConfig:
                               f"{self.gradient!r}")
         if self.dtype not in (torch.float32, torch.float64):
             raise ConfigError(f"dtype must be torch.float32 or torch.float64, got {self.dtype!r}")
-        if not isinstance(self.n_obstacle_constraints, int) or self.n_obstacle_constraints < 0:
-            raise ConfigError(f"n_obstacle_constraints must be an int >= 0, got {self.n_obstacle_constraints!r}")
-        if not isinstance(self.line_search_steps, int) or self.line_search_steps < 0:
-            raise ConfigError(f"line_search_steps must be an int >= 0, got {self.line_search_steps!r}")
+        for name, low in (("n_obstacle_constraints", 0), ("line_search_steps", 0), ("starts", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"{name} must be an int >= {low}, got {v!r}")

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 
 from deqmpc_gym.errors import ConfigError
-from deqmpc_gym.mpc import fused, linalg
+from deqmpc_gym.mpc import fused, linalg, starts
 from deqmpc_gym.mpc._common import (
     BATCHED_TRIAL_KNOTS,
     REG_GROWTH,
@@ -700,7 +700,8 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
         theta: ``(B, T, nx)`` waypoints (the tracking reference; ``theta[:, 0]`` only affects nothing but the
             constant cost). Inputs are cast to ``problem.config.dtype``; the device follows ``x0``.
         state: warm start (:class:`SolverState`, e.g. the previous call's, or ``state.shift(...)``);
-            ``None``: a cold start, :func:`init_state` (with ``u_init`` and ``u_ref``).
+            ``None``: a cold start, :func:`init_state` (with ``u_init`` and ``u_ref``); with ``MPCConfig.starts
+            = K > 1`` the ``K`` starts of :mod:`deqmpc_gym.mpc.starts` in one batch, each sample's best kept.
         iters: AL iterations to run (``>= 1``).
         gradient: ``"implicit"`` | ``"unroll"`` | ``"final_implicit"`` (default ``problem.config.gradient``).
         hessian: the Hessian of the ``"final_implicit"`` backward: ``"gauss_newton"`` (the cost's) or ``"exact"``
@@ -751,6 +752,14 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
     exit_residual = exit_residual_of(cfg, exit_residual)
     x0c, thc = x0.to(cfg.dtype), theta.to(cfg.dtype)
     uref = None if u_ref is None else controls("u_ref", problem, u_ref, x0c).detach()
+    if state is None and cfg.starts > 1:  # K starts per sample as one batch of K B, the best kept (mpc.starts)
+        k = cfg.starts
+        uinit = None if u_init is None else controls("u_init", problem, u_init, x0c).detach()
+        first = starts.start_states(problem, x0c.detach(), thc.detach(), k, uinit, uref)
+        xk, uk, sk, ik = solve(problem, x0c.repeat(k, 1), thc.repeat(k, 1, 1), first, iters, gradient,
+                               stop_at_rho_max, stop_when_converged, exit_residual, hessian=hessian, output=output,
+                               u_ref=None if uref is None else uref.repeat(k, 1, 1))
+        return starts.best_start(xk, uk, sk, ik, k)
     cold_start = state is None
     state = _start_state(problem, x0c, thc, state, u_init, uref)
     # the cost's reference: waypoints, and the control reference when given ([theta | u_ref], MPCProblem.cost)

@@ -1,0 +1,121 @@
+"""Multi-start cold solves (``MPCConfig.starts``, :mod:`deqmpc_gym.mpc.starts`): each sample's answer is that of its
+best start, exactly as a single-start solve from that start gives it, gradients included."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from deqmpc_gym.errors import ConfigError
+from deqmpc_gym.mpc import STANDALONE_ITERS, CompiledSolver, MPCConfig, MPCProblem, solve
+from deqmpc_gym.mpc.starts import start_states
+from deqmpc_gym.systems import Pendulum
+
+B, T = 12, 15
+
+
+def _swing_up(seed: int = 3):
+    """Pendulum swing-ups from near the bottom (the torque bound makes them swing; left and right are two local
+    solutions), waypoints at the top."""
+    system = Pendulum()
+    rng = np.random.default_rng(seed)
+    x0 = torch.tensor(np.stack([math.pi + rng.uniform(-0.6, 0.6, B), rng.uniform(-1.0, 1.0, B)], 1))
+    theta = torch.zeros(B, T, 2, dtype=torch.float64)
+    return system, x0, theta
+
+
+def _single_starts(system, x0, theta, k: int):
+    """The single-start solves from each of the ``k`` starts of a multi-start call."""
+    base = MPCProblem(system, MPCConfig.standalone(T))
+    out = [solve(base, x0, theta, iters=STANDALONE_ITERS, stop_when_converged=True),
+           solve(MPCProblem(system, MPCConfig.standalone(T, cold_start="theta")), x0, theta, iters=STANDALONE_ITERS,
+                 stop_when_converged=True)]
+    u_starts = start_states(base, x0, theta, k).u
+    for j in range(2, k):
+        out.append(solve(base, x0, theta, iters=STANDALONE_ITERS, stop_when_converged=True,
+                         u_init=u_starts[j * B:(j + 1) * B]))
+    return out
+
+
+def test_each_sample_gets_the_answer_of_its_best_start():
+    """The answer of every sample is the single-start answer of its winning start, and that start is the converged
+    one of the lowest cost (the first on ties; start 0 when none converged)."""
+    system, x0, theta = _swing_up()
+    k = 4
+    x, u, state, info = solve(MPCProblem(system, MPCConfig.standalone(T, starts=k)), x0, theta,
+                              iters=STANDALONE_ITERS, stop_when_converged=True)
+    singles = _single_starts(system, x0, theta, k)
+    cost = torch.stack([torch.where(s[3].converged, s[3].cost, torch.full_like(s[3].cost, math.inf)) for s in singles])
+    want = torch.where(torch.isinf(cost.min(0).values), 0, cost.argmin(0))
+    assert torch.equal(info.start, want)
+    assert len(set(want.tolist())) > 1  # the starts really differ on these swing-ups
+    for b in range(B):
+        xs, us, ss, infos = singles[int(want[b])]
+        torch.testing.assert_close(x[b], xs[b], rtol=0, atol=1e-9)
+        torch.testing.assert_close(u[b], us[b], rtol=0, atol=1e-9)
+        torch.testing.assert_close(state.lam_eq[b], ss.lam_eq[b], rtol=0, atol=1e-7)
+        assert bool(info.converged[b]) == bool(infos.converged[b])
+        assert float(info.cost[b]) == pytest.approx(float(infos.cost[b]), rel=1e-12, abs=1e-12)
+    # never worse than the single start: every sample it converges stays converged, at a cost no higher
+    single = singles[0][3]
+    assert bool((info.converged | ~single.converged).all())
+    assert bool((info.cost <= single.cost + 1e-12)[single.converged].all())
+    assert bool((info.cost < single.cost - 1e-6).any())  # and better on some of them
+    assert info.rollout is not None and bool(info.rollout.all())
+    torch.testing.assert_close(x, MPCProblem(system, MPCConfig.standalone(T)).rollout(x0, u), rtol=0, atol=1e-12)
+
+
+def test_the_gradient_of_a_sample_is_that_of_its_winning_start():
+    system, x0, theta = _swing_up(5)
+    k = 3
+    th = theta.clone().requires_grad_()
+    x0g = x0.clone().requires_grad_()
+    x, u, _, info = solve(MPCProblem(system, MPCConfig.standalone(T, starts=k)), x0g, th, iters=STANDALONE_ITERS,
+                          stop_when_converged=True)
+    w = torch.linspace(0.5, 1.5, T, dtype=torch.float64)[None, :, None]
+    gth, gx0 = torch.autograd.grad((u * w).sum() + x.pow(2).sum(), (th, x0g))
+    base = MPCProblem(system, MPCConfig.standalone(T))
+    u_starts = start_states(base, x0, theta, k).u
+    kinds = [{}, {"cold_start": "theta"}, {}]
+    for j in range(k):
+        rows = info.start == j
+        if not bool(rows.any()):
+            continue
+        th1, x01 = theta.clone().requires_grad_(), x0.clone().requires_grad_()
+        kw = {"u_init": u_starts[j * B:(j + 1) * B]} if j >= 2 else {}
+        xs, us, _, _ = solve(MPCProblem(system, MPCConfig.standalone(T, **kinds[j])), x01, th1,
+                             iters=STANDALONE_ITERS, stop_when_converged=True, **kw)
+        g1, g0 = torch.autograd.grad((us * w).sum() + xs.pow(2).sum(), (th1, x01))
+        torch.testing.assert_close(gth[rows], g1[rows], rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(gx0[rows], g0[rows], rtol=1e-7, atol=1e-9)
+
+
+def test_starts_apply_to_cold_calls_only_and_bad_values_are_config_errors():
+    system, x0, theta = _swing_up()
+    problem = MPCProblem(system, MPCConfig.standalone(T, starts=3))
+    _, _, state, info = solve(problem, x0, theta, iters=3)
+    assert info.start is not None and info.start.shape == (B,)
+    _, _, _, warm = solve(problem, x0, theta, state=state, iters=2)  # a warm call runs from its state alone
+    assert warm.start is None
+    assert solve(MPCProblem(system, MPCConfig.standalone(T)), x0, theta, iters=2)[3].start is None
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="starts must be an int >= 1"):
+            MPCConfig(starts=bad)
+    with pytest.raises(ConfigError, match="single-start"):
+        CompiledSolver(MPCProblem(system, MPCConfig(horizon=5, starts=2)))
+
+
+def test_random_starts_are_seeded_and_within_the_bounds():
+    system, x0, theta = _swing_up()
+    problem = MPCProblem(system, MPCConfig.standalone(T))
+    a, b = start_states(problem, x0, theta, 5), start_states(problem, x0, theta, 5)
+    assert torch.equal(a.u, b.u) and torch.equal(a.x, b.x)
+    lo, hi = float(problem.u_low[0]), float(problem.u_high[0])
+    extra = a.u[2 * B:]
+    assert bool(((extra >= lo) & (extra <= hi)).all())
+    assert bool((extra == extra[:, :1]).all())  # constant over the horizon
+    torch.testing.assert_close(a.x[2 * B:], problem.rollout(x0.repeat(3, 1), extra), rtol=0, atol=0)
+    torch.testing.assert_close(a.x[B:2 * B, 1:], theta[:, 1:], rtol=0, atol=0)  # start 1: x = theta
