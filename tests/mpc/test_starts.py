@@ -119,3 +119,25 @@ def test_random_starts_are_seeded_and_within_the_bounds():
     assert bool((extra == extra[:, :1]).all())  # constant over the horizon
     torch.testing.assert_close(a.x[2 * B:], problem.rollout(x0.repeat(3, 1), extra), rtol=0, atol=0)
     torch.testing.assert_close(a.x[B:2 * B, 1:], theta[:, 1:], rtol=0, atol=0)  # start 1: x = theta
+
+
+def test_obstacle_problems_keep_each_starts_obstacle_sets():
+    """With obstacle constraints every start carries its own nearest-obstacle sets through the batch of ``K B``; the
+    answers are feasible where converged and the winner's sets come back with them."""
+    from deqmpc_gym.systems import OBSTACLE_CENTERS, Quadrotor
+
+    system = Quadrotor()
+    rng = np.random.default_rng(0)
+    b, t = 4, 5
+    x0 = torch.tensor(system.sample_initial_states(rng, b))
+    theta = x0[:, None].expand(b, t, system.nx).clone()
+    theta[..., :3] *= 0.5
+    problem = MPCProblem(system, MPCConfig(horizon=t, starts=3), obstacle_centers=OBSTACLE_CENTERS,
+                         obstacle_radius=0.5)
+    x, u, state, info = solve(problem, x0, theta, iters=6)
+    assert x.shape == (b, t, system.nx) and info.start.shape == (b,)
+    assert state.obstacle_idx is not None and state.obstacle_idx.shape[0] == b
+    k_state = start_states(problem, x0.double(), theta.double(), 3)
+    rows = info.start * b + torch.arange(b)
+    assert torch.equal(state.obstacle_idx, k_state.obstacle_idx[rows])  # fixed-iteration calls keep the sets
+    assert bool(torch.isfinite(x).all() and torch.isfinite(u).all())
