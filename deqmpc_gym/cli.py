@@ -10,7 +10,7 @@ Subcommands::
     deqmpc-gym evaluate (--policy DIR | --pretrained ID [--variant V]) [--episodes N] [--stream-iters K] [--json FILE]
     deqmpc-gym record   (--env ID [--policy DIR] | --pretrained ID [--variant V]) [--episodes N] --out DIR
     deqmpc-gym zoo list | zoo ship --from DIR --envs ID ... [--variants V ...] [--episodes N] | zoo refresh [--envs ...]
-    deqmpc-gym reproduce table1|warmstart [--scale cpu|paper|zoo|tiny] [--seeds ...] [--envs ...] [--out DIR]
+    deqmpc-gym reproduce table1|warmstart [--scale cpu|paper|paper64|zoo|tiny] [--seeds ...] [--envs ...] [--out DIR]
                         [--launcher local|ray] [--address ADDR] [--cpus-per-run C] [--gpus-per-run G]
     deqmpc-gym reproduce warmstart --pretrained [--envs ...] [--episodes N] [--out DIR]
     deqmpc-gym reproduce sweep [--envs ID] [--variants V] [--hidden H ...] [--trajectories N ...] [--steps N]
@@ -282,7 +282,8 @@ def _add_misc(sub: Any) -> None:
                           "warmstart: the warm-start ablation (Fig. 7); sweep: learning curves over network "
                           "widths x dataset sizes for one env and variant (default QPole, deq-mpc-nn)")
     rep.add_argument("--scale", choices=sorted(SCALES), default=_default(reproduce, "scale"),
-                     help="budget (SCALES in deqmpc_gym.experiments.reproduce): paper (the paper's sizes), cpu "
+                     help="budget (SCALES in deqmpc_gym.experiments.reproduce): paper (the paper's sizes), "
+                          "paper64 (the paper's steps, batch and data at hidden 64), cpu "
                           "(smaller networks and runs, one seed of the table fits a 2-core CPU session), zoo "
                           "(the budgets of the shipped controllers) or tiny (a smoke test)")
     rep.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the scale's)")

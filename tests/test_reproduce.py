@@ -59,7 +59,8 @@ def test_markdown_table_and_scales() -> None:
     recs = [{"env_id": PEND, "variant": "deq-mpc-deq", "normalized_score": s} for s in (0.9, 1.0)]
     table = markdown_table(recs, [PEND], ["deq-mpc-deq", "diff-mpc-nn"])
     assert "0.95 (±0.05, n=2)" in table and "| diff-mpc-nn | —" in table
-    assert set(SCALES) == {"paper", "cpu", "zoo", "tiny"}
+    assert set(SCALES) == {"paper", "paper64", "cpu", "zoo", "tiny"}
+    assert SCALES["paper64"].steps["Cartpole"] == 20000 and SCALES["paper64"].batch_size["QPole"] == 200
     assert SCALES["paper"].steps["QPole"] == 20000 and SCALES["paper"].hidden["QPole"] == 1024
     assert PAPER_TABLE1["deq-mpc-deq"]["Cartpole"] == (1.13, 0.01)
 
