@@ -14,6 +14,7 @@ import torch
 
 from deqmpc_gym.errors import ConfigError, ShapeError
 from deqmpc_gym.mpc import fused, kkt, linalg
+from deqmpc_gym.mpc.config import COLD_STARTS
 from deqmpc_gym.mpc.problem import MPCProblem
 
 #: growth of the regularisation ``mu`` of a failed factorisation (``H + mu max|diag H| I``, ``mu`` from
@@ -316,8 +317,8 @@ def init_state(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, u_ini
     """
     check_inputs(problem, x0, theta)
     kind = problem.config.cold_start if cold_start is None else cold_start
-    if kind not in ("theta", "rollout"):
-        raise ConfigError(f"cold_start must be 'theta' or 'rollout', got {cold_start!r}")
+    if kind not in COLD_STARTS:
+        raise ConfigError(f"cold_start must be one of {COLD_STARTS}, got {cold_start!r}")
     dt = problem.config.dtype
     x0 = x0.detach().to(dt)
     theta = theta.detach().to(dt)

@@ -11,7 +11,8 @@ from deqmpc_gym.errors import ConfigError
 _LINEAR_SOLVERS = ("auto", "dense", "banded")
 _GRADIENTS = ("implicit", "unroll", "final_implicit")
 _HESSIANS = ("gauss_newton", "exact")
-_COLD_STARTS = ("theta", "rollout")
+#: the primal guesses of a cold start without an initial control guess (``MPCConfig.cold_start``)
+COLD_STARTS = ("theta", "rollout")
 #: maximum AL iterations of a standalone cold solve (:meth:`MPCConfig.standalone`)
 STANDALONE_ITERS = 30
 
@@ -152,7 +153,7 @@ class MPCConfig:
         if not self.rho_growth >= 1.0:
             raise ConfigError(f"rho_growth must be >= 1, got {self.rho_growth!r}")
         for name, choices in (("linear_solver", _LINEAR_SOLVERS), ("gradient", _GRADIENTS), ("hessian", _HESSIANS),
-                              ("cold_start", _COLD_STARTS)):
+                              ("cold_start", COLD_STARTS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.hessian == "exact" and self.gradient != "final_implicit":

@@ -15,7 +15,10 @@ answer is the usual remedy when the solves are cheap and batched, as here. The s
 
 The answer of a sample is its converged answer (``SolveInfo.converged``, the flag the call reports) of the lowest
 cost, the earlier start on ties; a sample no start converged keeps start 0's answer, so its flags are those of the
-single-start call. ``SolveInfo.start`` says which start each sample's answer came from.
+single-start call. ``SolveInfo.start`` says which start each sample's answer came from. Gradients flow to the
+winning start's answer; with ``gradient="unroll"`` the starting guesses themselves are not differentiated (a
+single-start cold call from ``x = theta`` also differentiates through that guess), which matters only for answers
+short of convergence.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import TypeVar
 import torch
 
 from deqmpc_gym.mpc._common import SolveInfo, SolverState, init_state
+from deqmpc_gym.mpc.config import COLD_STARTS
 from deqmpc_gym.mpc.problem import MPCProblem
 
 __all__ = ["start_states", "best_start"]
@@ -50,7 +54,7 @@ def start_states(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, sta
     b = x0.shape[0]
     cfg = problem.config
     first = "u_init" if u_init is not None else cfg.cold_start
-    kinds = [first] + [k for k in ("theta", "rollout") if k != first]
+    kinds = [first] + [k for k in COLD_STARTS if k != first]
     c = problem.consts(x0)
     ref = (torch.as_tensor(problem.system.nominal_control, dtype=x0.dtype, device=x0.device).expand(b, problem.T, -1)
            if u_ref is None else u_ref)
