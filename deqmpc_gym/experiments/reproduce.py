@@ -102,8 +102,7 @@ SCALES: dict[str, Scale] = {
                  eval_episodes=_per_env(100, 100), seeds={k: (0, 1, 2) for k in _ALL}, curve_every=1000),
     # "paper64": the paper's training budget -- 20,000 steps of batch 200 (4 M windows), its dataset sizes -- at
     # hidden 64, what one CPU thread trains in hours rather than days (the paper's hidden 256-1024 cost 20-80 s per
-    # step here). A Cartpole DEQ-MPC-NN run at this budget scores 0.82 where the "cpu" scale's 4000 steps of batch
-    # 64 give 0.58 (results/cartpole-batch200/).
+    # step here). Its records: results/table1-paper64.md (scores against the "cpu" scale's in docs/results.md).
     "paper64": Scale(hidden={k: 64 for k in _ALL}, steps=_per_env(20000, 20000), batch_size=_per_env(200, 200),
                      val_batches=10, val_every=500,
                      num_trajectories={"Pendulum": 300, "Cartpole": 300, "Quadrotor": 2000, "QPole": 2000,
