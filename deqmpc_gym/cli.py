@@ -7,11 +7,13 @@ Subcommands::
     deqmpc-gym expert collect --env ID --out FILE [--num-trajectories N] [--seed S] [--expert DIR] [--kind K]
     deqmpc-gym expert filter  --env ID --out DIR [--expert DIR] [--tune | --horizon H --margin M --trigger T ...]
     deqmpc-gym train    --env ID --variant V --dataset FILE --out DIR [--steps N] [--hidden H] [--resume | --overwrite]
+                        [--time-limit DURATION]
     deqmpc-gym evaluate (--policy DIR | --pretrained ID [--variant V]) [--episodes N] [--stream-iters K] [--json FILE]
     deqmpc-gym record   (--env ID [--policy DIR] | --pretrained ID [--variant V]) [--episodes N] --out DIR
     deqmpc-gym zoo list | zoo ship --from DIR --envs ID ... [--variants V ...] [--episodes N] | zoo refresh [--envs ...]
     deqmpc-gym reproduce table1|warmstart [--scale cpu|paper|paper64|zoo|tiny] [--seeds ...] [--envs ...] [--out DIR]
                         [--launcher local|ray] [--address ADDR] [--cpus-per-run C] [--gpus-per-run G]
+                        [--time-limit DURATION]
     deqmpc-gym reproduce warmstart --pretrained [--envs ...] [--episodes N] [--out DIR]
     deqmpc-gym reproduce sweep [--envs ID] [--variants V] [--hidden H ...] [--trajectories N ...] [--steps N]
     deqmpc-gym demo     [--out DIR]
@@ -20,8 +22,9 @@ Subcommands::
 ``python -m deqmpc_gym`` is the same command; without a command (or ``expert`` / ``zoo`` without theirs) it prints
 the help. ``deqmpc-gym COMMAND --help`` lists every option with its default (taken from the library's configs).
 ``train``, ``evaluate``, ``record``, ``reproduce`` and ``demo`` take ``--device`` (``cpu``, ``cuda``, ``cuda:N``,
-``auto``). Output paths are checked before any work; errors print one line (exit code 2), Ctrl-C prints where it
-stopped (exit code 130; ``train`` checkpoints the current step and names the command that resumes).
+``auto``). Output paths are checked before any work; errors print one line (exit code 2). A training stopped before
+its budget checkpoints the current step, prints where it stopped and the command that resumes it: Ctrl-C (exit code
+130), SIGTERM (143) or ``--time-limit`` of ``train`` / ``reproduce`` (75).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import inspect
 import json
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,6 +79,23 @@ def _add_launcher(parser: argparse.ArgumentParser, unit: str, note: str = "") ->
                              "default: start a local Ray instance")
     parser.add_argument("--cpus-per-run", type=int, default=1,
                         help=f"with --launcher ray: CPUs (threads) per {unit}")
+
+
+def _duration(text: str) -> float:
+    """argparse type of ``--time-limit``: seconds of ``90m``, ``2.5h``, ``1h30m``, ``45s`` or ``3600``."""
+    from deqmpc_gym.experiments.launch import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_time_limit(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--time-limit", type=_duration, default=None, metavar="DURATION",
+                        help=f"wall time of this call (e.g. 90m, 2.5h, 1h30m): {what} stop(s) at a checkpoint at the "
+                             "first step boundary after it and the command exits with code 75; the same command "
+                             "resumes. SIGTERM also stops at a checkpoint (exit code 143)")
 
 
 def _parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
@@ -210,6 +231,7 @@ def _add_train(sub: Any) -> None:
     mode.add_argument("--overwrite", action="store_true",
                       help="delete the run in --out (checkpoint, best/, final/, progress.csv, result.json) and "
                            "start over")
+    _add_time_limit(t, "training")
     _add_device(t)
     from deqmpc_gym.experiments.dagger import DaggerConfig
 
@@ -309,6 +331,7 @@ def _add_misc(sub: Any) -> None:
     _add_launcher(rep, "run")
     rep.add_argument("--gpus-per-run", type=float, default=0.0,
                      help="with --launcher ray: GPUs per run (> 0 trains and evaluates on cuda)")
+    _add_time_limit(rep, "no run starts after it and the training runs")
     _add_device(rep)
     pl = _parser(sub, "plot", "draw the learning curves of a training run or of a Table 1 sweep")
     pl.add_argument("run_dir", help="a training run folder (with progress.csv) or a `reproduce table1` folder "
@@ -485,6 +508,7 @@ def _train(args: argparse.Namespace) -> int:
     from deqmpc_gym.policies import DEQMPCPolicy
     from deqmpc_gym.training import ImitationTrainer, TrainConfig
 
+    deadline = None if args.time_limit is None else time.time() + args.time_limit
     device = resolve_device(args.device)
     check_writable(args.out, kind="dir")
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, val_every=args.val_every,
@@ -499,7 +523,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         policy = DEQMPCPolicy.from_env(args.env, args.variant, hidden=args.hidden, device=device)
     trainer = ImitationTrainer(policy, ds, cfg, args.out, log_formats=("stdout", "csv"))
-    res = trainer.train(resume=args.resume, overwrite=args.overwrite)
+    res = trainer.train(resume=args.resume, overwrite=args.overwrite, deadline=deadline)
     print(f"trained {args.variant} on {args.env}: best val loss {res.best_val_loss:.4f} at step {res.best_step} "
           f"({res.wall_time_s:.0f} s) -> {args.out}")
     return 0
@@ -594,8 +618,9 @@ def _reproduce(args: argparse.Namespace) -> int:
     sweep_only = [f"--{k}" for k in ("hidden", "trajectories", "steps") if getattr(args, k) is not None]
     if sweep_only and args.what != "sweep":
         raise ConfigError(f"{', '.join(sweep_only)} apply to `reproduce sweep` only")
+    deadline = None if args.time_limit is None else time.time() + args.time_limit
     launch = LaunchConfig(launcher=args.launcher, address=args.address, cpus_per_run=args.cpus_per_run,
-                          gpus_per_run=args.gpus_per_run)
+                          gpus_per_run=args.gpus_per_run, deadline=deadline)
     device = resolve_device(args.device)
     check_writable(args.out, kind="dir")
     if args.what == "sweep":
@@ -631,7 +656,7 @@ def _warmstart_pretrained(args: argparse.Namespace) -> int:
 
     if args.what != "warmstart":
         raise ConfigError("--pretrained applies to `reproduce warmstart`")
-    if args.launcher != "local" or args.seeds is not None or args.variants is not None:
+    if args.launcher != "local" or args.seeds is not None or args.variants is not None or args.time_limit:
         raise ConfigError("--pretrained takes --envs, --episodes and --out (the shipped controllers of every "
                           "variant, in this process)")
     shipped = {e for e, _ in pretrained.available()}
@@ -693,6 +718,11 @@ COMMANDS = {"expert": _expert, "train": _train, "dagger": _dagger, "evaluate": _
             "reproduce": _reproduce, "plot": _plot, "zoo": _zoo, "demo": _demo}
 
 
+#: exit codes of a training stopped before its budget, by reason: 128 + the signal (SIGINT, SIGTERM), and
+#: sysexits' EX_TEMPFAIL (75: try again) for a time-limited slice, so a job script can loop until it is done
+EXIT_CODES = {"interrupt": 130, "terminate": 143, "time limit": 75}
+
+
 def resume_command(argv: Sequence[str]) -> str:
     """The ``deqmpc-gym`` command line that resumes the interrupted run of ``argv``: ``train`` with ``--resume``
     (no ``--overwrite``); ``reproduce`` and the other commands that continue their runs by themselves as they
@@ -710,8 +740,9 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deqmpc-gym`` console script; returns the exit code.
 
-    Library errors (:class:`~deqmpc_gym.errors.DeqmpcError`) print one line to stderr and return 2; Ctrl-C
-    returns 130 (``train`` first checkpoints the current step and prints the command that resumes it).
+    Library errors (:class:`~deqmpc_gym.errors.DeqmpcError`) print one line to stderr and return 2; a training
+    stopped before its budget first checkpoints the current step and prints the command that resumes it, and
+    returns :data:`EXIT_CODES` (Ctrl-C 130, SIGTERM 143, ``--time-limit`` 75).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -720,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     import torch
 
-    from deqmpc_gym.errors import DeqmpcError, TrainingInterrupted
+    from deqmpc_gym.errors import DeqmpcError, TimeLimitReached, TrainingInterrupted
 
     torch.set_num_threads(max(1, args.threads))
 
@@ -730,9 +761,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deqmpc-gym: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:
-        print(f"deqmpc-gym: training stopped at step {exc.step} of {exc.total} (checkpoint in {exc.out_dir}); "
+        why = {"interrupt": "", "terminate": "SIGTERM; ", "time limit": "time limit; "}[exc.reason]
+        print(f"deqmpc-gym: training stopped at step {exc.step} of {exc.total} ({why}checkpoint in {exc.out_dir}); "
               f"resume with: {resume_command(argv)}", file=sys.stderr)
-        return 130
+        return EXIT_CODES[exc.reason]
+    except TimeLimitReached as exc:
+        left = "; ".join(f"{k}: {v}" for k, v in exc.unfinished.items())
+        print(f"deqmpc-gym: time limit reached, {len(exc.unfinished)} run(s) unfinished ({left}); resume with: "
+              f"{resume_command(argv)}", file=sys.stderr)
+        return EXIT_CODES["time limit"]
     except KeyboardInterrupt:
         print(f"deqmpc-gym: {args.cmd} interrupted", file=sys.stderr)
         return 130

@@ -2,8 +2,8 @@
 
 Every error subclasses a builtin (``ValueError``, ``ImportError``, ``RuntimeError``, ``OSError``) so callers
 can catch either the specific class or the builtin one. Messages say what was wrong and how to fix it.
-:class:`TrainingInterrupted` is the one exception that is not a :class:`DeqmpcError`: it is a
-``KeyboardInterrupt``, so that ``except Exception`` never swallows a Ctrl-C.
+:class:`TrainingInterrupted` is not a :class:`DeqmpcError`: it is a ``KeyboardInterrupt``, so that ``except Exception``
+never swallows a Ctrl-C. Neither is :class:`TimeLimitReached` (the end of a time-limited slice, not an error).
 """
 
 from __future__ import annotations
@@ -70,8 +70,13 @@ class ResetNeeded(DeqmpcError, _GymResetNeeded):
     """An environment was stepped before its first ``reset()`` (also a ``gymnasium.error.ResetNeeded``)."""
 
 
+#: why a training stopped before its budget (:attr:`TrainingInterrupted.reason`): Ctrl-C (SIGINT), SIGTERM (a
+#: scheduler or ``kill``), or the deadline passed to ``ImitationTrainer.train`` (``--time-limit``).
+STOP_REASONS = ("interrupt", "terminate", "time limit")
+
+
 class TrainingInterrupted(KeyboardInterrupt):
-    """Training was interrupted (Ctrl-C); a checkpoint of the last completed step was written.
+    """Training stopped before its budget; a checkpoint of the last completed step was written.
 
     Deliberately a ``KeyboardInterrupt`` and not a :class:`DeqmpcError`, so generic ``except Exception`` handlers
     let it through.
@@ -80,11 +85,32 @@ class TrainingInterrupted(KeyboardInterrupt):
         step: the last completed optimisation step (the checkpoint's step).
         total: the step budget of the run.
         out_dir: the run's output folder (holding ``checkpoint.pt``).
+        reason: one of :data:`STOP_REASONS`: ``"interrupt"`` (Ctrl-C), ``"terminate"`` (SIGTERM) or
+            ``"time limit"`` (the deadline of the call).
     """
 
-    def __init__(self, step: int, total: int, out_dir: str) -> None:
-        super().__init__(f"training interrupted at step {step} of {total}; checkpoint saved in {out_dir}")
-        self.step, self.total, self.out_dir = int(step), int(total), str(out_dir)
+    def __init__(self, step: int, total: int, out_dir: str, reason: str = "interrupt") -> None:
+        if reason not in STOP_REASONS:
+            raise ValueError(f"reason must be one of {STOP_REASONS}, got {reason!r}")
+        why = "interrupted" if reason == "interrupt" else f"stopped ({reason})"
+        super().__init__(f"training {why} at step {step} of {total}; checkpoint saved in {out_dir}")
+        self.step, self.total, self.out_dir, self.reason = int(step), int(total), str(out_dir), reason
+
+
+class TimeLimitReached(RuntimeError):
+    """A campaign of several runs (``reproduce``, a sweep) reached its deadline: the runs it started were
+    checkpointed at a step boundary, the others not started. Running the same call again resumes them.
+
+    Not a :class:`DeqmpcError`: nothing was wrong, the slice is over.
+
+    Attributes:
+        unfinished: run name -> what is left of it (``"stopped at step S of N"`` or ``"not started"``).
+    """
+
+    def __init__(self, unfinished: dict[str, str]) -> None:
+        self.unfinished = dict(unfinished)
+        super().__init__(f"time limit reached with {len(unfinished)} run(s) unfinished: "
+                         + "; ".join(f"{k}: {v}" for k, v in self.unfinished.items()))
 
 
 def check_shape(name: str, value, expected: tuple[int | None, ...]) -> None:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,87 @@ def test_a_failing_job_is_reported_and_the_others_finish(launcher: str, request)
         run_jobs(jobs, LaunchConfig(launcher=launcher), lambda name, r: done.__setitem__(name, r))
     assert done == {"a": 2, "c": 6} and set(info.value.failed) == {"bad"}
     assert info.value.failed["bad"].startswith("ValueError: invalid literal for int()")  # the job's own error
+
+
+def _stop_at_the_limit(deadline: float) -> None:
+    """A job that trains past ``deadline`` and stops there, as a time-limited training does."""
+    from deqmpc_gym.errors import TrainingInterrupted
+
+    while time.time() < deadline:
+        time.sleep(0.01)
+    raise TrainingInterrupted(3, 10, "run", reason="time limit")
+
+
+def _interrupted() -> None:
+    from deqmpc_gym.errors import TrainingInterrupted
+
+    raise TrainingInterrupted(3, 10, "run")
+
+
+def test_a_deadline_ends_the_slice_and_names_what_is_left(tmp_path) -> None:
+    from deqmpc_gym.errors import TimeLimitReached, TrainingInterrupted
+    from deqmpc_gym.experiments.launch import Job, LaunchConfig, SweepError, _call, _Unfinished, run_jobs
+
+    done: dict[str, int] = {}
+    deadline = time.time() + 0.3
+    jobs = [Job("a", operator.mul, (1, 2)), Job("stop", _stop_at_the_limit, (deadline,)),
+            Job("c", operator.mul, (3, 2))]
+    with pytest.raises(TimeLimitReached) as info:
+        run_jobs(jobs, LaunchConfig(deadline=deadline), done.__setitem__)
+    assert done == {"a": 2}
+    assert info.value.unfinished == {"stop": "stopped at step 3 of 10 (checkpoint in run)", "c": "not started"}
+    # a failure outweighs the deadline; Ctrl-C is not a time limit and stops the launch at once
+    with pytest.raises(SweepError, match="bad"):
+        soon = time.time() + 0.3
+        run_jobs([Job("bad", int, ("x",)), Job("stop", _stop_at_the_limit, (soon,)), Job("c", operator.mul, (3, 2))],
+                 LaunchConfig(deadline=soon), done.__setitem__)
+    with pytest.raises(TrainingInterrupted):
+        run_jobs([Job("i", _interrupted), Job("c", operator.mul, (3, 2))], LaunchConfig(deadline=deadline + 60),
+                 done.__setitem__)
+    # inside a Ray worker: a job after the deadline does not start, one the deadline stopped returns what is left
+    assert _call(operator.mul, 1, (1, 2), {}, time.time() - 1) == _Unfinished("not started")
+    assert _call(_stop_at_the_limit, 1, (time.time(),), {}, time.time() + 60) == _Unfinished(
+        "stopped at step 3 of 10 (checkpoint in run)")
+    assert _call(operator.mul, 1, (1, 2), {}, None) == 2
+    with pytest.raises(ConfigError, match="deadline"):
+        LaunchConfig(deadline=float("inf"))
+
+
+def test_ray_launch_after_its_deadline_starts_nothing(ray_session) -> None:
+    from deqmpc_gym.errors import TimeLimitReached
+    from deqmpc_gym.experiments.launch import Job, LaunchConfig, run_jobs
+
+    with pytest.raises(TimeLimitReached) as info:
+        run_jobs([Job("a", operator.mul, (1, 2)), Job("b", operator.mul, (3, 2))],
+                 LaunchConfig(launcher="ray", deadline=time.time() - 1), lambda *a: None)
+    assert info.value.unfinished == {"a": "not started", "b": "not started"}
+
+
+def test_durations() -> None:
+    from deqmpc_gym.experiments.launch import deadline_in, parse_duration
+
+    assert [parse_duration(t) for t in ("90m", "2.5h", "1h30m", "45s", "3600", " 1H ")] == [
+        5400.0, 9000.0, 5400.0, 45.0, 3600.0, 3600.0]
+    for bad in ("", "soon", "0", "0m", "-5m", "1x", "m"):
+        with pytest.raises(ConfigError, match="duration|positive"):
+            parse_duration(bad)
+    assert 59.0 < deadline_in(60) - time.time() <= 60.0
+    with pytest.raises(ConfigError):
+        deadline_in(0)
+
+
+def test_cli_reproduce_with_a_time_limit_exits_75_and_resumes(tmp_path, capsys) -> None:
+    from deqmpc_gym.cli import main
+
+    args = ["reproduce", "table1", "--scale", "tiny", "--envs", PEND, "--variants", "deq-mpc-nn", "--out",
+            str(tmp_path), "--time-limit", "0.001s"]
+    assert main(args) == 75
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("deqmpc-gym: time limit reached, 1 run(s) unfinished (Pendulum__deq-mpc-nn__s0: not started); "
+                   f"resume with: deqmpc-gym {' '.join(args)}")
+    assert not (tmp_path / "table1-tiny" / "runs" / "Pendulum__deq-mpc-nn__s0.json").exists()
+    assert main([*args[:-1], "1h"]) == 0
+    assert (tmp_path / "table1-tiny" / "runs" / "Pendulum__deq-mpc-nn__s0.json").exists()
 
 
 def test_launch_config_and_missing_ray_errors(without_ray) -> None:

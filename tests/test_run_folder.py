@@ -1,4 +1,5 @@
-"""A training run owns its output folder: lock (kill -9 takes over), resume checks, overwrite, progress.csv, Ctrl-C."""
+"""A training run owns its output folder: lock (kill -9 takes over), resume checks, overwrite, progress.csv, Ctrl-C,
+SIGTERM and time-limited slices."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 import deqmpc_gym
 from deqmpc_gym.cli import main, resume_command
 from deqmpc_gym.data import ExpertDataset
-from deqmpc_gym.errors import ResumeMismatchError, RunDirError, TrainingInterrupted
+from deqmpc_gym.errors import ConfigError, ResumeMismatchError, RunDirError, TrainingInterrupted
 from deqmpc_gym.policies import DEQMPCPolicy
 from deqmpc_gym.training import ImitationTrainer, TrainConfig
 from deqmpc_gym.training.rundir import LOCK_NAME, PROGRESS_COLUMNS
@@ -204,8 +205,10 @@ def test_folder_of_a_live_run_is_refused_and_a_killed_runs_lock_taken_over(tmp_p
     assert [int(r["time/steps"]) for r in rows] == list(range(2, step + 3, 2))
 
 
-def test_ctrl_c_checkpoints_the_current_step_and_prints_the_resume_command(tmp_path: Path,
-                                                                          tiny_pendulum_dataset_file: Path) -> None:
+@pytest.mark.parametrize(("sig", "code", "why"), [(signal.SIGINT, 130, ""), (signal.SIGTERM, 143, "SIGTERM; ")],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_signal_checkpoints_the_current_step_and_prints_the_resume_command(
+        sig: signal.Signals, code: int, why: str, tmp_path: Path, tiny_pendulum_dataset_file: Path) -> None:
     out = tmp_path / "run"
     args = _cli_args(tiny_pendulum_dataset_file, out, steps=100000)
     args[args.index("--val-every") + 1] = "50000"  # no validation checkpoint before the interrupt
@@ -213,8 +216,8 @@ def test_ctrl_c_checkpoints_the_current_step_and_prints_the_resume_command(tmp_p
     try:
         _wait_for(out / "progress.csv", proc)  # written just before the loop starts
         time.sleep(2.0)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 130
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == code
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -223,10 +226,71 @@ def test_ctrl_c_checkpoints_the_current_step_and_prints_the_resume_command(tmp_p
     last = err.replace("\r", "\n").strip().splitlines()[-1]
     step = int(torch.load(out / "checkpoint.pt", weights_only=True)["step"])
     assert 0 < step < 50000  # the step it was at, not the last validation
-    assert last == (f"deqmpc-gym: training stopped at step {step} of 100000 (checkpoint in {out}); "
+    assert last == (f"deqmpc-gym: training stopped at step {step} of 100000 ({why}checkpoint in {out}); "
                     f"resume with: {resume_command(args)}")
     assert resume_command(args).endswith("--val-batches 1 --resume")
     assert not (out / LOCK_NAME).exists()
     args[args.index("--steps") + 1] = str(step + 1)
     assert main([*args, "--resume"]) == 0
     assert json.loads((out / "result.json").read_text())["steps"] == step + 1
+
+
+# ---------------------------------------------------------------------------------------------- slices of wall time
+class _Clock:
+    """``time`` for the trainer module with a settable ``time()`` (the deadline's clock)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.perf_counter = time.perf_counter
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_a_deadline_stops_at_a_checkpoint_and_the_slices_give_the_uninterrupted_run(
+        small: ExpertDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deqmpc_gym.training import trainer as trainer_mod
+
+    res_full = _trainer(small, tmp_path / "a", steps=6).train()
+    clock = _Clock(1000.0)
+    monkeypatch.setattr(trainer_mod, "time", clock)
+
+    def late(trainer: ImitationTrainer, step: int, metrics: dict) -> None:
+        if step == 2:
+            clock.now = 2000.0  # the deadline (1500) passes during step 2's validation
+
+    part = ImitationTrainer(_policy(), small, _cfg(steps=6), tmp_path / "b", callbacks=(late,), progress=False)
+    with pytest.raises(TrainingInterrupted) as info:
+        part.train(deadline=1500.0)
+    assert (info.value.step, info.value.total, info.value.reason) == (2, 6, "time limit")
+    assert "stopped (time limit) at step 2 of 6" in str(info.value)
+    assert int(torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"]) == 2
+    assert not (tmp_path / "b" / LOCK_NAME).exists()
+    # a slice that starts after its deadline trains nothing and keeps the checkpoint
+    with pytest.raises(TrainingInterrupted) as info:
+        _trainer(small, tmp_path / "b", steps=6).train(resume=True, deadline=1500.0)
+    assert info.value.step == 2
+    res = _trainer(small, tmp_path / "b", steps=6).train(resume=True, deadline=3000.0)
+    assert res.steps == 6
+    assert [h["val_loss"] for h in res.history] == [h["val_loss"] for h in res_full.history]
+    with pytest.raises(ConfigError, match="deadline must be a time.time"):
+        _trainer(small, tmp_path / "c").train(deadline=float("nan"))
+
+
+def test_cli_time_limit_exits_75_with_the_resume_command(tmp_path: Path, tiny_pendulum_dataset_file: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    args = _cli_args(tiny_pendulum_dataset_file, out, "--time-limit", "0.001s", steps=4)
+    time.sleep(0.01)
+    assert main(args) == 75
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"deqmpc-gym: training stopped at step 0 of 4 (time limit; checkpoint in {out}); "
+                    f"resume with: {resume_command(args)}")
+    assert main(_cli_args(tiny_pendulum_dataset_file, out, "--resume", "--time-limit", "1h")) == 0
+    assert json.loads((out / "result.json").read_text())["steps"] == 4
+    for bad in ("soon", "0", "-5m", "1x"):
+        with pytest.raises(SystemExit) as exc:
+            main(_cli_args(tiny_pendulum_dataset_file, tmp_path / "x", "--time-limit", bad))
+        assert exc.value.code == 2
+        assert "--time-limit" in capsys.readouterr().err
+

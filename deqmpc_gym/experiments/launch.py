@@ -5,6 +5,11 @@ A job is a function and its arguments; :func:`run_jobs` calls ``on_done(name, re
 each job finishes (so records are written by one process, as jobs complete), reports a failed job with its name
 and goes on with the others, and raises :class:`SweepError` naming the failed jobs at the end.
 
+With a deadline (``LaunchConfig.deadline``, the CLI's ``--time-limit``) the launch is one slice of a longer
+campaign: no job starts after it, and training jobs (which take ``deadline=``) checkpoint at the first step
+boundary after it; :func:`run_jobs` then raises :class:`~deqmpc_gym.errors.TimeLimitReached` naming what is left,
+and the same call later resumes it.
+
 Ray is optional (``pip install 'deqmpc_gym[cluster]'``). On a cluster every node needs this package installed
 (the same version) and a shared file system for the results folder (the jobs write their checkpoints there). A Ray
 task whose worker dies (a killed process, a lost node) runs again up to ``LaunchConfig.max_retries`` times; jobs that
@@ -16,15 +21,18 @@ forever).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from deqmpc_gym.errors import ConfigError, DependencyNotInstalled, DeqmpcError
+from deqmpc_gym.errors import ConfigError, DependencyNotInstalled, DeqmpcError, TimeLimitReached, TrainingInterrupted
 
 LAUNCHERS = ("local", "ray")
 
@@ -51,6 +59,8 @@ class LaunchConfig:
             ``cpus_per_run``); ignored by the local launcher.
         max_retries: how often Ray runs a job again whose worker died (not for a job that raised: that one is
             reported as failed); ignored by the local launcher.
+        deadline: a ``time.time()`` instant [s since the epoch] after which no job starts and training jobs stop at
+            a checkpoint (:func:`run_jobs`); None: no limit. :func:`deadline_in` makes one from a duration.
     """
 
     launcher: str = "local"
@@ -59,8 +69,12 @@ class LaunchConfig:
     gpus_per_run: float = 0.0
     env_vars: dict[str, str] = field(default_factory=dict)
     max_retries: int = 2
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
+        if self.deadline is not None and (isinstance(self.deadline, bool) or not isinstance(self.deadline, (int, float))
+                                          or not math.isfinite(self.deadline)):
+            raise ConfigError(f"deadline must be a time.time() instant in seconds or None, got {self.deadline!r}")
         if self.launcher not in LAUNCHERS:
             raise ConfigError(f"launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
         if isinstance(self.cpus_per_run, bool) or not isinstance(self.cpus_per_run, int) or self.cpus_per_run < 1:
@@ -83,11 +97,59 @@ class Job:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+def deadline_in(seconds: float) -> float:
+    """The ``time.time()`` instant ``seconds`` from now, for ``LaunchConfig(deadline=...)`` and
+    ``ImitationTrainer.train(deadline=...)``."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
+            or seconds <= 0:
+        raise ConfigError(f"a time limit must be a positive number of seconds, got {seconds!r}")
+    return time.time() + float(seconds)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a duration such as ``"90m"``, ``"2.5h"``, ``"1h30m"``, ``"45s"`` or ``"3600"`` (seconds).
+
+    Raises:
+        ConfigError: an unreadable or non-positive duration.
+    """
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0}
+    t = str(text).strip().lower()
+    number = r"(\d+(?:\.\d*)?)"
+    if re.fullmatch(number, t):
+        total = float(t)
+    else:
+        parts = re.fullmatch(f"(?:{number}h)?(?:{number}m)?(?:{number}s)?", t)
+        if not t or parts is None or not any(parts.groups()):
+            raise ConfigError(f"cannot read the duration {text!r}; write e.g. 90m, 2.5h, 1h30m, 45s or 3600 "
+                              "(seconds)")
+        total = sum(float(v) * units[u] for v, u in zip(parts.groups(), "hms") if v)
+    if total <= 0:
+        raise ConfigError(f"a time limit must be positive, got {text!r}")
+    return total
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.time() >= deadline
+
+
+@dataclass(frozen=True)
+class _Unfinished:
+    """What a job left when the deadline stopped it (returned by Ray workers instead of raising)."""
+
+    what: str
+
+
+def _stopped(exc: TrainingInterrupted) -> _Unfinished:
+    return _Unfinished(f"stopped at step {exc.step} of {exc.total} (checkpoint in {exc.out_dir})")
+
+
 def run_jobs(jobs: Sequence[Job], config: LaunchConfig, on_done: Callable[[str, Any], None]) -> None:
     """Run ``jobs`` with ``config``; ``on_done(name, result)`` runs here as each finishes.
 
     Raises:
         SweepError: after all jobs ran, naming those that raised (their tracebacks were printed to stderr).
+        TimeLimitReached: ``config.deadline`` passed before every job finished (and none failed): the unfinished
+            ones, stopped at a checkpoint or not started.
         DependencyNotInstalled: ``launcher="ray"`` without Ray installed.
         ConfigError: an unreachable Ray address, or more CPUs / GPUs per job than the largest node of the cluster
             has.
@@ -96,9 +158,18 @@ def run_jobs(jobs: Sequence[Job], config: LaunchConfig, on_done: Callable[[str, 
         return
     if config.launcher == "local":
         failed: dict[str, str] = {}
+        unfinished: dict[str, str] = {}
         for job in jobs:
+            if _past(config.deadline):
+                unfinished[job.name] = "not started"
+                continue
             try:
                 result = job.fn(*job.args, **job.kwargs)
+            except TrainingInterrupted as exc:
+                if exc.reason != "time limit":
+                    raise
+                unfinished[job.name] = _stopped(exc).what
+                continue
             except (KeyboardInterrupt, MemoryError):
                 raise
             except Exception as exc:  # noqa: BLE001 -- reported with the job's name; the others go on
@@ -107,10 +178,17 @@ def run_jobs(jobs: Sequence[Job], config: LaunchConfig, on_done: Callable[[str, 
                 failed[job.name] = f"{type(exc).__name__}: {exc}"
                 continue
             on_done(job.name, result)
-        if failed:
-            raise SweepError(failed)
+        _raise_left(failed, unfinished)
         return
     _run_ray(jobs, config, on_done)
+
+
+def _raise_left(failed: dict[str, str], unfinished: dict[str, str]) -> None:
+    """The end of a launch: failed jobs first (an error), then what the deadline left."""
+    if failed:
+        raise SweepError(failed)
+    if unfinished:
+        raise TimeLimitReached(unfinished)
 
 
 def _ray() -> Any:
@@ -216,8 +294,10 @@ def _run_ray(jobs: Sequence[Job], config: LaunchConfig, on_done: Callable[[str, 
     try:
         remote = ray.remote(num_cpus=config.cpus_per_run, num_gpus=config.gpus_per_run,
                             max_retries=config.max_retries)(_call)
-        pending = {remote.remote(job.fn, config.cpus_per_run, job.args, job.kwargs): job.name for job in jobs}
+        pending = {remote.remote(job.fn, config.cpus_per_run, job.args, job.kwargs, config.deadline): job.name
+                   for job in jobs}
         failed: dict[str, str] = {}
+        unfinished: dict[str, str] = {}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             name = pending.pop(done[0])
@@ -228,9 +308,11 @@ def _run_ray(jobs: Sequence[Job], config: LaunchConfig, on_done: Callable[[str, 
                 print(f"job {name} failed: {msg}", file=sys.stderr, flush=True)
                 failed[name] = msg
                 continue
+            if isinstance(result, _Unfinished):
+                unfinished[name] = result.what
+                continue
             on_done(name, result)
-        if failed:
-            raise SweepError(failed)
+        _raise_left(failed, unfinished)
     finally:
         if started:
             ray.shutdown()
@@ -245,9 +327,18 @@ def _task_error(exc: BaseException) -> str:
     return text.splitlines()[-1] if text else type(exc).__name__
 
 
-def _call(fn: Callable[..., Any], threads: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """A job inside a Ray worker: torch uses the job's CPUs."""
+def _call(fn: Callable[..., Any], threads: int, args: tuple[Any, ...], kwargs: dict[str, Any],
+          deadline: float | None = None) -> Any:
+    """A job inside a Ray worker: torch uses the job's CPUs; after the deadline the job does not start, and a
+    training the deadline stopped returns what it left (Ray would report the exception as a failure)."""
     import torch
 
+    if _past(deadline):
+        return _Unfinished("not started")
     torch.set_num_threads(threads)
-    return fn(*args, **kwargs)
+    try:
+        return fn(*args, **kwargs)
+    except TrainingInterrupted as exc:
+        if exc.reason != "time limit":
+            raise
+        return _stopped(exc)

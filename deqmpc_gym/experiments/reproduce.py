@@ -142,8 +142,12 @@ def run_name(env_id: str, variant: str, seed: int) -> str:
 
 
 def run_one(env_id: str, variant: str, seed: int, scale: Scale, out_dir: Path, data_dir: Path,
-            device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Train and evaluate one (env, variant, seed) on ``device``; returns the run record."""
+            device: str | torch.device = "cpu", deadline: float | None = None) -> dict[str, Any]:
+    """Train and evaluate one (env, variant, seed) on ``device``; returns the run record.
+
+    ``deadline`` (a ``time.time()`` instant): training stops at a checkpoint at the first step boundary after it
+    and raises :class:`~deqmpc_gym.errors.TrainingInterrupted` (``reason="time limit"``); a later call resumes it.
+    A run whose training ends before the deadline is evaluated whatever the time."""
     from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched
     from deqmpc_gym.experts import load_expert, load_or_collect_dataset
     from deqmpc_gym.experts.reference import reference_returns
@@ -172,7 +176,8 @@ def run_one(env_id: str, variant: str, seed: int, scale: Scale, out_dir: Path, d
     # the learning curve's episodes (seeds 20000+) are not the card's: the card's mean return is its reference
     evaluator = score_evaluator(env_id, scale.curve_episodes, (card["random_return"], card["mean_return"]), k)
     t0 = time.perf_counter()
-    res = ImitationTrainer(policy, ds, cfg, run_dir, progress=False, evaluator=evaluator).train(resume=True)
+    trainer = ImitationTrainer(policy, ds, cfg, run_dir, progress=False, evaluator=evaluator)
+    res = trainer.train(resume=True, deadline=deadline)
     best = DEQMPCPolicy.load(run_dir / "best", device=device)
     ev = rollout_batched(best, env_id, eval_cfg, reference=(ref["random_return"], ref["expert_return"]))
     return {"env_id": env_id, "variant": variant, "seed": seed, "normalized_score": ev.normalized_score,
@@ -404,7 +409,7 @@ def _table1(sc: Scale, scale: str, envs: tuple[str, ...], variants: tuple[str, .
                     elif not need_policy or (root / "train" / name / "best").exists():
                         continue
                 jobs.append(Job(name, run_one, (env_id, variant, seed, sc, root, data_dir),
-                                {"device": _job_device(device, launch)}))
+                                {"device": _job_device(device, launch), "deadline": launch.deadline}))
     _collect_datasets({j.args[0] for j in jobs}, sc, data_dir)  # once, here, before jobs run in parallel
 
     def done(name: str, rec: dict[str, Any]) -> None:

@@ -106,7 +106,8 @@ def learning_curve_sweep(config: SweepConfig = SweepConfig(), *, out_dir: str | 
     data_dir = Path(out_dir) / "datasets"
     todo = [(h, n) for h, n in config.points() if not (runs_dir / f"{point_name(h, n)}.json").exists()]
     jobs = [Job(point_name(h, n), run_one, (config.env_id, config.variant, config.seed, config.scale(h, n),
-                                            root / point_name(h, n), data_dir), {"device": _job_device(device, launch)})
+                                            root / point_name(h, n), data_dir),
+                {"device": _job_device(device, launch), "deadline": launch.deadline})
             for h, n in todo]
     _collect(config, {n for _, n in todo}, data_dir)
 

@@ -15,8 +15,8 @@ continues a killed run from the last one with the same result as an uninterrupte
 The output folder belongs to one run: a live trainer holds ``train.lock`` (a second one is refused), ``resume``
 refuses a checkpoint written for another run definition (variant, policy or train config, dataset) and names
 the differing fields, a folder holding a run is only reused with ``resume=True`` or ``overwrite=True``, and
-Ctrl-C finishes the current step, writes a checkpoint and raises
-:class:`~deqmpc_gym.errors.TrainingInterrupted`.
+Ctrl-C, SIGTERM (a scheduler ending a job) or the call's ``deadline`` finish the current step, write a checkpoint
+and raise :class:`~deqmpc_gym.errors.TrainingInterrupted` (``reason`` says which).
 """
 
 from __future__ import annotations
@@ -349,7 +349,7 @@ class ImitationTrainer:
             metrics["skipped_nonfinite"] = 1.0
         return metrics
 
-    def train(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    def train(self, resume: bool = False, overwrite: bool = False, deadline: float | None = None) -> TrainResult:
         """Run training to ``config.steps`` in ``out_dir``.
 
         Args:
@@ -357,20 +357,28 @@ class ImitationTrainer:
                 ``steps`` or returned as is). The checkpoint must have been written for the same run definition.
             overwrite: delete the run files in ``out_dir`` (``checkpoint.pt``, ``best/``, ``final/``,
                 ``progress.csv``, ``result.json``) and start over.
+            deadline: a ``time.time()`` instant [s since the epoch]; the first step that ends after it is the
+                last of this call (checkpointed, ``TrainingInterrupted`` with ``reason="time limit"``), so a run
+                can be trained in slices of a fixed wall time. None: no limit.
 
         Raises:
             RunDirError: another live trainer uses ``out_dir``, or ``out_dir`` holds a run and neither ``resume``
                 nor ``overwrite`` is set.
             ResumeMismatchError: ``resume`` found a checkpoint of another run definition.
-            TrainingInterrupted: Ctrl-C (SIGINT) or a ``KeyboardInterrupt`` from a callback; the current step
-                was finished and checkpointed first (a second Ctrl-C stops at once, keeping the last checkpoint).
+            TrainingInterrupted: Ctrl-C (SIGINT), SIGTERM, the ``deadline`` or a ``KeyboardInterrupt`` from a
+                callback; the current step was finished and checkpointed first (a second signal stops at once,
+                keeping the last checkpoint).
         """
         if resume and overwrite:
             raise ConfigError("resume and overwrite exclude each other: resume continues the run in the output "
                               "folder, overwrite deletes it")
+        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+                                     or not math.isfinite(deadline)):
+            raise ConfigError(f"deadline must be a time.time() instant in seconds (a finite number) or None, got "
+                              f"{deadline!r}")
         with RunLock(self.out_dir):
             self._prepare_folder(resume, overwrite)
-            return self._run()
+            return self._run(deadline)
 
     def _prepare_folder(self, resume: bool, overwrite: bool) -> None:
         """Start over, resume, or refuse to touch a folder that holds another run."""
@@ -387,8 +395,8 @@ class ImitationTrainer:
                               f"{hint}pass overwrite=True (--overwrite) to delete it and start over, or choose "
                               "another output folder")
 
-    def _run(self) -> TrainResult:
-        """The training loop (the folder is locked and prepared)."""
+    def _run(self, deadline: float | None = None) -> TrainResult:
+        """The training loop (the folder is locked and prepared), up to ``deadline`` (see :meth:`train`)."""
         from stable_baselines3.common.logger import configure
 
         sb3_formats = [f for f in self.log_formats if f != "csv"]
@@ -402,18 +410,21 @@ class ImitationTrainer:
         try:
             with stop:
                 while self.step < self.config.steps and not stop.requested and not self._stop_by_callback:
+                    if deadline is not None and time.time() >= deadline:
+                        stop.request("time limit")
+                        break
                     at_boundary = False
                     self._one_step(logger, bar, t0)
                     at_boundary = True
             if self.sb3_callback is not None and not stop.requested:
                 self.sb3_callback.on_training_end()
         except KeyboardInterrupt:
-            self._interrupted(at_boundary, t0)
+            self._interrupted(at_boundary, t0, stop.reason or "interrupt")
         finally:
             bar.close()
             logger.close()
         if stop.requested and self.step < self.config.steps:
-            self._interrupted(True, t0)
+            self._interrupted(True, t0, stop.reason or "interrupt")
         final_val = self.history[-1]["val_loss"] if self.history else math.nan
         self.policy.save(self.out_dir / "final")
         result = TrainResult(self.step, self.best_val, self.best_step, final_val, self._elapsed, self.history)
@@ -434,7 +445,7 @@ class ImitationTrainer:
             self._elapsed = time.perf_counter() - t0
             self._validate(logger, metrics)
 
-    def _interrupted(self, consistent: bool, t0: float) -> None:
+    def _interrupted(self, consistent: bool, t0: float, reason: str) -> None:
         """Checkpoint the last completed step (when the state is consistent) and raise TrainingInterrupted."""
         if consistent:
             self._elapsed = time.perf_counter() - t0
@@ -442,7 +453,7 @@ class ImitationTrainer:
             self._write_progress()
         if self._saved_step is None:
             raise KeyboardInterrupt
-        raise TrainingInterrupted(self._saved_step, self.config.steps, str(self.out_dir))
+        raise TrainingInterrupted(self._saved_step, self.config.steps, str(self.out_dir), reason)
 
     def _validate(self, logger: Any, metrics: dict[str, float]) -> None:
         val = validation_loss(self.policy, self.val_batches)
@@ -521,31 +532,40 @@ def _split_callbacks(callbacks: Any) -> tuple[tuple[Callable[..., None], ...], A
     return plain, (None if not sb3 else sb3[0] if len(sb3) == 1 else CallbackList(sb3))
 
 
+#: the signals that stop a training after its current step, and the reason each gives
+_STOP_SIGNALS = {signal.SIGINT: "interrupt", **({signal.SIGTERM: "terminate"} if hasattr(signal, "SIGTERM") else {})}
+
+
 class _DeferredInterrupt:
-    """While active (in the main thread), the first SIGINT only sets :attr:`requested`; the training loop stops
-    after the current step. A second SIGINT raises ``KeyboardInterrupt`` at once."""
+    """While active (in the main thread), the first SIGINT or SIGTERM only sets :attr:`requested` (and
+    :attr:`reason`); the training loop stops after the current step. A second one raises ``KeyboardInterrupt`` at
+    once. :meth:`request` stops the loop the same way from the loop itself (the deadline)."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._installed = False
-        self._previous: Any = None
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def request(self, reason: str) -> None:
+        self.requested, self.reason = True, self.reason or reason
 
     def __enter__(self) -> _DeferredInterrupt:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
+            for sig in _STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._installed:
-            previous = self._previous if self._previous is not None else signal.default_int_handler
-            signal.signal(signal.SIGINT, previous)
-            self._installed = False
+        for sig, previous in self._previous.items():
+            if previous is None:  # installed outside Python: restore the defaults
+                previous = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            signal.signal(sig, previous)
+        self._previous = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        if self.requested and self.reason != "time limit":
             raise KeyboardInterrupt
-        self.requested = True
+        self.request(_STOP_SIGNALS.get(signal.Signals(signum), "interrupt"))
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:
