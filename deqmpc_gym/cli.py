@@ -24,7 +24,7 @@ the help. ``deqmpc-gym COMMAND --help`` lists every option with its default (tak
 ``train``, ``evaluate``, ``record``, ``reproduce`` and ``demo`` take ``--device`` (``cpu``, ``cuda``, ``cuda:N``,
 ``auto``). Output paths are checked before any work; errors print one line (exit code 2). A training stopped before
 its budget checkpoints the current step, prints where it stopped and the command that resumes it: Ctrl-C (exit code
-130), SIGTERM (143) or ``--time-limit`` of ``train`` / ``reproduce`` (75).
+130), SIGTERM (143) or ``--time-limit`` of ``train``, ``dagger`` and ``reproduce`` (75).
 """
 
 from __future__ import annotations
@@ -257,6 +257,7 @@ def _add_train(sub: Any) -> None:
     dg.add_argument("--batch-size", type=int, default=_default(TrainConfig, "batch_size"), help="windows per step")
     dg.add_argument("--lr", type=float, default=_default(TrainConfig, "lr"),
                     help="Adam learning rate of each round (each round starts a fresh optimizer)")
+    _add_time_limit(dg, "the round training")
     _add_device(dg)
     e = _parser(sub, "evaluate", "evaluate a saved or shipped policy (normalized score vs the env's dataset expert)")
     which = e.add_mutually_exclusive_group(required=True)
@@ -540,6 +541,7 @@ def _dagger(args: argparse.Namespace) -> int:
     from deqmpc_gym.policies import DEQMPCPolicy
     from deqmpc_gym.training import TrainConfig
 
+    deadline = None if args.time_limit is None else time.time() + args.time_limit
     check_writable(args.out, kind="dir")
     cfg = DaggerConfig(rounds=args.rounds, episodes=args.episodes, states_per_episode=args.states_per_episode,
                        label_steps=args.label_steps, train_steps=args.train_steps, seed=args.seed,
@@ -548,7 +550,8 @@ def _dagger(args: argparse.Namespace) -> int:
     data = ExpertDataset.load(args.dataset, env_id=args.env)
     expert = load_expert(args.env, kind=dataset_expert_kind(args.env))
     tuned, data = dagger(policy, expert, data, args.env, args.out, cfg,
-                         TrainConfig(batch_size=args.batch_size, lr=args.lr, val_batches=10, val_every=100))
+                         TrainConfig(batch_size=args.batch_size, lr=args.lr, val_batches=10, val_every=100),
+                         deadline=deadline)
     tuned.save(Path(args.out) / "best")
     data.save(Path(args.out) / "data.npz")
     print(f"DAgger on {args.env}: {cfg.rounds} rounds, {len(data)} trajectories -> {args.out}/best "

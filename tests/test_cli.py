@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -230,6 +231,13 @@ def test_dagger_continues_a_saved_policy_on_its_own_states(trained: Path, tiny_p
     assert len(ExpertDataset.load(out / "data.npz", env_id=PEND)) == len(ExpertDataset.load(
         tiny_pendulum_dataset_file, env_id=PEND)) + 4
     assert "DAgger on" in capsys.readouterr().out
+    # in two slices: the first stops at its time limit (exit 75), the same command then gives the same rounds
+    sliced = [*args[:args.index("--out")], "--out", str(tmp_path / "sliced"), *args[args.index("--out") + 2:]]
+    time.sleep(0.01)
+    assert main([*sliced, "--time-limit", "0.001s"]) == 75
+    assert "(time limit; checkpoint in" in capsys.readouterr().err
+    assert main(sliced) == 0
+    assert json.loads((tmp_path / "sliced" / "dagger.json").read_text())["rounds"] == log
     assert main([*args[:-2], "--select-episodes", "1", "--seed", "-1", "--out", str(tmp_path / "bad")]) != 0
     assert "seed" in capsys.readouterr().err
 

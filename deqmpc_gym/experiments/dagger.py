@@ -107,7 +107,8 @@ def _closed_loop_score(policy: Any, expert: Any, env_id: str, config: DaggerConf
 
 
 def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_dir: str | Path,
-           config: DaggerConfig = DaggerConfig(), train_config: Any = None) -> tuple[Any, ExpertDataset]:
+           config: DaggerConfig = DaggerConfig(), train_config: Any = None,
+           deadline: float | None = None) -> tuple[Any, ExpertDataset]:
     """Run ``config.rounds`` DAgger rounds from ``policy`` (trained further in place of a copy: each round continues
     from the previous round's best policy by validation loss); returns ``(policy, aggregated dataset)`` with the
     last round's policy, or with ``config.select_episodes`` the best-scoring one in closed loop (the starting
@@ -120,6 +121,9 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
         dataset: the expert dataset to aggregate into.
         train_config: :class:`~deqmpc_gym.training.TrainConfig` of each round (its ``steps`` is replaced by
             ``config.train_steps``); default the trainer's defaults at batch 64.
+        deadline: a ``time.time()`` instant: the round training when it passes stops at a checkpoint
+            (``TrainingInterrupted``, ``reason="time limit"``); the same call later resumes there (the finished
+            rounds are replayed from their folders: the same visited states, the training not redone).
     """
     from dataclasses import replace
 
@@ -147,7 +151,7 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
                                 extra={**dataset.extra, "dagger_rounds": r + 1})
         run_dir = out / f"round_{r}"
         res = ImitationTrainer(policy, dataset, cfg, run_dir, progress=False).train(
-            resume=(run_dir / "checkpoint.pt").exists())
+            resume=(run_dir / "checkpoint.pt").exists(), deadline=deadline)
         policy = DEQMPCPolicy.load(run_dir / "best", device=policy.device)
         log.append({"round": r, "visited_episodes": len(seqs), "new_trajectories": len(new),
                     "dataset_trajectories": len(dataset), "best_val_loss": res.best_val_loss})
