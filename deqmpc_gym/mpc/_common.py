@@ -170,6 +170,8 @@ class SolveInfo:
             solver's iterate (``output="iterate"``, or a rollout that was not finite).
         start: ``(B,)`` int64, the start each sample's answer came from, in a multi-start cold call
             (``MPCConfig.starts > 1``, :mod:`deqmpc_gym.mpc.starts`); None in other calls.
+        polished: ``(B,)`` bool, the samples whose answer comes from the shooting polish
+            (``MPCConfig.polish_iters``, :mod:`deqmpc_gym.mpc.polish`); None in calls without it.
     """
 
     converged: torch.Tensor
@@ -183,6 +185,7 @@ class SolveInfo:
     nonfinite: torch.Tensor
     rollout: torch.Tensor | None = None
     start: torch.Tensor | None = None
+    polished: torch.Tensor | None = None
 
 
 class LastSubproblem(NamedTuple):

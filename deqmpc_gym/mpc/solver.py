@@ -28,13 +28,14 @@ Gradients w.r.t. ``theta`` (and ``x0``), selected per call:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 
 from deqmpc_gym.errors import ConfigError
-from deqmpc_gym.mpc import fused, linalg, starts
+from deqmpc_gym.mpc import fused, linalg, polish, starts
 from deqmpc_gym.mpc._common import (
     BATCHED_TRIAL_KNOTS,
     REG_GROWTH,
@@ -602,8 +603,13 @@ def _al_update(problem: MPCProblem, st: _ALState, rows: _Rows, bt: Subproblem, r
     rnew = torch.clamp(bt.rho * cfg.rho_growth, max=cfg.rho_cap)
     done, dr = st.done, res.dual_residual
     if stop_when_converged:  # a sample whose new iterate meets both tolerances stops here
+        prev = None
+        if cfg.rho_progress > 0 and st.d is not None and st.g is not None:  # the violation before this iteration
+            with torch.no_grad():
+                prev = torch.where(rows.take(st.seen), problem.violation_from(rows.take(st.d), rows.take(st.g)),
+                                   torch.full_like(bt.rho, math.inf))
         conv_r, dr, rnew = _stop_test(problem, bt, res.x.detach(), res.u.detach(), d.detach(), g.detach(),
-                                      leq.detach(), lin_.detach(), dyn_r, res.small_exit, nf, rnew, shooting)
+                                      leq.detach(), lin_.detach(), dyn_r, res.small_exit, nf, rnew, shooting, prev)
         done = rows.put(done, conv_r)
     put, take = rows.put, rows.take
     return _ALState(
@@ -636,12 +642,15 @@ def _dual_update(problem: MPCProblem, bt: Subproblem, res: NewtonResult, track_g
 
 
 def _stop_test(problem: MPCProblem, bt: Subproblem, x, u, d, g, leq, lin_, dyn, small_exit, nonfinite, rnew,
-               shooting: bool):
+               shooting: bool, prev_violation: torch.Tensor | None = None):
     """The per-sample test of ``stop_when_converged`` after an AL iteration at its new iterate ``(x, u)`` (no
-    graph) with the updated multipliers. Returns ``(converged, dual residual, new penalty)``."""
+    graph) with the updated multipliers; ``prev_violation (B,)``: the violation before the iteration (for
+    ``MPCConfig.rho_progress``). Returns ``(converged, dual residual, new penalty)``."""
     cfg = problem.config
     with torch.no_grad():
         pres = problem.violation_from(d, g)
+        if prev_violation is not None:  # enough progress: the multipliers drive it, the penalty stays
+            rnew = torch.where(pres <= cfg.rho_progress * prev_violation, bt.rho, rnew)
         # a sample already primal-feasible keeps its penalty: a larger one only worsens the Hessian's
         # conditioning (rho / smallest weight) while the multipliers converge (QPole, R = 1e-8, T = 20:
         # 29 -> 16 of 200 samples unconverged; no change on the Pendulum, Cartpole and Quadrotor)
@@ -778,6 +787,8 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
             x, u, new_state, info, last = _al_iterations(problem, x0c.detach(), ref.detach(), state, iters,
                                                          stop_at_rho_max, False, stop_when_converged, exit_residual,
                                                          shooting)
+            if shooting and cfg.polish_iters > 0 and not (needs_grad and gradient == "implicit"):
+                x, u, new_state, info = _polish(problem, x0c.detach(), ref.detach(), x, u, new_state, info)
         if needs_grad:
             x, u = attach_gradient(problem, gradient, hessian, x0c, thc, ref, x, u, last, new_state.lam_ineq,
                                    new_state.obstacle_idx, at_rollout=output == "rollout")
@@ -828,6 +839,28 @@ def _start_state(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, sta
     if bool(bad.any()):
         state = init_state(problem, x0.detach(), theta.detach(), u_ref=u_ref).where(bad, state)
     return state
+
+
+def _polish(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, u: torch.Tensor,
+            state: SolverState, info: SolveInfo) -> tuple[torch.Tensor, torch.Tensor, SolverState, SolveInfo]:
+    """The samples whose controls fail the shooting test (:func:`shooting_kkt`) after the AL iterations, polished
+    by :func:`~deqmpc_gym.mpc.polish.shooting_polish` (``MPCConfig.polish_iters``): their controls, iterate (the
+    rollout), state (with the bound multipliers the polish implies) and ``info.polished`` replaced (no graph)."""
+    cfg = problem.config
+    viol, stat = shooting_kkt(problem, x0, ref, u)
+    todo = ~((viol <= cfg.tol_primal) & (stat <= cfg.tol_shooting)) & finite_rows(u)
+    polished = torch.zeros_like(todo)
+    if bool(todo.any()):
+        idx = todo.nonzero()[:, 0]
+        res = polish.shooting_polish(problem, x0[idx], ref[idx], u[idx], cfg.polish_iters)
+        xr = problem.rollout(x0[idx], res.u)
+        done = finite_rows(xr)
+        idx, un, xr, lam = idx[done], res.u[done], xr[done], res.lam_box[done]
+        u, x = u.index_put((idx,), un), x.index_put((idx,), xr)
+        lam_in = state.lam_ineq.index_put((idx,), torch.cat([lam, state.lam_ineq[idx, :, lam.shape[-1]:]], -1))
+        state = replace(state, x=state.x.index_put((idx,), xr), u=state.u.index_put((idx,), un), lam_ineq=lam_in)
+        polished[idx] = True
+    return x, u, state, replace(info, polished=polished)
 
 
 def _rollout_output(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, u: torch.Tensor,

@@ -107,8 +107,10 @@ def case_standalone() -> dict[str, torch.Tensor]:
     """Cold solves to convergence (``stop_when_converged``: sub-batches of the AL loop, rollout answers)."""
     res = {}
     for name, system, T in (("pendulum", Pendulum(), 10), ("cartpole", Cartpole(), 8)):
-        # the start of the pinned iterates: x = theta (the standalone configuration's default is the rollout)
-        problem = MPCProblem(system, MPCConfig.standalone(horizon=T, rho_init=1.0, cold_start="theta"))
+        # the start of the pinned iterates: x = theta (the standalone configuration's default is the rollout); the
+        # recording predates the shooting polish (polish_iters), which runs on unconverged samples only
+        problem = MPCProblem(system, MPCConfig.standalone(horizon=T, rho_init=1.0, cold_start="theta",
+                                                          polish_iters=0))
         x0, theta = _batch(system, 10, T, seed=3)
         u_ref = torch.linspace(-0.5, 0.5, 10, dtype=torch.float64)[:, None].expand(10, system.nu)
 

@@ -1,0 +1,169 @@
+"""The shooting polish: a projected Levenberg-Marquardt method on the controls alone, for the samples of a standalone
+solve that the augmented-Lagrangian iterations leave unconverged (``MPCConfig.polish_iters``).
+
+The AL iterations treat the dynamics as constraints of the states and controls (multiple shooting). On some long
+horizons (a torque-limited arm swing-up, a badly scaled orbital rendezvous) they stall: the penalty reaches its cap,
+the Gauss-Newton Hessian ``W + rho J^T J`` loses the cost's curvature to round-off, and the answer stays above the
+optimum. Those answers are returned as rollouts of their controls anyway (``output="rollout"``), so the problem left
+is the single-shooting one
+
+    min_u  J(u) = 1/2 sum_t |x_t(u) - theta_t|_Q^2 + 1/2 sum_t |u_t - u_ref_t|_R^2,   u_low <= u_t <= u_high,
+
+with ``x(u)`` the rollout from ``x_0``: a nonlinear least-squares problem with box bounds, and no penalty at all.
+Each iteration (the control-limited DDP of Tassa, Mansard and Todorov, ICRA 2014, in dense form; Bertsekas'
+projected Newton for the bounds):
+
+1. roll out ``u``, linearise the dynamics, and build the sensitivities ``S = dx/du`` (``(T nx) x (T nu)``, one
+   forward recursion); the Gauss-Newton Hessian ``H = S^T Q S + R`` and the gradient ``g`` of ``J``;
+2. fix the controls at a bound whose gradient points outwards, solve ``(H_ff + mu diag(H_ff)) du_f = -g_f`` on the
+   free ones (Levenberg-Marquardt damping ``mu``, Cholesky);
+3. backtrack ``u <- clip(u + alpha du)`` on the true cost of the rollout (Armijo); a failed search grows ``mu``
+   tenfold and retries, a successful one divides it by 3.
+
+Every iterate is a rollout within the bounds, so an unconverged answer is still a feasible trajectory whose cost
+never rose. A sample stops when :func:`~deqmpc_gym.mpc.solver.shooting_kkt`'s projected reduced gradient meets
+``tol_shooting`` (the convergence test of every rollout answer) or when no step decreases its cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from deqmpc_gym.mpc.problem import MPCProblem
+
+#: Levenberg-Marquardt damping: first value (relative to diag H), bounds, and the factors of a failed / good step
+MU_START, MU_MIN, MU_MAX = 1e-8, 1e-12, 1e8
+MU_UP, MU_DOWN = 10.0, 3.0
+#: Armijo constant and step halvings of the projected line search
+ARMIJO, HALVINGS = 1e-4, 10
+
+
+@dataclass(frozen=True)
+class PolishResult:
+    """Outcome of :func:`shooting_polish` (all ``(B, ...)``): ``u`` the polished controls (within the bounds),
+    ``converged`` the samples whose projected reduced gradient met ``tol_shooting``, ``stationarity`` that measure,
+    ``lam_box (B,T,2 nu)`` the bound multipliers implied by the reduced gradient (positive on the active rows, in
+    the order of :meth:`MPCProblem.ineq`: ``u - u_high``, then ``u_low - u``), ``iters`` the iterations run."""
+
+    u: torch.Tensor
+    converged: torch.Tensor
+    stationarity: torch.Tensor
+    lam_box: torch.Tensor
+    iters: torch.Tensor
+
+
+def sensitivities(A: torch.Tensor, Bu: torch.Tensor) -> torch.Tensor:
+    """``S (B, T, nx, T, nu)``: ``dx_t / du_s`` of the rollout ``x_{t+1} = f(x_t, u_t)`` with ``x_0`` fixed, from the
+    Jacobians ``A (B,T-1,nx,nx)``, ``Bu (B,T-1,nx,nu)`` of knots ``0..T-2``."""
+    b, tm1, nx, nu = Bu.shape
+    S = Bu.new_zeros(b, tm1 + 1, nx, tm1 + 1, nu)
+    for t in range(tm1):
+        S[:, t + 1] = torch.einsum("bij,bjsk->bisk", A[:, t], S[:, t])
+        S[:, t + 1, :, t] += Bu[:, t]
+    return S
+
+
+def gauss_newton_model(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H (B,n,n), g (B,n))`` with ``n = T nu``: the Gauss-Newton Hessian ``S^T Q S + R`` and the gradient of the
+    single-shooting cost at the controls ``u (B,T,nu)`` (``ref``: ``theta (B,T,nx)`` or ``[theta | u_ref]``)."""
+    c = problem.consts(u)
+    b, T, nu = u.shape
+    xr = problem.rollout(x0, u)
+    _, A, Bu = problem.dynamics(xr, u)
+    th, du = problem.split_ref(u, ref)
+    S = sensitivities(A, Bu).reshape(b, T, problem.nx, T * nu)
+    QS = torch.einsum("ij,btjn->btin", c.Q, S)
+    H = torch.einsum("btim,btin->bmn", S, QS) + torch.block_diag(*([c.R] * T))
+    g = torch.einsum("bti,btin->bn", (xr - th) @ c.Q, S) + (du @ c.R).reshape(b, T * nu)
+    return H, g
+
+
+def shooting_polish(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u: torch.Tensor, iters: int,
+                    tol: float | None = None) -> PolishResult:
+    """Polish the controls ``u (B,T,nu)`` of a box-constrained problem by at most ``iters`` projected
+    Levenberg-Marquardt iterations on its single-shooting form (module docstring); no graph.
+
+    Args:
+        problem: an :class:`MPCProblem` with control bounds only (``problem.box_only``).
+        x0: ``(B, nx)`` initial states; ref: ``(B,T,nx)`` waypoints or ``(B,T,nx+nu)`` ``[theta | u_ref]``.
+        u: ``(B, T, nu)`` starting controls (clipped to the bounds first).
+        iters: the largest number of iterations (``>= 0``).
+        tol: the projected-reduced-gradient tolerance (default ``problem.config.tol_shooting``).
+    """
+    from deqmpc_gym.mpc.solver import shooting_kkt  # the convergence test of every rollout answer
+
+    if not problem.box_only:
+        raise ValueError("the shooting polish handles control bounds only (no obstacles or user constraints)")
+    tol = problem.config.tol_shooting if tol is None else tol
+    with torch.no_grad():
+        c = problem.consts(u)
+        b, T, nu = u.shape
+        lo, hi = c.u_low.repeat(T), c.u_high.repeat(T)
+        uf = torch.maximum(torch.minimum(u.detach().reshape(b, T * nu), hi), lo)
+        x0, ref = x0.detach(), ref.detach()
+        cost = problem.cost(problem.rollout(x0, uf.view(b, T, nu)), uf.view(b, T, nu), ref)
+        mu = torch.full_like(cost, MU_START)
+        _, stat = shooting_kkt(problem, x0, ref, uf.view(b, T, nu))
+        run = (stat > tol) & torch.isfinite(cost)
+        n_it = torch.zeros(b, dtype=torch.int64, device=u.device)
+        for _ in range(iters):
+            if not bool(run.any()):
+                break
+            idx = run.nonzero()[:, 0]
+            u_new, c_new, mu_new, moved = _iteration(problem, x0[idx], ref[idx], uf[idx], cost[idx], mu[idx], lo, hi)
+            uf[idx], cost[idx], mu[idx] = u_new, c_new, mu_new
+            n_it[idx] += 1
+            _, s_new = shooting_kkt(problem, x0[idx], ref[idx], u_new.view(-1, T, nu))
+            stat[idx] = s_new
+            run[idx] = moved & (s_new > tol)
+        un = uf.view(b, T, nu)
+        _, g = gauss_newton_model(problem, x0, ref, un)
+        g = g.view(b, T, nu)
+        at_hi, at_lo = (un >= c.u_high) & (g < 0), (un <= c.u_low) & (g > 0)
+        lam_box = torch.cat([torch.where(at_hi, -g, torch.zeros_like(g)), torch.where(at_lo, g, torch.zeros_like(g))],
+                            -1)
+    return PolishResult(un, stat <= tol, stat, lam_box, n_it)
+
+
+def _iteration(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, uf: torch.Tensor, cost: torch.Tensor,
+               mu: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One projected LM iteration of the samples given (``uf (B, T nu)`` flat controls): returns the new controls,
+    costs and dampings, and which samples moved (a sample none of whose damped steps decreased its cost did not)."""
+    b, n = uf.shape
+    T, nu = problem.T, problem.nu
+    H, g = gauss_newton_model(problem, x0, ref, uf.view(b, T, nu))
+    free = ~(((uf <= lo) & (g > 0)) | ((uf >= hi) & (g < 0)))
+    fm = free.to(uf.dtype)
+    Hf = H * fm[:, :, None] * fm[:, None, :] + torch.diag_embed(1.0 - fm)
+    gf = g * fm
+    diag = torch.diagonal(Hf, dim1=1, dim2=2).clamp_min(torch.finfo(uf.dtype).tiny)
+    moved = torch.zeros(b, dtype=torch.bool, device=uf.device)
+    tried = ~torch.isfinite(gf).all(1)  # a non-finite model: nothing to try
+    while not bool((moved | tried).all()):
+        todo = ~(moved | tried)
+        L, bad = torch.linalg.cholesky_ex(Hf + torch.diag_embed(mu[:, None] * diag))
+        step = -torch.cholesky_solve(gf[..., None], L)[..., 0]
+        ok_fac = (bad == 0) & torch.isfinite(step).all(1)
+        step = torch.where(ok_fac[:, None], step, torch.zeros_like(step))
+        slope = (gf * step).sum(1)  # < 0 for a descent direction
+        alpha = torch.ones_like(cost)
+        found = torch.zeros_like(moved)
+        for _ in range(HALVINGS):
+            trial = todo & ok_fac & ~found
+            if not bool(trial.any()):
+                break
+            un = torch.maximum(torch.minimum(uf + alpha[:, None] * step, hi), lo)
+            cn = problem.cost(problem.rollout(x0, un.view(b, T, nu)), un.view(b, T, nu), ref)
+            dec = trial & torch.isfinite(cn) & (cn <= cost + ARMIJO * alpha * slope) & (cn < cost)
+            uf = torch.where(dec[:, None], un, uf)
+            cost = torch.where(dec, cn, cost)
+            found |= dec
+            alpha = torch.where(found, alpha, 0.5 * alpha)
+        moved |= found
+        mu = torch.where(found, (mu / MU_DOWN).clamp_min(MU_MIN), torch.where(todo, mu * MU_UP, mu))
+        tried |= todo & ~found & (mu > MU_MAX)
+    return uf, cost, mu.clamp_max(MU_MAX), moved
