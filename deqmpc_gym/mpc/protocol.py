@@ -31,8 +31,8 @@ class MPCSolver(Protocol):
 
     1. **Scope.** Control bounds only (no obstacles, no user constraints), ``T (nx + nu)^3`` at most
        ``max_unrolled_work``, fixed numbers of AL iterations (``stop_at_rho_max`` included; no
-       ``stop_when_converged``), single-start cold calls (``MPCConfig.starts = 1``), no ``u_ref`` / ``u_init`` /
-       ``output`` (``x`` is the iterate), gradients
+       ``stop_when_converged``, hence no shooting polish, ``MPCConfig.polish_iters``), single-start cold calls
+       (``MPCConfig.starts = 1``), no ``u_ref`` / ``u_init`` / ``output`` (``x`` is the iterate), gradients
        ``"implicit"`` and ``"final_implicit"`` only (``"unroll"`` needs autograd through the iterations).
     2. **Convergence report.** ``info.dual_residual`` and ``converged`` are measured at the returned iterate with
        the returned multipliers (:meth:`MPCProblem.stationarity`, the eager ``stop_when_converged`` test); the eager
