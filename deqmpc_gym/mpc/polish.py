@@ -150,19 +150,28 @@ def _iteration(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, uf: tor
         ok_fac = (bad == 0) & torch.isfinite(step).all(1)
         step = torch.where(ok_fac[:, None], step, torch.zeros_like(step))
         slope = (gf * step).sum(1)  # < 0 for a descent direction
-        alpha = torch.ones_like(cost)
+        # the projected backtracking line search, its step lengths 1, 1/2, ... evaluated in one batched rollout:
+        # the first (longest) one with an Armijo decrease is taken, as a sequential search would
+        trial = todo & ok_fac
         found = torch.zeros_like(moved)
-        for _ in range(HALVINGS):
-            trial = todo & ok_fac & ~found
-            if not bool(trial.any()):
-                break
-            un = torch.maximum(torch.minimum(uf + alpha[:, None] * step, hi), lo)
-            cn = problem.cost(problem.rollout(x0, un.view(b, T, nu)), un.view(b, T, nu), ref)
-            dec = trial & torch.isfinite(cn) & (cn <= cost + ARMIJO * alpha * slope) & (cn < cost)
-            uf = torch.where(dec[:, None], un, uf)
-            cost = torch.where(dec, cn, cost)
-            found |= dec
-            alpha = torch.where(found, alpha, 0.5 * alpha)
+        if bool(trial.any()):
+            rows = trial.nonzero()[:, 0]
+            alphas = 0.5 ** torch.arange(HALVINGS, dtype=uf.dtype, device=uf.device)  # (H,)
+            un = uf[rows][None] + alphas[:, None, None] * step[rows][None]  # (H, R, n)
+            un = torch.maximum(torch.minimum(un, hi), lo).reshape(-1, T, nu)
+            m = rows.numel()
+            cn = problem.cost(problem.rollout(x0[rows].repeat(HALVINGS, 1), un), un,
+                              ref[rows].repeat(HALVINGS, 1, 1)).view(HALVINGS, m)
+            c0, sl = cost[rows][None], slope[rows][None]
+            dec = torch.isfinite(cn) & (cn <= c0 + ARMIJO * alphas[:, None] * sl) & (cn < c0)  # (H, R)
+            first = torch.where(dec.any(0), dec.to(torch.int64).argmax(0), torch.full_like(rows, -1))
+            hit = first >= 0
+            pick = first.clamp_min(0)
+            u_pick = un.view(HALVINGS, m, n)[pick, torch.arange(m, device=uf.device)]
+            c_pick = cn[pick, torch.arange(m, device=uf.device)]
+            uf[rows] = torch.where(hit[:, None], u_pick, uf[rows])
+            cost[rows] = torch.where(hit, c_pick, cost[rows])
+            found[rows] = hit
         moved |= found
         mu = torch.where(found, (mu / MU_DOWN).clamp_min(MU_MIN), torch.where(todo, mu * MU_UP, mu))
         tried |= todo & ~found & (mu > MU_MAX)
