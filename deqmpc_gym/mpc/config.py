@@ -69,7 +69,7 @@ class MPCConfig:
         tol_dual: ... and its AL stationarity ``||grad_z M||_inf / (1 + ||grad_z C||_inf)`` is <= tol_dual.
         tol_shooting: the convergence test of answers returned as rollouts (``solve(output="rollout",
             stop_when_converged=True)``, control bounds only): the projected reduced gradient of the controls
-            (:func:`~deqmpc_gym.mpc.solver.shooting_kkt`) at most this, and the bounds met to ``tol_primal``.
+            (:func:`~deqmpc_gym.mpc.polish.shooting_kkt`) at most this, and the bounds met to ``tol_primal``.
             Tighter than ``tol_dual``: over long horizons the reduced cost is flat along some control directions,
             and 1e-3 let cart-pole T = 20 samples stop 5e-3 above the optimum (``benchmarks/solver_suite.py``).
         reg_min: relative regularisation ``mu`` added (``H + mu * max|diag H| * I``) to a sample whose Cholesky

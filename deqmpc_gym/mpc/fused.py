@@ -200,7 +200,7 @@ def implicit_solve(problem: MPCProblem, x: torch.Tensor, u: torch.Tensor, ref: t
 
 def shooting_kkt(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused :func:`deqmpc_gym.mpc.solver.shooting_kkt` (no graph): ``(violation (B,), stationarity (B,))`` of
+    """The fused :func:`deqmpc_gym.mpc.polish.shooting_kkt` (no graph): ``(violation (B,), stationarity (B,))`` of
     the controls ``u (B,T,nu)`` rolled out from ``x0 (B,nx)``, cost reference ``ref`` (``(B,T,nx)`` or
     ``(B,T,nx+nu)``); the same formulas in one compiled call."""
     b = x0.shape[0]

@@ -731,7 +731,7 @@ def _projected_gradient(u, th, J, lam, W, u_low, u_high):  # pragma: no cover - 
 
 @njit(**_NOPTS)
 def shooting_kkt(X0, U, TH, P, VIOL, STAT):  # pragma: no cover - compiled
-    """:func:`deqmpc_gym.mpc.solver.shooting_kkt` of every sample: the rollout of ``U (B, T, nu)`` from
+    """:func:`deqmpc_gym.mpc.polish.shooting_kkt` of every sample: the rollout of ``U (B, T, nu)`` from
     ``X0 (B, nx)``, its Jacobians, the costates by one backward pass and the projected reduced gradient of the
     cost (``TH``: ``(B, T, nx)`` waypoints or ``(B, T, nx + nu)`` with the control reference; ``P`` as in
     :func:`newton_loop`). Outputs ``VIOL (B,)`` (largest control-bound violation) and ``STAT (B,)`` (relative

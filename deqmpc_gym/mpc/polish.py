@@ -1,5 +1,6 @@
-"""The shooting polish: a projected Levenberg-Marquardt method on the controls alone, for the samples of a standalone
-solve that the augmented-Lagrangian iterations leave unconverged (``MPCConfig.polish_iters``).
+"""The single-shooting view of a standalone solve: its first-order test (:func:`shooting_kkt`, the convergence test
+of every rollout answer) and the shooting polish, a projected Levenberg-Marquardt method on the controls alone for
+the samples that the augmented-Lagrangian iterations leave unconverged (``MPCConfig.polish_iters``).
 
 The AL iterations treat the dynamics as constraints of the states and controls (multiple shooting). On some long
 horizons (a torque-limited arm swing-up, a badly scaled orbital rendezvous) they stall: the penalty reaches its cap,
@@ -21,7 +22,7 @@ projected Newton for the bounds):
    tenfold and retries, a successful one divides it by 3.
 
 Every iterate is a rollout within the bounds, so an unconverged answer is still a feasible trajectory whose cost
-never rose. A sample stops when :func:`~deqmpc_gym.mpc.solver.shooting_kkt`'s projected reduced gradient meets
+never rose. A sample stops when :func:`shooting_kkt`'s projected reduced gradient meets
 ``tol_shooting`` (the convergence test of every rollout answer) or when no step decreases its cost.
 """
 
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from deqmpc_gym.mpc import fused
+from deqmpc_gym.mpc._common import finite_rows
 from deqmpc_gym.mpc.problem import MPCProblem
 
 #: Levenberg-Marquardt damping: first value (relative to diag H), bounds, and the factors of a failed / good step
@@ -93,8 +96,6 @@ def shooting_polish(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u:
         iters: the largest number of iterations (``>= 0``).
         tol: the projected-reduced-gradient tolerance (default ``problem.config.tol_shooting``).
     """
-    from deqmpc_gym.mpc.solver import shooting_kkt  # the convergence test of every rollout answer
-
     if not problem.box_only:
         raise ValueError("the shooting polish handles control bounds only (no obstacles or user constraints)")
     tol = problem.config.tol_shooting if tol is None else tol
@@ -176,3 +177,38 @@ def _iteration(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, uf: tor
         mu = torch.where(found, (mu / MU_DOWN).clamp_min(MU_MIN), torch.where(todo, mu * MU_UP, mu))
         tried |= todo & ~found & (mu > MU_MAX)
     return uf, cost, mu.clamp_max(MU_MAX), moved
+
+
+def shooting_kkt(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """First-order optimality of the controls ``u (B,T,nu)`` as a shooting problem (states = the rollout from
+    ``x0 (B,nx)``; control bounds only). Returns ``(violation (B,), stationarity (B,))``: the largest bound violation
+    and ``||u - clip(u - grad_u J, u_low, u_high)||_inf / (1 + max(||R (u - u_ref)||_inf, ||lam||_inf))``, the
+    projected reduced gradient of the cost ``J(u) = C(rollout(u), u)`` (``ref``: ``theta (B,T,nx)`` or
+    ``[theta | u_ref] (B,T,nx+nu)``), with the costates ``lam_{T-2} = -Q e_{T-1}``,
+    ``lam_{t-1} = A_t^T lam_t - Q e_t`` by one backward pass. It is independent of the solver's multipliers and
+    penalty: zero exactly at a KKT point of the problem, with the bounds' multipliers implied by the sign of the
+    reduced gradient. Without a graph on float64 CPU tensors it runs compiled (:func:`fused.shooting_kkt`)."""
+    if not (u.requires_grad or x0.requires_grad or ref.requires_grad) and fused.usable(problem, u, False):
+        return fused.shooting_kkt(problem, x0, ref, u)
+    c = problem.consts(u)
+    T = problem.T
+    xr = problem.rollout(x0, u)
+    _, A, Bu = problem.dynamics(xr, u)
+    th, du = problem.split_ref(u, ref)
+    qe = (xr - th) @ c.Q  # (B,T,nx)
+    lam = torch.zeros_like(xr[:, :-1])  # (B,T-1,nx)
+    lam[:, -1] = -qe[:, -1]
+    for t in range(T - 2, 0, -1):
+        lam[:, t - 1] = (A[:, t].transpose(-1, -2) @ lam[:, t, :, None])[..., 0] - qe[:, t]
+    rdu = du @ c.R
+    grad = rdu.clone()
+    grad[:, :-1] -= (Bu.transpose(-1, -2) @ lam[..., None])[..., 0]
+    pg = u - torch.maximum(torch.minimum(u - grad, c.u_high), c.u_low)
+    viol = torch.maximum((u - c.u_high).clamp_min(0).amax((1, 2)), (c.u_low - u).clamp_min(0).amax((1, 2)))
+    scale = 1.0 + torch.maximum(rdu.abs().amax((1, 2)), lam.abs().amax((1, 2)))
+    stat = pg.abs().amax((1, 2)) / scale
+    bad = ~finite_rows(pg, lam)
+    if bool(bad.any()):
+        stat = torch.where(bad, torch.full_like(stat, float("inf")), stat)
+    return viol, stat

@@ -56,6 +56,7 @@ from deqmpc_gym.mpc._common import (
     finite_rows,
     init_state,
 )
+from deqmpc_gym.mpc.polish import shooting_kkt
 from deqmpc_gym.mpc.problem import Linearization, MPCProblem
 
 __all__ = ["EagerSolver", "NewtonResult", "SolveInfo", "SolverState", "Subproblem", "init_state", "shooting_kkt",
@@ -883,38 +884,3 @@ def _rollout_output(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, x:
     if not bool(ok.all()):
         xr = torch.where(ok[:, None, None], xr, x)
     return xr, replace(info, primal_residual=pres, cost=cost, rollout=ok, converged=conv, dual_residual=dres)
-
-
-def shooting_kkt(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """First-order optimality of the controls ``u (B,T,nu)`` as a shooting problem (states = the rollout from
-    ``x0 (B,nx)``; control bounds only). Returns ``(violation (B,), stationarity (B,))``: the largest bound violation
-    and ``||u - clip(u - grad_u J, u_low, u_high)||_inf / (1 + max(||R (u - u_ref)||_inf, ||lam||_inf))``, the
-    projected reduced gradient of the cost ``J(u) = C(rollout(u), u)`` (``ref``: ``theta (B,T,nx)`` or
-    ``[theta | u_ref] (B,T,nx+nu)``), with the costates ``lam_{T-2} = -Q e_{T-1}``,
-    ``lam_{t-1} = A_t^T lam_t - Q e_t`` by one backward pass. It is independent of the solver's multipliers and
-    penalty: zero exactly at a KKT point of the problem, with the bounds' multipliers implied by the sign of the
-    reduced gradient. Without a graph on float64 CPU tensors it runs compiled (:func:`fused.shooting_kkt`)."""
-    if not (u.requires_grad or x0.requires_grad or ref.requires_grad) and fused.usable(problem, u, False):
-        return fused.shooting_kkt(problem, x0, ref, u)
-    c = problem.consts(u)
-    T = problem.T
-    xr = problem.rollout(x0, u)
-    _, A, Bu = problem.dynamics(xr, u)
-    th, du = problem.split_ref(u, ref)
-    qe = (xr - th) @ c.Q  # (B,T,nx)
-    lam = torch.zeros_like(xr[:, :-1])  # (B,T-1,nx)
-    lam[:, -1] = -qe[:, -1]
-    for t in range(T - 2, 0, -1):
-        lam[:, t - 1] = (A[:, t].transpose(-1, -2) @ lam[:, t, :, None])[..., 0] - qe[:, t]
-    rdu = du @ c.R
-    grad = rdu.clone()
-    grad[:, :-1] -= (Bu.transpose(-1, -2) @ lam[..., None])[..., 0]
-    pg = u - torch.maximum(torch.minimum(u - grad, c.u_high), c.u_low)
-    viol = torch.maximum((u - c.u_high).clamp_min(0).amax((1, 2)), (c.u_low - u).clamp_min(0).amax((1, 2)))
-    scale = 1.0 + torch.maximum(rdu.abs().amax((1, 2)), lam.abs().amax((1, 2)))
-    stat = pg.abs().amax((1, 2)) / scale
-    bad = ~finite_rows(pg, lam)
-    if bool(bad.any()):
-        stat = torch.where(bad, torch.full_like(stat, float("inf")), stat)
-    return viol, stat
