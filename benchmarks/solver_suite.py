@@ -98,7 +98,14 @@ GRAD_ITERS = 60
 
 
 # ====================================================================== the systems (dynamics only)
-class SwingUpPendulum(System):
+class _RK4System(System):
+    """A system written as a user would: its continuous dynamics ``_deriv`` alone, integrated by RK4 at ``dt``."""
+
+    def _step(self, x: Any, u: Any, ops: Any) -> Any:
+        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
+
+
+class SwingUpPendulum(_RK4System):
     """Damped pendulum, ``x = [theta, omega]``, theta = 0 hanging down [rad, rad/s]; torque |u| <= 2 N m."""
 
     name = "suite_pendulum"
@@ -114,11 +121,8 @@ class SwingUpPendulum(System):
         th, om = x[..., 0], x[..., 1]
         return ops.stack([om, u[..., 0] - 0.1 * om - 9.81 * ops.sin(th)])
 
-    def _step(self, x: Any, u: Any, ops: Any) -> Any:
-        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
 
-
-class WeightedCartpole(System):
+class WeightedCartpole(_RK4System):
     """Barto cart-pole, ``x = [p, theta, p_dot, theta_dot]`` (theta = 0 upright); force |F| <= 10 N; R = 0.5."""
 
     name = "suite_cartpole"
@@ -140,11 +144,8 @@ class WeightedCartpole(System):
         pdd = tmp - self.mp * self.length * thdd * c / mt
         return ops.stack([pd, thd, pdd, thdd])
 
-    def _step(self, x: Any, u: Any, ops: Any) -> Any:
-        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
 
-
-class EulerQuadrotor(System):
+class EulerQuadrotor(_RK4System):
     """Quadrotor with Euler angles, ``x = [p (3), roll-pitch-yaw (3), v (3, world), omega (3, body)]``; controls:
     the four rotor thrusts [N] in ``[0, 2 hover]`` (hover = m g / 4)."""
 
@@ -184,12 +185,9 @@ class EulerQuadrotor(System):
         dr = (tz - (jy - jx) * p * q) / jz
         return ops.stack([x[..., 6], x[..., 7], x[..., 8], dph, dth, dps, ax, ay, az, dp, dq, dr])
 
-    def _step(self, x: Any, u: Any, ops: Any) -> Any:
-        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
-
 
 # ---------------------------------------------------------------------- held-out problems (reported only)
-class Acrobot(System):
+class Acrobot(_RK4System):
     """Acrobot (two unit links, torque |u| <= 4 N m at the elbow only), ``x = [q1, q2, dq1, dq2]``, q1 = 0 hanging
     down; from near hanging toward upright (q1 = pi) at rest."""
 
@@ -211,11 +209,8 @@ class Acrobot(System):
         det = m11 * inertia - m12 * m12
         return ops.stack([d1, d2, (inertia * b1 - m12 * b2) / det, (m11 * b2 - m12 * b1) / det])
 
-    def _step(self, x: Any, u: Any, ops: Any) -> Any:
-        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
 
-
-class Unicycle(System):
+class Unicycle(_RK4System):
     """Unicycle, ``x = [px, py, heading, speed]``, controls acceleration |a| <= 2 and turn rate |w| <= 1.5, from
     any heading within 3 m of the origin, to the origin at rest heading 0 (nonholonomic: turning left or right
     are distinct local solutions)."""
@@ -232,11 +227,8 @@ class Unicycle(System):
         th, v = x[..., 2], x[..., 3]
         return ops.stack([v * ops.cos(th), v * ops.sin(th), u[..., 1], u[..., 0]])
 
-    def _step(self, x: Any, u: Any, ops: Any) -> Any:
-        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
 
-
-class KinematicCar(System):
+class KinematicCar(_RK4System):
     """Kinematic bicycle (wheelbase 0.5 m), ``x = [px, py, heading, speed]``, controls acceleration |a| <= 3 and
     steering angle |delta| <= 0.5 rad, to the origin at rest heading 0."""
 
@@ -253,11 +245,8 @@ class KinematicCar(System):
         return ops.stack([v * ops.cos(psi), v * ops.sin(psi), v * ops.sin(delta) / (0.5 * ops.cos(delta)),
                           u[..., 0]])
 
-    def _step(self, x: Any, u: Any, ops: Any) -> Any:
-        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
 
-
-class PlanarQuadrotor(System):
+class PlanarQuadrotor(_RK4System):
     """Planar quadrotor (m = 1, I = 0.02, arm 0.2), ``x = [px, pz, roll, vx, vz, roll rate]``, two thrusts in
     [0, 1.6 hover], tracking hover at the origin with the control reference ``u_ref`` = hover thrust."""
 
@@ -276,11 +265,8 @@ class PlanarQuadrotor(System):
         return ops.stack([x[..., 3], x[..., 4], x[..., 5], -f * ops.sin(phi), f * ops.cos(phi) - 9.81,
                           0.2 * (u[..., 0] - u[..., 1]) / 0.02])
 
-    def _step(self, x: Any, u: Any, ops: Any) -> Any:
-        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
 
-
-class DoubleIntegrator(System):
+class DoubleIntegrator(_RK4System):
     """Planar double integrator, ``x = [px, py, vx, vy]``, accelerations |a| <= 1, from |p| <= 5 m to the origin
     (linear dynamics: a convex problem with active bounds)."""
 
@@ -295,11 +281,8 @@ class DoubleIntegrator(System):
     def _deriv(self, x: Any, u: Any, ops: Any) -> Any:
         return ops.stack([x[..., 2], x[..., 3], u[..., 0], u[..., 1]])
 
-    def _step(self, x: Any, u: Any, ops: Any) -> Any:
-        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
 
-
-class Duffing(System):
+class Duffing(_RK4System):
     """Damped Duffing oscillator ``q'' = -q - 2 q^3 - 0.2 q' + u``, |u| <= 1, from |q|, |q'| <= 2 to rest."""
 
     name = "suite_duffing"
@@ -314,11 +297,8 @@ class Duffing(System):
         q, qd = x[..., 0], x[..., 1]
         return ops.stack([qd, -q - 2.0 * q * q * q - 0.2 * qd + u[..., 0]])
 
-    def _step(self, x: Any, u: Any, ops: Any) -> Any:
-        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
 
-
-class TwoLinkArm(System):
+class TwoLinkArm(_RK4System):
     """Fully actuated two-link arm in a vertical plane (unit links, unit point masses at the tips, joint damping
     0.1), ``x = [q1, q2, dq1, dq2]``, torques |tau| <= 8 N m (gravity's largest torque is 29 N m: a
     torque-limited swing), from any configuration to straight up at rest."""
@@ -340,11 +320,8 @@ class TwoLinkArm(System):
         det = m11 * m22 - m12 * m12
         return ops.stack([d1, d2, (m22 * r1 - m12 * r2) / det, (m11 * r2 - m12 * r1) / det])
 
-    def _step(self, x: Any, u: Any, ops: Any) -> Any:
-        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
 
-
-class Rendezvous(System):
+class Rendezvous(_RK4System):
     """Clohessy-Wiltshire relative orbital motion (mean motion 0.0011 rad/s), ``x = [x, y, vx, vy]`` in m and m/s
     from +-500 m, thrust accelerations |u| <= 0.05 m/s^2, dt = 10 s: a linear but badly scaled problem (states of
     order 1e2, controls of order 1e-2, Q = diag(1e-3, 1e-3, 1, 1), R = 10)."""
@@ -362,11 +339,8 @@ class Rendezvous(System):
         return ops.stack([x[..., 2], x[..., 3], 3.0 * n * n * x[..., 0] + 2.0 * n * x[..., 3] + u[..., 0],
                           -2.0 * n * x[..., 2] + u[..., 1]])
 
-    def _step(self, x: Any, u: Any, ops: Any) -> Any:
-        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
 
-
-class BallBeam(System):
+class BallBeam(_RK4System):
     """Ball and beam (ball on a beam turned by a torque |u| <= 2 N m), ``x = [r, r_dot, a, a_dot]``, ``r'' =
     (5/7)(r a_dot^2 - g sin a)``, from |r| <= 1 m and |a| <= 0.3 rad to the centre, level and at rest."""
 
@@ -384,11 +358,8 @@ class BallBeam(System):
         add = (u[..., 0] - 0.2 * r * rd * ad - 0.981 * r * ops.cos(a)) / (0.5 + 0.1 * r * r)
         return ops.stack([rd, rdd, ad, add])
 
-    def _step(self, x: Any, u: Any, ops: Any) -> Any:
-        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
 
-
-class VanDerPol(System):
+class VanDerPol(_RK4System):
     """Van der Pol oscillator ``q'' = 1.5 (1 - q^2) q' - q + u``, |u| <= 0.8, from |q|, |q'| <= 3 to rest."""
 
     name = "suite_van_der_pol"
@@ -402,9 +373,6 @@ class VanDerPol(System):
     def _deriv(self, x: Any, u: Any, ops: Any) -> Any:
         q, qd = x[..., 0], x[..., 1]
         return ops.stack([qd, 1.5 * (1.0 - q * q) * qd - q + u[..., 0]])
-
-    def _step(self, x: Any, u: Any, ops: Any) -> Any:
-        return rk4(lambda a, b: self._deriv(a, b, ops), x, u, self.dt)
 
 
 #: the suite (defaults chosen on its tuning split) and, after it, the held-out problems no default was chosen on;
