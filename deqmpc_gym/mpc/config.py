@@ -138,7 +138,7 @@ class MPCConfig:
         start reaches it on more samples (T = 20: 191 against 170 of 200), on the held-out car the two are close
         (181 against 184). Problems with distinct local solutions (a vehicle turning left or right) gain from
         several starts per sample, ``standalone(T, starts=4)`` (:attr:`starts`): the held-out unicycle at T = 20
-        then reaches it on 198 of 200, the car on 195, for about 4 times the work.
+        then reaches it on 199 of 200, the car on 197 (with the polish below), for about 4 times the work.
         Samples the AL iterations leave unconverged continue with up to 50 iterations of the shooting polish
         (``polish_iters``, :mod:`deqmpc_gym.mpc.polish`): on the tuning split it converged every remaining sample
         but two and lowered none's count (car T = 20: 183 -> 190 of 200 at IPOPT's cost, quadrotor T = 20: 198 ->
