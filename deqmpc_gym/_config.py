@@ -15,6 +15,16 @@ from deqmpc_gym.errors import ConfigError
 C = TypeVar("C")
 
 
+def check_deadline(deadline: Any) -> float | None:
+    """``deadline`` as a ``time.time()`` instant [s since the epoch] (a finite number) or None; else ConfigError."""
+    if deadline is None:
+        return None
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline):
+        raise ConfigError(f"deadline must be a time.time() instant in seconds (a finite number) or None, got "
+                          f"{deadline!r}")
+    return float(deadline)
+
+
 def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
     """Build the dataclass ``cls`` from ``data``, rejecting unknown keys with a :class:`ConfigError`."""
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):

@@ -35,7 +35,6 @@ import inspect
 import json
 import shlex
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -89,6 +88,13 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _deadline(args: argparse.Namespace) -> float | None:
+    """The ``time.time()`` instant ``--time-limit`` from now (None without it)."""
+    from deqmpc_gym.experiments.launch import deadline_in
+
+    return None if args.time_limit is None else deadline_in(args.time_limit)
 
 
 def _add_time_limit(parser: argparse.ArgumentParser, what: str) -> None:
@@ -509,7 +515,7 @@ def _train(args: argparse.Namespace) -> int:
     from deqmpc_gym.policies import DEQMPCPolicy
     from deqmpc_gym.training import ImitationTrainer, TrainConfig
 
-    deadline = None if args.time_limit is None else time.time() + args.time_limit
+    deadline = _deadline(args)
     device = resolve_device(args.device)
     check_writable(args.out, kind="dir")
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, val_every=args.val_every,
@@ -541,7 +547,7 @@ def _dagger(args: argparse.Namespace) -> int:
     from deqmpc_gym.policies import DEQMPCPolicy
     from deqmpc_gym.training import TrainConfig
 
-    deadline = None if args.time_limit is None else time.time() + args.time_limit
+    deadline = _deadline(args)
     check_writable(args.out, kind="dir")
     cfg = DaggerConfig(rounds=args.rounds, episodes=args.episodes, states_per_episode=args.states_per_episode,
                        label_steps=args.label_steps, train_steps=args.train_steps, seed=args.seed,
@@ -621,7 +627,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     sweep_only = [f"--{k}" for k in ("hidden", "trajectories", "steps") if getattr(args, k) is not None]
     if sweep_only and args.what != "sweep":
         raise ConfigError(f"{', '.join(sweep_only)} apply to `reproduce sweep` only")
-    deadline = None if args.time_limit is None else time.time() + args.time_limit
+    deadline = _deadline(args)
     launch = LaunchConfig(launcher=args.launcher, address=args.address, cpus_per_run=args.cpus_per_run,
                           gpus_per_run=args.gpus_per_run, deadline=deadline)
     device = resolve_device(args.device)

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from deqmpc_gym._config import check_deadline
 from deqmpc_gym.errors import ConfigError, DependencyNotInstalled, DeqmpcError, TimeLimitReached, TrainingInterrupted
 
 LAUNCHERS = ("local", "ray")
@@ -72,9 +73,7 @@ class LaunchConfig:
     deadline: float | None = None
 
     def __post_init__(self) -> None:
-        if self.deadline is not None and (isinstance(self.deadline, bool) or not isinstance(self.deadline, (int, float))
-                                          or not math.isfinite(self.deadline)):
-            raise ConfigError(f"deadline must be a time.time() instant in seconds or None, got {self.deadline!r}")
+        check_deadline(self.deadline)
         if self.launcher not in LAUNCHERS:
             raise ConfigError(f"launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
         if isinstance(self.cpus_per_run, bool) or not isinstance(self.cpus_per_run, int) or self.cpus_per_run < 1:

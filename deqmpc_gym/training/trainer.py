@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deqmpc_gym._config import check_field_types, config_from_dict, require_at_least_one
+from deqmpc_gym._config import check_deadline, check_field_types, config_from_dict, require_at_least_one
 from deqmpc_gym.checkpoint import check_definition, load_checkpoint, save_checkpoint
 from deqmpc_gym.data import ExpertDataset
 from deqmpc_gym.errors import (
@@ -372,10 +372,7 @@ class ImitationTrainer:
         if resume and overwrite:
             raise ConfigError("resume and overwrite exclude each other: resume continues the run in the output "
                               "folder, overwrite deletes it")
-        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
-                                     or not math.isfinite(deadline)):
-            raise ConfigError(f"deadline must be a time.time() instant in seconds (a finite number) or None, got "
-                              f"{deadline!r}")
+        deadline = check_deadline(deadline)
         with RunLock(self.out_dir):
             self._prepare_folder(resume, overwrite)
             return self._run(deadline)
