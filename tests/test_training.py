@@ -27,6 +27,7 @@ from deqmpc_gym.training import (
     validation_loss,
     window_l1,
 )
+from deqmpc_gym.training.rundir import dataset_fingerprint
 
 PEND = "DEQMPC/Pendulum-v0"
 SHIPPED = Path(deqmpc_gym.__file__).parent / "datasets" / "Pendulum-v0-300.npz"
@@ -470,6 +471,46 @@ def test_dagger_keeps_the_round_that_scores_best_in_closed_loop(small: ExpertDat
         with pytest.raises(ConfigError, match="overlaps the evaluation seeds"):
             dg.DaggerConfig(select_episodes=100, select_seed=seed)
     dg.DaggerConfig(select_episodes=100, select_seed=9_900)  # ends at 9999
+
+
+def test_a_repeated_dagger_call_continues_from_the_folder_without_rolling_out_again(
+        small: ExpertDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second call of the same run reads each round's labels, training and score from the folder (no rollout,
+    no labelling, no closed-loop evaluation) and returns the same policy and dataset; more rounds continue after
+    the finished ones; another run's settings or starting policy in the same folder are refused."""
+    import deqmpc_gym.experiments.dagger as dg
+    from deqmpc_gym.experts import load_expert
+
+    cfg = dg.DaggerConfig(rounds=2, episodes=2, states_per_episode=2, label_steps=5, train_steps=2, max_steps=10,
+                          select_episodes=2)
+    tcfg = TrainConfig(batch_size=4, val_batches=1, val_every=2)
+    expert = load_expert(PEND)
+    first, data = dg.dagger(_policy(), expert, small, PEND, tmp_path, cfg, tcfg)
+    log = json.loads((tmp_path / "dagger.json").read_text())
+    assert (tmp_path / "round_1" / "labels.npz").is_file() and len(log["run"]) == 16
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("rolled out again")
+
+    for name in ("visited_states", "_closed_loop_score"):
+        monkeypatch.setattr(dg, name, refuse)
+    monkeypatch.setattr("deqmpc_gym.experts.collect.collect_from_states", refuse)
+    again, data2 = dg.dagger(_policy(), expert, small, PEND, tmp_path, cfg, tcfg)
+    assert json.loads((tmp_path / "dagger.json").read_text()) == log
+    assert dataset_fingerprint(data2) == dataset_fingerprint(data)
+    for a, b in zip(first.layer.state_dict().values(), again.layer.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # one more round: only round 2 rolls out (the random picks continue from the saved state)
+    monkeypatch.undo()
+    seen = []
+    real = dg.visited_states
+    monkeypatch.setattr(dg, "visited_states", lambda p, e, n, seed, m: seen.append(seed) or real(p, e, n, seed, m))
+    dg.dagger(_policy(), expert, small, PEND, tmp_path, dataclasses.replace(cfg, rounds=3), tcfg)
+    assert seen == [2000] and len(json.loads((tmp_path / "dagger.json").read_text())["rounds"]) == 4
+    with pytest.raises(ConfigError, match="another DAgger run"):
+        dg.dagger(_policy(), expert, small, PEND, tmp_path, dataclasses.replace(cfg, states_per_episode=3), tcfg)
+    with pytest.raises(ConfigError, match="another DAgger run"):
+        dg.dagger(_policy(seed=1), expert, small, PEND, tmp_path, cfg, tcfg)
 
 
 # ---------------------------------------------------------------------------------------------- SB3 callbacks

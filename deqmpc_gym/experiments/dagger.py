@@ -5,7 +5,13 @@ trajectories leaves.
 Each round rolls the current policy out (batched, streaming as at run time), picks states along those rollouts,
 lets the expert drive from each for ``label_steps`` steps, adds these expert trajectories to the dataset and
 continues training the policy on the aggregate. Rounds are separate training runs in ``out_dir/round_<r>`` (each
-resumable); a finished round is not redone. ``out_dir/dagger.json`` records the rounds.
+resumable); ``out_dir/dagger.json`` records the rounds.
+
+A call into a folder that holds the same DAgger run (same settings except ``rounds`` and ``patience``, same
+starting policy and dataset; ``dagger.json``'s ``run``) continues it: a round's expert labels
+(``round_<r>/labels.npz``, written before its training starts, with the state of the random choices after it) are
+read instead of rolled out and labelled again, and a finished round's training and closed-loop score are taken
+from the folder and ``dagger.json``. A folder of another DAgger run is refused (:class:`ConfigError`).
 
 With ``select_episodes > 0`` every round (and the starting policy) is scored in closed loop on validation episodes
 (seeds ``select_seed``+, apart from the evaluation seeds 10000+ of Table 1 and the cards) against the labelling
@@ -16,6 +22,7 @@ not predict its closed-loop score.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +32,7 @@ import numpy as np
 
 from deqmpc_gym._config import require_at_least_one
 from deqmpc_gym.data import ExpertDataset
-from deqmpc_gym.errors import ConfigError
+from deqmpc_gym.errors import ConfigError, DatasetError
 from deqmpc_gym.io import atomic_write_text
 
 
@@ -123,7 +130,10 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
             ``config.train_steps``); default the trainer's defaults at batch 64.
         deadline: a ``time.time()`` instant: the round training when it passes stops at a checkpoint
             (``TrainingInterrupted``, ``reason="time limit"``); the same call later resumes there (the finished
-            rounds are replayed from their folders: the same visited states, the training not redone).
+            rounds and the labels of the interrupted one are read from ``out_dir``, see the module docstring).
+
+    Raises:
+        ConfigError: ``out_dir`` holds another DAgger run.
     """
     from dataclasses import replace
 
@@ -135,33 +145,102 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
     out.mkdir(parents=True, exist_ok=True)
     base = train_config if train_config is not None else TrainConfig(batch_size=64, val_batches=10)
     cfg = replace(base, steps=config.train_steps)
+    key = _run_key(policy, dataset, env_id, config)
+    done = _finished_rounds(out / "dagger.json", key)
     log: list[dict[str, Any]] = []
     rng = np.random.default_rng(config.seed)
     best_score, best_policy, since_best = -np.inf, policy, 0
     if config.select_episodes:
-        best_score = _closed_loop_score(policy, expert, env_id, config)
+        best_score = (done[-1]["closed_loop_score"] if -1 in done
+                      else _closed_loop_score(policy, expert, env_id, config))
         log.append({"round": -1, "closed_loop_score": best_score})
         # round 0 trains ``policy`` in place: the kept starting policy is a copy
         best_policy = copy.deepcopy(policy)
     for r in range(config.rounds):
-        seqs = visited_states(policy, env_id, config.episodes, config.seed + 1000 * r, config.max_steps)
-        picks = [s[rng.integers(0, len(s), config.states_per_episode)] for s in seqs if len(s)]
-        new = collect_from_states(expert, env_id, np.concatenate(picks), max_steps=config.label_steps)
+        run_dir = out / f"round_{r}"
+        labels = _read_labels(run_dir / "labels.npz", env_id, key, r)
+        if labels is None:
+            seqs = visited_states(policy, env_id, config.episodes, config.seed + 1000 * r, config.max_steps)
+            picks = [s[rng.integers(0, len(s), config.states_per_episode)] for s in seqs if len(s)]
+            new = collect_from_states(expert, env_id, np.concatenate(picks), max_steps=config.label_steps)
+            visited = len(seqs)
+            ExpertDataset(env_id, new, expert_id=dataset.expert_id, extra={
+                "dagger_run": key, "dagger_round": r, "visited_episodes": visited,
+                "rng_state": rng.bit_generator.state}).save(run_dir / "labels.npz")
+        else:
+            new, visited = labels.trajectories, int(labels.extra["visited_episodes"])
+            rng.bit_generator.state = labels.extra["rng_state"]
         dataset = ExpertDataset(env_id, dataset.trajectories + new, expert_id=dataset.expert_id, seed=dataset.seed,
                                 extra={**dataset.extra, "dagger_rounds": r + 1})
-        run_dir = out / f"round_{r}"
-        res = ImitationTrainer(policy, dataset, cfg, run_dir, progress=False).train(
-            resume=(run_dir / "checkpoint.pt").exists(), deadline=deadline)
-        policy = DEQMPCPolicy.load(run_dir / "best", device=policy.device)
-        log.append({"round": r, "visited_episodes": len(seqs), "new_trajectories": len(new),
-                    "dataset_trajectories": len(dataset), "best_val_loss": res.best_val_loss})
+        if r in done:  # trained and scored by an earlier call
+            log.append(done[r])
+            policy = DEQMPCPolicy.load(run_dir / "best", device=policy.device)
+        else:
+            res = ImitationTrainer(policy, dataset, cfg, run_dir, progress=False).train(
+                resume=(run_dir / "checkpoint.pt").exists(), deadline=deadline)
+            policy = DEQMPCPolicy.load(run_dir / "best", device=policy.device)
+            log.append({"round": r, "visited_episodes": visited, "new_trajectories": len(new),
+                        "dataset_trajectories": len(dataset), "best_val_loss": res.best_val_loss})
+            if config.select_episodes:
+                log[-1]["closed_loop_score"] = _closed_loop_score(policy, expert, env_id, config)
         if config.select_episodes:
-            log[-1]["closed_loop_score"] = score = _closed_loop_score(policy, expert, env_id, config)
+            score = log[-1]["closed_loop_score"]
             since_best += 1
             if score > best_score:  # a fresh copy: the next round trains ``policy`` in place
                 best_score, best_policy = score, DEQMPCPolicy.load(run_dir / "best", device=policy.device)
                 since_best = 0
-        atomic_write_text(out / "dagger.json", json.dumps({"config": asdict(config), "rounds": log}, indent=2))
+        atomic_write_text(out / "dagger.json", json.dumps({"config": asdict(config), "run": key, "rounds": log},
+                                                          indent=2))
         if config.patience and since_best >= config.patience:
             break
     return (best_policy if config.select_episodes else policy), dataset
+
+
+def _run_key(policy: Any, dataset: ExpertDataset, env_id: str, config: DaggerConfig) -> str:
+    """What identifies a DAgger run across calls (hex, 16 digits): the env, the settings except ``rounds`` and
+    ``patience``, the starting policy's weights and the starting dataset."""
+    from deqmpc_gym.training.rundir import dataset_fingerprint
+
+    h = hashlib.sha256(env_id.encode())
+    settings = {k: v for k, v in asdict(config).items() if k not in ("rounds", "patience")}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    state = policy.layer.state_dict()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    h.update(dataset_fingerprint(dataset).encode())
+    return h.hexdigest()[:16]
+
+
+def _finished_rounds(path: Path, key: str) -> dict[int, dict[str, Any]]:
+    """The rounds an earlier call of the same run (``key``) finished, by round (-1: the starting policy's score),
+    from its ``dagger.json``; empty for a new folder or a record without a run key (rounds are then redone from
+    their folders). Raises :class:`ConfigError` for a record of another run."""
+    if not path.is_file():
+        return {}
+    try:
+        rec = json.loads(path.read_text())
+        rounds = {int(e["round"]): e for e in rec.get("rounds", [])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ConfigError(f"{path} is not a readable DAgger record ({e}); delete it or choose another folder") from e
+    if "run" not in rec:
+        return {}
+    if rec["run"] != key:
+        raise ConfigError(f"{path.parent} holds another DAgger run (other settings than rounds / patience, another "
+                          f"starting policy or dataset): choose a new output folder, or repeat that run's call")
+    return rounds
+
+
+def _read_labels(path: Path, env_id: str, key: str, r: int) -> ExpertDataset | None:
+    """Round ``r``'s expert labels saved by an earlier call of the run ``key``, or None if there are none.
+    Raises :class:`ConfigError` for labels of another run."""
+    if not path.is_file():
+        return None
+    try:
+        labels = ExpertDataset.load(path, env_id=env_id)
+    except DatasetError as e:
+        raise ConfigError(f"{path} cannot be read ({e}); delete it to label round {r} again") from e
+    if labels.extra.get("dagger_run") != key or labels.extra.get("dagger_round") != r:
+        raise ConfigError(f"{path} holds the labels of another DAgger run: choose a new output folder, or repeat "
+                          "that run's call")
+    return labels
