@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 import sys
 import tempfile
@@ -52,6 +53,7 @@ _ENABLED = [os.environ.get("DEQMPC_GYM_KERNELS", "1").strip() not in ("0", "fals
 _CACHE: dict[Any, Kernels | None] = {}
 _SOURCES: dict[Any, str] = {}
 _LOCK = threading.Lock()
+_LOG = logging.getLogger(__name__)
 
 
 def enabled() -> bool:
@@ -338,6 +340,8 @@ def load_module(system: System, extra: str = "", tag: str = "", fresh: bool = Fa
             with contextlib.suppress(OSError):
                 f.unlink()
     if not path.exists() or path.read_text() != src:
+        _LOG.info("compiling the kernels of %s %s (once per machine, up to about 40 s; cached in %s)",
+                  type(system).__name__, tag.rstrip("_") or "dynamics", path.parent)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(src)
         os.replace(tmp, path)
