@@ -17,9 +17,18 @@ projected Newton for the bounds):
 1. roll out ``u``, linearise the dynamics, and build the sensitivities ``S = dx/du`` (``(T nx) x (T nu)``, one
    forward recursion); the Gauss-Newton Hessian ``H = S^T Q S + R`` and the gradient ``g`` of ``J``;
 2. fix the controls at a bound whose gradient points outwards, solve ``(H_ff + mu diag(H_ff)) du_f = -g_f`` on the
-   free ones (Levenberg-Marquardt damping ``mu``, Cholesky);
+   free ones (Levenberg-Marquardt damping ``mu``, Cholesky); from iteration :data:`EXACT_AFTER` on, ``H`` is the
+   exact Hessian of ``J`` (:func:`shooting_model` with ``exact``) wherever it is positive definite on the free controls,
+   the Gauss-Newton one elsewhere;
 3. backtrack ``u <- clip(u + alpha du)`` on the true cost of the rollout (Armijo); a failed search grows ``mu``
    tenfold and retries, a successful one divides it by 3.
+
+Gauss-Newton converges only linearly where the residuals ``x_t - theta_t`` stay large at the solution (waypoints
+the system cannot reach, the usual case in MPC): on the car of ``benchmarks/solver_suite.py`` a few samples took
+more than 50 iterations. Newton's steps with the exact Hessian converge quadratically near a local minimum, but each
+costs ``nx + nu`` Hessian-vector products of the dynamics, and far from a minimum the Hessian may be indefinite;
+the first :data:`EXACT_AFTER` iterations therefore stay Gauss-Newton, so samples that converge quickly are
+polished as before, and only the slow ones switch.
 
 Every iterate is a rollout within the bounds, so an unconverged answer is still a feasible trajectory whose cost
 never rose. A sample stops when :func:`shooting_kkt`'s projected reduced gradient meets
@@ -32,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deqmpc_gym.mpc import fused
+from deqmpc_gym.mpc import fused, kkt
 from deqmpc_gym.mpc._common import finite_rows
 from deqmpc_gym.mpc.problem import MPCProblem
 
@@ -41,6 +50,9 @@ MU_START, MU_MIN, MU_MAX = 1e-8, 1e-12, 1e8
 MU_UP, MU_DOWN = 10.0, 3.0
 #: Armijo constant and step halvings of the projected line search
 ARMIJO, HALVINGS = 1e-4, 10
+#: the iteration from which the exact Hessian replaces the Gauss-Newton one where it is positive definite on the
+#: free controls (``None``: never)
+EXACT_AFTER: int | None = 20
 
 
 @dataclass(frozen=True)
@@ -68,20 +80,30 @@ def sensitivities(A: torch.Tensor, Bu: torch.Tensor) -> torch.Tensor:
     return S
 
 
-def gauss_newton_model(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(H (B,n,n), g (B,n))`` with ``n = T nu``: the Gauss-Newton Hessian ``S^T Q S + R`` and the gradient of the
-    single-shooting cost at the controls ``u (B,T,nu)`` (``ref``: ``theta (B,T,nx)`` or ``[theta | u_ref]``)."""
+def shooting_model(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u: torch.Tensor, exact: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(H (B,n,n), g (B,n), He)`` with ``n = T nu``: the Gauss-Newton Hessian ``S^T Q S + R`` and the gradient of
+    the single-shooting cost ``J`` at the controls ``u (B,T,nu)`` (``ref``: ``theta (B,T,nx)`` or ``[theta |
+    u_ref]``); with ``exact`` also the exact Hessian of ``J``, ``He = H + sum_t Z_t^T C_t Z_t`` (else None): ``C_t``
+    the dynamics' second-order terms weighted by the costates (:meth:`MPCProblem.lagrangian_curvature` with the
+    multipliers of :func:`~deqmpc_gym.mpc.kkt.multipliers`, no bound active), ``Z_t = d(x_t, u_t)/du``."""
     c = problem.consts(u)
     b, T, nu = u.shape
+    nx = problem.nx
     xr = problem.rollout(x0, u)
     _, A, Bu = problem.dynamics(xr, u)
     th, du = problem.split_ref(u, ref)
-    S = sensitivities(A, Bu).reshape(b, T, problem.nx, T * nu)
+    S = sensitivities(A, Bu).reshape(b, T, nx, T * nu)
     QS = torch.einsum("ij,btjn->btin", c.Q, S)
     H = torch.einsum("btim,btin->bmn", S, QS) + torch.block_diag(*([c.R] * T))
     g = torch.einsum("bti,btin->bn", (xr - th) @ c.Q, S) + (du @ c.R).reshape(b, T * nu)
-    return H, g
+    if not exact:
+        return H, g, None
+    mu, nu_ = kkt.multipliers(problem, xr, u, ref, u.new_zeros(b, T, 2 * nu), None)
+    curv = problem.lagrangian_curvature(xr, u, mu, nu_, None)
+    Z = torch.cat([S, torch.eye(T * nu, dtype=u.dtype, device=u.device).view(T, nu, T * nu).expand(b, -1, -1, -1)],
+                  2)
+    return H, g, H + torch.einsum("btim,btij,btjn->bmn", Z, curv, Z)
 
 
 def shooting_polish(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u: torch.Tensor, iters: int,
@@ -110,18 +132,19 @@ def shooting_polish(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u:
         _, stat = shooting_kkt(problem, x0, ref, uf.view(b, T, nu))
         run = (stat > tol) & torch.isfinite(cost)
         n_it = torch.zeros(b, dtype=torch.int64, device=u.device)
-        for _ in range(iters):
+        for it in range(iters):
             if not bool(run.any()):
                 break
             idx = run.nonzero()[:, 0]
-            u_new, c_new, mu_new, moved = _iteration(problem, x0[idx], ref[idx], uf[idx], cost[idx], mu[idx], lo, hi)
+            u_new, c_new, mu_new, moved = _iteration(problem, x0[idx], ref[idx], uf[idx], cost[idx], mu[idx], lo, hi,
+                                                     EXACT_AFTER is not None and it >= EXACT_AFTER)
             uf[idx], cost[idx], mu[idx] = u_new, c_new, mu_new
             n_it[idx] += 1
             _, s_new = shooting_kkt(problem, x0[idx], ref[idx], u_new.view(-1, T, nu))
             stat[idx] = s_new
             run[idx] = moved & (s_new > tol)
         un = uf.view(b, T, nu)
-        _, g = gauss_newton_model(problem, x0, ref, un)
+        _, g, _ = shooting_model(problem, x0, ref, un)
         g = g.view(b, T, nu)
         at_hi, at_lo = (un >= c.u_high) & (g < 0), (un <= c.u_low) & (g > 0)
         lam_box = torch.cat([torch.where(at_hi, -g, torch.zeros_like(g)), torch.where(at_lo, g, torch.zeros_like(g))],
@@ -130,16 +153,21 @@ def shooting_polish(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u:
 
 
 def _iteration(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, uf: torch.Tensor, cost: torch.Tensor,
-               mu: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+               mu: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, exact: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One projected LM iteration of the samples given (``uf (B, T nu)`` flat controls): returns the new controls,
     costs and dampings, and which samples moved (a sample none of whose damped steps decreased its cost did not)."""
     b, n = uf.shape
     T, nu = problem.T, problem.nu
-    H, g = gauss_newton_model(problem, x0, ref, uf.view(b, T, nu))
+    H, g, He = shooting_model(problem, x0, ref, uf.view(b, T, nu), exact)
     free = ~(((uf <= lo) & (g > 0)) | ((uf >= hi) & (g < 0)))
     fm = free.to(uf.dtype)
-    Hf = H * fm[:, :, None] * fm[:, None, :] + torch.diag_embed(1.0 - fm)
+    pin = torch.diag_embed(1.0 - fm)
+    Hf = H * fm[:, :, None] * fm[:, None, :] + pin
+    if He is not None:  # the exact Hessian where it is positive definite on the free controls
+        Hef = He * fm[:, :, None] * fm[:, None, :] + pin
+        pd = (torch.linalg.cholesky_ex(Hef)[1] == 0) & torch.isfinite(Hef).all((1, 2))
+        Hf = torch.where(pd[:, None, None], Hef, Hf)
     gf = g * fm
     diag = torch.diagonal(Hf, dim1=1, dim2=2).clamp_min(torch.finfo(uf.dtype).tiny)
     moved = torch.zeros(b, dtype=torch.bool, device=uf.device)

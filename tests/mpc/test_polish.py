@@ -10,7 +10,7 @@ import torch
 
 from deqmpc_gym.errors import ConfigError
 from deqmpc_gym.mpc import MPCConfig, MPCProblem, shooting_kkt, solve
-from deqmpc_gym.mpc.polish import gauss_newton_model, sensitivities, shooting_polish
+from deqmpc_gym.mpc.polish import sensitivities, shooting_model, shooting_polish
 from deqmpc_gym.systems import Cartpole, Pendulum
 
 
@@ -36,7 +36,7 @@ def test_the_model_is_the_single_shooting_problems():
     for b in range(3):
         jac = torch.autograd.functional.jacobian(lambda v, b=b: problem.rollout(x0[b:b + 1], v[None])[0], u[b])
         torch.testing.assert_close(S[b], jac, rtol=1e-9, atol=1e-12)
-    H, g = gauss_newton_model(problem, x0, ref, u)
+    H, g, _ = shooting_model(problem, x0, ref, u)
     uu = u.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(problem.cost(problem.rollout(x0, uu), uu, ref).sum(), uu)
     torch.testing.assert_close(g, grad.reshape(3, -1), rtol=1e-9, atol=1e-12)
@@ -114,3 +114,39 @@ def test_polish_config_and_unsupported_problems():
     with pytest.raises(ValueError, match="control bounds only"):
         shooting_polish(problem, torch.zeros(1, 2, dtype=torch.float64), torch.zeros(1, 5, 2, dtype=torch.float64),
                         torch.zeros(1, 5, 1, dtype=torch.float64), iters=3)
+
+
+def test_the_exact_hessian_is_the_shooting_costs_and_speeds_up_slow_samples(monkeypatch: pytest.MonkeyPatch):
+    """``shooting_model(..., exact=True)``'s Hessian equals autograd's Hessian of ``J(u)``; on the suite's car
+    (waypoints it cannot reach: large residuals, where Gauss-Newton converges linearly) samples that 40
+    Gauss-Newton iterations leave unconverged converge once the exact Hessian takes over."""
+    import os
+    import sys
+
+    from deqmpc_gym.mpc import polish
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import solver_suite as suite
+
+    inst = suite.make_instances("car", 20, 200, "tune")
+    car = suite.make_problem(inst)
+    u = torch.tensor(np.random.default_rng(4).uniform(-0.5, 0.5, (2, 20, 2)))
+    H, _, He = shooting_model(car, inst.x0[:2], inst.theta[:2], u, exact=True)
+    for b in range(2):
+        def cost(v, b=b):
+            w = v.view(1, 20, 2)
+            return car.cost(car.rollout(inst.x0[b:b + 1], w), w, inst.theta[b:b + 1])[0]
+
+        exact = torch.autograd.functional.hessian(cost, u[b].reshape(-1))
+        torch.testing.assert_close(He[b], exact, rtol=1e-9, atol=1e-10)
+        assert float((exact - H[b]).abs().max()) > 0.1 * float(exact.abs().max())  # GN drops real curvature
+    rows = [31, 59, 109]
+    x0c, thc = inst.x0[rows], inst.theta[rows]
+    u0 = torch.zeros(3, 20, 2, dtype=torch.float64)
+    monkeypatch.setattr(polish, "EXACT_AFTER", None)
+    gn = shooting_polish(car, x0c, thc, u0, iters=40)
+    monkeypatch.setattr(polish, "EXACT_AFTER", 20)
+    ex = shooting_polish(car, x0c, thc, u0, iters=40)
+    assert not bool(gn.converged.any()) and bool(ex.converged.all()), (gn.stationarity, ex.stationarity)
+    cost = [car.cost(car.rollout(x0c, r.u), r.u, thc) for r in (gn, ex)]
+    assert bool((cost[1] <= cost[0] + 1e-9).all())
