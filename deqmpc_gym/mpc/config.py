@@ -141,8 +141,8 @@ class MPCConfig:
         then reaches it on 199 of 200, the car on 197 (with the polish below), for about 4 times the work.
         Samples the AL iterations leave unconverged continue with up to 50 iterations of the shooting polish
         (``polish_iters``, :mod:`deqmpc_gym.mpc.polish`): on the tuning split it converged every remaining sample
-        but two and lowered none's count (car T = 20: 183 -> 190 of 200 at IPOPT's cost, quadrotor T = 20: 198 ->
-        199).
+        but one (a quadrotor at T = 20) and lowered none's count (car T = 20: 183 -> 190 of 200 at IPOPT's cost,
+        quadrotor T = 20: 198 -> 199).
         ``overrides`` replace any field."""
         kw: dict = {"horizon": horizon, "rho_init": 1e3, "rho_init_r_ratio": 1e8, "newton_steps": 12,
                     "newton_tol": 1e-6, "cold_start": "rollout", "polish_iters": 50}
