@@ -19,7 +19,8 @@ projected Newton for the bounds):
 2. fix the controls at a bound whose gradient points outwards, solve ``(H_ff + mu diag(H_ff)) du_f = -g_f`` on the
    free ones (Levenberg-Marquardt damping ``mu``, Cholesky); from iteration :data:`EXACT_AFTER` on, ``H`` is the
    exact Hessian of ``J`` (:func:`shooting_model` with ``exact``) wherever it is positive definite on the free controls,
-   the Gauss-Newton one elsewhere;
+   the Gauss-Newton one elsewhere (a sample whose exact Hessian was indefinite tries again :data:`EXACT_RETRY`
+   iterations later);
 3. backtrack ``u <- clip(u + alpha du)`` on the true cost of the rollout (Armijo); a failed search grows ``mu``
    tenfold and retries, a successful one divides it by 3.
 
@@ -51,8 +52,9 @@ MU_UP, MU_DOWN = 10.0, 3.0
 #: Armijo constant and step halvings of the projected line search
 ARMIJO, HALVINGS = 1e-4, 10
 #: the iteration from which the exact Hessian replaces the Gauss-Newton one where it is positive definite on the
-#: free controls (``None``: never)
+#: free controls (``None``: never), and the iterations a sample waits to try again after an indefinite one
 EXACT_AFTER: int | None = 20
+EXACT_RETRY = 3
 
 
 @dataclass(frozen=True)
@@ -132,12 +134,16 @@ def shooting_polish(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u:
         _, stat = shooting_kkt(problem, x0, ref, uf.view(b, T, nu))
         run = (stat > tol) & torch.isfinite(cost)
         n_it = torch.zeros(b, dtype=torch.int64, device=u.device)
+        # the iteration at which each sample (next) tries the exact Hessian
+        next_exact = torch.full_like(n_it, iters if EXACT_AFTER is None else EXACT_AFTER)
         for it in range(iters):
             if not bool(run.any()):
                 break
             idx = run.nonzero()[:, 0]
-            u_new, c_new, mu_new, moved = _iteration(problem, x0[idx], ref[idx], uf[idx], cost[idx], mu[idx], lo, hi,
-                                                     EXACT_AFTER is not None and it >= EXACT_AFTER)
+            want = next_exact[idx] <= it
+            u_new, c_new, mu_new, moved, pd = _iteration(problem, x0[idx], ref[idx], uf[idx], cost[idx], mu[idx], lo,
+                                                         hi, want)
+            next_exact[idx] = torch.where(want, torch.where(pd, it + 1, it + EXACT_RETRY), next_exact[idx])
             uf[idx], cost[idx], mu[idx] = u_new, c_new, mu_new
             n_it[idx] += 1
             _, s_new = shooting_kkt(problem, x0[idx], ref[idx], u_new.view(-1, T, nu))
@@ -153,21 +159,26 @@ def shooting_polish(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u:
 
 
 def _iteration(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, uf: torch.Tensor, cost: torch.Tensor,
-               mu: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, exact: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One projected LM iteration of the samples given (``uf (B, T nu)`` flat controls): returns the new controls,
-    costs and dampings, and which samples moved (a sample none of whose damped steps decreased its cost did not)."""
+               mu: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, exact: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One projected LM iteration of the samples given (``uf (B, T nu)`` flat controls; ``exact (B,)``: the samples
+    that try the exact Hessian): returns the new controls, costs and dampings, which samples moved (a sample none of
+    whose damped steps decreased its cost did not) and which used the exact Hessian (positive definite)."""
     b, n = uf.shape
     T, nu = problem.T, problem.nu
-    H, g, He = shooting_model(problem, x0, ref, uf.view(b, T, nu), exact)
+    H, g, _ = shooting_model(problem, x0, ref, uf.view(b, T, nu))
     free = ~(((uf <= lo) & (g > 0)) | ((uf >= hi) & (g < 0)))
     fm = free.to(uf.dtype)
     pin = torch.diag_embed(1.0 - fm)
     Hf = H * fm[:, :, None] * fm[:, None, :] + pin
-    if He is not None:  # the exact Hessian where it is positive definite on the free controls
-        Hef = He * fm[:, :, None] * fm[:, None, :] + pin
-        pd = (torch.linalg.cholesky_ex(Hef)[1] == 0) & torch.isfinite(Hef).all((1, 2))
-        Hf = torch.where(pd[:, None, None], Hef, Hf)
+    pd = torch.zeros_like(exact)
+    if bool(exact.any()):  # the exact Hessian where it is positive definite on the free controls
+        rows = exact.nonzero()[:, 0]
+        He = shooting_model(problem, x0[rows], ref[rows], uf[rows].view(-1, T, nu), exact=True)[2]
+        assert He is not None  # internal invariant: requested
+        Hef = He * fm[rows, :, None] * fm[rows, None, :] + pin[rows]
+        pd[rows] = (torch.linalg.cholesky_ex(Hef)[1] == 0) & torch.isfinite(Hef).all((1, 2))
+        Hf[rows] = torch.where(pd[rows, None, None], Hef, Hf[rows])
     gf = g * fm
     diag = torch.diagonal(Hf, dim1=1, dim2=2).clamp_min(torch.finfo(uf.dtype).tiny)
     moved = torch.zeros(b, dtype=torch.bool, device=uf.device)
@@ -204,7 +215,7 @@ def _iteration(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, uf: tor
         moved |= found
         mu = torch.where(found, (mu / MU_DOWN).clamp_min(MU_MIN), torch.where(todo, mu * MU_UP, mu))
         tried |= todo & ~found & (mu > MU_MAX)
-    return uf, cost, mu.clamp_max(MU_MAX), moved
+    return uf, cost, mu.clamp_max(MU_MAX), moved, pd
 
 
 def shooting_kkt(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u: torch.Tensor
