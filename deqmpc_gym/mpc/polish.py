@@ -83,7 +83,7 @@ def sensitivities(A: torch.Tensor, Bu: torch.Tensor) -> torch.Tensor:
 
 
 def shooting_model(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u: torch.Tensor, exact: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(H (B,n,n), g (B,n), He)`` with ``n = T nu``: the Gauss-Newton Hessian ``S^T Q S + R`` and the gradient of
     the single-shooting cost ``J`` at the controls ``u (B,T,nu)`` (``ref``: ``theta (B,T,nx)`` or ``[theta |
     u_ref]``); with ``exact`` also the exact Hessian of ``J``, ``He = H + sum_t Z_t^T C_t Z_t`` (else None): ``C_t``
