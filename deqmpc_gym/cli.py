@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import logging
 import shlex
 import sys
 from collections.abc import Sequence
@@ -746,6 +747,24 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+class _StderrHandler(logging.Handler):
+    """Prints a record to the current ``sys.stderr`` (resolved at each record, so a replaced stream is followed)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _log_to_stderr() -> None:
+    """Show the package's INFO messages (e.g. a system's first kernel compile) on stderr, once per process."""
+    log = logging.getLogger("deqmpc_gym")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("deqmpc-gym: %(message)s"))
+        log.addHandler(handler)
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deqmpc-gym`` console script; returns the exit code.
 
@@ -763,6 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deqmpc_gym.errors import DeqmpcError, TimeLimitReached, TrainingInterrupted
 
     torch.set_num_threads(max(1, args.threads))
+    _log_to_stderr()
 
     try:
         return COMMANDS[args.cmd](args)

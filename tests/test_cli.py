@@ -350,3 +350,15 @@ def test_the_resume_hint_is_a_valid_command() -> None:
     assert resume_command(rep) == "deqmpc-gym " + " ".join(rep)
     for argv in (train, rep):
         build_parser().parse_args(resume_command(argv).split()[1:])  # parses (argparse exits on an unknown flag)
+
+
+def test_the_packages_info_messages_reach_stderr(capsys) -> None:
+    """A command shows the package's INFO log records (a system's first kernel compile) on stderr, once each, and
+    follows a replaced stderr."""
+    import logging
+
+    assert main(["zoo", "list"]) == 0
+    assert main(["zoo", "list"]) == 0  # a second call adds no second handler
+    capsys.readouterr()
+    logging.getLogger("deqmpc_gym.systems.kernels").info("compiling the kernels of X")
+    assert capsys.readouterr().err == "deqmpc-gym: compiling the kernels of X\n"
