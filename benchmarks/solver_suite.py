@@ -881,7 +881,7 @@ def run(problems: list[str], horizons: list[int], B: int, split: str, iters: int
             row = {"problem": name, "T": T, "split": split, **evaluate(inst, x, u, info.converged, ref_cost),
                    "al_iters_max": int(info.al_iters.max()), "al_iters_mean": float(info.al_iters.float().mean()),
                    "newton_steps_mean": float(info.newton_steps.float().mean()), "rho_max": float(info.rho.max())}
-            if time_ratio or mpc_pytorch:  # an untimed run keeps the recorded times
+            if time_ratio and not mpc_pytorch:  # an untimed run keeps the recorded times; with mpc_pytorch below
                 # the median of ``reps`` solves (the first one above included)
                 row["ours_s"] = statistics.median([sec] + [solve_suite(inst, pb, iters)[3] for _ in range(reps - 1)])
             if gradients:
