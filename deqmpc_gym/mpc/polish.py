@@ -82,11 +82,12 @@ def sensitivities(A: torch.Tensor, Bu: torch.Tensor) -> torch.Tensor:
     return S
 
 
-def shooting_model(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u: torch.Tensor, exact: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def shooting_model(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u: torch.Tensor,
+                   exact: bool | torch.Tensor = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(H (B,n,n), g (B,n), He)`` with ``n = T nu``: the Gauss-Newton Hessian ``S^T Q S + R`` and the gradient of
     the single-shooting cost ``J`` at the controls ``u (B,T,nu)`` (``ref``: ``theta (B,T,nx)`` or ``[theta |
-    u_ref]``); with ``exact`` also the exact Hessian of ``J``, ``He = H + sum_t Z_t^T C_t Z_t`` (else None): ``C_t``
+    u_ref]``), and the exact Hessian of ``J`` ``He (B,n,n)`` on the samples ``exact`` selects (True: all; a ``(B,)``
+    bool mask: those, ``He = H`` on the others; None when it selects none): ``He = H + sum_t Z_t^T C_t Z_t``, ``C_t``
     the dynamics' second-order terms weighted by the costates (:meth:`MPCProblem.lagrangian_curvature` with the
     multipliers of :func:`~deqmpc_gym.mpc.kkt.multipliers`, no bound active), ``Z_t = d(x_t, u_t)/du``."""
     c = problem.consts(u)
@@ -99,13 +100,18 @@ def shooting_model(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u: 
     QS = torch.einsum("ij,btjn->btin", c.Q, S)
     H = torch.einsum("btim,btin->bmn", S, QS) + torch.block_diag(*([c.R] * T))
     g = torch.einsum("bti,btin->bn", (xr - th) @ c.Q, S) + (du @ c.R).reshape(b, T * nu)
-    if not exact:
+    rows = (torch.ones(b, dtype=torch.bool, device=u.device) if exact is True
+            else torch.zeros(b, dtype=torch.bool, device=u.device) if exact is False else exact).nonzero()[:, 0]
+    if rows.numel() == 0:
         return H, g, None
-    mu, nu_ = kkt.multipliers(problem, xr, u, ref, u.new_zeros(b, T, 2 * nu), None)
-    curv = problem.lagrangian_curvature(xr, u, mu, nu_, None)
-    Z = torch.cat([S, torch.eye(T * nu, dtype=u.dtype, device=u.device).view(T, nu, T * nu).expand(b, -1, -1, -1)],
-                  2)
-    return H, g, H + torch.einsum("btim,btij,btjn->bmn", Z, curv, Z)
+    xs, us = xr[rows], u[rows]
+    mu, nu_ = kkt.multipliers(problem, xs, us, ref[rows], u.new_zeros(rows.numel(), T, 2 * nu), None)
+    curv = problem.lagrangian_curvature(xs, us, mu, nu_, None)
+    eye = torch.eye(T * nu, dtype=u.dtype, device=u.device).view(T, nu, T * nu).expand(rows.numel(), -1, -1, -1)
+    Z = torch.cat([S[rows], eye], 2)
+    He = H.clone()
+    He[rows] += torch.einsum("btim,btij,btjn->bmn", Z, curv, Z)
+    return H, g, He
 
 
 def shooting_polish(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, u: torch.Tensor, iters: int,
@@ -166,19 +172,16 @@ def _iteration(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, uf: tor
     whose damped steps decreased its cost did not) and which used the exact Hessian (positive definite)."""
     b, n = uf.shape
     T, nu = problem.T, problem.nu
-    H, g, _ = shooting_model(problem, x0, ref, uf.view(b, T, nu))
+    H, g, He = shooting_model(problem, x0, ref, uf.view(b, T, nu), exact)
     free = ~(((uf <= lo) & (g > 0)) | ((uf >= hi) & (g < 0)))
     fm = free.to(uf.dtype)
     pin = torch.diag_embed(1.0 - fm)
     Hf = H * fm[:, :, None] * fm[:, None, :] + pin
     pd = torch.zeros_like(exact)
-    if bool(exact.any()):  # the exact Hessian where it is positive definite on the free controls
-        rows = exact.nonzero()[:, 0]
-        He = shooting_model(problem, x0[rows], ref[rows], uf[rows].view(-1, T, nu), exact=True)[2]
-        assert He is not None  # internal invariant: requested
-        Hef = He * fm[rows, :, None] * fm[rows, None, :] + pin[rows]
-        pd[rows] = (torch.linalg.cholesky_ex(Hef)[1] == 0) & torch.isfinite(Hef).all((1, 2))
-        Hf[rows] = torch.where(pd[rows, None, None], Hef, Hf[rows])
+    if He is not None:  # the exact Hessian where it is positive definite on the free controls
+        Hef = He * fm[:, :, None] * fm[:, None, :] + pin
+        pd = exact & (torch.linalg.cholesky_ex(Hef)[1] == 0) & torch.isfinite(Hef).all((1, 2))
+        Hf = torch.where(pd[:, None, None], Hef, Hf)
     gf = g * fm
     diag = torch.diagonal(Hf, dim1=1, dim2=2).clamp_min(torch.finfo(uf.dtype).tiny)
     moved = torch.zeros(b, dtype=torch.bool, device=uf.device)
