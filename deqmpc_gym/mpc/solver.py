@@ -766,9 +766,21 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
         k = cfg.starts
         uinit = None if u_init is None else controls("u_init", problem, u_init, x0c).detach()
         first = starts.start_states(problem, x0c.detach(), thc.detach(), k, uinit, uref)
-        xk, uk, sk, ik = solve(problem, x0c.repeat(k, 1), thc.repeat(k, 1, 1), first, iters, gradient,
-                               stop_at_rho_max, stop_when_converged, exit_residual, hessian=hessian, output=output,
-                               u_ref=None if uref is None else uref.repeat(k, 1, 1))
+        x0k, thk, urefk = x0c.repeat(k, 1), thc.repeat(k, 1, 1), None if uref is None else uref.repeat(k, 1, 1)
+        j = cfg.screen_iters
+        if 0 < j < iters:  # the K starts together for j iterations, then each sample from its best start alone
+            with torch.no_grad():
+                _, _, sk, ik = solve(problem, x0k.detach(), thk.detach(), first, j, gradient, stop_at_rho_max,
+                                     stop_when_converged, exit_residual, u_ref=urefk, output="iterate")
+            refk = thk if urefk is None else torch.cat([thk, urefk], -1)
+            rows, win = starts.screen(problem, x0k.detach(), refk.detach(), sk, k)
+            x, u, new_state, info = solve(problem, x0, theta, starts.take_rows(sk, rows), iters - j, gradient,
+                                          stop_at_rho_max, stop_when_converged, exit_residual, hessian=hessian,
+                                          output=output, u_ref=uref)
+            return x, u, new_state, replace(info, start=win, al_iters=info.al_iters + ik.al_iters[rows],
+                                            newton_steps=info.newton_steps + ik.newton_steps[rows])
+        xk, uk, sk, ik = solve(problem, x0k, thk, first, iters, gradient, stop_at_rho_max, stop_when_converged,
+                               exit_residual, hessian=hessian, output=output, u_ref=urefk)
         return starts.best_start(xk, uk, sk, ik, k)
     cold_start = state is None
     state = _start_state(problem, x0c, thc, state, u_init, uref)

@@ -19,6 +19,12 @@ single-start call. ``SolveInfo.start`` says which start each sample's answer cam
 winning start's answer; with ``gradient="unroll"`` the starting guesses themselves are not differentiated (a
 single-start cold call from ``x = theta`` also differentiates through that guess), which matters only for answers
 short of convergence.
+
+With ``MPCConfig.screen_iters = j`` the starts run only ``j`` AL iterations together; :func:`screen` then picks per
+sample the start whose iterate looks best so far and the sample continues from it alone. After a couple of AL
+iterations a start is already in the basin it will converge to, so the pick keeps most of the gain of running
+every start to the end at a fraction of the work. An ``"unroll"`` gradient then differentiates the iterations after
+the screening only (the continuation is a warm call from the chosen start's iterate).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from deqmpc_gym.mpc._common import SolveInfo, SolverState, init_state
 from deqmpc_gym.mpc.config import COLD_STARTS
 from deqmpc_gym.mpc.problem import MPCProblem
 
-__all__ = ["start_states", "best_start"]
+__all__ = ["start_states", "best_start", "screen", "take_rows"]
 
 _T = TypeVar("_T", SolverState, SolveInfo)
 
@@ -98,10 +104,39 @@ def best_start(x: torch.Tensor, u: torch.Tensor, state: SolverState, info: Solve
         win = cost.argmin(0)  # the first of equal minima: the earlier start on ties
         win = torch.where(torch.isinf(cost.min(0).values), torch.zeros_like(win), win)
         rows = win * b + torch.arange(b, device=win.device)
-    return x[rows], u[rows], _take(state, rows), replace(_take(info, rows), start=win)
+    return x[rows], u[rows], take_rows(state, rows), replace(take_rows(info, rows), start=win)
 
 
-def _take(obj: _T, rows: torch.Tensor) -> _T:
+def screen(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, state: SolverState, starts: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The start each sample continues from after the screening iterations of a multi-start call.
+
+    The score of a start is the AL merit (:meth:`MPCProblem.merit`, with the state's multipliers and penalty) of
+    the rollout of its controls clipped to the bounds: a dynamically feasible trajectory, so the merit is its cost
+    plus the penalty terms of the other inequalities (obstacles). Non-finite scores never win; a sample whose
+    starts are all non-finite keeps start 0.
+
+    Args:
+        problem: the problem; x0: ``(K B, nx)``; ref: ``(K B, T, nx)`` waypoints or ``[theta | u_ref]``
+            ``(K B, T, nx + nu)``; state: the ``K B`` iterates after the screening iterations (start-major rows).
+        starts: ``K``.
+
+    Returns:
+        ``(rows (B,), win (B,))`` int64: the row of each sample's chosen start in the ``K B`` batch and its index.
+    """
+    b = x0.shape[0] // starts
+    with torch.no_grad():
+        c = problem.consts(x0)
+        u = torch.maximum(torch.minimum(state.u, c.u_high), c.u_low)
+        x = problem.rollout(x0, u)
+        score = problem.merit(x, u, ref, state.lam_eq, state.lam_ineq, state.rho, state.obstacle_idx)
+        score = torch.where(torch.isfinite(score), score, torch.full_like(score, float("inf"))).reshape(starts, b)
+        win = score.argmin(0)
+        win = torch.where(torch.isinf(score.min(0).values), torch.zeros_like(win), win)
+    return win * b + torch.arange(b, device=win.device), win
+
+
+def take_rows(obj: _T, rows: torch.Tensor) -> _T:
     """The rows ``rows (B,)`` of every per-sample tensor field of a :class:`SolverState` / :class:`SolveInfo`."""
     return replace(obj, **{f.name: getattr(obj, f.name)[rows] for f in fields(obj)
                            if isinstance(getattr(obj, f.name), torch.Tensor)})

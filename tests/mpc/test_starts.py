@@ -3,6 +3,7 @@ best start, exactly as a single-start solve from that start gives it, gradients 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from deqmpc_gym.errors import ConfigError
 from deqmpc_gym.mpc import STANDALONE_ITERS, CompiledSolver, MPCConfig, MPCProblem, solve
-from deqmpc_gym.mpc.starts import start_states
+from deqmpc_gym.mpc.starts import screen, start_states, take_rows
 from deqmpc_gym.systems import Pendulum
 
 B, T = 12, 15
@@ -45,7 +46,7 @@ def test_each_sample_gets_the_answer_of_its_best_start():
     one of the lowest cost (the first on ties; start 0 when none converged)."""
     system, x0, theta = _swing_up()
     k = 4
-    x, u, state, info = solve(MPCProblem(system, MPCConfig.standalone(T, starts=k)), x0, theta,
+    x, u, state, info = solve(MPCProblem(system, MPCConfig.standalone(T, starts=k, screen_iters=0)), x0, theta,
                               iters=STANDALONE_ITERS, stop_when_converged=True)
     singles = _single_starts(system, x0, theta, k)
     cost = torch.stack([torch.where(s[3].converged, s[3].cost, torch.full_like(s[3].cost, math.inf)) for s in singles])
@@ -73,8 +74,8 @@ def test_the_gradient_of_a_sample_is_that_of_its_winning_start():
     k = 3
     th = theta.clone().requires_grad_()
     x0g = x0.clone().requires_grad_()
-    x, u, _, info = solve(MPCProblem(system, MPCConfig.standalone(T, starts=k)), x0g, th, iters=STANDALONE_ITERS,
-                          stop_when_converged=True)
+    x, u, _, info = solve(MPCProblem(system, MPCConfig.standalone(T, starts=k, screen_iters=0)), x0g, th,
+                          iters=STANDALONE_ITERS, stop_when_converged=True)
     w = torch.linspace(0.5, 1.5, T, dtype=torch.float64)[None, :, None]
     gth, gx0 = torch.autograd.grad((u * w).sum() + x.pow(2).sum(), (th, x0g))
     base = MPCProblem(system, MPCConfig.standalone(T))
@@ -106,6 +107,68 @@ def test_starts_apply_to_cold_calls_only_and_bad_values_are_config_errors():
             MPCConfig(starts=bad)
     with pytest.raises(ConfigError, match="single-start"):
         CompiledSolver(MPCProblem(system, MPCConfig(horizon=5, starts=2)))
+
+
+def test_screening_continues_each_sample_from_its_best_start_alone():
+    """With ``screen_iters = j`` the K starts run j AL iterations together, and each sample continues from the start of
+    the lowest merit at its clipped rollout: exactly the single-start solve from that start's iterate, gradients
+    included, with the screening's iterations counted in ``info``."""
+    system, x0, theta = _swing_up(7)
+    k, j = 4, 2
+    problem = MPCProblem(system, MPCConfig.standalone(T, starts=k, screen_iters=j))
+    th, x0g = theta.clone().requires_grad_(), x0.clone().requires_grad_()
+    x, u, state, info = solve(problem, x0g, th, iters=STANDALONE_ITERS, stop_when_converged=True)
+    w = torch.linspace(0.5, 1.5, T, dtype=torch.float64)[None, :, None]
+    gth, gx0 = torch.autograd.grad((u * w).sum() + x.pow(2).sum(), (th, x0g))
+
+    base = MPCProblem(system, MPCConfig.standalone(T))
+    first = start_states(base, x0, theta, k)
+    with torch.no_grad():
+        _, _, sk, ik = solve(base, x0.repeat(k, 1), theta.repeat(k, 1, 1), first, iters=j, stop_when_converged=True,
+                             output="iterate")
+    rows, win = screen(base, x0.repeat(k, 1), theta.repeat(k, 1, 1), sk, k)
+    assert torch.equal(info.start, win) and len(set(win.tolist())) > 1
+    th1, x01 = theta.clone().requires_grad_(), x0.clone().requires_grad_()
+    xs, us, ss, infos = solve(base, x01, th1, take_rows(sk, rows), iters=STANDALONE_ITERS - j,
+                              stop_when_converged=True)
+    g1, g0 = torch.autograd.grad((us * w).sum() + xs.pow(2).sum(), (th1, x01))
+    torch.testing.assert_close(u, us, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x, xs, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gth, g1, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gx0, g0, rtol=1e-9, atol=1e-12)
+    assert torch.equal(info.al_iters, infos.al_iters + ik.al_iters[rows])
+    assert torch.equal(info.newton_steps, infos.newton_steps + ik.newton_steps[rows])
+    assert bool(info.converged.all()) and info.rollout is not None and bool(info.rollout.all())
+    # the pick is the lowest merit at the clipped rollout of each start's controls
+    lo, hi = float(base.u_low[0]), float(base.u_high[0])
+    uc = sk.u.clamp(lo, hi)
+    merit = base.merit(base.rollout(x0.repeat(k, 1), uc), uc, theta.repeat(k, 1, 1), sk.lam_eq, sk.lam_ineq, sk.rho,
+                       None).reshape(k, B)
+    assert torch.equal(win, merit.argmin(0))
+    # a call of at most j iterations runs every start to its end
+    full = solve(MPCProblem(system, MPCConfig.standalone(T, starts=k, screen_iters=0)), x0, theta, iters=j)
+    short = solve(problem, x0, theta, iters=j)
+    assert torch.equal(full[1], short[1]) and torch.equal(full[3].start, short[3].start)
+
+
+def test_screening_never_picks_a_non_finite_start():
+    system, x0, theta = _swing_up()
+    problem = MPCProblem(system, MPCConfig.standalone(T))
+    k = 3
+    state = start_states(problem, x0, theta, k)
+    u = state.u.clone()
+    u[:B] = float("nan")  # start 0 of every sample is broken
+    u[B + 1] = float("nan")
+    u[2 * B + 1] = float("nan")  # sample 1: every start is broken
+    state = dataclasses.replace(state, u=u)
+    rows, win = screen(problem, x0.repeat(k, 1), theta.repeat(k, 1, 1), state, k)
+    assert int(win[1]) == 0
+    others = torch.arange(B) != 1
+    assert bool((win[others] > 0).all())
+    assert torch.equal(rows, win * B + torch.arange(B))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="screen_iters must be an int >= 0"):
+            MPCConfig(screen_iters=bad)
 
 
 def test_random_starts_are_seeded_and_within_the_bounds():
