@@ -2,7 +2,7 @@
 
 Run:  python benchmarks/multistart.py [--problems unicycle,car] [--horizons 10,20] [--split report] [--starts 4]
       [--screen 2] [--B 200] [--reps 5] [--threads 1]
-Prints a markdown table and writes benchmarks/results/multistart_<split>.json.
+Prints a markdown table and writes benchmarks/results/multistart_<split>_k<starts>.json.
 
 Per problem and horizon of ``benchmarks/solver_suite.py`` (same instances, the IPOPT references of its cache) three
 configurations of ``MPCConfig.standalone(T)`` solve the same ``B`` instances cold to convergence:
@@ -79,7 +79,7 @@ def main() -> None:
                   f"{full['false_converged']} / {scr['false_converged']} | {full['time_over_single']:.2f}x / "
                   f"{scr['time_over_single']:.2f}x |", flush=True)
     suite.save_cache(cache)
-    out = os.path.join(suite.RESULTS, f"multistart_{args.split}.json")
+    out = os.path.join(suite.RESULTS, f"multistart_{args.split}_k{args.starts}.json")
     record = {"threads": args.threads, "torch": torch.__version__, "split": args.split, "reps": args.reps,
               "rows": rows}
     atomic_write_text(out, json.dumps(record, indent=1) + "\n")

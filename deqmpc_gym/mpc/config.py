@@ -92,7 +92,7 @@ class MPCConfig:
             controls clipped to the bounds, :func:`~deqmpc_gym.mpc.starts.screen`). 0: every start runs to the end
             (``K`` times the work). :meth:`standalone` screens after 2 iterations: on the held-out unicycle and car
             at ``T = 20`` the screened ``K = 4`` reaches the same counts as running every start to the end, at
-            1.6-2.2 times the time of one start instead of about 3.5 (docs/solver.md). Calls with ``iters <=
+            1.6-2.3 times the time of one start instead of 2.6-3.2 (docs/solver.md). Calls with ``iters <=
             screen_iters`` run every start to the end.
         polish_iters: the samples of a standalone solve (``stop_when_converged`` with ``output="rollout"``, control
             bounds only) that the AL iterations leave unconverged continue with at most this many projected
@@ -145,8 +145,9 @@ class MPCConfig:
         both starts reach IPOPT's cost on >= 99 % of every problem's samples; on the held-out unicycle the rollout
         start reaches it on more samples (T = 20: 191 against 170 of 200), on the held-out car the two are close
         (181 against 184). Problems with distinct local solutions (a vehicle turning left or right) gain from
-        several starts per sample, ``standalone(T, starts=4)`` (:attr:`starts`): the held-out unicycle at T = 20
-        then reaches it on 199 of 200, the car on 197 (with the polish below), for about 4 times the work.
+        several starts per sample, ``standalone(T, starts=4)`` (:attr:`starts`, screened after 2 AL iterations:
+        :attr:`screen_iters`): the held-out unicycle at T = 20 then reaches it on 199 of 200, the car on 197 (with
+        the polish below; 8 starts: 199 and 198), for 2.3 and 1.6 times the time of one start (8: 4.1 and 2.7).
         Samples the AL iterations leave unconverged continue with up to 50 iterations of the shooting polish
         (``polish_iters``, :mod:`deqmpc_gym.mpc.polish`): on the tuning split it converged every remaining sample
         but one (a quadrotor at T = 20) and lowered none's count (car T = 20: 183 -> 190 of 200 at IPOPT's cost,
