@@ -29,8 +29,9 @@ Gradients w.r.t. ``theta`` (and ``x0``), selected per call:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -762,26 +763,13 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
     exit_residual = exit_residual_of(cfg, exit_residual)
     x0c, thc = x0.to(cfg.dtype), theta.to(cfg.dtype)
     uref = None if u_ref is None else controls("u_ref", problem, u_ref, x0c).detach()
-    if state is None and cfg.starts > 1:  # K starts per sample as one batch of K B, the best kept (mpc.starts)
-        k = cfg.starts
+    if state is None and cfg.starts > 1:  # K starts per sample as one batch of K B (mpc.starts)
+        def again(x0_: torch.Tensor, th_: torch.Tensor, st: SolverState, n: int, **kw: Any) -> tuple:
+            kw = {"hessian": hessian, "output": output, **kw}
+            return solve(problem, x0_, th_, st, n, gradient, stop_at_rho_max, stop_when_converged, exit_residual, **kw)
+
         uinit = None if u_init is None else controls("u_init", problem, u_init, x0c).detach()
-        first = starts.start_states(problem, x0c.detach(), thc.detach(), k, uinit, uref)
-        x0k, thk, urefk = x0c.repeat(k, 1), thc.repeat(k, 1, 1), None if uref is None else uref.repeat(k, 1, 1)
-        j = cfg.screen_iters
-        if 0 < j < iters:  # the K starts together for j iterations, then each sample from its best start alone
-            with torch.no_grad():
-                _, _, sk, ik = solve(problem, x0k.detach(), thk.detach(), first, j, gradient, stop_at_rho_max,
-                                     stop_when_converged, exit_residual, u_ref=urefk, output="iterate")
-            refk = thk if urefk is None else torch.cat([thk, urefk], -1)
-            rows, win = starts.screen(problem, x0k.detach(), refk.detach(), sk, k)
-            x, u, new_state, info = solve(problem, x0, theta, starts.take_rows(sk, rows), iters - j, gradient,
-                                          stop_at_rho_max, stop_when_converged, exit_residual, hessian=hessian,
-                                          output=output, u_ref=uref)
-            return x, u, new_state, replace(info, start=win, al_iters=info.al_iters + ik.al_iters[rows],
-                                            newton_steps=info.newton_steps + ik.newton_steps[rows])
-        xk, uk, sk, ik = solve(problem, x0k, thk, first, iters, gradient, stop_at_rho_max, stop_when_converged,
-                               exit_residual, hessian=hessian, output=output, u_ref=urefk)
-        return starts.best_start(xk, uk, sk, ik, k)
+        return _multi_start(problem, again, x0, theta, x0c, thc, uinit, uref, iters)
     cold_start = state is None
     state = _start_state(problem, x0c, thc, state, u_init, uref)
     # the cost's reference: waypoints, and the control reference when given ([theta | u_ref], MPCProblem.cost)
@@ -810,6 +798,29 @@ def solve(problem: MPCProblem, x0: torch.Tensor, theta: torch.Tensor, state: Sol
     else:
         info = replace(info, rollout=torch.zeros_like(info.converged))
     return x, u, new_state, info
+
+
+def _multi_start(problem: MPCProblem, again: Callable[..., tuple], x0: torch.Tensor, theta: torch.Tensor,
+                 x0c: torch.Tensor, thc: torch.Tensor, u_init: torch.Tensor | None, u_ref: torch.Tensor | None,
+                 iters: int) -> tuple:
+    """A cold multi-start call (:mod:`~deqmpc_gym.mpc.starts`): the ``K`` starts of each sample as one batch of ``K B``,
+    either run to the end and the best converged answer kept, or screened after ``config.screen_iters`` AL iterations
+    and each sample continued alone from its chosen start. ``again(x0, theta, state, iters, **kw)`` is the
+    :func:`solve` call with the caller's other arguments; ``x0c, thc`` are the inputs in the solver's dtype and
+    ``u_init, u_ref`` the checked ``(B, T, nu)`` controls (or None)."""
+    k, j = problem.config.starts, problem.config.screen_iters
+    first = starts.start_states(problem, x0c.detach(), thc.detach(), k, u_init, u_ref)
+    x0k, thk, urefk = x0c.repeat(k, 1), thc.repeat(k, 1, 1), None if u_ref is None else u_ref.repeat(k, 1, 1)
+    if not 0 < j < iters:
+        xk, uk, sk, ik = again(x0k, thk, first, iters, u_ref=urefk)
+        return starts.best_start(xk, uk, sk, ik, k)
+    with torch.no_grad():  # the K starts together for j iterations, then each sample from its best start alone
+        _, _, sk, ik = again(x0k.detach(), thk.detach(), first, j, u_ref=urefk, output="iterate")
+    refk = thk if urefk is None else torch.cat([thk, urefk], -1)
+    rows, win = starts.screen(problem, x0k.detach(), refk.detach(), sk, k)
+    x, u, state, info = again(x0, theta, starts.take_rows(sk, rows), iters - j, u_ref=u_ref)
+    return x, u, state, replace(info, start=win, al_iters=info.al_iters + ik.al_iters[rows],
+                                newton_steps=info.newton_steps + ik.newton_steps[rows])
 
 
 class EagerSolver:

@@ -1,9 +1,13 @@
-"""Solver calls whose every output is pinned bit for bit in ``tests/data/solver_pinned.pt`` (see
+"""Solver calls whose every output is pinned bit for bit in ``tests/data/solver_pinned_<cpu>.pt`` (see
 ``test_solver_pinned.py``): the eager torch loop, the fused (numba) Newton loop, ``CompiledSolver``'s functions run
 eagerly, every gradient and the rare paths (sub-batches, regularised factorisations, active-set re-solves,
 non-finite warm starts, user constraints, obstacles, float32).
 
-``python tests/mpc/pinned_cases.py`` records the file again (only after a deliberate change of the numerics).
+Bit-level results hold for the same libraries on the same kind of CPU, so there is one recording per CPU kind (its
+vector extensions, ``torch.backends.cpu.get_cpu_capability()``), each with a ``.json`` of where it was made.
+``python tests/mpc/pinned_cases.py`` records this machine's file (again only after a deliberate change of the
+numerics, on every CPU kind recorded; a new CPU kind only at a commit whose numerics reproduce another kind's
+recording where both can run).
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ import torch
 from deqmpc_gym.mpc import CompiledSolver, MPCConfig, MPCProblem, SolveInfo, SolverState, solve
 from deqmpc_gym.systems import OBSTACLE_CENTERS, Cartpole, Pendulum, QPole, Quadrotor, kernels
 
-PINNED = Path(__file__).resolve().parents[1] / "data" / "solver_pinned.pt"
-#: where the values were recorded: bit-level results hold for the same libraries on the same kind of CPU
-PINNED_ON = PINNED.with_suffix(".json")
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def pinned_file(cpu: str) -> Path:
+    """The recording of CPU kind ``cpu`` (e.g. ``"AVX2"``); its ``.with_suffix(".json")`` says where it was made."""
+    return DATA / f"solver_pinned_{cpu.lower()}.pt"
 
 
 def environment() -> dict[str, str]:
@@ -221,7 +228,9 @@ if __name__ == "__main__":
     allres: dict[str, torch.Tensor] = {}
     for case in CASES:
         allres.update(compute(case))
-    PINNED.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(allres, PINNED)
-    PINNED_ON.write_text(json.dumps(environment(), indent=1) + "\n")
-    print(f"{len(allres)} tensors -> {PINNED}", file=sys.stderr)
+    env = environment()
+    path = pinned_file(env["cpu"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(allres, path)
+    path.with_suffix(".json").write_text(json.dumps(env, indent=1) + "\n")
+    print(f"{len(allres)} tensors -> {path}", file=sys.stderr)
