@@ -99,10 +99,7 @@ def best_start(x: torch.Tensor, u: torch.Tensor, state: SolverState, info: Solve
     kb = x.shape[0]
     b = kb // starts
     with torch.no_grad():
-        cost = torch.where(info.converged, info.cost, torch.full_like(info.cost, float("inf"))).reshape(starts, b)
-        cost = torch.where(torch.isnan(cost), torch.full_like(cost, float("inf")), cost)
-        win = cost.argmin(0)  # the first of equal minima: the earlier start on ties
-        win = torch.where(torch.isinf(cost.min(0).values), torch.zeros_like(win), win)
+        win = _lowest(torch.where(info.converged, info.cost, torch.full_like(info.cost, float("inf"))), starts)
         rows = win * b + torch.arange(b, device=win.device)
     return x[rows], u[rows], take_rows(state, rows), replace(take_rows(info, rows), start=win)
 
@@ -130,10 +127,17 @@ def screen(problem: MPCProblem, x0: torch.Tensor, ref: torch.Tensor, state: Solv
         u = torch.maximum(torch.minimum(state.u, c.u_high), c.u_low)
         x = problem.rollout(x0, u)
         score = problem.merit(x, u, ref, state.lam_eq, state.lam_ineq, state.rho, state.obstacle_idx)
-        score = torch.where(torch.isfinite(score), score, torch.full_like(score, float("inf"))).reshape(starts, b)
-        win = score.argmin(0)
-        win = torch.where(torch.isinf(score.min(0).values), torch.zeros_like(win), win)
+        win = _lowest(score, starts)
     return win * b + torch.arange(b, device=win.device), win
+
+
+def _lowest(score: torch.Tensor, starts: int) -> torch.Tensor:
+    """Per sample the start of the lowest finite score (``score (K B,)``, start-major rows): ``(B,)`` int64, the
+    earlier start on ties, start 0 where no score is finite."""
+    s = score.reshape(starts, -1)
+    s = torch.where(torch.isfinite(s), s, torch.full_like(s, float("inf")))
+    win = s.argmin(0)
+    return torch.where(torch.isinf(s.min(0).values), torch.zeros_like(win), win)
 
 
 def take_rows(obj: _T, rows: torch.Tensor) -> _T:
