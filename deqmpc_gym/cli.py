@@ -14,6 +14,7 @@ Subcommands::
     deqmpc-gym reproduce table1|warmstart [--scale cpu|paper|paper64|zoo|tiny] [--seeds ...] [--envs ...] [--out DIR]
                         [--launcher local|ray] [--address ADDR] [--cpus-per-run C] [--gpus-per-run G]
                         [--time-limit DURATION]
+    deqmpc-gym reproduce dagger [--scale ...] [--seeds ...] [--envs ...] [--variants ...] [--out DIR]
     deqmpc-gym reproduce warmstart --pretrained [--envs ...] [--episodes N] [--out DIR]
     deqmpc-gym reproduce sweep [--envs ID] [--variants V] [--hidden H ...] [--trajectories N ...] [--steps N]
     deqmpc-gym demo     [--out DIR]
@@ -307,10 +308,12 @@ def _add_misc(sub: Any) -> None:
     r.add_argument("--max-steps", type=int, default=None, help="steps per episode (default: the env's limit)")
     _add_device(r)
     rep = _parser(sub, "reproduce", "reproduce the paper's experiments")
-    rep.add_argument("what", choices=["table1", "warmstart", "sweep"],
-                     help="table1: the Table 1 sweep (train and evaluate every env, variant and seed); "
-                          "warmstart: the warm-start ablation (Fig. 7); sweep: learning curves over network "
-                          "widths x dataset sizes for one env and variant (default QPole, deq-mpc-nn)")
+    rep.add_argument("what", choices=["table1", "dagger", "warmstart", "sweep"],
+                     help="table1: the Table 1 sweep (train and evaluate every env, variant and seed); dagger: "
+                          "the DAgger rows (each finished table1 run of --scale continued by DAgger, beyond the "
+                          "paper's protocol, in OUT/dagger-<scale>/); warmstart: the warm-start ablation (Fig. 7); "
+                          "sweep: learning curves over network widths x dataset sizes for one env and variant "
+                          "(default QPole, deq-mpc-nn)")
     rep.add_argument("--scale", choices=sorted(SCALES), default=_default(reproduce, "scale"),
                      help="budget (SCALES in deqmpc_gym.experiments.reproduce): paper (the paper's sizes), "
                           "paper64 (the paper's steps, batch and data at hidden 64), cpu "
@@ -635,6 +638,15 @@ def _reproduce(args: argparse.Namespace) -> int:
     check_writable(args.out, kind="dir")
     if args.what == "sweep":
         return _sweep(args, launch, device)
+    if args.what == "dagger":
+        from deqmpc_gym.experiments.dagger_rows import dagger_rows
+
+        if args.episodes is not None:
+            raise ConfigError("--episodes applies to warmstart; the DAgger rows are evaluated on the scale's episodes")
+        out = dagger_rows(scale=args.scale, seeds=args.seeds, envs=args.envs, variants=args.variants,
+                          out_dir=args.out, device=device, launch=launch)
+        print(f"results written to {out}")
+        return 0
     out = reproduce(args.what, scale=args.scale, seeds=args.seeds, envs=args.envs, variants=args.variants,
                     out_dir=args.out, device=device, launch=launch, episodes=args.episodes)
     print(f"results written to {out}")

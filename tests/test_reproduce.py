@@ -432,3 +432,49 @@ def test_git_commit_is_dirty_only_for_changes_of_the_package(tmp_path):
     assert git_commit(pkg) == clean
     (pkg / "code.py").write_text("x = 2\n")
     assert git_commit(pkg) == clean + "-dirty"
+
+
+def test_dagger_rows_continue_the_table1_runs_and_ship_with_their_seeds(tmp_path, capsys) -> None:
+    """``reproduce dagger``: every finished Table 1 run of the scale continued by the DAgger protocol, recorded like a
+    Table 1 run (with its protocol, command, rounds and windows), tabulated, and shippable by ``zoo ship``; a run whose
+    Table 1 run is missing is named with the command that trains it."""
+    from deqmpc_gym.cli import main
+    from deqmpc_gym.experiments.dagger_rows import PROTOCOLS, dagger_rows
+    from deqmpc_gym.experiments.launch import SweepError
+    from deqmpc_gym.experiments.zoo import ShipConfig, ship_cell
+
+    torch.manual_seed(0)
+    reproduce("table1", scale="tiny", envs=[PEND], variants=["deq-mpc-nn"], seeds=[0, 1], out_dir=tmp_path)
+    assert main(["reproduce", "dagger", "--scale", "tiny", "--envs", PEND, "--variants", "deq-mpc-nn", "--seeds", "0",
+                 "1", "--out", str(tmp_path)]) == 0
+    root = tmp_path / "dagger-tiny"
+    recs = [json.loads((root / "runs" / f"Pendulum__deq-mpc-nn__s{s}.json").read_text()) for s in (0, 1)]
+    proto = PROTOCOLS["tiny"]
+    for s, rec in enumerate(recs):
+        base = json.loads((tmp_path / "table1-tiny" / "runs" / f"Pendulum__deq-mpc-nn__s{s}.json").read_text())
+        rounds = rec["dagger_rounds"]
+        assert [e["round"] for e in rounds] == list(range(-1, proto.dagger.rounds))
+        scores = [e["closed_loop_score"] for e in rounds]
+        assert rec["dagger_kept_round"] == scores.index(max(scores)) - 1  # the first best-scoring round
+        trained = rec["dagger_kept_round"] + 1
+        assert rec["train_steps"] == base["train_steps"] + trained * proto.dagger.train_steps
+        assert rec["windows_seen"] == (base["train_steps"] * base["batch_size"]
+                                       + trained * proto.dagger.train_steps * proto.batch_size)
+        assert rec["base_score"] == base["normalized_score"] and rec["protocol"].startswith("DAgger: the tiny-scale")
+        assert rec["command"].endswith(f"reproduce dagger --scale tiny --envs {PEND} --variants deq-mpc-nn --seeds {s}")
+        assert -5.0 < rec["normalized_score"] < 5.0 and rec["expert_id"] == base["expert_id"]
+        assert [c["windows"] for c in rec["curve"]][-proto.dagger.rounds:] == [
+            base["train_steps"] * base["batch_size"] + (r + 1) * proto.dagger.train_steps * proto.batch_size
+            for r in range(proto.dagger.rounds)]
+    assert (root / "train" / "Pendulum__deq-mpc-nn__s0" / "best" / "policy.pt").is_file()
+    assert "n=2" in (tmp_path / "dagger-tiny.md").read_text()
+    assert len(json.loads((tmp_path / "dagger-tiny.json").read_text())) == 2
+    before = (root / "runs" / "Pendulum__deq-mpc-nn__s0.json").stat().st_mtime_ns
+    dagger_rows(scale="tiny", envs=[PEND], variants=["deq-mpc-nn"], seeds=[0], out_dir=tmp_path)  # recorded: skipped
+    assert (root / "runs" / "Pendulum__deq-mpc-nn__s0.json").stat().st_mtime_ns == before
+    card = ship_cell(root, PEND, "deq-mpc-nn", config=ShipConfig(episodes=2, latency_calls=2), out_root=tmp_path / "z")
+    assert card["selection"]["trained_seeds"] == [0, 1] and card["protocol"].startswith("DAgger")
+    assert card["windows_seen"] == recs[card["selection"]["chosen_seed"]]["windows_seen"]
+    with pytest.raises(SweepError, match="Pendulum__deq-mpc-deq__s0"):
+        dagger_rows(scale="tiny", envs=[PEND], variants=["deq-mpc-deq"], seeds=[0], out_dir=tmp_path)
+    assert "reproduce table1 --scale tiny" in capsys.readouterr().err

@@ -148,7 +148,6 @@ def run_one(env_id: str, variant: str, seed: int, scale: Scale, out_dir: Path, d
     ``deadline`` (a ``time.time()`` instant): training stops at a checkpoint at the first step boundary after it
     and raises :class:`~deqmpc_gym.errors.TrainingInterrupted` (``reason="time limit"``); a later call resumes it.
     A run whose training ends before the deadline is evaluated whatever the time."""
-    from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched
     from deqmpc_gym.experts import load_expert, load_or_collect_dataset
     from deqmpc_gym.experts.reference import reference_returns
     from deqmpc_gym.policies import DEQMPCPolicy
@@ -166,31 +165,46 @@ def run_one(env_id: str, variant: str, seed: int, scale: Scale, out_dir: Path, d
     cfg = TrainConfig(steps=scale.steps[short], batch_size=scale.batch_size[short], val_batches=scale.val_batches,
                       val_every=scale.val_every, seed=seed, eval_every=scale.curve_every)
     # scores are normalized by the expert that made the dataset, on the evaluated episodes
-    eval_cfg = EvalConfig(episodes=scale.eval_episodes[short], stream_iters=2 if short == "QPoleObs" else 1)
-    ref = reference_returns(env_id, eval_cfg.episodes, eval_cfg.seed, eval_cfg.max_steps)
+    ref = reference_returns(env_id, scale.eval_episodes[short])
     if ds.expert_id != ref["expert_id"]:
         raise ConfigError(f"the dataset of {env_id} was collected by {ds.expert_id!r}, but scores are normalized by "
                           f"{ref['expert_id']!r}; delete {data_dir} to collect it again")
     card = load_expert(env_id, kind=ref["expert_kind"]).card
-    k = eval_cfg.stream_iters or 1
     # the learning curve's episodes (seeds 20000+) are not the card's: the card's mean return is its reference
-    evaluator = score_evaluator(env_id, scale.curve_episodes, (card["random_return"], card["mean_return"]), k)
+    evaluator = score_evaluator(env_id, scale.curve_episodes, (card["random_return"], card["mean_return"]),
+                                eval_stream_iters(env_id))
     t0 = time.perf_counter()
     trainer = ImitationTrainer(policy, ds, cfg, run_dir, progress=False, evaluator=evaluator)
     res = trainer.train(resume=True, deadline=deadline)
     best = DEQMPCPolicy.load(run_dir / "best", device=device)
-    ev = rollout_batched(best, env_id, eval_cfg, reference=(ref["random_return"], ref["expert_return"]))
-    return {"env_id": env_id, "variant": variant, "seed": seed, "normalized_score": ev.normalized_score,
-            "mean_return": ev.mean_return, "std_return": ev.std_return, "success_rate": ev.success_rate,
-            "collision_rate": ev.collision_rate, "cost_rate": ev.cost_rate, "best_val_loss": res.best_val_loss,
-            "train_steps": res.steps, "hidden": scale.hidden[short], "stream_iters": k,
-            "expert_return": ref["expert_return"], "random_return": ref["random_return"],
-            "expert_id": ref["expert_id"], "expert_kind": ref["expert_kind"], "reference": ref["measured"],
-            "act_latency_ms": ev.act_latency_ms, "wall_time_s": time.perf_counter() - t0,
+    return {"env_id": env_id, "variant": variant, "seed": seed,
+            **final_evaluation(best, env_id, scale.eval_episodes[short]), "best_val_loss": res.best_val_loss,
+            "train_steps": res.steps, "hidden": scale.hidden[short], "wall_time_s": time.perf_counter() - t0,
             # training time of the whole run, over every resumed slice (wall_time_s: this call only)
             "train_time_s": res.history[-1]["time_s"] if res.history else res.wall_time_s,
             "batch_size": scale.batch_size[short], "num_trajectories": scale.num_trajectories[short],
             "curve": learning_curve(res.history, scale.batch_size[short]), "commit": git_commit()}
+
+
+def eval_stream_iters(env_id: str) -> int:
+    """Warm DEQ-MPC iterations per control step of the Table 1 evaluation of ``env_id`` (QPoleObs 2, else 1)."""
+    return 2 if _short(env_id) == "QPoleObs" else 1
+
+
+def final_evaluation(policy: Any, env_id: str, episodes: int) -> dict[str, Any]:
+    """The evaluation fields of a run record: ``policy`` streamed over ``episodes`` episodes (seeds 10000+; QPoleObs
+    with K = 2 warm iterations per step) and normalized by the env's dataset expert on the same episodes."""
+    from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched
+    from deqmpc_gym.experts.reference import reference_returns
+
+    eval_cfg = EvalConfig(episodes=episodes, stream_iters=eval_stream_iters(env_id))
+    ref = reference_returns(env_id, eval_cfg.episodes, eval_cfg.seed, eval_cfg.max_steps)
+    ev = rollout_batched(policy, env_id, eval_cfg, reference=(ref["random_return"], ref["expert_return"]))
+    return {"normalized_score": ev.normalized_score, "mean_return": ev.mean_return, "std_return": ev.std_return,
+            "success_rate": ev.success_rate, "collision_rate": ev.collision_rate, "cost_rate": ev.cost_rate,
+            "stream_iters": eval_cfg.stream_iters, "expert_return": ref["expert_return"],
+            "random_return": ref["random_return"], "expert_id": ref["expert_id"], "expert_kind": ref["expert_kind"],
+            "reference": ref["measured"], "act_latency_ms": ev.act_latency_ms}
 
 
 def score_evaluator(env_id: str, episodes: int, reference: tuple[float, float], stream_iters: int = 1,
@@ -431,17 +445,19 @@ def _collect_datasets(env_ids: set[str], sc: Scale, data_dir: Path) -> None:
 
 
 def _write_table(runs_dir: Path, out_dir: str | Path, scale: str, envs: tuple[str, ...],
-                 variants: tuple[str, ...]) -> None:
-    """``table1-<scale>.{json,md,png}`` and the learning curves from every run recorded so far."""
+                 variants: tuple[str, ...], prefix: str = "table1") -> None:
+    """``<prefix>-<scale>.{json,md,png}`` and the learning curves (``-curves.png``) from every run recorded so
+    far."""
     records = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
-    atomic_write_text(Path(out_dir) / f"table1-{scale}.json", json.dumps(records, indent=2))
+    stem = Path(out_dir) / f"{prefix}-{scale}"
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(records, indent=2))
     # the table covers every run recorded so far (earlier invocations may have run other envs)
     envs = tuple(e for e in TABLE1_ENVS if any(r["env_id"] == e for r in records)) or envs
     variants = tuple(v for v in TABLE1_VARIANTS if any(r["variant"] == v for r in records)) or variants
     table = markdown_table(records, envs, variants)
-    atomic_write_text(Path(out_dir) / f"table1-{scale}.md", table + "\n")
-    bar_plot(records, envs, variants, Path(out_dir) / f"table1-{scale}.png")
-    curves_plot(records, envs, Path(out_dir) / f"table1-{scale}-curves.png")
+    atomic_write_text(stem.with_suffix(".md"), table + "\n")
+    bar_plot(records, envs, variants, stem.with_suffix(".png"))
+    curves_plot(records, envs, stem.parent / f"{stem.name}-curves.png")
     print(table)
 
 

@@ -104,8 +104,9 @@ def ship_cell(table_dir: str | Path, env_id: str, variant: str, *, config: ShipC
               out_root: str | Path | None = None, reference: dict[str, Any] | None = None,
               batch_size: int | None = None, num_trajectories: int | None = None,
               trained_commit: str | None = None) -> dict[str, Any]:
-    """Evaluate every trained seed of one cell of ``table_dir`` (a ``reproduce table1`` output such as
-    ``results/table1-cpu``) and write the best one to ``out_root/<Env>/<variant>/`` with its ``card.json``.
+    """Evaluate every trained seed of one cell of ``table_dir`` (a ``reproduce table1`` or ``reproduce dagger``
+    output such as ``results/table1-cpu``) and write the best one to ``out_root/<Env>/<variant>/`` with its
+    ``card.json``.
 
     Args:
         reference: :func:`_expert_reference` of ``env_id`` if already measured (one expert rollout per env).
@@ -146,7 +147,8 @@ def ship_cell(table_dir: str | Path, env_id: str, variant: str, *, config: ShipC
     batch = batch_size or rec.get("batch_size") or _scale_value(rec, "batch_size")
     card = {
         "format": CARD_FORMAT, "env_id": env_id, "variant": variant, "hidden": rec["hidden"],
-        "batch_size": batch, "train_steps": rec["train_steps"], "windows_seen": rec["train_steps"] * batch,
+        "batch_size": batch, "train_steps": rec["train_steps"],
+        "windows_seen": rec.get("windows_seen", rec["train_steps"] * batch),
         "wall_time_s": rec.get("train_time_s", rec["wall_time_s"]), "best_val_loss": rec["best_val_loss"],
         "dataset": {"expert": rec.get("expert_id") or f"shipped PPO expert of {env_id}",
                     "num_trajectories": (num_trajectories or rec.get("num_trajectories")

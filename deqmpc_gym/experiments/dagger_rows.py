@@ -1,0 +1,203 @@
+"""DAgger rows of Table 1 (beyond the paper's protocol): every finished Table 1 run of a scale continued by DAgger
+under one fixed protocol, recorded and tabulated like the Table 1 runs, so that each "+ DAgger" cell has its seeds
+and its spread.
+
+``dagger_rows(scale="paper64", envs=..., variants=..., seeds=...)`` starts from the best policy of each run
+``<out>/table1-<scale>/train/<run>/best`` (trained by ``reproduce table1`` first) and its 300- or 2000-trajectory
+dataset, runs :func:`~deqmpc_gym.experiments.dagger.dagger` with :data:`PROTOCOLS` (the DAgger seed is the run's
+seed) in ``<out>/dagger-<scale>/train/<run>/`` (resumable: round folders, ``dagger.json``, the returned policy in
+``best/``), evaluates the returned policy as Table 1 evaluates its runs (200 episodes, seeds 10000+, the dataset
+expert on the same episodes) and writes the run record ``<out>/dagger-<scale>/runs/<run>.json`` with the fields of
+a Table 1 record plus ``protocol``, ``command``, ``windows_seen`` and the per-round validation scores. At the end
+``<out>/dagger-<scale>.{json,md,png}`` and ``-curves.png`` summarise every recorded run; ``deqmpc-gym zoo ship
+--from <out>/dagger-<scale>`` packages the best seed of each cell with its card.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deqmpc_gym.errors import ConfigError
+from deqmpc_gym.experiments.dagger import DaggerConfig
+from deqmpc_gym.experiments.launch import Job, LaunchConfig, connection, run_jobs
+from deqmpc_gym.experiments.reproduce import (
+    SCALES,
+    _collect_datasets,
+    _job_device,
+    _short,
+    _write_table,
+    check_selection,
+    final_evaluation,
+    git_commit,
+    run_name,
+)
+from deqmpc_gym.io import atomic_write_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["DaggerProtocol", "PROTOCOLS", "protocol", "dagger_run", "dagger_rows"]
+
+
+@dataclass(frozen=True)
+class DaggerProtocol:
+    """How a DAgger row continues a Table 1 run.
+
+    Attributes:
+        dagger: the rounds (its ``seed`` is replaced by the run's seed): up to 8 rounds of 1,000 steps, 100 policy
+            rollouts x 8 visited states per round labelled by 60 expert steps, each round scored in closed loop on
+            100 validation episodes (seeds 30000+), the best-scoring round kept, stop after 3 rounds in a row
+            without a better score.
+        batch_size, lr, val_batches, val_every: each round's training.
+    """
+
+    dagger: DaggerConfig = field(default_factory=lambda: DaggerConfig(rounds=8, states_per_episode=8,
+                                                                      select_episodes=100, patience=3))
+    batch_size: int = 64
+    lr: float = 1e-3
+    val_batches: int = 10
+    val_every: int = 100
+
+
+#: The protocol per scale (others: ``DaggerProtocol()``); ``tiny`` is a smoke test.
+PROTOCOLS: dict[str, DaggerProtocol] = {
+    "tiny": DaggerProtocol(DaggerConfig(rounds=2, episodes=2, states_per_episode=1, label_steps=4, train_steps=2,
+                                        max_steps=8, select_episodes=2), batch_size=8, val_batches=1, val_every=1),
+}
+
+
+def protocol(scale: str) -> DaggerProtocol:
+    """The DAgger protocol of the rows of ``scale``."""
+    return PROTOCOLS.get(scale, DaggerProtocol())
+
+
+def _kept_round(rounds: Sequence[dict[str, Any]]) -> int:
+    """The round :func:`~deqmpc_gym.experiments.dagger.dagger` returned: the first with the highest closed-loop
+    score (-1: the starting policy)."""
+    best, kept = -float("inf"), -1
+    for e in rounds:
+        if e["closed_loop_score"] > best:
+            best, kept = e["closed_loop_score"], int(e["round"])
+    return kept
+
+
+def _protocol_text(base: dict[str, Any], scale: str, proto: DaggerProtocol, rounds: Sequence[dict[str, Any]],
+                   kept: int) -> str:
+    d = proto.dagger
+    scores = " / ".join(f"{e['closed_loop_score']:.3f}" for e in rounds if e["round"] >= 0)
+    start = next(e["closed_loop_score"] for e in rounds if e["round"] == -1)
+    return (f"DAgger: the {scale}-scale Table 1 policy of seed {base['seed']} ({base['train_steps']:,} steps at batch "
+            f"{base['batch_size']} on {base['num_trajectories']} expert trajectories, score "
+            f"{base['normalized_score']:.2f}), then up to {d.rounds} DAgger rounds of {d.train_steps:,} steps at batch "
+            f"{proto.batch_size} on the policy's own states labelled by the expert ({d.episodes} rollouts x "
+            f"{d.states_per_episode} states, {d.label_steps}-step labels), the round kept by its closed-loop score on "
+            f"{d.select_episodes} validation episodes, seeds {d.select_seed}+, stopping after {d.patience} rounds "
+            f"without a better score: {start:.3f} before, {scores} after rounds 1-{len(rounds) - 1}; "
+            + ("the starting policy kept" if kept < 0 else f"round {kept + 1} kept"))
+
+
+def dagger_run(env_id: str, variant: str, seed: int, scale: str, out_dir: str | Path,
+               device: str | torch.device = "cpu", deadline: float | None = None) -> dict[str, Any]:
+    """Continue the finished Table 1 run ``(env_id, variant, seed)`` of ``scale`` in ``out_dir`` by the DAgger
+    protocol of the scale, evaluate the returned policy and return its run record (resumes an interrupted call).
+
+    ``deadline`` (a ``time.time()`` instant): the round training stops at a checkpoint after it and raises
+    :class:`~deqmpc_gym.errors.TrainingInterrupted` (``reason="time limit"``); the same call later resumes it.
+
+    Raises:
+        ConfigError: the Table 1 run is not finished (no record or no ``best/`` policy).
+    """
+    from deqmpc_gym.experiments.dagger import dagger
+    from deqmpc_gym.experts import dataset_expert_kind, load_expert, load_or_collect_dataset
+    from deqmpc_gym.policies import DEQMPCPolicy
+    from deqmpc_gym.training import TrainConfig
+
+    out = Path(out_dir)
+    name, short, proto = run_name(env_id, variant, seed), _short(env_id), protocol(scale)
+    table = out / f"table1-{scale}"
+    base_file, base_best = table / "runs" / f"{name}.json", table / "train" / name / "best"
+    if not base_file.is_file() or not (base_best / "policy.pt").is_file():
+        raise ConfigError(f"DAgger continues the Table 1 run {name}, which is not finished in {table} (its record "
+                          f"and best/ policy); train it first: deqmpc-gym reproduce table1 --scale {scale} --envs "
+                          f"{env_id} --variants {variant} --seeds {seed} --out {out}")
+    base = json.loads(base_file.read_text())
+    data = load_or_collect_dataset(env_id, SCALES[scale].num_trajectories[short], seed=0, cache_dir=out / "datasets")
+    expert = load_expert(env_id, kind=dataset_expert_kind(env_id))
+    policy = DEQMPCPolicy.load(base_best, env=env_id, device=device)
+    run_dir = out / f"dagger-{scale}" / "train" / name
+    t0 = time.perf_counter()
+    train = TrainConfig(batch_size=proto.batch_size, lr=proto.lr, val_batches=proto.val_batches,
+                        val_every=proto.val_every)
+    tuned, _ = dagger(policy, expert, data, env_id, run_dir, replace(proto.dagger, seed=seed), train,
+                      deadline=deadline)
+    tuned.save(run_dir / "best")
+    rounds = json.loads((run_dir / "dagger.json").read_text())["rounds"]
+    kept = _kept_round(rounds)
+    steps = proto.dagger.train_steps
+    lineage = [e for e in rounds if 0 <= e["round"] <= kept]  # the rounds the kept policy was trained through
+    round_time = sum(float(json.loads((run_dir / f"round_{e['round']}" / "result.json").read_text())["wall_time_s"])
+                     for e in lineage)
+    base_windows = base["train_steps"] * base["batch_size"]
+    curve = list(base.get("curve", [])) + [
+        {"step": base["train_steps"] + (e["round"] + 1) * steps,
+         "windows": base_windows + (e["round"] + 1) * steps * proto.batch_size,
+         "val_loss": e["best_val_loss"], "score": e["closed_loop_score"]} for e in rounds if e["round"] >= 0]
+    return {"env_id": env_id, "variant": variant, "seed": seed,
+            **final_evaluation(tuned, env_id, SCALES[scale].eval_episodes[short]),
+            "best_val_loss": lineage[-1]["best_val_loss"] if lineage else base["best_val_loss"],
+            "train_steps": base["train_steps"] + len(lineage) * steps, "hidden": base["hidden"],
+            "wall_time_s": time.perf_counter() - t0,
+            # the base run's training plus the DAgger rounds the kept policy went through (rollouts excluded)
+            "train_time_s": base.get("train_time_s", base["wall_time_s"]) + round_time,
+            "batch_size": proto.batch_size, "windows_seen": base_windows + len(lineage) * steps * proto.batch_size,
+            "num_trajectories": base["num_trajectories"],
+            "dagger_trajectories": next((e["dataset_trajectories"] for e in lineage[-1:]), base["num_trajectories"]),
+            "dagger_rounds": rounds, "dagger_kept_round": kept, "base_score": base["normalized_score"],
+            "curve": curve, "commit": git_commit(), "base_commit": base.get("commit"),
+            "protocol": _protocol_text(base, scale, proto, rounds, kept),
+            "command": (f"deqmpc-gym reproduce table1 --scale {scale} --envs {env_id} --variants {variant} --seeds "
+                        f"{seed}; deqmpc-gym reproduce dagger --scale {scale} --envs {env_id} --variants {variant} "
+                        f"--seeds {seed}")}
+
+
+def dagger_rows(*, scale: str = "paper64", seeds: Sequence[int] | None = None, envs: Sequence[str] | None = None,
+                variants: Sequence[str] | None = None, out_dir: str | Path = "results",
+                device: str | torch.device = "cpu", launch: LaunchConfig | None = None) -> Path:
+    """Run (or resume) the DAgger rows of ``scale`` for a Table 1 selection whose runs are finished in
+    ``out_dir/table1-<scale>``; returns ``out_dir/dagger-<scale>``. Recorded runs are skipped; each finished run's
+    record is written as it completes.
+
+    Raises:
+        ConfigError: an unknown scale, env, variant or seed.
+        SweepError: a run failed (e.g. its Table 1 run is not finished; named, the others went on).
+        TimeLimitReached: ``launch.deadline`` passed first (the unfinished runs resume in a later call).
+    """
+    launch = launch or LaunchConfig()
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; valid: {sorted(SCALES)}")
+    envs, variants = check_selection(envs, variants, seeds)
+    sc = SCALES[scale]
+    root = Path(out_dir) / f"dagger-{scale}"
+    runs_dir = root / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [Job(run_name(e, v, s), dagger_run, (e, v, s, scale, str(out_dir)),
+                {"device": _job_device(device, launch), "deadline": launch.deadline})
+            for e in envs for s in (seeds if seeds is not None else sc.seeds[_short(e)]) for v in variants
+            if not (runs_dir / f"{run_name(e, v, s)}.json").exists()]
+    _collect_datasets({j.args[0] for j in jobs}, sc, Path(out_dir) / "datasets")
+
+    def done(name: str, rec: dict[str, Any]) -> None:
+        atomic_write_text(runs_dir / f"{name}.json", json.dumps(rec, indent=2))
+        print(f"{name}: score {rec['normalized_score']:.3f} (Table 1 run: {rec['base_score']:.3f})", flush=True)
+
+    try:
+        with connection(launch):
+            run_jobs(jobs, launch, done)
+    finally:
+        _write_table(runs_dir, out_dir, scale, envs, variants, prefix="dagger")
+    return root
