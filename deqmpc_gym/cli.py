@@ -564,7 +564,8 @@ def _dagger(args: argparse.Namespace) -> int:
                          deadline=deadline)
     tuned.save(Path(args.out) / "best")
     data.save(Path(args.out) / "data.npz")
-    print(f"DAgger on {args.env}: {cfg.rounds} rounds, {len(data)} trajectories -> {args.out}/best "
+    ran = sum(1 for e in json.loads((Path(args.out) / "dagger.json").read_text())["rounds"] if e["round"] >= 0)
+    print(f"DAgger on {args.env}: {ran} of {cfg.rounds} rounds, {len(data)} trajectories -> {args.out}/best "
           f"(rounds in {args.out}/dagger.json)")
     return 0
 

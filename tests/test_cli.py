@@ -230,7 +230,7 @@ def test_dagger_continues_a_saved_policy_on_its_own_states(trained: Path, tiny_p
     assert DEQMPCPolicy.load(out / "best").config.hidden == 16
     assert len(ExpertDataset.load(out / "data.npz", env_id=PEND)) == len(ExpertDataset.load(
         tiny_pendulum_dataset_file, env_id=PEND)) + 4
-    assert "DAgger on" in capsys.readouterr().out
+    assert "DAgger on DEQMPC/Pendulum-v0: 1 of 1 rounds" in capsys.readouterr().out
     # in two slices: the first stops at its time limit (exit 75), the same command then gives the same rounds
     sliced = [*args[:args.index("--out")], "--out", str(tmp_path / "sliced"), *args[args.index("--out") + 2:]]
     time.sleep(0.01)
