@@ -475,6 +475,7 @@ def test_dagger_rows_continue_the_table1_runs_and_ship_with_their_seeds(tmp_path
     card = ship_cell(root, PEND, "deq-mpc-nn", config=ShipConfig(episodes=2, latency_calls=2), out_root=tmp_path / "z")
     assert card["selection"]["trained_seeds"] == [0, 1] and card["protocol"].startswith("DAgger")
     assert card["windows_seen"] == recs[card["selection"]["chosen_seed"]]["windows_seen"]
+    assert card["commit"]["base_trained"] == recs[0]["base_commit"]
     with pytest.raises(SweepError, match="Pendulum__deq-mpc-deq__s0"):
         dagger_rows(scale="tiny", envs=[PEND], variants=["deq-mpc-deq"], seeds=[0], out_dir=tmp_path)
     assert "reproduce table1 --scale tiny" in capsys.readouterr().err

@@ -159,7 +159,9 @@ def ship_cell(table_dir: str | Path, env_id: str, variant: str, *, config: ShipC
         "selection": {"trained_seeds": [s["seed"] for s in seeds], "chosen_seed": chosen["seed"],
                       "seed_scores": scores, "seed_mean": float(np.mean(scores)), "seed_std": float(np.std(scores)),
                       "rule": "best normalized score of the trained seeds on the evaluation episodes"},
-        "commit": {"trained": rec.get("commit") or trained_commit, "evaluated": git_commit()},
+        "commit": {"trained": rec.get("commit") or trained_commit, "evaluated": git_commit(),
+                   # a run continued from another (a DAgger row): the commit that trained its starting policy
+                   **({"base_trained": rec["base_commit"]} if rec.get("base_commit") else {})},
         # a record of a run beyond the paper's protocol (e.g. DAgger) says so and how it was made
         "protocol": rec.get("protocol", "paper: imitation of the expert's trajectories"),
         "command": (rec.get("command") or
