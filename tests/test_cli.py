@@ -156,7 +156,7 @@ def test_help_shows_defaults_and_choices(capsys: pytest.CaptureFixture, monkeypa
     with pytest.raises(SystemExit):
         main(["reproduce", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "{table1,warmstart,sweep}" in out and "--scale {cpu,paper,paper64,tiny,zoo}" in out
+    assert "{table1,dagger,warmstart,sweep}" in out and "--scale {cpu,paper,paper64,tiny,zoo}" in out
     assert "(default: cpu)" in out
 
 
