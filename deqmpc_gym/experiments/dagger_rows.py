@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from deqmpc_gym.errors import ConfigError
 from deqmpc_gym.experiments.dagger import DaggerConfig
-from deqmpc_gym.experiments.launch import Job, LaunchConfig, connection, run_jobs
+from deqmpc_gym.experiments.launch import Job, LaunchConfig, connection
 from deqmpc_gym.experiments.reproduce import (
     SCALES,
     _collect_datasets,
@@ -34,9 +34,9 @@ from deqmpc_gym.experiments.reproduce import (
     check_selection,
     final_evaluation,
     git_commit,
+    run_and_record,
     run_name,
 )
-from deqmpc_gym.io import atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -191,13 +191,9 @@ def dagger_rows(*, scale: str = "paper64", seeds: Sequence[int] | None = None, e
             if not (runs_dir / f"{run_name(e, v, s)}.json").exists()]
     _collect_datasets({j.args[0] for j in jobs}, sc, Path(out_dir) / "datasets")
 
-    def done(name: str, rec: dict[str, Any]) -> None:
-        atomic_write_text(runs_dir / f"{name}.json", json.dumps(rec, indent=2))
-        print(f"{name}: score {rec['normalized_score']:.3f} (Table 1 run: {rec['base_score']:.3f})", flush=True)
-
     try:
         with connection(launch):
-            run_jobs(jobs, launch, done)
+            run_and_record(jobs, launch, runs_dir, detail="Table 1 run: {base_score:.3f}")
     finally:
         _write_table(runs_dir, out_dir, scale, envs, variants, prefix="dagger")
     return root

@@ -426,15 +426,24 @@ def _table1(sc: Scale, scale: str, envs: tuple[str, ...], variants: tuple[str, .
                                 {"device": _job_device(device, launch), "deadline": launch.deadline}))
     _collect_datasets({j.args[0] for j in jobs}, sc, data_dir)  # once, here, before jobs run in parallel
 
-    def done(name: str, rec: dict[str, Any]) -> None:
-        atomic_write_text(runs_dir / f"{name}.json", json.dumps(rec, indent=2))
-        print(f"{name}: score {rec['normalized_score']:.3f} ({rec['wall_time_s']:.0f} s)", flush=True)
-
     try:
-        run_jobs(jobs, launch, done)
+        run_and_record(jobs, launch, runs_dir)
     finally:
         _write_table(runs_dir, out_dir, scale, envs, variants)
     return root
+
+
+def run_and_record(jobs: Sequence[Job], launch: LaunchConfig, runs_dir: Path,
+                   detail: str = "{wall_time_s:.0f} s") -> None:
+    """:func:`~deqmpc_gym.experiments.launch.run_jobs` whose jobs return run records: each finished job's record is
+    written to ``runs_dir/<job name>.json`` as it completes and announced as ``name: score S (detail)``, with
+    ``detail`` formatted from the record."""
+
+    def done(name: str, rec: dict[str, Any]) -> None:
+        atomic_write_text(runs_dir / f"{name}.json", json.dumps(rec, indent=2))
+        print(f"{name}: score {rec['normalized_score']:.3f} ({detail.format(**rec)})", flush=True)
+
+    run_jobs(jobs, launch, done)
 
 
 def _collect_datasets(env_ids: set[str], sc: Scale, data_dir: Path) -> None:

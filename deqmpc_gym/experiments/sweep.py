@@ -20,8 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 from deqmpc_gym._config import require_at_least_one
 from deqmpc_gym.errors import ConfigError
-from deqmpc_gym.experiments.launch import Job, LaunchConfig, connection, run_jobs
-from deqmpc_gym.experiments.reproduce import SCALES, Scale, _job_device, _short, check_selection, run_one
+from deqmpc_gym.experiments.launch import Job, LaunchConfig, connection
+from deqmpc_gym.experiments.reproduce import (
+    SCALES,
+    Scale,
+    _job_device,
+    _short,
+    check_selection,
+    run_and_record,
+    run_one,
+)
 from deqmpc_gym.io import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -111,13 +119,9 @@ def learning_curve_sweep(config: SweepConfig = SweepConfig(), *, out_dir: str | 
             for h, n in todo]
     _collect(config, {n for _, n in todo}, data_dir)
 
-    def done(name: str, rec: dict[str, Any]) -> None:
-        atomic_write_text(runs_dir / f"{name}.json", json.dumps(rec, indent=2))
-        print(f"{name}: score {rec['normalized_score']:.3f} ({rec['wall_time_s']:.0f} s)", flush=True)
-
     try:
         with connection(launch):
-            run_jobs(jobs, launch, done)
+            run_and_record(jobs, launch, runs_dir)
     finally:
         records = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
         atomic_write_text(Path(out_dir) / f"{stem}.json", json.dumps(records, indent=2))
