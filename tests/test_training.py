@@ -434,14 +434,17 @@ def test_dagger_keeps_the_round_that_scores_best_in_closed_loop(small: ExpertDat
     scores = iter([0.5, 0.9, 0.7])  # start, round 0, round 1: round 0 is the best
     seen = []
 
-    def fake(p, expert, env_id, config):
+    def fake(p, expert, env_id, config, expert_return=None):
         seen.append(p)
         return next(scores)
 
     monkeypatch.setattr(dg, "_closed_loop_score", fake)
+    references = []
+    monkeypatch.setattr(dg, "_expert_return", lambda *a: references.append(a) or 1.0)
     tuned, _ = dg.dagger(policy, load_expert(PEND), small, PEND, tmp_path, cfg,
                          TrainConfig(batch_size=4, val_batches=1, val_every=2))
     assert tuned is not policy and tuned is not seen[2]
+    assert len(references) == 1  # the expert's validation return: once per call, not once per score
 
     def weights(p) -> list[torch.Tensor]:
         return [t.detach().clone() for t in p.layer.state_dict().values()]
@@ -492,7 +495,7 @@ def test_a_repeated_dagger_call_continues_from_the_folder_without_rolling_out_ag
     def refuse(*args, **kwargs):
         raise AssertionError("rolled out again")
 
-    for name in ("visited_states", "_closed_loop_score"):
+    for name in ("visited_states", "_closed_loop_score", "_expert_return"):
         monkeypatch.setattr(dg, name, refuse)
     monkeypatch.setattr("deqmpc_gym.experts.collect.collect_from_states", refuse)
     again, data2 = dg.dagger(_policy(), expert, small, PEND, tmp_path, cfg, tcfg)

@@ -103,13 +103,29 @@ def visited_states(policy: Any, env_id: str, episodes: int, seed: int, max_steps
     return [np.asarray(s) for s in seqs]
 
 
-def _closed_loop_score(policy: Any, expert: Any, env_id: str, config: DaggerConfig) -> float:
-    """Normalized score of ``policy`` on the validation episodes, against ``expert`` on the same episodes."""
-    from deqmpc_gym.evaluation import EvalConfig, rollout_batched
+def _validation(config: DaggerConfig) -> Any:
+    from deqmpc_gym.evaluation import EvalConfig
 
-    ev_cfg = EvalConfig(episodes=config.select_episodes, seed=config.select_seed, max_steps=config.max_steps)
-    ref = rollout_batched(expert, env_id, ev_cfg)
-    ev = rollout_batched(policy, env_id, ev_cfg, reference=(float(expert.card["random_return"]), ref.mean_return))
+    return EvalConfig(episodes=config.select_episodes, seed=config.select_seed, max_steps=config.max_steps)
+
+
+def _expert_return(expert: Any, env_id: str, config: DaggerConfig) -> float:
+    """The expert's mean return on the validation episodes (the same in every round: computed once per call)."""
+    from deqmpc_gym.evaluation import rollout_batched
+
+    return float(rollout_batched(expert, env_id, _validation(config)).mean_return)
+
+
+def _closed_loop_score(policy: Any, expert: Any, env_id: str, config: DaggerConfig,
+                       expert_return: float | None = None) -> float:
+    """Normalized score of ``policy`` on the validation episodes, against ``expert`` on the same episodes
+    (``expert_return``: its mean return there, if already measured)."""
+    from deqmpc_gym.evaluation import rollout_batched
+
+    if expert_return is None:
+        expert_return = _expert_return(expert, env_id, config)
+    ev = rollout_batched(policy, env_id, _validation(config),
+                         reference=(float(expert.card["random_return"]), expert_return))
     return float("nan") if ev.normalized_score is None else float(ev.normalized_score)
 
 
@@ -150,9 +166,15 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
     log: list[dict[str, Any]] = []
     rng = np.random.default_rng(config.seed)
     best_score, best_policy, since_best = -np.inf, policy, 0
+    reference: list[float] = []  # the expert's validation return, measured at the first score this call needs
+
+    def validate(p: Any) -> float:
+        if not reference:
+            reference.append(_expert_return(expert, env_id, config))
+        return _closed_loop_score(p, expert, env_id, config, reference[0])
+
     if config.select_episodes:
-        best_score = (done[-1]["closed_loop_score"] if -1 in done
-                      else _closed_loop_score(policy, expert, env_id, config))
+        best_score = done[-1]["closed_loop_score"] if -1 in done else validate(policy)
         log.append({"round": -1, "closed_loop_score": best_score})
         # round 0 trains ``policy`` in place: the kept starting policy is a copy
         best_policy = copy.deepcopy(policy)
@@ -182,7 +204,7 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
             log.append({"round": r, "visited_episodes": visited, "new_trajectories": len(new),
                         "dataset_trajectories": len(dataset), "best_val_loss": res.best_val_loss})
             if config.select_episodes:
-                log[-1]["closed_loop_score"] = _closed_loop_score(policy, expert, env_id, config)
+                log[-1]["closed_loop_score"] = validate(policy)
         if config.select_episodes:
             score = log[-1]["closed_loop_score"]
             since_best += 1
