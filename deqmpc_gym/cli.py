@@ -262,6 +262,9 @@ def _add_train(sub: Any) -> None:
                                      "validation score (0: run all rounds)")):
         dg.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=_default(DaggerConfig, name),
                         help=help_)
+    dg.add_argument("--plateau-lr-factor", type=float, default=_default(DaggerConfig, "plateau_lr_factor"),
+                    help="with --select-episodes, < 1: after a round without a better validation score, the next "
+                         "round starts from the best policy at the rate times this factor (1: off)")
     dg.add_argument("--batch-size", type=int, default=_default(TrainConfig, "batch_size"), help="windows per step")
     dg.add_argument("--lr", type=float, default=_default(TrainConfig, "lr"),
                     help="Adam learning rate of each round (each round starts a fresh optimizer)")
@@ -555,7 +558,8 @@ def _dagger(args: argparse.Namespace) -> int:
     check_writable(args.out, kind="dir")
     cfg = DaggerConfig(rounds=args.rounds, episodes=args.episodes, states_per_episode=args.states_per_episode,
                        label_steps=args.label_steps, train_steps=args.train_steps, seed=args.seed,
-                       select_episodes=args.select_episodes, patience=args.patience)
+                       select_episodes=args.select_episodes, patience=args.patience,
+                       plateau_lr_factor=args.plateau_lr_factor)
     policy = DEQMPCPolicy.load(args.policy, env=args.env, device=resolve_device(args.device))
     data = ExpertDataset.load(args.dataset, env_id=args.env)
     expert = load_expert(args.env, kind=dataset_expert_kind(args.env))

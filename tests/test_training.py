@@ -476,6 +476,43 @@ def test_dagger_keeps_the_round_that_scores_best_in_closed_loop(small: ExpertDat
     dg.DaggerConfig(select_episodes=100, select_seed=9_900)  # ends at 9999
 
 
+def test_dagger_on_a_plateau_goes_back_to_the_best_policy_at_a_lower_rate(
+        small: ExpertDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``plateau_lr_factor`` a round without a better score sends the next round back to the best policy at the
+    rate times the factor (compounding); a later call replays the finished rounds into the same schedule; the
+    factor needs validation episodes and must be in (0, 1]."""
+    import deqmpc_gym.experiments.dagger as dg
+    from deqmpc_gym.experts import load_expert
+
+    cfg = dg.DaggerConfig(rounds=3, episodes=2, states_per_episode=2, label_steps=5, train_steps=2, max_steps=10,
+                          select_episodes=2, plateau_lr_factor=0.3)
+    tcfg = TrainConfig(batch_size=4, val_batches=1, val_every=2, lr=1e-3)
+    scores = iter([0.5, 0.9, 0.7])  # start, round 0, round 1: round 1 does not beat round 0
+    monkeypatch.setattr(dg, "_expert_return", lambda *a: 1.0)
+    monkeypatch.setattr(dg, "_closed_loop_score", lambda *a: next(scores))
+    starts: list[list[torch.Tensor]] = []
+    real = dg.visited_states
+
+    def visited(p, *a):
+        starts.append([t.detach().clone() for t in p.layer.state_dict().values()])
+        return real(p, *a)
+
+    monkeypatch.setattr(dg, "visited_states", visited)
+    dg.dagger(_policy(), load_expert(PEND), small, PEND, tmp_path, dataclasses.replace(cfg, rounds=2), tcfg)
+    scores = iter([0.95])
+    dg.dagger(_policy(), load_expert(PEND), small, PEND, tmp_path, cfg, tcfg)  # replays rounds 0, 1; runs round 2
+    assert len(starts) == 3
+    log = json.loads((tmp_path / "dagger.json").read_text())["rounds"]
+    assert [e["round"] for e in log] == [-1, 0, 1, 2]
+    assert [e["lr"] for e in log[1:]] == pytest.approx([1e-3, 1e-3, 3e-4])
+    round0 = DEQMPCPolicy.load(tmp_path / "round_0" / "best").layer.state_dict().values()
+    assert all(torch.equal(a, b) for a, b in zip(starts[-1], round0, strict=True))  # round 2 starts from round 0
+    with pytest.raises(ConfigError, match="plateau_lr_factor"):
+        dg.DaggerConfig(plateau_lr_factor=0.5)  # without select_episodes
+    with pytest.raises(ConfigError, match=r"\(0, 1\]"):
+        dg.DaggerConfig(select_episodes=2, plateau_lr_factor=0.0)
+
+
 def test_a_repeated_dagger_call_continues_from_the_folder_without_rolling_out_again(
         small: ExpertDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A second call of the same run reads each round's labels, training and score from the folder (no rollout,

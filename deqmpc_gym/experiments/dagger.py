@@ -7,16 +7,20 @@ lets the expert drive from each for ``label_steps`` steps, adds these expert tra
 continues training the policy on the aggregate. Rounds are separate training runs in ``out_dir/round_<r>`` (each
 resumable); ``out_dir/dagger.json`` records the rounds.
 
-A call into a folder that holds the same DAgger run (same settings except ``rounds`` and ``patience``, same
-starting policy and dataset; ``dagger.json``'s ``run``) continues it: a round's expert labels
-(``round_<r>/labels.npz``, written before its training starts, with the state of the random choices after it) are
-read instead of rolled out and labelled again, and a finished round's training and closed-loop score are taken
-from the folder and ``dagger.json``. A folder of another DAgger run is refused (:class:`ConfigError`).
+A call into a folder that holds the same DAgger run (same settings except ``rounds``, ``patience`` and
+``plateau_lr_factor``, which shape only the rounds not yet run; same starting policy and dataset; ``dagger.json``'s
+``run``) continues it: a round's expert labels (``round_<r>/labels.npz``, written before its training starts, with
+the state of the random choices after it) are read instead of rolled out and labelled again, and a finished round's
+training and closed-loop score are taken from the folder and ``dagger.json``. A folder of another DAgger run is
+refused (:class:`ConfigError`).
 
 With ``select_episodes > 0`` every round (and the starting policy) is scored in closed loop on validation episodes
 (seeds ``select_seed``+, apart from the evaluation seeds 10000+ of Table 1 and the cards) against the labelling
 expert's return on the same episodes, and the best-scoring policy is returned: the imitation loss of a round does
-not predict its closed-loop score.
+not predict its closed-loop score. With ``plateau_lr_factor < 1`` as well, a round that does not beat the best score
+so far sends the next round back to the best-scoring policy, at the learning rate times that factor (a
+reduce-on-plateau schedule over rounds): from a weak starting policy, rounds at the full rate climb fast and then
+stall, and the lower rate from the best policy climbs further.
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ class DaggerConfig:
         select_seed: first seed of those episodes.
         patience: with ``select_episodes``, stop after this many rounds in a row without a better validation score
             than the best so far (0: run all ``rounds``).
+        plateau_lr_factor: in (0, 1]; with ``select_episodes`` and < 1, after a round without a better score the
+            next round starts from the best-scoring policy so far, at the learning rate times this factor (the
+            factors compound); 1: every round continues from the previous one at the same rate.
     """
 
     rounds: int = 3
@@ -64,11 +71,17 @@ class DaggerConfig:
     select_episodes: int = 0
     select_seed: int = 30_000
     patience: int = 0
+    plateau_lr_factor: float = 1.0
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("rounds", "episodes", "states_per_episode", "label_steps", "train_steps",
                                     "max_steps"))
         require_at_least_one(self, ("seed", "select_episodes", "select_seed", "patience"), minimum=0)
+        if not 0 < self.plateau_lr_factor <= 1:
+            raise ConfigError(f"DaggerConfig.plateau_lr_factor must be in (0, 1], got {self.plateau_lr_factor!r}")
+        if self.plateau_lr_factor < 1 and not self.select_episodes:
+            raise ConfigError(f"DaggerConfig.plateau_lr_factor {self.plateau_lr_factor} needs select_episodes > 0 "
+                              "(the rounds' validation scores decide when the rate drops)")
         if self.patience and not self.select_episodes:
             raise ConfigError(f"DaggerConfig.patience {self.patience} needs select_episodes > 0 (the rounds' "
                               "validation scores decide when to stop)")
@@ -178,6 +191,7 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
         log.append({"round": -1, "closed_loop_score": best_score})
         # round 0 trains ``policy`` in place: the kept starting policy is a copy
         best_policy = copy.deepcopy(policy)
+    lr_scale = 1.0  # plateau_lr_factor ** (rounds so far without a better score)
     for r in range(config.rounds):
         run_dir = out / f"round_{r}"
         labels = _read_labels(run_dir / "labels.npz", env_id, key, r)
@@ -198,11 +212,13 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
             log.append(done[r])
             policy = DEQMPCPolicy.load(run_dir / "best", device=policy.device)
         else:
-            res = ImitationTrainer(policy, dataset, cfg, run_dir, progress=False).train(
+            round_cfg = replace(cfg, lr=cfg.lr * lr_scale)
+            res = ImitationTrainer(policy, dataset, round_cfg, run_dir, progress=False).train(
                 resume=(run_dir / "checkpoint.pt").exists(), deadline=deadline)
             policy = DEQMPCPolicy.load(run_dir / "best", device=policy.device)
             log.append({"round": r, "visited_episodes": visited, "new_trajectories": len(new),
-                        "dataset_trajectories": len(dataset), "best_val_loss": res.best_val_loss})
+                        "dataset_trajectories": len(dataset), "best_val_loss": res.best_val_loss,
+                        "lr": round_cfg.lr})
             if config.select_episodes:
                 log[-1]["closed_loop_score"] = validate(policy)
         if config.select_episodes:
@@ -211,6 +227,9 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
             if score > best_score:  # a fresh copy: the next round trains ``policy`` in place
                 best_score, best_policy = score, DEQMPCPolicy.load(run_dir / "best", device=policy.device)
                 since_best = 0
+            elif config.plateau_lr_factor < 1:  # the next round: back to the best policy, at a lower rate
+                lr_scale *= config.plateau_lr_factor
+                policy = copy.deepcopy(best_policy)
         atomic_write_text(out / "dagger.json", json.dumps({"config": asdict(config), "run": key, "rounds": log},
                                                           indent=2))
         if config.patience and since_best >= config.patience:
@@ -219,12 +238,13 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
 
 
 def _run_key(policy: Any, dataset: ExpertDataset, env_id: str, config: DaggerConfig) -> str:
-    """What identifies a DAgger run across calls (hex, 16 digits): the env, the settings except ``rounds`` and
-    ``patience``, the starting policy's weights and the starting dataset."""
+    """What identifies a DAgger run across calls (hex, 16 digits): the env, the settings except ``rounds``,
+    ``patience`` and ``plateau_lr_factor`` (they shape only the rounds not yet run), the starting policy's weights
+    and the starting dataset."""
     from deqmpc_gym.training.rundir import dataset_fingerprint
 
     h = hashlib.sha256(env_id.encode())
-    settings = {k: v for k, v in asdict(config).items() if k not in ("rounds", "patience")}
+    settings = {k: v for k, v in asdict(config).items() if k not in ("rounds", "patience", "plateau_lr_factor")}
     h.update(json.dumps(settings, sort_keys=True).encode())
     state = policy.layer.state_dict()
     for name in sorted(state):
