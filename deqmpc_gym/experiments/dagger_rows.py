@@ -67,7 +67,7 @@ class DaggerProtocol:
 #: The protocol per scale (others: ``DaggerProtocol()``); ``tiny`` is a smoke test. The ``cpu`` scale's runs start far
 #: lower on the pole tasks (QPole 0.1-0.2), where rounds at lr 1e-3 climb to about 0.65 in 4 rounds and stall (QPole
 #: DEQ-MPC-NN seed 0); its rows go on for up to 12 rounds, each round without a better score sending the next back to
-#: the best policy at 0.3 x the rate (``plateau_lr_factor``), so that 3 in a row end the run at 9e-5.
+#: the best policy at 0.3 x the rate (``plateau_lr_factor``; 1e-3, 3e-4, 9e-5, ...), 3 such rounds in a row ending it.
 PROTOCOLS: dict[str, DaggerProtocol] = {
     "cpu": DaggerProtocol(DaggerConfig(rounds=12, states_per_episode=8, select_episodes=100, patience=3,
                                        plateau_lr_factor=0.3)),
