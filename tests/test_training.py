@@ -547,6 +547,19 @@ def test_a_repeated_dagger_call_continues_from_the_folder_without_rolling_out_ag
     monkeypatch.setattr(dg, "visited_states", lambda p, e, n, seed, m: seen.append(seed) or real(p, e, n, seed, m))
     dg.dagger(_policy(), expert, small, PEND, tmp_path, dataclasses.replace(cfg, rounds=3), tcfg)
     assert seen == [2000] and len(json.loads((tmp_path / "dagger.json").read_text())["rounds"]) == 4
+    # a kept run without its label files (they are the bulk of a run's state): the finished rounds roll out and
+    # label again, from the same policies and random picks, into the same dataset, and are not trained again
+    labels = {r: ExpertDataset.load(tmp_path / f"round_{r}" / "labels.npz") for r in range(3)}
+    for r in range(3):
+        (tmp_path / f"round_{r}" / "labels.npz").unlink()
+    trained = [(tmp_path / f"round_{r}" / "best" / "policy.pt").stat().st_mtime_ns for r in range(3)]
+    seen.clear()
+    _, data3 = dg.dagger(_policy(), expert, small, PEND, tmp_path, dataclasses.replace(cfg, rounds=3), tcfg)
+    assert seen == [0, 1000, 2000] and len(json.loads((tmp_path / "dagger.json").read_text())["rounds"]) == 4
+    for r in range(3):
+        again = ExpertDataset.load(tmp_path / f"round_{r}" / "labels.npz")
+        assert dataset_fingerprint(again) == dataset_fingerprint(labels[r])
+    assert trained == [(tmp_path / f"round_{r}" / "best" / "policy.pt").stat().st_mtime_ns for r in range(3)]
     with pytest.raises(ConfigError, match="another DAgger run"):
         dg.dagger(_policy(), expert, small, PEND, tmp_path, dataclasses.replace(cfg, states_per_episode=3), tcfg)
     with pytest.raises(ConfigError, match="another DAgger run"):
