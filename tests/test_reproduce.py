@@ -437,14 +437,14 @@ def test_git_commit_is_dirty_only_for_changes_of_the_package(tmp_path):
 def test_the_dagger_lineage_follows_the_plateau_restarts() -> None:
     """The rounds a kept DAgger policy was trained through (its training steps and windows): every round before it
     without restarts; with them, a round after one that did not beat the best continues the best policy."""
-    from deqmpc_gym.experiments.dagger_rows import _lineage
+    from deqmpc_gym.experiments.dagger import lineage
 
     scores = {-1: 0.5, 0: 0.9, 1: 0.7, 2: 0.95, 3: 0.8, 4: 0.96}
     rounds = [{"round": r, "closed_loop_score": v} for r, v in scores.items()]
-    assert [e["round"] for e in _lineage(rounds, 4, restarts=True)] == [0, 2, 4]
-    assert [e["round"] for e in _lineage(rounds, 4, restarts=False)] == [0, 1, 2, 3, 4]
-    assert [e["round"] for e in _lineage(rounds, 3, restarts=True)] == [0, 2, 3]
-    assert _lineage(rounds, -1, restarts=True) == []
+    assert [e["round"] for e in lineage(rounds, 4, restarts=True)] == [0, 2, 4]
+    assert [e["round"] for e in lineage(rounds, 4, restarts=False)] == [0, 1, 2, 3, 4]
+    assert [e["round"] for e in lineage(rounds, 3, restarts=True)] == [0, 2, 3]
+    assert lineage(rounds, -1, restarts=True) == []
 
 
 def test_dagger_rows_continue_the_table1_runs_and_ship_with_their_seeds(tmp_path, capsys) -> None:

@@ -507,6 +507,7 @@ def test_dagger_on_a_plateau_goes_back_to_the_best_policy_at_a_lower_rate(
     assert [e["lr"] for e in log[1:]] == pytest.approx([1e-3, 1e-3, 3e-4])
     round0 = DEQMPCPolicy.load(tmp_path / "round_0" / "best").layer.state_dict().values()
     assert all(torch.equal(a, b) for a, b in zip(starts[-1], round0, strict=True))  # round 2 starts from round 0
+    assert [e["round"] for e in dg.lineage(log, 2, restarts=True)] == [0, 2]  # the records' account of that chain
     with pytest.raises(ConfigError, match="plateau_lr_factor"):
         dg.DaggerConfig(plateau_lr_factor=0.5)  # without select_episodes
     with pytest.raises(ConfigError, match=r"\(0, 1\]"):

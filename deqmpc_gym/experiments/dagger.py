@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,7 @@ def visited_states(policy: Any, env_id: str, episodes: int, seed: int, max_steps
 
 
 def _validation(config: DaggerConfig) -> Any:
+    """The :class:`~deqmpc_gym.evaluation.EvalConfig` of the rounds' closed-loop validation episodes."""
     from deqmpc_gym.evaluation import EvalConfig
 
     return EvalConfig(episodes=config.select_episodes, seed=config.select_seed, max_steps=config.max_steps)
@@ -235,6 +237,23 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
         if config.patience and since_best >= config.patience:
             break
     return (best_policy if config.select_episodes else policy), dataset
+
+
+def lineage(rounds: Sequence[dict[str, Any]], kept: int, restarts: bool) -> list[dict[str, Any]]:
+    """The rounds of ``dagger.json`` (``rounds``: its entries, ``-1`` the starting policy) that the policy of round
+    ``kept`` was trained through, in order, as :func:`dagger` chains them: each round continues the previous one,
+    or with ``restarts`` (``plateau_lr_factor < 1``) the best-scoring policy before it when the previous round did
+    not beat that. Empty for ``kept = -1``."""
+    chains: dict[int, list[dict[str, Any]]] = {-1: []}
+    best = next((e["closed_loop_score"] for e in rounds if e["round"] == -1), -float("inf"))
+    best_round = prev = -1
+    for e in sorted((e for e in rounds if e["round"] >= 0), key=lambda e: e["round"]):
+        parent = best_round if restarts and prev != best_round else prev
+        chains[int(e["round"])] = chains[parent] + [e]
+        if e["closed_loop_score"] > best:
+            best, best_round = e["closed_loop_score"], int(e["round"])
+        prev = int(e["round"])
+    return chains[kept]
 
 
 def _run_key(policy: Any, dataset: ExpertDataset, env_id: str, config: DaggerConfig) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deqmpc_gym.errors import ConfigError
-from deqmpc_gym.experiments.dagger import DaggerConfig
+from deqmpc_gym.experiments.dagger import DaggerConfig, lineage
 from deqmpc_gym.experiments.launch import Job, LaunchConfig, connection
 from deqmpc_gym.experiments.reproduce import (
     SCALES,
@@ -91,22 +91,6 @@ def _kept_round(rounds: Sequence[dict[str, Any]]) -> int:
     return kept
 
 
-def _lineage(rounds: Sequence[dict[str, Any]], kept: int, restarts: bool) -> list[dict[str, Any]]:
-    """The rounds the policy of round ``kept`` was trained through, in order: each round continues the previous
-    one, or with ``restarts`` (``plateau_lr_factor < 1``) the best-scoring policy before it when the previous round
-    did not beat that."""
-    chains: dict[int, list[dict[str, Any]]] = {-1: []}
-    best = next((e["closed_loop_score"] for e in rounds if e["round"] == -1), -float("inf"))
-    best_round = prev = -1
-    for e in sorted((e for e in rounds if e["round"] >= 0), key=lambda e: e["round"]):
-        parent = best_round if restarts and prev != best_round else prev
-        chains[int(e["round"])] = chains[parent] + [e]
-        if e["closed_loop_score"] > best:
-            best, best_round = e["closed_loop_score"], int(e["round"])
-        prev = int(e["round"])
-    return chains[kept]
-
-
 def _protocol_text(base: dict[str, Any], scale: str, proto: DaggerProtocol, rounds: Sequence[dict[str, Any]],
                    kept: int) -> str:
     d = proto.dagger
@@ -163,9 +147,9 @@ def dagger_run(env_id: str, variant: str, seed: int, scale: str, out_dir: str | 
     rounds = json.loads((run_dir / "dagger.json").read_text())["rounds"]
     kept = _kept_round(rounds)
     steps = proto.dagger.train_steps
-    lineage = _lineage(rounds, kept, proto.dagger.plateau_lr_factor < 1)  # the rounds the kept policy went through
+    trained = lineage(rounds, kept, proto.dagger.plateau_lr_factor < 1)  # the rounds the kept policy went through
     round_time = sum(float(json.loads((run_dir / f"round_{e['round']}" / "result.json").read_text())["wall_time_s"])
-                     for e in lineage)
+                     for e in trained)
     base_windows = base["train_steps"] * base["batch_size"]
     curve = list(base.get("curve", [])) + [
         {"step": base["train_steps"] + (e["round"] + 1) * steps,
@@ -173,14 +157,14 @@ def dagger_run(env_id: str, variant: str, seed: int, scale: str, out_dir: str | 
          "val_loss": e["best_val_loss"], "score": e["closed_loop_score"]} for e in rounds if e["round"] >= 0]
     return {"env_id": env_id, "variant": variant, "seed": seed,
             **final_evaluation(tuned, env_id, SCALES[scale].eval_episodes[short]),
-            "best_val_loss": lineage[-1]["best_val_loss"] if lineage else base["best_val_loss"],
-            "train_steps": base["train_steps"] + len(lineage) * steps, "hidden": base["hidden"],
+            "best_val_loss": trained[-1]["best_val_loss"] if trained else base["best_val_loss"],
+            "train_steps": base["train_steps"] + len(trained) * steps, "hidden": base["hidden"],
             "wall_time_s": time.perf_counter() - t0,
             # the base run's training plus the DAgger rounds the kept policy went through (rollouts excluded)
             "train_time_s": base.get("train_time_s", base["wall_time_s"]) + round_time,
-            "batch_size": proto.batch_size, "windows_seen": base_windows + len(lineage) * steps * proto.batch_size,
+            "batch_size": proto.batch_size, "windows_seen": base_windows + len(trained) * steps * proto.batch_size,
             "num_trajectories": base["num_trajectories"],
-            "dagger_trajectories": next((e["dataset_trajectories"] for e in lineage[-1:]), base["num_trajectories"]),
+            "dagger_trajectories": next((e["dataset_trajectories"] for e in trained[-1:]), base["num_trajectories"]),
             "dagger_rounds": rounds, "dagger_kept_round": kept, "base_score": base["normalized_score"],
             "curve": curve, "commit": git_commit(), "base_commit": base.get("commit"),
             "protocol": _protocol_text(base, scale, proto, rounds, kept),
