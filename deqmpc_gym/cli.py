@@ -265,6 +265,8 @@ def _add_train(sub: Any) -> None:
     dg.add_argument("--plateau-lr-factor", type=float, default=_default(DaggerConfig, "plateau_lr_factor"),
                     help="with --select-episodes, < 1: after a round without a better validation score, the next "
                          "round starts from the best policy at the rate times this factor (1: off)")
+    dg.add_argument("--min-lr", type=float, default=_default(DaggerConfig, "min_lr"),
+                    help="with --plateau-lr-factor < 1: the rate never drops below this (0: no floor)")
     dg.add_argument("--batch-size", type=int, default=_default(TrainConfig, "batch_size"), help="windows per step")
     dg.add_argument("--lr", type=float, default=_default(TrainConfig, "lr"),
                     help="Adam learning rate of each round (each round starts a fresh optimizer)")
@@ -559,7 +561,7 @@ def _dagger(args: argparse.Namespace) -> int:
     cfg = DaggerConfig(rounds=args.rounds, episodes=args.episodes, states_per_episode=args.states_per_episode,
                        label_steps=args.label_steps, train_steps=args.train_steps, seed=args.seed,
                        select_episodes=args.select_episodes, patience=args.patience,
-                       plateau_lr_factor=args.plateau_lr_factor)
+                       plateau_lr_factor=args.plateau_lr_factor, min_lr=args.min_lr)
     policy = DEQMPCPolicy.load(args.policy, env=args.env, device=resolve_device(args.device))
     data = ExpertDataset.load(args.dataset, env_id=args.env)
     expert = load_expert(args.env, kind=dataset_expert_kind(args.env))

@@ -514,6 +514,33 @@ def test_dagger_on_a_plateau_goes_back_to_the_best_policy_at_a_lower_rate(
         dg.DaggerConfig(select_episodes=2, plateau_lr_factor=0.0)
 
 
+def test_dagger_min_lr_floors_the_plateau_schedule_and_a_changed_schedule_is_refused_on_resume(
+        small: ExpertDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``min_lr`` stops the plateau schedule from lowering the rate further (1e-3, 3e-4, then 3e-4 again where the
+    factor alone would give 9e-5); a later call whose schedule gives a finished round another rate (the floor
+    changed) raises a ConfigError naming the round and what to delete, and leaves the folder as it was; the floor
+    needs the plateau factor and is not negative."""
+    import deqmpc_gym.experiments.dagger as dg
+    from deqmpc_gym.experts import load_expert
+
+    cfg = dg.DaggerConfig(rounds=3, episodes=2, states_per_episode=2, label_steps=5, train_steps=2, max_steps=10,
+                          select_episodes=2, plateau_lr_factor=0.3, min_lr=3e-4)
+    tcfg = TrainConfig(batch_size=4, val_batches=1, val_every=2, lr=1e-3)
+    scores = iter([0.5, 0.4, 0.3, 0.2])  # no round beats the starting policy: the rate drops after each
+    monkeypatch.setattr(dg, "_expert_return", lambda *a: 1.0)
+    monkeypatch.setattr(dg, "_closed_loop_score", lambda *a: next(scores))
+    dg.dagger(_policy(), load_expert(PEND), small, PEND, tmp_path, cfg, tcfg)
+    record = (tmp_path / "dagger.json").read_text()
+    assert [e["lr"] for e in json.loads(record)["rounds"][1:]] == pytest.approx([1e-3, 3e-4, 3e-4])
+    with pytest.raises(ConfigError, match=r"round_2 was trained at lr 0.0003.*gives it 9e-05.*delete round_2"):
+        dg.dagger(_policy(), load_expert(PEND), small, PEND, tmp_path, dataclasses.replace(cfg, min_lr=0.0), tcfg)
+    assert (tmp_path / "dagger.json").read_text() == record
+    with pytest.raises(ConfigError, match="min_lr"):
+        dg.DaggerConfig(select_episodes=2, min_lr=1e-4)  # without plateau_lr_factor < 1
+    with pytest.raises(ConfigError, match=">= 0"):
+        dg.DaggerConfig(select_episodes=2, plateau_lr_factor=0.3, min_lr=-1.0)
+
+
 def test_a_repeated_dagger_call_continues_from_the_folder_without_rolling_out_again(
         small: ExpertDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A second call of the same run reads each round's labels, training and score from the folder (no rollout,

@@ -7,12 +7,13 @@ lets the expert drive from each for ``label_steps`` steps, adds these expert tra
 continues training the policy on the aggregate. Rounds are separate training runs in ``out_dir/round_<r>`` (each
 resumable); ``out_dir/dagger.json`` records the rounds.
 
-A call into a folder that holds the same DAgger run (same settings except ``rounds``, ``patience`` and
-``plateau_lr_factor``, which shape only the rounds not yet run; same starting policy and dataset; ``dagger.json``'s
-``run``) continues it: a round's expert labels (``round_<r>/labels.npz``, written before its training starts, with
-the state of the random choices after it) are read instead of rolled out and labelled again, and a finished round's
-training and closed-loop score are taken from the folder and ``dagger.json``. A folder of another DAgger run is
-refused (:class:`ConfigError`).
+A call into a folder that holds the same DAgger run (same settings except ``rounds``, ``patience``,
+``plateau_lr_factor`` and ``min_lr``, which shape only the rounds not yet run; same starting policy and dataset;
+``dagger.json``'s ``run``) continues it: a round's expert labels (``round_<r>/labels.npz``, written before its
+training starts, with the state of the random choices after it) are read instead of rolled out and labelled
+again, and a finished round's training and closed-loop score are taken from the folder and ``dagger.json``. A
+folder of another DAgger run is refused (:class:`ConfigError`), and so is a finished round trained at another
+learning rate than the schedule of this call gives it (``plateau_lr_factor`` or ``min_lr`` changed under it).
 
 With ``select_episodes > 0`` every round (and the starting policy) is scored in closed loop on validation episodes
 (seeds ``select_seed``+, apart from the evaluation seeds 10000+ of Table 1 and the cards) against the labelling
@@ -20,7 +21,8 @@ expert's return on the same episodes, and the best-scoring policy is returned: t
 not predict its closed-loop score. With ``plateau_lr_factor < 1`` as well, a round that does not beat the best score
 so far sends the next round back to the best-scoring policy, at the learning rate times that factor (a
 reduce-on-plateau schedule over rounds): from a weak starting policy, rounds at the full rate climb fast and then
-stall, and the lower rate from the best policy climbs further.
+stall, and the lower rate from the best policy climbs further; ``min_lr`` keeps the rate from falling further
+than that (a round at a tiny rate barely moves the policy).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,6 +63,8 @@ class DaggerConfig:
         plateau_lr_factor: in (0, 1]; with ``select_episodes`` and < 1, after a round without a better score the
             next round starts from the best-scoring policy so far, at the learning rate times this factor (the
             factors compound); 1: every round continues from the previous one at the same rate.
+        min_lr: with ``plateau_lr_factor < 1``, the rate never drops below this (absolute, as
+            ``TrainConfig.lr``; capped at the training rate); 0: no floor.
     """
 
     rounds: int = 3
@@ -73,6 +78,7 @@ class DaggerConfig:
     select_seed: int = 30_000
     patience: int = 0
     plateau_lr_factor: float = 1.0
+    min_lr: float = 0.0
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("rounds", "episodes", "states_per_episode", "label_steps", "train_steps",
@@ -83,6 +89,11 @@ class DaggerConfig:
         if self.plateau_lr_factor < 1 and not self.select_episodes:
             raise ConfigError(f"DaggerConfig.plateau_lr_factor {self.plateau_lr_factor} needs select_episodes > 0 "
                               "(the rounds' validation scores decide when the rate drops)")
+        if not self.min_lr >= 0:
+            raise ConfigError(f"DaggerConfig.min_lr must be >= 0, got {self.min_lr!r}")
+        if self.min_lr and self.plateau_lr_factor == 1:
+            raise ConfigError(f"DaggerConfig.min_lr {self.min_lr} needs plateau_lr_factor < 1 (the floor of the rate "
+                              "that factor lowers)")
         if self.patience and not self.select_episodes:
             raise ConfigError(f"DaggerConfig.patience {self.patience} needs select_episodes > 0 (the rounds' "
                               "validation scores decide when to stop)")
@@ -210,11 +221,12 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
             rng.bit_generator.state = labels.extra["rng_state"]
         dataset = ExpertDataset(env_id, dataset.trajectories + new, expert_id=dataset.expert_id, seed=dataset.seed,
                                 extra={**dataset.extra, "dagger_rounds": r + 1})
+        round_cfg = replace(cfg, lr=max(cfg.lr * lr_scale, min(config.min_lr, cfg.lr)))
         if r in done:  # trained and scored by an earlier call
+            _check_round_rate(done[r], round_cfg.lr, run_dir)
             log.append(done[r])
             policy = DEQMPCPolicy.load(run_dir / "best", device=policy.device)
         else:
-            round_cfg = replace(cfg, lr=cfg.lr * lr_scale)
             res = ImitationTrainer(policy, dataset, round_cfg, run_dir, progress=False).train(
                 resume=(run_dir / "checkpoint.pt").exists(), deadline=deadline)
             policy = DEQMPCPolicy.load(run_dir / "best", device=policy.device)
@@ -232,8 +244,9 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
             elif config.plateau_lr_factor < 1:  # the next round: back to the best policy, at a lower rate
                 lr_scale *= config.plateau_lr_factor
                 policy = copy.deepcopy(best_policy)
-        atomic_write_text(out / "dagger.json", json.dumps({"config": asdict(config), "run": key, "rounds": log},
-                                                          indent=2))
+        if r not in done:  # (the record holds the finished rounds already)
+            atomic_write_text(out / "dagger.json", json.dumps({"config": asdict(config), "run": key, "rounds": log},
+                                                              indent=2))
         if config.patience and since_best >= config.patience:
             break
     return (best_policy if config.select_episodes else policy), dataset
@@ -258,12 +271,13 @@ def lineage(rounds: Sequence[dict[str, Any]], kept: int, restarts: bool) -> list
 
 def _run_key(policy: Any, dataset: ExpertDataset, env_id: str, config: DaggerConfig) -> str:
     """What identifies a DAgger run across calls (hex, 16 digits): the env, the settings except ``rounds``,
-    ``patience`` and ``plateau_lr_factor`` (they shape only the rounds not yet run), the starting policy's weights
-    and the starting dataset."""
+    ``patience``, ``plateau_lr_factor`` and ``min_lr`` (they shape only the rounds not yet run), the starting
+    policy's weights and the starting dataset."""
     from deqmpc_gym.training.rundir import dataset_fingerprint
 
     h = hashlib.sha256(env_id.encode())
-    settings = {k: v for k, v in asdict(config).items() if k not in ("rounds", "patience", "plateau_lr_factor")}
+    settings = {k: v for k, v in asdict(config).items()
+                if k not in ("rounds", "patience", "plateau_lr_factor", "min_lr")}
     h.update(json.dumps(settings, sort_keys=True).encode())
     state = policy.layer.state_dict()
     for name in sorted(state):
@@ -290,6 +304,16 @@ def _finished_rounds(path: Path, key: str) -> dict[int, dict[str, Any]]:
         raise ConfigError(f"{path.parent} holds another DAgger run (other settings than rounds / patience, another "
                           f"starting policy or dataset): choose a new output folder, or repeat that run's call")
     return rounds
+
+
+def _check_round_rate(entry: dict[str, Any], lr: float, run_dir: Path) -> None:
+    """Raise :class:`ConfigError` if the finished round ``entry`` of ``dagger.json`` was trained at another rate than
+    ``lr``, the one this call's schedule gives it (entries without a rate are not checked)."""
+    if "lr" in entry and not math.isclose(float(entry["lr"]), lr, rel_tol=1e-9):
+        raise ConfigError(f"{run_dir.name} was trained at lr {entry['lr']:.3g}, but this call's schedule gives it "
+                          f"{lr:.3g} (plateau_lr_factor or min_lr differ from that run's): repeat the call with the "
+                          f"run's settings, or delete {run_dir.name} and the later round folders and their entries "
+                          f"in {run_dir.parent / 'dagger.json'} to train them again")
 
 
 def _read_labels(path: Path, env_id: str, key: str, r: int) -> ExpertDataset | None:
