@@ -13,7 +13,8 @@ A call into a folder that holds the same DAgger run (same settings except ``roun
 training starts, with the state of the random choices after it) are read instead of rolled out and labelled
 again, and a finished round's training and closed-loop score are taken from the folder and ``dagger.json``. A
 folder of another DAgger run is refused (:class:`ConfigError`), and so is a finished round trained at another
-learning rate than the schedule of this call gives it (``plateau_lr_factor`` or ``min_lr`` changed under it).
+learning rate than the schedule of this call gives it (the training rate, ``plateau_lr_factor`` or ``min_lr``
+changed under it).
 
 With ``select_episodes > 0`` every round (and the starting policy) is scored in closed loop on validation episodes
 (seeds ``select_seed``+, apart from the evaluation seeds 10000+ of Table 1 and the cards) against the labelling
@@ -311,9 +312,9 @@ def _check_round_rate(entry: dict[str, Any], lr: float, run_dir: Path) -> None:
     ``lr``, the one this call's schedule gives it (entries without a rate are not checked)."""
     if "lr" in entry and not math.isclose(float(entry["lr"]), lr, rel_tol=1e-9):
         raise ConfigError(f"{run_dir.name} was trained at lr {entry['lr']:.3g}, but this call's schedule gives it "
-                          f"{lr:.3g} (plateau_lr_factor or min_lr differ from that run's): repeat the call with the "
-                          f"run's settings, or delete {run_dir.name} and the later round folders and their entries "
-                          f"in {run_dir.parent / 'dagger.json'} to train them again")
+                          f"{lr:.3g} (the rate, plateau_lr_factor or min_lr differ from that run's): repeat the call "
+                          f"with the run's settings, or delete {run_dir.name} and the later round folders and their "
+                          f"entries in {run_dir.parent / 'dagger.json'} to train them again")
 
 
 def _read_labels(path: Path, env_id: str, key: str, r: int) -> ExpertDataset | None:
