@@ -208,6 +208,9 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
     lr_scale = 1.0  # plateau_lr_factor ** (rounds so far without a better score)
     for r in range(config.rounds):
         run_dir = out / f"round_{r}"
+        round_cfg = replace(cfg, lr=max(cfg.lr * lr_scale, min(config.min_lr, cfg.lr)))
+        if r in done:  # before any rollout: a finished round trained at another rate is refused
+            _check_round_rate(done[r], round_cfg.lr, run_dir)
         labels = _read_labels(run_dir / "labels.npz", env_id, key, r)
         if labels is None:
             seqs = visited_states(policy, env_id, config.episodes, config.seed + 1000 * r, config.max_steps)
@@ -222,9 +225,7 @@ def dagger(policy: Any, expert: Any, dataset: ExpertDataset, env_id: str, out_di
             rng.bit_generator.state = labels.extra["rng_state"]
         dataset = ExpertDataset(env_id, dataset.trajectories + new, expert_id=dataset.expert_id, seed=dataset.seed,
                                 extra={**dataset.extra, "dagger_rounds": r + 1})
-        round_cfg = replace(cfg, lr=max(cfg.lr * lr_scale, min(config.min_lr, cfg.lr)))
         if r in done:  # trained and scored by an earlier call
-            _check_round_rate(done[r], round_cfg.lr, run_dir)
             log.append(done[r])
             policy = DEQMPCPolicy.load(run_dir / "best", device=policy.device)
         else:
