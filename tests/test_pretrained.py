@@ -65,6 +65,27 @@ def test_the_score_is_normalized_by_the_expert_on_the_same_episodes(zoo):
     assert card["normalized_score"] == pytest.approx(score)
 
 
+@pytest.mark.parametrize("env_id", [PEND, "DEQMPC/QPoleObs-v0"])
+def test_on_the_card_episodes_the_reference_is_the_experts_card(env_id, monkeypatch):
+    """On the expert card's own 200 episodes a card is normalized as the run records and ``evaluate`` are (the
+    expert card's return there, no rollout: a rollout of the filtered expert differs between CPU kinds)."""
+    from deqmpc_gym.experiments import zoo as zoo_mod
+    from deqmpc_gym.experts import dataset_expert_kind, load_expert
+    from deqmpc_gym.experts.reference import reference_returns
+
+    def no_rollout(*args, **kwargs):
+        raise AssertionError("the expert was rolled out")
+
+    monkeypatch.setattr(zoo_mod, "rollout_batched", no_rollout)
+    ref = zoo_mod._expert_reference(env_id, ShipConfig())
+    card = load_expert(env_id, kind=dataset_expert_kind(env_id)).card
+    assert ref["expert_return"] == reference_returns(env_id, 200, 10_000)["expert_return"]
+    assert ref["expert_return"] == pytest.approx(card["mean_return"], rel=1e-12)
+    assert ref["expert_success_rate"] == card["success_rate"] and ref["random_return"] == card["random_return"]
+    assert ref["expert_early_end_rate"] == card.get("early_end_rate", card["collision_rate"])
+    assert ref["expert_measured"] in ("card", "card_episodes")
+
+
 def test_available_and_lookup(zoo, monkeypatch):
     out, _ = zoo
     assert pretrained.available(out) == [(PEND, "deq-mpc-nn")]
@@ -162,6 +183,21 @@ def test_every_shipped_card_is_complete_and_loads():
         assert policy.config.variant == variant and policy.config.hidden == card["hidden"]
         obs, _ = gym.make(env_id).reset(seed=0)
         assert np.all(np.isfinite(policy.act(obs)))
+
+
+def test_every_shipped_score_uses_the_reference_of_the_records():
+    """Every card is normalized by the expert return that ``evaluate`` and the run records use on its episodes,
+    so one cell's score is the same in the README, the card and the records."""
+    from deqmpc_gym.experts.reference import reference_returns
+
+    for env_id, variant in pretrained.available():
+        ev = pretrained.card(env_id, variant)["evaluation"]
+        first = int(str(ev["seeds"]).split("..")[0])
+        ref = reference_returns(env_id, int(ev["episodes"]), first)
+        assert ev["expert_return"] == pytest.approx(ref["expert_return"], rel=1e-9), (env_id, variant)
+        assert ev["random_return"] == ref["random_return"]
+        score = (ev["mean_return"] - ref["random_return"]) / (ref["expert_return"] - ref["random_return"])
+        assert ev["normalized_score"] == pytest.approx(score, rel=1e-9), (env_id, variant)
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 """Package trained Table 1 runs as shipped controllers (:mod:`deqmpc_gym.policies.pretrained`) with their cards.
 
 For one (env, variant) cell, every trained seed of a ``deqmpc-gym reproduce table1`` output is evaluated on the
-same ``episodes`` episodes (initial-state seeds ``seed, seed + 1, ...``), the expert is rolled out on exactly
-those episodes for the reference return, and the best seed is written to the zoo with a ``card.json``::
+same ``episodes`` episodes (initial-state seeds ``seed, seed + 1, ...``), the expert's return on exactly those
+episodes is the reference (its card's on the card's episodes, else a rollout), and the best seed is written to the
+zoo with a ``card.json``::
 
     deqmpc-gym zoo ship --from results/table1-cpu --envs DEQMPC/Pendulum-v0
 
@@ -90,14 +91,31 @@ def _evaluate(policy: Any, env_id: str, cfg: ShipConfig, reference: tuple[float,
 def _expert_reference(env_id: str, cfg: ShipConfig) -> dict[str, Any]:
     """The return of the shipped expert that makes the env's datasets (``experts.dataset_expert_kind``: the
     safety-filtered expert on the obstacle tasks) on exactly the evaluation episodes, with the card's random
-    return."""
+    return; ``expert_measured`` says where the return comes from (as ``reference_returns``' ``measured``).
+
+    On the expert card's own evaluation episodes (200 episodes from seed 10000, the default) the return and rates
+    are the card's: the reference of :func:`~deqmpc_gym.experts.reference.reference_returns`, which the run records
+    and ``deqmpc-gym evaluate`` normalize by, so a card's score is the one they give on any machine (a rollout of
+    the filtered expert differs in the last digits between CPU kinds). On other episodes the expert is rolled out.
+    """
     from deqmpc_gym.experts import dataset_expert_kind, load_expert
 
     expert = load_expert(env_id, kind=dataset_expert_kind(env_id))
+    card = expert.card
+    out = {"random_return": float(card["random_return"]), "expert_card_return": float(card["mean_return"]),
+           "expert_id": expert.expert_id}
+    card_episodes = (cfg.episodes == int(card.get("eval_episodes", -1))
+                     and cfg.seed == int(card.get("eval_seed", EvalConfig().seed)))
+    if card_episodes:
+        from deqmpc_gym.experts.reference import reference_returns
+
+        ref = reference_returns(env_id, cfg.episodes, cfg.seed)
+        early = card.get("early_end_rate", card.get("collision_rate"))
+        return {**out, "expert_return": ref["expert_return"], "expert_success_rate": float(card["success_rate"]),
+                "expert_early_end_rate": float(early), "expert_measured": ref["measured"]}
     ev = rollout_batched(expert, env_id, EvalConfig(episodes=cfg.episodes, seed=cfg.seed))
-    return {"expert_return": ev.mean_return, "expert_success_rate": ev.success_rate,
-            "expert_early_end_rate": ev.collision_rate, "random_return": float(expert.card["random_return"]),
-            "expert_card_return": float(expert.card["mean_return"]), "expert_id": expert.expert_id}
+    return {**out, "expert_return": ev.mean_return, "expert_success_rate": ev.success_rate,
+            "expert_early_end_rate": ev.collision_rate, "expert_measured": "rollout"}
 
 
 def ship_cell(table_dir: str | Path, env_id: str, variant: str, *, config: ShipConfig = ShipConfig(),
@@ -228,9 +246,9 @@ def refresh_card(env_id: str, variant: str, *, config: ShipConfig = ShipConfig()
                  reference: dict[str, Any] | None = None) -> dict[str, Any]:
     """Re-measure a shipped controller's card with the code that runs now and rewrite it in place.
 
-    The controller is evaluated on the card's own episodes (its ``evaluation.episodes`` and seed range), the
-    expert's return is measured again on exactly those episodes, and the warm ``act()`` latency is timed again
-    (``config.latency_calls`` calls); ``evaluation``, ``warm_act_latency_ms`` and ``commit.evaluated`` are
+    The controller is evaluated on the card's own episodes (its ``evaluation.episodes`` and seed range) against
+    the expert's return on exactly those episodes (:func:`_expert_reference`), and the warm ``act()`` latency is
+    timed again (``config.latency_calls`` calls); ``evaluation``, ``warm_act_latency_ms`` and ``commit.evaluated`` are
     replaced. The weights, the training fields, the protocol and the ``selection`` stay: the seed scores of the
     selection were measured when the cell shipped, by the commit now kept as ``commit.selected``.
 
