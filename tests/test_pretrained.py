@@ -188,12 +188,13 @@ def test_every_shipped_card_is_complete_and_loads():
 def test_every_shipped_score_uses_the_reference_of_the_records():
     """Every card is normalized by the expert return that ``evaluate`` and the run records use on its episodes,
     so one cell's score is the same in the README, the card and the records."""
+    from deqmpc_gym.experiments.zoo import _card_config
     from deqmpc_gym.experts.reference import reference_returns
 
     for env_id, variant in pretrained.available():
-        ev = pretrained.card(env_id, variant)["evaluation"]
-        first = int(str(ev["seeds"]).split("..")[0])
-        ref = reference_returns(env_id, int(ev["episodes"]), first)
+        card = pretrained.card(env_id, variant)
+        ev, episodes = card["evaluation"], _card_config(card, ShipConfig())
+        ref = reference_returns(env_id, episodes.episodes, episodes.seed)
         assert ev["expert_return"] == pytest.approx(ref["expert_return"], rel=1e-9), (env_id, variant)
         assert ev["random_return"] == ref["random_return"]
         score = (ev["mean_return"] - ref["random_return"]) / (ref["expert_return"] - ref["random_return"])
