@@ -223,3 +223,20 @@ def test_the_suite_problems_reach_ipopt_with_honest_flags(name):
         assert m["ok"] == m["B"] == 24, (T, m)
         assert m["false_converged"] == 0 and m["false_unconverged"] == 0, (T, m)
         assert m["xu_max"] <= 1e-9, (T, m)
+
+
+def test_the_one_start_counts_compare_costs_within_the_gap():
+    """``solver_suite.one_start_counts``: a cost within 1e-4 (relative) of another counts as reaching it, a failed
+    IPOPT start (NaN) reaches nothing, and a sample without a reference counts nowhere."""
+    import os
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import solver_suite as suite
+
+    ref = np.array([1.0, 1.0, 1.0, 2.0, np.nan])
+    ours = np.array([1.0, 1.5, 1.00005, 2.0, 1.0])
+    one = np.array([1.2, 1.0, 1.0, np.nan, 1.0])
+    assert suite.one_start_counts(ours, ref, one) == {"ipopt1_ok": 2, "ok_vs_ipopt1": 3, "ipopt1_ok_vs_ours": 2}
