@@ -344,6 +344,10 @@ def _add_misc(sub: Any) -> None:
                           f"{' '.join(map(str, _default(SweepConfig, 'trajectories')))})")
     rep.add_argument("--steps", type=int, default=None,
                      help=f"sweep: training steps per point (default: {_default(SweepConfig, 'steps')})")
+    rep.add_argument("--patience", type=int, default=None,
+                     help="dagger: a labelled row whose runs stop after this many rounds in a row without a better "
+                          "validation score (default: the scale's protocol), in OUT/dagger-<scale>-patience<N>/; "
+                          "each run starts from a copy of the protocol row's run when OUT holds all its rounds")
     _add_launcher(rep, "run")
     rep.add_argument("--gpus-per-run", type=float, default=0.0,
                      help="with --launcher ray: GPUs per run (> 0 trains and evaluates on cuda)")
@@ -638,6 +642,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     sweep_only = [f"--{k}" for k in ("hidden", "trajectories", "steps") if getattr(args, k) is not None]
     if sweep_only and args.what != "sweep":
         raise ConfigError(f"{', '.join(sweep_only)} apply to `reproduce sweep` only")
+    if args.patience is not None and args.what != "dagger":
+        raise ConfigError("--patience applies to `reproduce dagger` only")
     deadline = _deadline(args)
     launch = LaunchConfig(launcher=args.launcher, address=args.address, cpus_per_run=args.cpus_per_run,
                           gpus_per_run=args.gpus_per_run, deadline=deadline)
@@ -651,7 +657,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         if args.episodes is not None:
             raise ConfigError("--episodes applies to warmstart; the DAgger rows are evaluated on the scale's episodes")
         out = dagger_rows(scale=args.scale, seeds=args.seeds, envs=args.envs, variants=args.variants,
-                          out_dir=args.out, device=device, launch=launch)
+                          out_dir=args.out, device=device, launch=launch, patience=args.patience)
         print(f"results written to {out}")
         return 0
     out = reproduce(args.what, scale=args.scale, seeds=args.seeds, envs=args.envs, variants=args.variants,

@@ -447,6 +447,55 @@ def test_the_dagger_lineage_follows_the_plateau_restarts() -> None:
     assert lineage(rounds, -1, restarts=True) == []
 
 
+def test_a_longer_patience_row_continues_copies_of_the_protocol_rows_runs(tmp_path, capsys) -> None:
+    """``reproduce dagger --patience N``: a labelled row in ``dagger-<scale>-patience<N>/`` whose runs start from
+    copies of the protocol row's runs (their rounds are not trained again), with the patience in each record's
+    protocol and command; a patience below 1, or ``--patience`` on another experiment, is refused."""
+    from deqmpc_gym.cli import main
+    from deqmpc_gym.experiments.dagger_rows import dagger_rows, protocol, row_name
+
+    torch.manual_seed(0)
+    name = "Pendulum__deq-mpc-nn__s0"
+    sel = ["--scale", "tiny", "--envs", PEND, "--variants", "deq-mpc-nn", "--seeds", "0", "--out", str(tmp_path)]
+    reproduce("table1", scale="tiny", envs=[PEND], variants=["deq-mpc-nn"], seeds=[0], out_dir=tmp_path)
+    assert main(["reproduce", "dagger", *sel]) == 0
+    assert main(["reproduce", "dagger", *sel, "--patience", "1"]) == 0
+    base_run, row = tmp_path / "dagger-tiny" / "train" / name, tmp_path / "dagger-tiny-patience1"
+    base = json.loads((tmp_path / "dagger-tiny" / "runs" / f"{name}.json").read_text())
+    rec = json.loads((row / "runs" / f"{name}.json").read_text())
+    rounds = [e["round"] for e in rec["dagger_rounds"] if e["round"] >= 0]
+    assert rounds and rec["dagger_rounds"] == base["dagger_rounds"][:len(rounds) + 1]  # the same rounds, a prefix
+    for r in rounds:  # copied, not trained again
+        assert ((row / "train" / name / f"round_{r}" / "result.json").read_text()
+                == (base_run / f"round_{r}" / "result.json").read_text())
+    assert "stopping after 1 rounds" in rec["protocol"] and rec["command"].endswith("--seeds 0 --patience 1")
+    assert "--patience" not in base["command"] and (tmp_path / "dagger-tiny-patience1.md").is_file()
+    assert row_name("tiny") == row_name("tiny", protocol("tiny").dagger.patience) == "dagger-tiny"
+    with pytest.raises(ConfigError, match="patience must be an integer >= 1"):
+        dagger_rows(scale="tiny", envs=[PEND], variants=["deq-mpc-nn"], seeds=[0], out_dir=tmp_path, patience=0)
+    assert main(["reproduce", "table1", *sel, "--patience", "2"]) != 0
+    assert "--patience applies to `reproduce dagger` only" in capsys.readouterr().err
+
+
+def test_a_longer_patience_run_is_copied_only_with_every_finished_round(tmp_path) -> None:
+    """The copy that starts a longer-patience run needs each finished round's policy (a run packed without its
+    rounds starts afresh) and leaves out the protocol row's returned policy ``best/``."""
+    from deqmpc_gym.experiments.dagger_rows import _seed_from_protocol_row
+
+    src, dst = tmp_path / "row" / "run", tmp_path / "longer" / "run"
+    (src / "best").mkdir(parents=True)
+    (src / "dagger.json").write_text(json.dumps({"rounds": [{"round": r} for r in (-1, 0, 1)]}))
+    for r in (0, 1):
+        (src / f"round_{r}" / "best").mkdir(parents=True)
+    (src / "round_0" / "best" / "policy.pt").write_bytes(b"0")
+    dst.parent.mkdir()
+    assert not _seed_from_protocol_row(src, dst) and not dst.exists()  # round 1's policy is missing
+    (src / "round_1" / "best" / "policy.pt").write_bytes(b"1")
+    assert _seed_from_protocol_row(src, dst)
+    assert (dst / "round_1" / "best" / "policy.pt").read_bytes() == b"1" and not (dst / "best").exists()
+    assert not _seed_from_protocol_row(src, dst)  # an existing run is never replaced
+
+
 def test_dagger_rows_continue_the_table1_runs_and_ship_with_their_seeds(tmp_path, capsys) -> None:
     """``reproduce dagger``: every finished Table 1 run of the scale continued by the DAgger protocol, recorded like a
     Table 1 run (with its protocol, command, rounds and windows), tabulated, and shippable by ``zoo ship``; a run whose

@@ -11,6 +11,11 @@ expert on the same episodes) and writes the run record ``<out>/dagger-<scale>/ru
 a Table 1 record plus ``protocol``, ``command``, ``windows_seen`` and the per-round validation scores. At the end
 ``<out>/dagger-<scale>.{json,md,png}`` and ``-curves.png`` summarise every recorded run; ``deqmpc-gym zoo ship
 --from <out>/dagger-<scale>`` packages the best seed of each cell with its card.
+
+``patience=N`` makes another labelled row, ``<out>/dagger-<scale>-patience<N>/``: the same protocol stopping after
+``N`` rounds in a row without a better score. A run of it starts from a copy of the protocol row's run folder when
+that folder holds every finished round (``dagger.json`` leaves ``patience`` out of a run's identity), so a longer
+patience costs only the rounds it adds.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from deqmpc_gym.experiments.reproduce import (
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["DaggerProtocol", "PROTOCOLS", "protocol", "dagger_run", "dagger_rows"]
+__all__ = ["DaggerProtocol", "PROTOCOLS", "protocol", "row_name", "dagger_run", "dagger_rows"]
 
 
 @dataclass(frozen=True)
@@ -81,9 +86,43 @@ PROTOCOLS: dict[str, DaggerProtocol] = {
 }
 
 
-def protocol(scale: str) -> DaggerProtocol:
-    """The DAgger protocol of the rows of ``scale``."""
-    return PROTOCOLS.get(scale, DaggerProtocol())
+def protocol(scale: str, patience: int | None = None) -> DaggerProtocol:
+    """The DAgger protocol of the rows of ``scale``, stopping after ``patience`` rounds without a better score
+    instead of the protocol's own (``None``: the protocol's)."""
+    proto = PROTOCOLS.get(scale, DaggerProtocol())
+    if patience is None:
+        return proto
+    return replace(proto, dagger=replace(proto.dagger, patience=patience))
+
+
+def row_name(scale: str, patience: int | None = None) -> str:
+    """The folder of the DAgger rows of ``scale`` (``dagger-<scale>``; with a ``patience`` other than the
+    protocol's ``dagger-<scale>-patience<N>``)."""
+    if patience is None or patience == protocol(scale).dagger.patience:
+        return f"dagger-{scale}"
+    return f"dagger-{scale}-patience{patience}"
+
+
+def _seed_from_protocol_row(source: Path, run_dir: Path) -> bool:
+    """Start ``run_dir`` (a run of a longer-patience row) as a copy of ``source``, the same run of the protocol's
+    row, if ``run_dir`` does not exist yet and ``source`` holds ``dagger.json`` with every finished round's folder
+    (its policy ``best/``; a run packed for a fresh clone keeps only the finished rounds' ``best/``, which is
+    enough: the labels are rolled out again). Returns whether it copied."""
+    import shutil
+
+    record = source / "dagger.json"
+    if run_dir.exists() or not record.is_file():
+        return False
+    rounds = [int(e["round"]) for e in json.loads(record.read_text()).get("rounds", []) if int(e["round"]) >= 0]
+    if not all((source / f"round_{r}" / "best" / "policy.pt").is_file() for r in rounds):
+        return False
+    tmp = run_dir.with_name(run_dir.name + ".copying")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    # not the top-level best/: the protocol row's returned policy
+    shutil.copytree(source, tmp, ignore=lambda folder, names: ["best"] if Path(folder) == source else [])
+    tmp.rename(run_dir)
+    return True
 
 
 def _kept_round(rounds: Sequence[dict[str, Any]]) -> int:
@@ -116,9 +155,11 @@ def _protocol_text(base: dict[str, Any], scale: str, proto: DaggerProtocol, roun
 
 
 def dagger_run(env_id: str, variant: str, seed: int, scale: str, out_dir: str | Path,
-               device: str | torch.device = "cpu", deadline: float | None = None) -> dict[str, Any]:
+               device: str | torch.device = "cpu", deadline: float | None = None,
+               patience: int | None = None) -> dict[str, Any]:
     """Continue the finished Table 1 run ``(env_id, variant, seed)`` of ``scale`` in ``out_dir`` by the DAgger
-    protocol of the scale, evaluate the returned policy and return its run record (resumes an interrupted call).
+    protocol of the scale (with ``patience``: stopping after that many rounds without a better score, in the row
+    :func:`row_name`), evaluate the returned policy and return its run record (resumes an interrupted call).
 
     ``deadline`` (a ``time.time()`` instant): the round training stops at a checkpoint after it and raises
     :class:`~deqmpc_gym.errors.TrainingInterrupted` (``reason="time limit"``); the same call later resumes it.
@@ -132,7 +173,7 @@ def dagger_run(env_id: str, variant: str, seed: int, scale: str, out_dir: str | 
     from deqmpc_gym.training import TrainConfig
 
     out = Path(out_dir)
-    name, short, proto = run_name(env_id, variant, seed), _short(env_id), protocol(scale)
+    name, short, proto = run_name(env_id, variant, seed), _short(env_id), protocol(scale, patience)
     table = out / f"table1-{scale}"
     base_file, base_best = table / "runs" / f"{name}.json", table / "train" / name / "best"
     if not base_file.is_file() or not (base_best / "policy.pt").is_file():
@@ -143,7 +184,10 @@ def dagger_run(env_id: str, variant: str, seed: int, scale: str, out_dir: str | 
     data = load_or_collect_dataset(env_id, SCALES[scale].num_trajectories[short], seed=0, cache_dir=out / "datasets")
     expert = load_expert(env_id, kind=dataset_expert_kind(env_id))
     policy = DEQMPCPolicy.load(base_best, env=env_id, device=device)
-    run_dir = out / f"dagger-{scale}" / "train" / name
+    row = row_name(scale, patience)
+    run_dir = out / row / "train" / name
+    if row != f"dagger-{scale}":
+        _seed_from_protocol_row(out / f"dagger-{scale}" / "train" / name, run_dir)
     t0 = time.perf_counter()
     train = TrainConfig(batch_size=proto.batch_size, lr=proto.lr, val_batches=proto.val_batches,
                         val_every=proto.val_every)
@@ -176,31 +220,37 @@ def dagger_run(env_id: str, variant: str, seed: int, scale: str, out_dir: str | 
             "protocol": _protocol_text(base, scale, proto, rounds, kept),
             "command": (f"deqmpc-gym reproduce table1 --scale {scale} --envs {env_id} --variants {variant} --seeds "
                         f"{seed}; deqmpc-gym reproduce dagger --scale {scale} --envs {env_id} --variants {variant} "
-                        f"--seeds {seed}")}
+                        f"--seeds {seed}" + (f" --patience {patience}" if row != f"dagger-{scale}" else ""))}
 
 
 def dagger_rows(*, scale: str = "paper64", seeds: Sequence[int] | None = None, envs: Sequence[str] | None = None,
                 variants: Sequence[str] | None = None, out_dir: str | Path = "results",
-                device: str | torch.device = "cpu", launch: LaunchConfig | None = None) -> Path:
+                device: str | torch.device = "cpu", launch: LaunchConfig | None = None,
+                patience: int | None = None) -> Path:
     """Run (or resume) the DAgger rows of ``scale`` for a Table 1 selection whose runs are finished in
-    ``out_dir/table1-<scale>``; returns ``out_dir/dagger-<scale>``. Recorded runs are skipped; each finished run's
-    record is written as it completes.
+    ``out_dir/table1-<scale>``; returns ``out_dir/dagger-<scale>`` (with a ``patience`` other than the protocol's,
+    the labelled row ``out_dir/dagger-<scale>-patience<N>``, see the module docstring). Recorded runs are skipped;
+    each finished run's record is written as it completes.
 
     Raises:
-        ConfigError: an unknown scale, env, variant or seed.
+        ConfigError: an unknown scale, env, variant or seed; ``patience`` < 1.
         SweepError: a run failed (e.g. its Table 1 run is not finished; named, the others went on).
         TimeLimitReached: ``launch.deadline`` passed first (the unfinished runs resume in a later call).
     """
     launch = launch or LaunchConfig()
     if scale not in SCALES:
         raise ConfigError(f"unknown scale {scale!r}; valid: {sorted(SCALES)}")
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise ConfigError(f"patience must be an integer >= 1 (rounds in a row without a better score), got "
+                          f"{patience!r}")
     envs, variants = check_selection(envs, variants, seeds)
     sc = SCALES[scale]
-    root = Path(out_dir) / f"dagger-{scale}"
+    row = row_name(scale, patience)
+    root = Path(out_dir) / row
     runs_dir = root / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     jobs = [Job(run_name(e, v, s), dagger_run, (e, v, s, scale, str(out_dir)),
-                {"device": _job_device(device, launch), "deadline": launch.deadline})
+                {"device": _job_device(device, launch), "deadline": launch.deadline, "patience": patience})
             for e in envs for s in (seeds if seeds is not None else sc.seeds[_short(e)]) for v in variants
             if not (runs_dir / f"{run_name(e, v, s)}.json").exists()]
     _collect_datasets({j.args[0] for j in jobs}, sc, Path(out_dir) / "datasets")
@@ -209,5 +259,5 @@ def dagger_rows(*, scale: str = "paper64", seeds: Sequence[int] | None = None, e
         with connection(launch):
             run_and_record(jobs, launch, runs_dir, detail="Table 1 run: {base_score:.3f}")
     finally:
-        _write_table(runs_dir, out_dir, scale, envs, variants, prefix="dagger")
+        _write_table(runs_dir, out_dir, row.removeprefix("dagger-"), envs, variants, prefix="dagger")
     return root
