@@ -494,6 +494,8 @@ def test_a_longer_patience_run_is_copied_only_with_every_finished_round(tmp_path
     assert _seed_from_protocol_row(src, dst)
     assert (dst / "round_1" / "best" / "policy.pt").read_bytes() == b"1" and not (dst / "best").exists()
     assert not _seed_from_protocol_row(src, dst)  # an existing run is never replaced
+    (src / "dagger.json").write_text("{not json")
+    assert not _seed_from_protocol_row(src, tmp_path / "longer" / "other")  # unreadable: start afresh
 
 
 def test_dagger_rows_continue_the_table1_runs_and_ship_with_their_seeds(tmp_path, capsys) -> None:

@@ -107,13 +107,17 @@ def _seed_from_protocol_row(source: Path, run_dir: Path) -> bool:
     """Start ``run_dir`` (a run of a longer-patience row) as a copy of ``source``, the same run of the protocol's
     row, if ``run_dir`` does not exist yet and ``source`` holds ``dagger.json`` with every finished round's folder
     (its policy ``best/``; a run packed for a fresh clone keeps only the finished rounds' ``best/``, which is
-    enough: the labels are rolled out again). Returns whether it copied."""
+    enough: the labels are rolled out again). Returns whether it copied; an unreadable ``dagger.json`` copies
+    nothing (the run then starts from its Table 1 policy)."""
     import shutil
 
     record = source / "dagger.json"
     if run_dir.exists() or not record.is_file():
         return False
-    rounds = [int(e["round"]) for e in json.loads(record.read_text()).get("rounds", []) if int(e["round"]) >= 0]
+    try:
+        rounds = [int(e["round"]) for e in json.loads(record.read_text()).get("rounds", []) if int(e["round"]) >= 0]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return False
     if not all((source / f"round_{r}" / "best" / "policy.pt").is_file() for r in rounds):
         return False
     tmp = run_dir.with_name(run_dir.name + ".copying")
