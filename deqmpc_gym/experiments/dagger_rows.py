@@ -189,8 +189,9 @@ def dagger_run(env_id: str, variant: str, seed: int, scale: str, out_dir: str | 
     expert = load_expert(env_id, kind=dataset_expert_kind(env_id))
     policy = DEQMPCPolicy.load(base_best, env=env_id, device=device)
     row = row_name(scale, patience)
+    labelled = row != f"dagger-{scale}"  # a longer-patience row: its runs start from the protocol row's
     run_dir = out / row / "train" / name
-    if row != f"dagger-{scale}":
+    if labelled:
         _seed_from_protocol_row(out / f"dagger-{scale}" / "train" / name, run_dir)
     t0 = time.perf_counter()
     train = TrainConfig(batch_size=proto.batch_size, lr=proto.lr, val_batches=proto.val_batches,
@@ -224,7 +225,7 @@ def dagger_run(env_id: str, variant: str, seed: int, scale: str, out_dir: str | 
             "protocol": _protocol_text(base, scale, proto, rounds, kept),
             "command": (f"deqmpc-gym reproduce table1 --scale {scale} --envs {env_id} --variants {variant} --seeds "
                         f"{seed}; deqmpc-gym reproduce dagger --scale {scale} --envs {env_id} --variants {variant} "
-                        f"--seeds {seed}" + (f" --patience {patience}" if row != f"dagger-{scale}" else ""))}
+                        f"--seeds {seed}" + (f" --patience {patience}" if labelled else ""))}
 
 
 def dagger_rows(*, scale: str = "paper64", seeds: Sequence[int] | None = None, envs: Sequence[str] | None = None,
