@@ -477,6 +477,37 @@ def test_a_longer_patience_row_continues_copies_of_the_protocol_rows_runs(tmp_pa
     assert "--patience applies to `reproduce dagger` only" in capsys.readouterr().err
 
 
+def test_a_longer_patience_raises_the_round_cap_and_reopens_runs_that_stopped_at_the_old_cap(tmp_path) -> None:
+    """A longer-patience row caps the rounds in proportion to its patience (``cpu``: 20 at 3, 40 at 6), so the
+    patience ends its runs; a run recorded at a lower cap without its patience spent is not final (``dagger_rows``
+    goes on with it), while one whose patience was spent, or which reached the cap, is."""
+    from deqmpc_gym.experiments.dagger_rows import PROTOCOLS, _record_is_final, protocol
+
+    base = PROTOCOLS["cpu"].dagger
+    assert (base.rounds, base.patience) == (20, 3)
+    assert protocol("cpu") == protocol("cpu", 3) == PROTOCOLS["cpu"]
+    assert (protocol("cpu", 6).dagger.rounds, protocol("cpu", 6).dagger.patience) == (40, 6)
+    assert (protocol("cpu", 4).dagger.rounds, protocol("cpu", 2).dagger.rounds) == (27, 20)
+    assert protocol("tiny", 1).dagger.rounds == PROTOCOLS["tiny"].dagger.rounds  # no patience to scale from
+    six = protocol("cpu", 6)
+
+    def record(scores: list[float]) -> Path:
+        f = tmp_path / f"{len(list(tmp_path.iterdir()))}.json"
+        rounds = [{"round": r - 1, "closed_loop_score": v} for r, v in enumerate([0.1, *scores])]
+        f.write_text(json.dumps({"dagger_rounds": rounds}))
+        return f
+
+    climbing = [0.2 + 0.01 * r for r in range(20)]  # best in its last round: stopped by the old cap of 20
+    assert not _record_is_final(record(climbing), six) and _record_is_final(record(climbing), PROTOCOLS["cpu"])
+    spent = [0.2 + 0.01 * r for r in range(14)] + [0.1] * 6  # 6 rounds without a better score
+    assert _record_is_final(record(spent), six)
+    assert not _record_is_final(record(spent[:-1]), six)  # 5 without: one more round to run
+    assert _record_is_final(record([0.5] * 40), six)  # at the cap
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert _record_is_final(bad, six)  # unreadable: left alone
+
+
 def test_a_longer_patience_run_is_copied_only_with_every_finished_round(tmp_path) -> None:
     """The copy that starts a longer-patience run needs each finished round's policy (a run packed without its
     rounds starts afresh) and leaves out the protocol row's returned policy ``best/``."""

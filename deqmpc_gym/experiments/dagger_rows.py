@@ -13,7 +13,8 @@ a Table 1 record plus ``protocol``, ``command``, ``windows_seen`` and the per-ro
 --from <out>/dagger-<scale>`` packages the best seed of each cell with its card.
 
 ``patience=N`` makes another labelled row, ``<out>/dagger-<scale>-patience<N>/``: the same protocol stopping after
-``N`` rounds in a row without a better score. A run of it starts from a copy of the protocol row's run folder when
+``N`` rounds in a row without a better score (and, for a longer patience, a cap on the rounds raised in
+proportion, :func:`protocol`). A run of it starts from a copy of the protocol row's run folder when
 that folder holds every finished round (``dagger.json`` leaves ``patience`` out of a run's identity), so a longer
 patience costs only the rounds it adds.
 """
@@ -88,11 +89,18 @@ PROTOCOLS: dict[str, DaggerProtocol] = {
 
 def protocol(scale: str, patience: int | None = None) -> DaggerProtocol:
     """The DAgger protocol of the rows of ``scale``, stopping after ``patience`` rounds without a better score
-    instead of the protocol's own (``None``: the protocol's)."""
+    instead of the protocol's own (``None``: the protocol's).
+
+    A longer patience raises the cap on the rounds in proportion (``cpu``: 20 rounds at patience 3, 40 at
+    patience 6), so that the patience, not the cap, ends the runs: at patience 6 and a cap of 20, six of the
+    eleven QPoleObs runs reached the cap, one of them with its best score in its last round."""
     proto = PROTOCOLS.get(scale, DaggerProtocol())
-    if patience is None:
+    if patience is None or patience == proto.dagger.patience:
         return proto
-    return replace(proto, dagger=replace(proto.dagger, patience=patience))
+    rounds = proto.dagger.rounds
+    if proto.dagger.patience and patience > proto.dagger.patience:
+        rounds = -(-rounds * patience // proto.dagger.patience)  # ceil
+    return replace(proto, dagger=replace(proto.dagger, patience=patience, rounds=rounds))
 
 
 def row_name(scale: str, patience: int | None = None) -> str:
@@ -156,6 +164,21 @@ def _protocol_text(base: dict[str, Any], scale: str, proto: DaggerProtocol, roun
             + f"stopping after {d.patience} rounds without a better score: {start:.3f} before, {scores} after rounds "
             f"1-{len(rounds) - 1}; "
             + ("the starting policy kept" if kept < 0 else f"round {kept + 1} kept"))
+
+
+def _record_is_final(record: Path, proto: DaggerProtocol) -> bool:
+    """Whether the run record ``record`` is a finished run of ``proto``: its rounds ended by the patience or by the
+    cap on the rounds. A record whose rounds stopped at a lower cap (a row whose cap was raised since) is not: its
+    run goes on from its folder. An unreadable record counts as final (it is not overwritten)."""
+    try:
+        rounds = json.loads(record.read_text())["dagger_rounds"]
+        done = [e for e in rounds if int(e["round"]) >= 0]
+    except (OSError, ValueError, TypeError, KeyError):
+        return True
+    d = proto.dagger
+    if len(done) >= d.rounds:
+        return True
+    return bool(d.patience) and len(done) - 1 - _kept_round(rounds) >= d.patience
 
 
 def dagger_run(env_id: str, variant: str, seed: int, scale: str, out_dir: str | Path,
@@ -235,7 +258,8 @@ def dagger_rows(*, scale: str = "paper64", seeds: Sequence[int] | None = None, e
     """Run (or resume) the DAgger rows of ``scale`` for a Table 1 selection whose runs are finished in
     ``out_dir/table1-<scale>``; returns ``out_dir/dagger-<scale>`` (with a ``patience`` other than the protocol's,
     the labelled row ``out_dir/dagger-<scale>-patience<N>``, see the module docstring). Recorded runs are skipped;
-    each finished run's record is written as it completes.
+    each finished run's record is written as it completes. A recorded run that stopped at a lower cap on the rounds
+    than the protocol's goes on from its folder and its record is replaced.
 
     Raises:
         ConfigError: an unknown scale, env, variant or seed; ``patience`` < 1.
@@ -257,7 +281,8 @@ def dagger_rows(*, scale: str = "paper64", seeds: Sequence[int] | None = None, e
     jobs = [Job(run_name(e, v, s), dagger_run, (e, v, s, scale, str(out_dir)),
                 {"device": _job_device(device, launch), "deadline": launch.deadline, "patience": patience})
             for e in envs for s in (seeds if seeds is not None else sc.seeds[_short(e)]) for v in variants
-            if not (runs_dir / f"{run_name(e, v, s)}.json").exists()]
+            if not (runs_dir / f"{run_name(e, v, s)}.json").exists()
+            or not _record_is_final(runs_dir / f"{run_name(e, v, s)}.json", protocol(scale, patience))]
     _collect_datasets({j.args[0] for j in jobs}, sc, Path(out_dir) / "datasets")
 
     try:
