@@ -582,6 +582,7 @@ def _dagger(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from deqmpc_gym.evaluation import EvalConfig, rollout_batched
+    from deqmpc_gym.evaluation.rollouts import protocol_stream_iters
     from deqmpc_gym.experts.reference import reference_returns
     from deqmpc_gym.io import atomic_write_text, check_writable
     from deqmpc_gym.policies import DEQMPCPolicy
@@ -597,6 +598,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     if env_id is None:
         raise ConfigError("the policy names no env id (built from a System, not an env); evaluate it in Python with "
                           "deqmpc_gym.evaluation.rollout_batched")
+    k, k_protocol = getattr(policy.config, "stream_iters", 1), protocol_stream_iters(env_id)
+    if eval_cfg.stream_iters is None and k != k_protocol:
+        print(f"note: this policy acts with {k} warm DEQ-MPC iteration(s) per step (its stream_iters); the run "
+              f"records and cards of {env_id} use {k_protocol}: pass --stream-iters {k_protocol} to compare with "
+              f"them", file=sys.stderr)
     ref = reference_returns(env_id, eval_cfg.episodes, eval_cfg.seed, eval_cfg.max_steps)  # the dataset expert
     res = rollout_batched(policy, env_id, eval_cfg, reference=(ref["random_return"], ref["expert_return"]))
     print(f"{policy.env_id} {policy.config.variant}: normalized score {res.normalized_score:.3f}, "

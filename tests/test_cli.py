@@ -269,6 +269,24 @@ def test_evaluate(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert res["normalized_score"] is not None and res["mean_solver_iters"] is not None
 
 
+def test_evaluate_names_the_stream_iters_of_the_records(trained: Path, tmp_path: Path, capsys) -> None:
+    """A policy acting with other warm iterations per step than the env's run records and cards is evaluated as it
+    acts, with a note naming the ``--stream-iters`` that compares with them (QPoleObs: 2, else 1)."""
+    from deqmpc_gym.evaluation.rollouts import protocol_stream_iters, set_stream_iters
+    from deqmpc_gym.policies import DEQMPCPolicy
+
+    assert [protocol_stream_iters(e) for e in ("DEQMPC/QPoleObs-v0", "QPoleObs-v0", PEND, "DEQMPC/QPole-v0")] == [
+        2, 2, 1, 1]
+    policy = DEQMPCPolicy.load(trained / "best")
+    set_stream_iters(policy, 2)
+    policy.save(tmp_path / "k2")
+    args = ["evaluate", "--policy", str(tmp_path / "k2"), "--episodes", "1", "--steps", "3"]
+    assert main(args) == 0
+    assert "pass --stream-iters 1 to compare" in capsys.readouterr().err
+    assert main([*args, "--stream-iters", "1"]) == 0
+    assert "--stream-iters" not in capsys.readouterr().err
+
+
 @pytest.mark.render
 def test_record_policy(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import imageio.v3 as iio

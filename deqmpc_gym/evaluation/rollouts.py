@@ -87,6 +87,12 @@ def normalized_score(mean_return: float, random_return: float, expert_return: fl
     return float((mean_return - random_return) / denom)
 
 
+def protocol_stream_iters(env_id: str) -> int:
+    """Warm DEQ-MPC iterations per control step with which the run records and the shipped cards evaluate
+    ``env_id``: 2 on QPoleObs (the paper's setting there), 1 elsewhere."""
+    return 2 if env_id.split("/")[-1].startswith("QPoleObs") else 1
+
+
 def set_stream_iters(policy: Any, k: int | None) -> Any:
     """Set a DEQMPCPolicy's warm-started iterations per control step to ``k`` (DEQ-MPC: ``k`` iterations,
     Diff-MPC: ``2 k`` AL iterations); returns the previous config to restore, or None when nothing changed."""

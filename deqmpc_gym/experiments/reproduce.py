@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deqmpc_gym.errors import ConfigError
+from deqmpc_gym.evaluation.rollouts import protocol_stream_iters
 from deqmpc_gym.experiments.launch import Job, LaunchConfig, connection, run_jobs
 from deqmpc_gym.io import atomic_write, atomic_write_text
 
@@ -172,7 +173,7 @@ def run_one(env_id: str, variant: str, seed: int, scale: Scale, out_dir: Path, d
     card = load_expert(env_id, kind=ref["expert_kind"]).card
     # the learning curve's episodes (seeds 20000+) are not the card's: the card's mean return is its reference
     evaluator = score_evaluator(env_id, scale.curve_episodes, (card["random_return"], card["mean_return"]),
-                                eval_stream_iters(env_id))
+                                protocol_stream_iters(env_id))
     t0 = time.perf_counter()
     trainer = ImitationTrainer(policy, ds, cfg, run_dir, progress=False, evaluator=evaluator)
     res = trainer.train(resume=True, deadline=deadline)
@@ -186,18 +187,13 @@ def run_one(env_id: str, variant: str, seed: int, scale: Scale, out_dir: Path, d
             "curve": learning_curve(res.history, scale.batch_size[short]), "commit": git_commit()}
 
 
-def eval_stream_iters(env_id: str) -> int:
-    """Warm DEQ-MPC iterations per control step of the Table 1 evaluation of ``env_id`` (QPoleObs 2, else 1)."""
-    return 2 if _short(env_id) == "QPoleObs" else 1
-
-
 def final_evaluation(policy: Any, env_id: str, episodes: int) -> dict[str, Any]:
     """The evaluation fields of a run record: ``policy`` streamed over ``episodes`` episodes (seeds 10000+; QPoleObs
     with K = 2 warm iterations per step) and normalized by the env's dataset expert on the same episodes."""
     from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched
     from deqmpc_gym.experts.reference import reference_returns
 
-    eval_cfg = EvalConfig(episodes=episodes, stream_iters=eval_stream_iters(env_id))
+    eval_cfg = EvalConfig(episodes=episodes, stream_iters=protocol_stream_iters(env_id))
     ref = reference_returns(env_id, eval_cfg.episodes, eval_cfg.seed, eval_cfg.max_steps)
     ev = rollout_batched(policy, env_id, eval_cfg, reference=(ref["random_return"], ref["expert_return"]))
     return {"normalized_score": ev.normalized_score, "mean_return": ev.mean_return, "std_return": ev.std_return,

@@ -23,13 +23,10 @@ from typing import Any
 import numpy as np
 
 from deqmpc_gym.errors import CheckpointError, ConfigError
-from deqmpc_gym.evaluation.rollouts import EvalConfig, rollout_batched, set_stream_iters
+from deqmpc_gym.evaluation.rollouts import EvalConfig, protocol_stream_iters, rollout_batched, set_stream_iters
 from deqmpc_gym.experiments.reproduce import SCALES, git_commit, run_name
 from deqmpc_gym.io import atomic_write, atomic_write_text
 from deqmpc_gym.policies.pretrained import CARD_FORMAT, ZOO_DIR
-
-#: DEQ-MPC iterations per warm-started control step at evaluation (the paper: 1; QPoleObs: 2)
-STREAM_ITERS = {"QPoleObs-v0": 2}
 
 
 @dataclass(frozen=True)
@@ -78,7 +75,7 @@ def _normalized(returns: np.ndarray, random_return: float, expert_return: float)
 
 
 def _evaluate(policy: Any, env_id: str, cfg: ShipConfig, reference: tuple[float, float]) -> dict[str, Any]:
-    k = STREAM_ITERS.get(env_id.split("/")[-1], 1)
+    k = protocol_stream_iters(env_id)
     ev = rollout_batched(policy, env_id, EvalConfig(episodes=cfg.episodes, seed=cfg.seed, stream_iters=k),
                          reference=reference)
     per_episode = _normalized(ev.returns, *reference)
