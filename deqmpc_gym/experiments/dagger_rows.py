@@ -93,7 +93,7 @@ def protocol(scale: str, patience: int | None = None) -> DaggerProtocol:
 
     A longer patience raises the cap on the rounds in proportion (``cpu``: 20 rounds at patience 3, 40 at
     patience 6), so that the patience, not the cap, ends the runs: at patience 6 and a cap of 20, six of the
-    eleven QPoleObs runs reached the cap, one of them with its best score in its last round."""
+    twelve QPoleObs runs reached the cap, one of them with its best score in its last round."""
     proto = PROTOCOLS.get(scale, DaggerProtocol())
     if patience is None or patience == proto.dagger.patience:
         return proto
