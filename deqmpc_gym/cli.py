@@ -346,7 +346,8 @@ def _add_misc(sub: Any) -> None:
                      help=f"sweep: training steps per point (default: {_default(SweepConfig, 'steps')})")
     rep.add_argument("--patience", type=int, default=None,
                      help="dagger: a labelled row whose runs stop after this many rounds in a row without a better "
-                          "validation score (default: the scale's protocol), in OUT/dagger-<scale>-patience<N>/; "
+                          "validation score (default: the scale's protocol), with the cap on the rounds raised in "
+                          "proportion (cpu: 40 at 6), in OUT/dagger-<scale>-patience<N>/; "
                           "each run starts from a copy of the protocol row's run when OUT holds all its rounds")
     _add_launcher(rep, "run")
     rep.add_argument("--gpus-per-run", type=float, default=0.0,

@@ -470,6 +470,17 @@ def test_a_longer_patience_row_continues_copies_of_the_protocol_rows_runs(tmp_pa
                 == (base_run / f"round_{r}" / "result.json").read_text())
     assert "stopping after 1 rounds" in rec["protocol"] and rec["command"].endswith("--seeds 0 --patience 1")
     assert "--patience" not in base["command"] and (tmp_path / "dagger-tiny-patience1.md").is_file()
+    # a record the row's protocol would continue (stopped below the cap, its patience unspent) stays out of the table
+    from deqmpc_gym.experiments.dagger_rows import _record_is_final
+    from deqmpc_gym.experiments.reproduce import _write_table
+
+    stale = {**rec, "seed": 5, "dagger_rounds": [{"round": -1, "closed_loop_score": 0.0},
+                                                  {"round": 0, "closed_loop_score": 1.0}]}
+    (row / "runs" / "Pendulum__deq-mpc-nn__s5.json").write_text(json.dumps(stale))
+    _write_table(row / "runs", tmp_path, "tiny-patience1", (PEND,), ("deq-mpc-nn",), prefix="dagger",
+                 final=lambda f: _record_is_final(f, protocol("tiny", 1)))
+    assert [r["seed"] for r in json.loads((tmp_path / "dagger-tiny-patience1.json").read_text())] == [0]
+    (row / "runs" / "Pendulum__deq-mpc-nn__s5.json").unlink()
     assert row_name("tiny") == row_name("tiny", protocol("tiny").dagger.patience) == "dagger-tiny"
     with pytest.raises(ConfigError, match="patience must be an integer >= 1"):
         dagger_rows(scale="tiny", envs=[PEND], variants=["deq-mpc-nn"], seeds=[0], out_dir=tmp_path, patience=0)

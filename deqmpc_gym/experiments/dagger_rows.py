@@ -278,16 +278,21 @@ def dagger_rows(*, scale: str = "paper64", seeds: Sequence[int] | None = None, e
     root = Path(out_dir) / row
     runs_dir = root / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
+    proto = protocol(scale, patience)
+
+    def final(record: Path) -> bool:
+        return record.exists() and _record_is_final(record, proto)
+
     jobs = [Job(run_name(e, v, s), dagger_run, (e, v, s, scale, str(out_dir)),
                 {"device": _job_device(device, launch), "deadline": launch.deadline, "patience": patience})
             for e in envs for s in (seeds if seeds is not None else sc.seeds[_short(e)]) for v in variants
-            if not (runs_dir / f"{run_name(e, v, s)}.json").exists()
-            or not _record_is_final(runs_dir / f"{run_name(e, v, s)}.json", protocol(scale, patience))]
+            if not final(runs_dir / f"{run_name(e, v, s)}.json")]
     _collect_datasets({j.args[0] for j in jobs}, sc, Path(out_dir) / "datasets")
 
     try:
         with connection(launch):
             run_and_record(jobs, launch, runs_dir, detail="Table 1 run: {base_score:.3f}")
     finally:
-        _write_table(runs_dir, out_dir, row.removeprefix("dagger-"), envs, variants, prefix="dagger")
+        # a run being continued (its record made at a lower cap) is left out until its new record replaces it
+        _write_table(runs_dir, out_dir, row.removeprefix("dagger-"), envs, variants, prefix="dagger", final=final)
     return root

@@ -12,7 +12,7 @@ import json
 import math
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -450,10 +450,11 @@ def _collect_datasets(env_ids: set[str], sc: Scale, data_dir: Path) -> None:
 
 
 def _write_table(runs_dir: Path, out_dir: str | Path, scale: str, envs: tuple[str, ...],
-                 variants: tuple[str, ...], prefix: str = "table1") -> None:
+                 variants: tuple[str, ...], prefix: str = "table1",
+                 final: Callable[[Path], bool] | None = None) -> None:
     """``<prefix>-<scale>.{json,md,png}`` and the learning curves (``-curves.png``) from every run recorded so
-    far."""
-    records = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
+    far (``final``: which record files count, e.g. not those of runs being continued; default all)."""
+    records = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json")) if final is None or final(p)]
     stem = Path(out_dir) / f"{prefix}-{scale}"
     atomic_write_text(stem.with_suffix(".json"), json.dumps(records, indent=2))
     # the table covers every run recorded so far (earlier invocations may have run other envs)
